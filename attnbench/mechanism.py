@@ -1,0 +1,139 @@
+"""The mechanism contract: what every token mixer in the registry declares and obeys.
+
+A mechanism maps tokens ``x: (B, N, C)`` to ``(B, N, C)``; ``grid=(H, W)`` is given for
+image tokens (``H * W == N``, row-major) and is ``None`` for sequences. Everything a user or
+the engine needs to know about it is declared once, as class attributes of its class.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar, Literal
+
+import torch
+from torch import Tensor, nn
+
+from attnbench.registry import OptionError, make_options
+
+Complexity = Literal["quadratic", "linear", "local"]
+Grid = tuple[int, int]
+
+
+def require(condition: bool, message: str) -> None:
+    """Raise ``OptionError(message)`` unless ``condition``: one line per option check."""
+    if not condition:
+        raise OptionError(message)
+
+
+@dataclasses.dataclass(frozen=True)
+class NoOptions:
+    """For mechanisms without options of their own."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Flops:
+    """Analytic forward-pass cost. FLOPs, not MACs: a multiply-add counts 2.
+
+    ``matmul`` counts matrix products only (what ``torch.utils.flop_counter`` sees);
+    ``elementwise`` counts the rest that grows with the attention pattern (exp, sums,
+    Sinkhorn updates), a few FLOPs per element, so iterative methods are not flattered.
+    """
+
+    matmul: int
+    elementwise: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.matmul + self.elementwise
+
+
+class Mechanism(nn.Module):
+    """Base class of every token mixer. Subclasses set the class attributes and write ``mix``."""
+
+    name: ClassVar[str]
+    summary: ClassVar[str] = ""
+    Options: ClassVar[type] = NoOptions
+    complexity: ClassVar[Complexity]
+    needs_grid: ClassVar[bool] = False
+    devices: ClassVar[tuple[str, ...]] = ("cpu", "cuda")
+    dtypes: ClassVar[tuple[torch.dtype, ...]] = (
+        torch.float32, torch.float64, torch.float16, torch.bfloat16)
+    flops_formula: ClassVar[str] = ""
+    # True when every matmul runs through PyTorch ops that FlopCounterMode sees.
+    flops_countable: ClassVar[bool] = True
+
+    def __init__(self, dim: int, num_heads: int, options: Any = None) -> None:
+        super().__init__()
+        require(isinstance(dim, int) and dim > 0, f"{self.name}: dim must be a positive int, got {dim!r}")
+        require(isinstance(num_heads, int) and num_heads > 0,
+                f"{self.name}: num_heads must be a positive int, got {num_heads!r}")
+        require(dim % num_heads == 0,
+                f"{self.name}: dim={dim} is not divisible by num_heads={num_heads}")
+        self.dim = dim
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.options = options if options is not None else self.make_options()
+
+    # ---- declared facts -------------------------------------------------------------------
+    @classmethod
+    def make_options(cls, **values: Any) -> Any:
+        """The mechanism's options dataclass from keyword values (strings are converted)."""
+        return make_options(cls.Options, cls.name, **values)
+
+    @classmethod
+    def unavailable_reason(cls, device: str = "cpu") -> str | None:
+        """Why this mechanism cannot run on ``device`` here, or None when it can."""
+        kind = torch.device(device).type
+        if kind not in cls.devices:
+            return f"supports {', '.join(cls.devices)} only, not {kind}"
+        if kind == "cuda" and not torch.cuda.is_available():
+            return "CUDA is not available on this machine"
+        return None
+
+    @classmethod
+    def backend(cls, device: str = "cpu") -> str:
+        """Which implementation actually runs on ``device`` (recorded with every result)."""
+        return "eager PyTorch"
+
+    # ---- the contract -----------------------------------------------------------------------
+    def forward(self, x: Tensor, grid: Grid | None = None) -> Tensor:
+        """Mix tokens ``x: (B, N, C)``; ``grid=(H, W)`` for image tokens. Returns ``(B, N, C)``."""
+        if x.dim() != 3 or x.shape[-1] != self.dim:
+            raise ValueError(f"{self.name}: expected x of shape (B, N, C={self.dim}), "
+                             f"got {tuple(x.shape)}")
+        if grid is not None:
+            if len(grid) != 2 or grid[0] * grid[1] != x.shape[1]:
+                raise ValueError(f"{self.name}: grid {tuple(grid)} does not match N={x.shape[1]} "
+                                 "tokens (need H * W == N)")
+            grid = (int(grid[0]), int(grid[1]))
+        elif self.needs_grid:
+            raise ValueError(f"{self.name}: needs a 2-D grid=(H, W) for its tokens; got grid=None")
+        return self.mix(x, grid)
+
+    def mix(self, x: Tensor, grid: Grid | None) -> Tensor:
+        """The mechanism itself, on validated input."""
+        raise NotImplementedError
+
+    def flops(self, batch: int, n: int, grid: Grid | None = None) -> Flops:
+        """Analytic FLOPs of one forward pass on ``batch`` sequences of ``n`` tokens."""
+        raise NotImplementedError
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, heads={self.num_heads}, options={self.options}"
+
+
+def split_heads(x: Tensor, num_heads: int) -> Tensor:
+    """(B, N, H*d) -> (B, H, N, d)."""
+    b, n, c = x.shape
+    return x.view(b, n, num_heads, c // num_heads).transpose(1, 2)
+
+
+def merge_heads(x: Tensor) -> Tensor:
+    """(B, H, N, d) -> (B, N, H*d)."""
+    b, h, n, d = x.shape
+    return x.transpose(1, 2).reshape(b, n, h * d)
+
+
+def projection_flops(batch: int, n: int, dim: int, outputs: int) -> int:
+    """FLOPs of ``outputs`` linear maps C -> C over ``batch * n`` tokens."""
+    return 2 * batch * n * dim * dim * outputs

@@ -1,0 +1,144 @@
+"""The mechanism registry: one decorator to register, one factory to build.
+
+Built-in mechanisms live in the ``mechanisms`` package; third-party packages add theirs
+through the ``attnbench.mechanisms`` entry-point group and appear everywhere with no change
+to attnbench.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import typing
+import warnings
+from importlib import metadata
+
+from torch import nn
+
+ENTRY_POINT_GROUP = "attnbench.mechanisms"
+
+_REGISTRY: dict[str, type] = {}
+_BROKEN_PLUGINS: dict[str, str] = {}  # entry-point name -> why it failed to load
+_loaded = False
+
+
+class UnknownMechanismError(KeyError):
+    """A mechanism name that is not registered; the message lists the valid names."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0])
+
+
+def register_mechanism(cls: type) -> type:
+    """Class decorator: add a ``Mechanism`` subclass to the registry under ``cls.name``."""
+    name = getattr(cls, "name", None)
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"{cls.__qualname__} needs a class attribute `name` to be registered")
+    if name in _REGISTRY and _REGISTRY[name] is not cls:
+        raise ValueError(f"mechanism {name!r} is registered twice: "
+                         f"{_REGISTRY[name].__module__} and {cls.__module__}")
+    _REGISTRY[name] = cls
+    return cls
+
+
+def _load_all() -> None:
+    """Import the built-in mechanisms and every installed plug-in, once."""
+    global _loaded
+    if _loaded:
+        return
+    _loaded = True
+    importlib.import_module("mechanisms")
+    for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
+        try:
+            ep.load()  # loading the module runs its @register_mechanism decorators
+        except Exception as exc:  # a broken plug-in must not take attnbench down
+            _BROKEN_PLUGINS[ep.name] = f"{type(exc).__name__}: {exc}"
+            warnings.warn(f"attnbench plug-in {ep.name!r} ({ep.value}) failed to load: {exc}",
+                          stacklevel=2)
+
+
+def reload_plugins() -> None:
+    """Forget what was loaded and discover again (for tests that install a plug-in)."""
+    global _loaded
+    _loaded = False
+    _BROKEN_PLUGINS.clear()
+    _load_all()
+
+
+def mechanism_names() -> list[str]:
+    """Every registered mechanism name, sorted."""
+    _load_all()
+    return sorted(_REGISTRY)
+
+
+def broken_plugins() -> dict[str, str]:
+    """Plug-ins that failed to load, with the reason."""
+    _load_all()
+    return dict(_BROKEN_PLUGINS)
+
+
+def get_mechanism(name: str) -> type:
+    """The registered class for ``name``; an unknown name lists the valid ones."""
+    _load_all()
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise UnknownMechanismError(
+            f"unknown mechanism {name!r}; valid choices: {', '.join(sorted(_REGISTRY))}"
+        ) from None
+
+
+def build_mechanism(name: str, dim: int, num_heads: int, **options: typing.Any) -> nn.Module:
+    """Build the token mixer ``name`` for ``dim`` channels split over ``num_heads`` heads.
+
+    ``options`` are the mechanism's own (its ``Options`` dataclass); unknown or out-of-range
+    options raise ``OptionError`` naming the valid ones.
+    """
+    cls = get_mechanism(name)
+    return cls(dim, num_heads, cls.make_options(**options))
+
+
+class OptionError(ValueError):
+    """A mechanism option that is unknown, of the wrong type or out of range."""
+
+
+def make_options(options_cls: type, name: str, **values: typing.Any):
+    """Instantiate an options dataclass, with clear errors for unknown names and bad strings.
+
+    String values (from the command line) are converted to the field's declared type.
+    """
+    fields = {f.name: f for f in dataclasses.fields(options_cls)}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        valid = ", ".join(fields) or "(none)"
+        raise OptionError(f"{name}: unknown option(s) {', '.join(unknown)}; valid options: {valid}")
+    hints = typing.get_type_hints(options_cls)
+    converted = {k: _convert(name, k, v, hints[k]) for k, v in values.items()}
+    return options_cls(**converted)
+
+
+def _convert(mech: str, key: str, value: typing.Any, hint: typing.Any) -> typing.Any:
+    """Turn a command-line string into the field's type; leave other values alone."""
+    if not isinstance(value, str):
+        return value
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) is typing.Literal:
+        if value not in args:
+            raise OptionError(f"{mech}.{key}={value!r}; valid choices: {', '.join(map(str, args))}")
+        return value
+    optional = type(None) in args
+    base = next((a for a in args if a is not type(None)), hint) if args else hint
+    if optional and value.lower() in ("none", ""):
+        return None
+    try:
+        if base is bool:
+            if value.lower() in ("1", "true", "yes", "on"):
+                return True
+            if value.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(value)
+        if base in (int, float):
+            return base(value)
+    except ValueError:
+        raise OptionError(f"{mech}.{key}={value!r} is not a valid {base.__name__}") from None
+    return value

@@ -1,0 +1,53 @@
+"""Softmax dot-product attention (DPSA) written as plain math: the reference of the suite.
+
+Attention(Q, K, V) = softmax(Q Kᵀ / √d) V per head (Vaswani et al., 2017).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import Tensor, nn
+
+from attnbench.mechanism import Flops, Grid, Mechanism, merge_heads, projection_flops
+from attnbench.registry import register_mechanism
+
+
+@dataclasses.dataclass(frozen=True)
+class SoftmaxOptions:
+    qkv_bias: bool = True  # bias on the query/key/value projection
+
+
+@register_mechanism
+class SoftmaxAttention(Mechanism):
+    name = "softmax"
+    summary = "dot-product softmax attention, plain matmuls (the reference)"
+    Options = SoftmaxOptions
+    complexity = "quadratic"
+    flops_formula = "8·B·N·C² (projections) + 4·B·N²·C (QKᵀ, AV); elementwise 5·B·H·N²"
+
+    def __init__(self, dim: int, num_heads: int, options: SoftmaxOptions | None = None) -> None:
+        super().__init__(dim, num_heads, options)
+        self.qkv = nn.Linear(dim, 3 * dim, bias=self.options.qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+
+    def qkv_heads(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Project (B, N, C) to q, k, v of shape (B, H, N, d) each."""
+        b, n, _ = x.shape
+        qkv = self.qkv(x).view(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        return qkv[0], qkv[1], qkv[2]
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """softmax(q kᵀ / √d) v on (B, H, N, d) tensors."""
+        scores = (q * self.head_dim**-0.5) @ k.transpose(-2, -1)  # (B, H, N, N)
+        return torch.softmax(scores, dim=-1) @ v
+
+    def mix(self, x: Tensor, grid: Grid | None) -> Tensor:
+        q, k, v = self.qkv_heads(x)
+        return self.proj(merge_heads(self.attend(q, k, v)))
+
+    def flops(self, batch: int, n: int, grid: Grid | None = None) -> Flops:
+        core = 2 * 2 * batch * n * n * self.dim  # QKᵀ and AV over all heads
+        return Flops(matmul=projection_flops(batch, n, self.dim, 4) + core,
+                     elementwise=5 * batch * self.num_heads * n * n)

@@ -1,0 +1,31 @@
+"""Task harnesses, one module each; importing this package registers them.
+
+Tasks from the design card that are not built yet are registered as such, so that
+``attnbench list`` and ``attnbench run`` say so plainly instead of pretending.
+"""
+
+from attnbench.tasks import Task, register_task
+
+_PLANNED = {
+    "imagenet": "ImageNet-1K classification on the SeTformer backbone",
+    "coco": "COCO detection and instance segmentation (Mask R-CNN)",
+    "ade20k": "ADE20K semantic segmentation",
+    "glue": "GLUE text classification and regression",
+}
+
+
+def _planned(task_name: str, task_summary: str) -> type[Task]:
+    class Planned(Task):
+        name = task_name
+        summary = task_summary
+
+        @classmethod
+        def unavailable_reason(cls) -> str | None:
+            return "not built yet"
+
+    Planned.__name__ = Planned.__qualname__ = f"Planned_{task_name}"
+    return register_task(Planned)
+
+
+for _name, _summary in _PLANNED.items():
+    _planned(_name, _summary)

@@ -1,0 +1,53 @@
+"""The command line: what a user sees, and clear errors with exit status 2 for mistakes."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from attnbench.cli import main
+
+
+def test_list_shows_the_baselines_as_available(capsys):
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    for name in ("softmax", "sdpa"):
+        line = next(ln for ln in out.splitlines() if ln.startswith(name + " "))
+        assert " yes " in line
+    assert "imagenet" in out and "not built yet" in out
+
+
+def test_list_one_mechanism_shows_its_options(capsys):
+    assert main(["list", "--mechanism", "softmax"]) == 0
+    out = capsys.readouterr().out
+    assert "qkv_bias = True" in out and "quadratic" in out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["list", "--mechanism", "nope"], "unknown mechanism 'nope'; valid choices: "),
+    (["run", "--mechanism", "nope", "--task", "imagenet"], "unknown mechanism 'nope'"),
+    (["run", "--mechanism", "softmax", "--task", "nope"],
+     "unknown task 'nope'; valid choices: ade20k, coco"),
+    (["run", "--mechanism", "softmax", "--task", "imagenet", "--opt", "m=3"],
+     "expected MECHANISM.OPTION=VALUE"),
+    (["run", "--mechanism", "softmax", "--task", "imagenet", "--opt", "softmax.m=3"], "unknown option"),
+])
+def test_user_errors_exit_2_with_a_clear_message(argv, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_unbuilt_task_says_so_and_fails(capsys):
+    assert main(["run", "--mechanism", "softmax", "--task", "coco"]) == 1
+    assert "not built yet" in capsys.readouterr().err
+
+
+def test_python_dash_m_entry_point():
+    done = subprocess.run([sys.executable, "-m", "attnbench", "--help"], capture_output=True, text=True)
+    assert done.returncode == 0
+    for command in ("list", "run", "scale", "plot"):
+        assert command in done.stdout

@@ -1,0 +1,127 @@
+"""The conformance suite: every registered mechanism, built-in or plug-in, obeys the contract.
+
+It runs against whatever the registry holds, so a new mechanism is covered the moment it is
+registered, and none can rot unnoticed.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from attnbench import OptionError, build_mechanism, get_mechanism
+from tests.conftest import mechanism_params
+
+DIM, HEADS, BATCH = 32, 4, 2
+GRID = (4, 5)  # H != W, so a transposed grid would be caught
+SEQ = 12
+
+
+def shapes(name: str) -> list[tuple[int, tuple[int, int] | None]]:
+    """(N, grid) pairs to test: a 2-D grid always, a plain sequence unless a grid is required."""
+    cases = [(GRID[0] * GRID[1], GRID)]
+    if not get_mechanism(name).needs_grid:
+        cases.append((SEQ, None))
+    return cases
+
+
+def build(name: str, seed: int = 0, dtype: torch.dtype = torch.float32):
+    torch.manual_seed(seed)
+    return build_mechanism(name, DIM, HEADS).to(dtype)
+
+
+pytestmark = pytest.mark.parametrize("name", mechanism_params())
+
+
+def test_shape_and_dtype(name):
+    for dtype in (torch.float32, torch.float64):
+        m = build(name, dtype=dtype)
+        for n, grid in shapes(name):
+            y = m(torch.randn(BATCH, n, DIM, dtype=dtype), grid)
+            assert y.shape == (BATCH, n, DIM)
+            assert y.dtype == dtype
+
+
+def test_finite_outputs_and_gradients_for_every_parameter(name):
+    m = build(name)
+    for n, grid in shapes(name):
+        m.zero_grad(set_to_none=True)
+        x = torch.randn(BATCH, n, DIM, requires_grad=True)
+        y = m(x, grid)
+        assert torch.isfinite(y).all()
+        (y * torch.randn_like(y)).sum().backward()
+        assert x.grad is not None and torch.isfinite(x.grad).all()
+        for pname, p in m.named_parameters():
+            assert p.grad is not None, f"{name}: parameter {pname} got no gradient"
+            assert torch.isfinite(p.grad).all(), f"{name}: parameter {pname} has a non-finite gradient"
+
+
+def test_batch_independence(name):
+    m = build(name)
+    for n, grid in shapes(name):
+        x = torch.randn(3, n, DIM)
+        y = m(x, grid)
+        x2 = x.clone()
+        x2[1:] = torch.randn_like(x2[1:]) * 3
+        y2 = m(x2, grid)
+        torch.testing.assert_close(y2[0], y[0], rtol=1e-5, atol=1e-6)
+        assert not torch.allclose(y2[1], y[1]), "changing a sample must change its output"
+
+
+def test_deterministic_under_a_seed(name):
+    x = torch.randn(BATCH, GRID[0] * GRID[1], DIM)
+    y1 = build(name, seed=123)(x, GRID)
+    y2 = build(name, seed=123)(x, GRID)
+    torch.testing.assert_close(y1, y2, rtol=0, atol=0)
+
+
+def test_float32_agrees_with_float64(name):
+    m64 = build(name, dtype=torch.float64)
+    m32 = copy.deepcopy(m64).float()
+    for n, grid in shapes(name):
+        x = torch.randn(BATCH, n, DIM, dtype=torch.float64)
+        y64 = m64(x, grid)
+        y32 = m32(x.float(), grid)
+        torch.testing.assert_close(y32.double(), y64, rtol=1e-4, atol=1e-4)
+
+
+def test_wrong_input_shapes_are_clear_errors(name):
+    m = build(name)
+    n = GRID[0] * GRID[1]
+    with pytest.raises(ValueError, match=r"expected x of shape \(B, N, C=32\)"):
+        m(torch.randn(n, DIM), GRID)
+    with pytest.raises(ValueError, match=r"expected x of shape"):
+        m(torch.randn(BATCH, n, DIM + 1), GRID)
+    with pytest.raises(ValueError, match=r"does not match N=20"):
+        m(torch.randn(BATCH, n, DIM), (3, 3))
+
+
+def test_missing_grid_is_a_clear_error_when_one_is_needed(name):
+    m = build(name)
+    x = torch.randn(BATCH, GRID[0] * GRID[1], DIM)
+    if get_mechanism(name).needs_grid:
+        with pytest.raises(ValueError, match="needs a 2-D grid"):
+            m(x)
+    else:
+        assert m(x).shape == x.shape
+
+
+def test_bad_construction_is_a_clear_error(name):
+    with pytest.raises(OptionError, match="not divisible by num_heads"):
+        build_mechanism(name, 30, 4)
+    with pytest.raises(OptionError, match="unknown option.*valid options"):
+        build_mechanism(name, DIM, HEADS, no_such_option=1)
+
+
+def test_flop_formula_matches_the_flop_counter(name):
+    cls = get_mechanism(name)
+    if not cls.flops_countable:
+        pytest.skip(f"{name} runs custom kernels that FlopCounterMode cannot see")
+    m = build(name)
+    for n, grid in shapes(name):
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            m(torch.randn(BATCH, n, DIM), grid)
+        assert m.flops(BATCH, n, grid).matmul == counter.get_total_flops()
