@@ -91,8 +91,8 @@ class Mechanism(nn.Module):
         return None
 
     @classmethod
-    def backend(cls, device: str = "cpu") -> str:
-        """Which implementation actually runs on ``device`` (recorded with every result)."""
+    def backend(cls, device: str = "cpu", dtype: torch.dtype = torch.float32) -> str:
+        """Which implementation actually runs on ``device`` for ``dtype`` (recorded with results)."""
         return "eager PyTorch"
 
     # ---- the contract -----------------------------------------------------------------------

@@ -1,0 +1,62 @@
+"""Linear attention (Katharopoulos et al., 2020, "Transformers are RNNs"), non-causal form.
+
+The softmax kernel exp(q·k) is replaced by φ(q)·φ(k) with φ(x) = elu(x) + 1 > 0, so the sums
+over keys can be taken first and the cost per head is O(N·d²) instead of O(N²·d):
+
+    out_i = φ(q_i)ᵀ (Σ_j φ(k_j) v_jᵀ) / (φ(q_i)ᵀ Σ_j φ(k_j) + eps)
+
+No 1/√d scaling, as in the paper. Same parameters as ``softmax``, so weights load across.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch.nn.functional as F
+from torch import Tensor
+
+from attnbench.mechanism import Flops, Grid, projection_flops, require
+from attnbench.registry import register_mechanism
+from mechanisms.softmax import SoftmaxAttention, SoftmaxOptions
+
+
+@dataclasses.dataclass(frozen=True)
+class LinearOptions(SoftmaxOptions):
+    # added to the normaliser φ(q)·Σφ(k); the authors' fast-transformers code uses 1e-6
+    eps: float = 1e-6
+
+    def __post_init__(self) -> None:
+        require(isinstance(self.eps, (int, float)) and 0 <= self.eps <= 1e-2,
+                f"linear.eps={self.eps!r} must be a float in [0, 0.01]")
+
+
+def feature_map(x: Tensor) -> Tensor:
+    """φ(x) = elu(x) + 1: positive, so the kernel φ(q)·φ(k) is a valid attention weight."""
+    return F.elu(x) + 1
+
+
+@register_mechanism
+class LinearAttention(SoftmaxAttention):
+    name = "linear"
+    summary = "linear attention, φ(x) = elu(x)+1 kernel (Katharopoulos et al. 2020)"
+    Options = LinearOptions
+    complexity = "linear"
+    flops_formula = ("8·B·N·C² (projections) + 4·B·N·C·d (φ(K)ᵀV, φ(Q)·KV; d = C/H); "
+                     "elementwise ≈ 10·B·N·C (feature maps, key sum, normaliser, division)")
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """φ(q)(φ(k)ᵀv) / (φ(q)·Σφ(k) + eps) on (B, H, N, d) tensors, keys summed first."""
+        phi_q, phi_k = feature_map(q), feature_map(k)  # (B, H, N, d)
+        kv = phi_k.transpose(-2, -1) @ v  # (B, H, d, d): Σ_j φ(k_j) v_jᵀ
+        norm = (phi_q * phi_k.sum(-2, keepdim=True)).sum(-1, keepdim=True)  # (B, H, N, 1)
+        return (phi_q @ kv) / (norm + self.options.eps)
+
+    def weights(self, q: Tensor, k: Tensor) -> Tensor:
+        """The implied (B, H, N, N) attention matrix, for analysis and tests (quadratic memory)."""
+        scores = feature_map(q) @ feature_map(k).transpose(-2, -1)  # (B, H, N, N), all > 0
+        return scores / (scores.sum(-1, keepdim=True) + self.options.eps)
+
+    def flops(self, batch: int, n: int, grid: Grid | None = None) -> Flops:
+        core = 2 * 2 * batch * n * self.dim * self.head_dim  # two (N×d)·(d×d)-sized products per head
+        return Flops(matmul=projection_flops(batch, n, self.dim, 4) + core,
+                     elementwise=10 * batch * n * self.dim)

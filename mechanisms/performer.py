@@ -1,0 +1,103 @@
+"""Performer attention with FAVOR+ (Choromanski et al., 2021, "Rethinking Attention with Performers").
+
+softmax(QKᵀ/√d) is estimated without bias by positive random features: with x scaled by d^-1/4,
+
+    φ(x) = exp(Ωx − ‖x‖²/2) / √r,    E[φ(q)·φ(k)] = exp(q·k/√d),
+
+where the r rows of Ω are orthogonal random features (blocks of d orthonormal rows, rescaled by
+chi(d)-distributed norms so each row is marginally Gaussian). Keys are summed first, so the cost
+per head is O(N·r·d). As in the paper's code, a constant is subtracted from each exponent before
+exp (per query row; one per (sample, head) over all keys), where it cancels in the ratio, and a
+small ``eps`` is added to every feature so the normaliser can never vanish.
+
+Ω is a buffer drawn at construction (so ``torch.manual_seed`` fixes it); ``redraw()`` draws a new
+one, and in training mode it is redrawn every ``redraw_every`` forward passes (the paper finds
+redrawing helps training); evaluation never redraws.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import Tensor
+
+from attnbench.mechanism import Flops, Grid, projection_flops, require
+from attnbench.registry import register_mechanism
+from mechanisms.softmax import SoftmaxAttention, SoftmaxOptions
+
+
+@dataclasses.dataclass(frozen=True)
+class PerformerOptions(SoftmaxOptions):
+    features: int = 256  # r random features per head (the paper's usual setting)
+    redraw_every: int = 1000  # training forward passes between redraws of Ω; 0 = never
+    eps: float = 1e-6  # added to every feature: the numerical stabiliser of the paper's code
+
+    def __post_init__(self) -> None:
+        require(isinstance(self.features, int) and self.features >= 1,
+                f"performer.features={self.features!r} must be an int >= 1")
+        require(isinstance(self.redraw_every, int) and self.redraw_every >= 0,
+                f"performer.redraw_every={self.redraw_every!r} must be an int >= 0 (0 = never)")
+        require(isinstance(self.eps, (int, float)) and 0 <= self.eps <= 1e-2,
+                f"performer.eps={self.eps!r} must be a float in [0, 0.01]")
+
+
+def orthogonal_features(rows: int, dim: int) -> Tensor:
+    """(rows, dim) Ω: blocks of ``dim`` orthonormal rows (QR of a Gaussian), rows scaled by chi(dim) norms."""
+    blocks = []
+    for _ in range(-(-rows // dim)):  # ceil(rows / dim) blocks; the last one is cut to size
+        q, r = torch.linalg.qr(torch.randn(dim, dim))
+        blocks.append((q * torch.sign(torch.diagonal(r))).T)  # sign fix: Haar-distributed rows
+    norms = torch.randn(rows, dim).norm(dim=1, keepdim=True)  # as the norms of Gaussian rows
+    return norms * torch.cat(blocks)[:rows]
+
+
+@register_mechanism
+class PerformerAttention(SoftmaxAttention):
+    name = "performer"
+    summary = "Performer FAVOR+: positive orthogonal random features for softmax (Choromanski 2021)"
+    Options = PerformerOptions
+    complexity = "linear"
+    flops_formula = ("8·B·N·C² (projections) + 8·B·N·r·C (Ωq, Ωk, φ(K)ᵀV, φ(Q)·KV); "
+                     "elementwise ≈ 8·B·H·N·r + 6·B·N·C (exp and stabiliser, norms, normaliser)")
+
+    def __init__(self, dim: int, num_heads: int, options: PerformerOptions | None = None) -> None:
+        super().__init__(dim, num_heads, options)
+        self.register_buffer("projection", orthogonal_features(self.options.features, self.head_dim))
+        self.calls_since_redraw = 0  # training forward passes with the current Ω
+
+    @torch.no_grad()
+    def redraw(self) -> None:
+        """Draw a new Ω from the global RNG (a new tensor, so graphs built on the old one stay valid)."""
+        self.projection = orthogonal_features(*self.projection.shape).to(self.projection)
+        self.calls_since_redraw = 0
+
+    def feature_map(self, x: Tensor, is_query: bool) -> Tensor:
+        """φ(x) of (B, H, N, d) tokens: (B, H, N, r) positive random features."""
+        x = x * self.head_dim**-0.25
+        exponent = x @ self.projection.T - x.square().sum(-1, keepdim=True) / 2  # (B, H, N, r)
+        # Stabiliser: per query row, or one constant over all keys of a (sample, head).
+        dims = (-1,) if is_query else (-2, -1)
+        exponent = exponent - exponent.amax(dim=dims, keepdim=True).detach()
+        return (exponent.exp() + self.options.eps) * self.options.features**-0.5
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """D⁻¹ φ(q)(φ(k)ᵀv), D = diag(φ(q)·Σφ(k)), on (B, H, N, d) tensors."""
+        phi_q, phi_k = self.feature_map(q, True), self.feature_map(k, False)  # (B, H, N, r)
+        kv = phi_k.transpose(-2, -1) @ v  # (B, H, r, d)
+        norm = (phi_q * phi_k.sum(-2, keepdim=True)).sum(-1, keepdim=True)  # (B, H, N, 1)
+        return (phi_q @ kv) / norm
+
+    def mix(self, x: Tensor, grid: Grid | None) -> Tensor:
+        every = self.options.redraw_every
+        if self.training and every:
+            if self.calls_since_redraw >= every:
+                self.redraw()
+            self.calls_since_redraw += 1
+        return super().mix(x, grid)
+
+    def flops(self, batch: int, n: int, grid: Grid | None = None) -> Flops:
+        r = self.options.features
+        core = 4 * 2 * batch * n * r * self.dim  # four (N×d)·(d×r)-sized products per head
+        return Flops(matmul=projection_flops(batch, n, self.dim, 4) + core,
+                     elementwise=8 * batch * self.num_heads * n * r + 6 * batch * n * self.dim)
