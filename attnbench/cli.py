@@ -9,11 +9,23 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
+import pandas as pd
 import torch
 
 from attnbench import registry
 from attnbench.registry import OptionError, UnknownMechanismError
+from attnbench.sweep import (
+    SweepConfig,
+    SweepError,
+    compare,
+    default_out_dir,
+    finish,
+    parse_mechanisms,
+    parse_seq,
+    run_sweep,
+)
 from attnbench.tasks import UnknownTaskError, get_task, task_names
 
 
@@ -66,17 +78,51 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("scale", help="sweep sequence length: time, memory, FLOPs, fitted scaling",
                        description="Measure every mechanism's time and memory over a range of "
-                                   "sequence lengths and fit how they scale.")
+                                   "sequence lengths, each configuration in its own process, and "
+                                   "fit how they scale. Writes scale.csv, fits.csv, meta.json and "
+                                   "plots to --out.")
     p.add_argument("--seq", default="256..16384",
                    help="a doubling range LO..HI, a list 256,1024 or one value (default 256..16384)")
-    p.add_argument("--mechanism", default="all", help="comma list or `all` (default: all available)")
+    p.add_argument("--mechanism", default="all",
+                   help="comma list, or `all` = every registered one; those that cannot run here are "
+                        "recorded as unavailable with the reason (default: all)")
+    p.add_argument("--batch", type=int, default=1, help="batch size B (default 1)")
+    p.add_argument("--heads", type=int, default=4, help="attention heads H (default 4)")
+    p.add_argument("--head-dim", type=int, default=32, help="channels per head d (default 32)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16", "float64"])
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                   help="auto = cuda when available, else cpu")
+    p.add_argument("--mode", default="fwd", choices=["fwd", "fwd+bwd", "both"],
+                   help="forward only (no autograd), forward and backward, or both (default fwd)")
+    p.add_argument("--layout", default="1d", choices=["1d", "2d"],
+                   help="tokens as a sequence, or as a square image grid (square n only)")
     _add_opt_argument(p)
-    p.set_defaults(func=cmd_not_built)
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads (default: torch's default here, recorded with every row)")
+    p.add_argument("--budget", type=float, default=120.0,
+                   help="seconds per configuration before it is recorded as a time-out (default 120)")
+    p.add_argument("--min-time", type=float, default=0.5,
+                   help="seconds of timed runs per configuration, at least 5 runs (default 0.5)")
+    p.add_argument("--memory-limit", type=float, default=None, metavar="MIB",
+                   help="CPU memory a configuration may take before it counts as out of memory "
+                        "(default: 85%% of the memory available now)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="output folder (default: a new timestamped folder under results/runs/)")
+    p.add_argument("--resume", action="store_true",
+                   help="skip configurations already in --out/scale.csv and measure the rest")
+    p.add_argument("--compare", type=Path, default=None, metavar="OTHER_RUN",
+                   help="a saved run folder: write time/memory ratios against it, flag regressions")
+    p.add_argument("--fit-min-n", type=int, default=1024,
+                   help="fit exponents over n >= this (small n measure overheads; default 1024)")
+    p.add_argument("--load", action="append", default=[], metavar="MODULE",
+                   help="import a module or .py file that registers extra mechanisms (repeatable)")
+    p.set_defaults(func=cmd_scale)
 
     p = sub.add_parser("plot", help="draw the plots of a results folder",
-                       description="Regenerate the comparison plots of a finished run.")
-    p.add_argument("run_dir", help="a results folder written by `scale` or `run`")
-    p.set_defaults(func=cmd_not_built)
+                       description="Recompute the fit table and redraw the plots of a run folder.")
+    p.add_argument("run_dir", type=Path, help="a results folder written by `scale`")
+    p.add_argument("--fit-min-n", type=int, default=1024, help="fit exponents over n >= this")
+    p.set_defaults(func=cmd_plot)
     return parser
 
 
@@ -145,9 +191,64 @@ def cmd_run(args: argparse.Namespace) -> int:
     return task().run(args)
 
 
-def cmd_not_built(args: argparse.Namespace) -> int:
-    print(f"attnbench {args.command}: not built yet; nothing was measured.", file=sys.stderr)
-    return 1
+def _available_mib() -> float | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+def cmd_scale(args: argparse.Namespace) -> int:
+    for spec in args.load:
+        registry.load_module(spec)
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    elif device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: CUDA is not available on this machine; "
+                         "valid choices here: cpu, auto")
+    available = _available_mib()
+    limit = args.memory_limit if args.memory_limit is not None else (0.85 * available if available else None)
+    if limit is not None and limit <= 0:
+        raise UsageError(f"--memory-limit must be > 0 MiB, got {limit:g}")
+    cfg = SweepConfig(
+        mechanisms=parse_mechanisms(args.mechanism, device), seq=parse_seq(args.seq),
+        modes=["fwd", "fwd+bwd"] if args.mode == "both" else [args.mode], batch=args.batch,
+        heads=args.heads, head_dim=args.head_dim, dtype=args.dtype, device=device,
+        threads=args.threads or torch.get_num_threads(), layout=args.layout,
+        options=parse_mechanism_options(args.opt), budget=args.budget, min_run_time=args.min_time,
+        memory_limit_mib=limit if device == "cpu" else None,
+        load=[str(Path(s).resolve()) if s.endswith(".py") else s for s in args.load])
+    if args.compare is not None and not (args.compare / "scale.csv").is_file():
+        raise UsageError(f"--compare {args.compare}: no scale.csv there")
+    if args.resume and args.out is None:
+        raise UsageError("--resume needs --out pointing at the run to finish")
+    out = args.out or default_out_dir(Path("results"))
+    cfg.validate()
+    print(f"attnbench scale: {len(cfg.mechanisms)} mechanisms x {len(cfg.seq)} lengths x "
+          f"{len(cfg.modes)} modes on {device} ({cfg.threads} threads) -> {out}", file=sys.stderr)
+    run_sweep(cfg, out, args.resume, ["attnbench", *sys.argv[1:]])
+    fits = finish(out, args.fit_min_n)
+    with pd.option_context("display.width", 160, "display.max_columns", 20):
+        print(fits.to_string(index=False))
+    if args.compare is not None:
+        ratios = compare(out, args.compare)
+        flagged = ratios[ratios["regression"]]
+        print(f"compared with {args.compare}: {len(ratios)} configurations, {len(flagged)} regressions "
+              f"(> 10% slower beyond noise) -> {out / 'compare.csv'}")
+        if len(flagged):
+            print(flagged.to_string(index=False))
+    return 0
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    if not (args.run_dir / "scale.csv").is_file():
+        raise UsageError(f"{args.run_dir}: no scale.csv there (expected a folder written by `scale`)")
+    finish(args.run_dir, args.fit_min_n)
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -156,7 +257,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     torch.set_printoptions(precision=4)
     try:
         return args.func(args)
-    except (UsageError, UnknownMechanismError, UnknownTaskError, OptionError) as exc:
+    except (UsageError, UnknownMechanismError, UnknownTaskError, OptionError, SweepError) as exc:
         parser.exit(2, f"attnbench {args.command}: error: {exc}\n")
 
 

@@ -34,7 +34,9 @@ def register_mechanism(cls: type) -> type:
     name = getattr(cls, "name", None)
     if not isinstance(name, str) or not name:
         raise TypeError(f"{cls.__qualname__} needs a class attribute `name` to be registered")
-    if name in _REGISTRY and _REGISTRY[name] is not cls:
+    old = _REGISTRY.get(name)
+    same_source = old is not None and (old.__module__, old.__qualname__) == (cls.__module__, cls.__qualname__)
+    if old is not None and old is not cls and not same_source:
         raise ValueError(f"mechanism {name!r} is registered twice: "
                          f"{_REGISTRY[name].__module__} and {cls.__module__}")
     _REGISTRY[name] = cls
@@ -55,6 +57,25 @@ def _load_all() -> None:
             _BROKEN_PLUGINS[ep.name] = f"{type(exc).__name__}: {exc}"
             warnings.warn(f"attnbench plug-in {ep.name!r} ({ep.value}) failed to load: {exc}",
                           stacklevel=2)
+
+
+def load_module(spec: str) -> None:
+    """Import extra mechanisms from a module name or a ``.py`` file path (``--load``)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(spec)
+    if spec.endswith(".py"):
+        if not path.is_file():
+            raise UnknownMechanismError(f"--load {spec}: no such file")
+        module_spec = importlib.util.spec_from_file_location(path.stem, path)
+        module = importlib.util.module_from_spec(module_spec)
+        module_spec.loader.exec_module(module)
+    else:
+        try:
+            importlib.import_module(spec)
+        except ImportError as exc:
+            raise UnknownMechanismError(f"--load {spec}: cannot import it ({exc})") from None
 
 
 def reload_plugins() -> None:

@@ -1,0 +1,123 @@
+"""Comparison plots. One colour per mechanism everywhere in the project, units on every axis."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files, not windows: runs headless and in CI
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+# Fixed colours for the built-in mechanisms (colour-blind-safe Tableau/Okabe-Ito hues); SeT
+# gets the strongest. Plug-ins get a stable colour from their name.
+COLOURS = {
+    "set": "#d62728",
+    "softmax": "#1f77b4",
+    "sdpa": "#17becf",
+    "xformers": "#9edae5",
+    "swin": "#2ca02c",
+    "nat": "#98df8a",
+    "linear": "#ff7f0e",
+    "performer": "#9467bd",
+    "nystromformer": "#8c564b",
+    "sinkformer": "#e377c2",
+}
+_SPARE = ["#7f7f7f", "#bcbd22", "#aec7e8", "#ffbb78", "#c5b0d5", "#c49c94", "#f7b6d2", "#dbdb8d"]
+
+
+def colour(mechanism: str) -> str:
+    """The mechanism's colour, the same in every plot."""
+    if mechanism in COLOURS:
+        return COLOURS[mechanism]
+    return _SPARE[int(hashlib.sha1(mechanism.encode()).hexdigest(), 16) % len(_SPARE)]
+
+
+def _save(fig: plt.Figure, out: Path, stem: str) -> list[Path]:
+    paths = [out / f"{stem}.png", out / f"{stem}.svg"]
+    for p in paths:
+        fig.savefig(p, dpi=150 if p.suffix == ".png" else None, bbox_inches="tight")
+    plt.close(fig)
+    return paths
+
+
+def _reference_slopes(ax: plt.Axes, n: np.ndarray, y0: float) -> None:
+    """Faint O(n) and O(n²) guides through (min n, y0)."""
+    lo, hi = n.min(), n.max()
+    xs = np.array([lo, hi])
+    for power, style in ((1, ":"), (2, "--")):
+        ax.plot(xs, y0 * (xs / lo) ** power, style, color="0.6", lw=1, alpha=0.6, zorder=0,
+                label=f"slope {power} (O(n{'²' if power == 2 else ''}))")
+
+
+def scaling_plots(table: pd.DataFrame, fits: pd.DataFrame, out: Path, title: str) -> list[Path]:
+    """Time and memory against n, log-log, per mode, plus ratio bars against the baseline."""
+    written: list[Path] = []
+    for mode in sorted(table["mode"].unique()):
+        rows = table[(table["mode"] == mode) & (table["status"] == "ok")]
+        if rows.empty:
+            continue
+        panels = (("time_ms_median", "time_exponent", "time per step (ms)", "time"),
+                  ("peak_mem_mib", "memory_exponent", "peak memory (MiB)", "memory"))
+        for column, fit_col, unit, stem in panels:
+            fig, ax = plt.subplots(figsize=(7.5, 5))
+            data = rows[rows[column] > 0]
+            if data.empty:
+                plt.close(fig)
+                continue
+            for mech, group in data.groupby("mechanism"):
+                group = group.sort_values("n")
+                fit = fits[(fits["mechanism"] == mech) & (fits["mode"] == mode)]
+                exp = fit[fit_col].iloc[0] if len(fit) else math.nan
+                lw = 2.6 if mech == "set" else 1.6
+                ax.plot(group["n"], group[column], "o-", color=colour(mech), lw=lw, ms=4,
+                        label=f"{mech} (n^{exp:.2f})" if math.isfinite(exp) else mech)
+                if column == "time_ms_median" and (group["time_ms_iqr"] > 0).any():
+                    ax.fill_between(group["n"], group[column] - group["time_ms_iqr"] / 2,
+                                    group[column] + group["time_ms_iqr"] / 2, color=colour(mech), alpha=0.15)
+            ns = np.sort(data["n"].unique())
+            _reference_slopes(ax, ns, float(data[data["n"] == ns[0]][column].median()))
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_xlabel("sequence length n (tokens)")
+            ax.set_ylabel(unit)
+            ax.set_title(f"{stem.capitalize()} against n, {mode} — {title}", fontsize=10)
+            ax.grid(True, which="major", alpha=0.3)
+            ax.legend(fontsize=8, loc="upper left", ncol=2)
+            written += _save(fig, out, f"{stem}_{mode.replace('+', '_')}")
+        written += _ratio_bars(rows, out, mode, title)
+    return written
+
+
+def _ratio_bars(rows: pd.DataFrame, out: Path, mode: str, title: str) -> list[Path]:
+    """Time and memory relative to the baseline at the largest n where both ran."""
+    baseline = next((b for b in ("softmax", "sdpa") if b in set(rows["mechanism"])), None)
+    if baseline is None:
+        return []
+    base = rows[rows["mechanism"] == baseline].set_index("n")
+    mechs = sorted(set(rows["mechanism"]))
+    common = set(base.index)
+    for m in mechs:
+        common &= set(rows[rows["mechanism"] == m]["n"])
+    if not common:
+        return []
+    n = max(common)
+    at_n = rows[rows["n"] == n].set_index("mechanism")
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, column, what in ((axes[0], "time_ms_median", "time"), (axes[1], "peak_mem_mib", "peak memory")):
+        ratios = [at_n.loc[m, column] / base.loc[n, column]
+                  if base.loc[n, column] > 0 and at_n.loc[m, column] > 0 else math.nan for m in mechs]
+        ax.barh(mechs, ratios, color=[colour(m) for m in mechs])
+        ax.axvline(1.0, color="0.3", lw=1)
+        ax.set_xscale("log")
+        ax.set_xlabel(f"{what} relative to {baseline} (×, lower is better)")
+        for y, r in enumerate(ratios):
+            if math.isfinite(r):
+                ax.text(r, y, f" {r:.2g}×", va="center", fontsize=8)
+    fig.suptitle(f"At n = {n} (largest n all ran), {mode} — {title}", fontsize=10)
+    fig.tight_layout()
+    return _save(fig, out, f"ratios_{mode.replace('+', '_')}")
