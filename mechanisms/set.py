@@ -108,19 +108,44 @@ def gaussian_sphere_kernel(a: Tensor, b: Tensor, alpha: float) -> Tensor:
 # ---- Sinkhorn -----------------------------------------------------------------------------
 
 
-def _sinkhorn_loop(logits: Tensor, iters: int, tol: float) -> tuple[list[Tensor], list[Tensor]]:
+def _exp_shifted(logits: Tensor, potential: Tensor, dim: int, out: Tensor) -> Tensor:
+    """out = exp(logits + potential − max) along ``dim``, in place; returns the max (keepdim).
+
+    ``potential`` is broadcast along the other dimension. One buffer, no temporaries: this is
+    where SeT spends its time, so it avoids the allocations of torch.logsumexp.
+    """
+    torch.add(logits, potential.unsqueeze(-1 if dim == -2 else -2), out=out)
+    top = out.amax(dim, keepdim=True)
+    out.sub_(top).exp_()
+    return top
+
+
+def _logsumexp_into(logits: Tensor, potential: Tensor, dim: int, buf: Tensor) -> Tensor:
+    """logsumexp over ``dim`` of logits + potential (broadcast along the other dim), via ``buf``."""
+    top = _exp_shifted(logits, potential, dim, buf)
+    return buf.sum(dim).log_().add_(top.squeeze(dim))
+
+
+def _sinkhorn_loop(logits: Tensor, iters: int, tol: float,
+                   differentiable: bool = False) -> tuple[list[Tensor], list[Tensor]]:
     """Log-domain Sinkhorn on logits (…, n, m): potentials f (rows, 1/n) and g (columns, 1/m).
 
     Each iteration updates g then f, so the rows of T = exp(logits + f + g) are exact.
     Returns the histories [f_0 … f_L] and [g_1 … g_L] (f_0 = 0), which the backward needs.
+    ``differentiable`` keeps every step on the autograd tape (``backward="unroll"``).
     """
     n, m = logits.shape[-2:]
     log_a, log_b = -math.log(n), -math.log(m)
+    buf = None if differentiable else torch.empty_like(logits)
     fs = [logits.new_zeros(logits.shape[:-1])]
     gs: list[Tensor] = []
     for _ in range(iters):
-        g = log_b - torch.logsumexp(logits + fs[-1].unsqueeze(-1), dim=-2)
-        f = log_a - torch.logsumexp(logits + g.unsqueeze(-2), dim=-1)
+        if differentiable:
+            g = log_b - torch.logsumexp(logits + fs[-1].unsqueeze(-1), dim=-2)
+            f = log_a - torch.logsumexp(logits + g.unsqueeze(-2), dim=-1)
+        else:
+            g = log_b - _logsumexp_into(logits, fs[-1], -2, buf)
+            f = log_a - _logsumexp_into(logits, g, -1, buf)
         # column sums of the previous plan are b·exp(g_prev − g): stop once they are b
         done = tol > 0 and len(gs) > 0 and bool(torch.expm1(gs[-1] - g).abs().max() < tol)
         gs.append(g)
@@ -146,17 +171,20 @@ class _SinkhornRecompute(torch.autograd.Function):
         logits, *saved = ctx.saved_tensors
         fs, gs = saved[: ctx.steps], saved[ctx.steps:]
         grad_logits = torch.zeros_like(logits)
+        buf = torch.empty_like(logits)
         grad_f = torch.zeros_like(fs[0]) if grad_f is None else grad_f
         grad_g = torch.zeros_like(gs[0]) if grad_g is None else grad_g
         for t in reversed(range(ctx.steps)):
             # f_t = log a − LSE_j(G + g_t): ∂f_i/∂G_ij = ∂f_i/∂g_j = −P_ij (row softmax)
-            p = torch.softmax(logits + gs[t].unsqueeze(-2), dim=-1)
-            grad_logits -= p * grad_f.unsqueeze(-1)
-            grad_g = grad_g - (p * grad_f.unsqueeze(-1)).sum(-2)
+            _exp_shifted(logits, gs[t], -1, buf)
+            buf.mul_((grad_f / buf.sum(-1)).unsqueeze(-1))  # P_ij · f̄_i
+            grad_logits.sub_(buf)
+            grad_g = grad_g - buf.sum(-2)
             # g_t = log b − LSE_i(G + f_{t−1}): ∂g_j/∂G_ij = ∂g_j/∂f_i = −Q_ij (column softmax)
-            q = torch.softmax(logits + fs[t].unsqueeze(-1), dim=-2)
-            grad_logits -= q * grad_g.unsqueeze(-2)
-            grad_f = -(q * grad_g.unsqueeze(-2)).sum(-1)
+            _exp_shifted(logits, fs[t], -2, buf)
+            buf.mul_((grad_g / buf.sum(-2)).unsqueeze(-2))  # Q_ij · ḡ_j
+            grad_logits.sub_(buf)
+            grad_f = -buf.sum(-1)
             grad_g = torch.zeros_like(grad_g)
         return grad_logits, None, None
 
@@ -166,7 +194,7 @@ def sinkhorn_log_plan(logits: Tensor, iters: int, tol: float = 0.0, recompute: b
     if recompute and torch.is_grad_enabled() and logits.requires_grad:
         f, g = _SinkhornRecompute.apply(logits, iters, tol)
     else:
-        fs, gs = _sinkhorn_loop(logits, iters, tol)
+        fs, gs = _sinkhorn_loop(logits, iters, tol, differentiable=torch.is_grad_enabled())
         f, g = fs[-1], gs[-1]
     return logits + f.unsqueeze(-1) + g.unsqueeze(-2)
 

@@ -22,3 +22,15 @@ def mechanism_params() -> list:
 def _seed_and_threads():
     torch.manual_seed(0)
     yield
+
+
+def pytest_addoption(parser):
+    parser.addoption("--benchmarks", action="store_true",
+                     help="also collect tests/benchmarks (pytest-benchmark timings; slow, not tests)")
+
+
+def pytest_ignore_collect(collection_path, config):
+    """Benchmarks measure, they do not test: leave them out unless --benchmarks is given."""
+    if "benchmarks" in collection_path.parts and not config.getoption("--benchmarks"):
+        return True
+    return None
