@@ -1,0 +1,184 @@
+"""Neighbourhood attention (NAT, Hassani et al., 2023; dilated: DiNAT, 2022) through ``natten``.
+
+Each query attends to the ``kernel`` nearest keys per axis (spaced ``dilation`` apart), the
+window centred on the query except at the borders, where it is shifted inward so that every
+query sees exactly kernel^d keys. Sequences use ``natten.na1d``, grids ``natten.na2d``.
+
+Design choices, each a line:
+
+* No relative position bias: natten 0.21's ``na1d``/``na2d`` take no ``rpb`` (earlier natten
+  had one), so this is NA without it.
+* Small inputs (natten needs kernel·dilation <= size along every axis): per axis, dilation is
+  lowered to ⌊size / kernel⌋ (at least 1), then the kernel is clamped to the axis length, where
+  attention along that axis becomes global; axes of length 1 are dropped.
+* natten's only CPU backend is PyTorch's Flex Attention run eagerly: unfused, it materialises
+  the dense N×N scores (memory O(N²)); it runs float32/16 and bfloat16 only, so float64 is
+  attended in float32 and cast back; and PyTorch has no Flex backward on the CPU. When
+  gradients are needed on the CPU, the same neighbourhoods run as a dense masked
+  ``scaled_dot_product_attention`` instead (also O(N²) memory, any float dtype).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from attnbench.mechanism import Flops, Grid, Mechanism, projection_flops, require
+from attnbench.registry import register_mechanism
+
+try:
+    import natten
+    from natten.backends import choose_backend
+    from natten.backends.configs.checks import can_run_flex_attention
+except Exception as exc:  # a broken install must not take the registry down
+    natten = None
+    _IMPORT_ERROR: str | None = f"natten cannot be imported ({type(exc).__name__}: {exc})"
+else:
+    _IMPORT_ERROR = None
+
+# What runs behind each natten backend name.
+_BACKENDS = {
+    "flex-fna": "eager Flex Attention, unfused: dense N×N scores, memory O(N²)",
+    "cutlass-fna": "fused CUTLASS kernel",
+    "hopper-fna": "fused Hopper kernel",
+    "blackwell-fna": "fused Blackwell kernel",
+}
+_CPU_GRAD = "; with autograd: dense masked SDPA (no Flex backward on CPU)"
+
+
+@dataclasses.dataclass(frozen=True)
+class NATOptions:
+    kernel: int = 7  # neighbourhood size per axis (odd)
+    dilation: int = 1  # spacing between neighbours (DiNAT); 1 is plain NAT
+    qkv_bias: bool = True  # bias on the query/key/value projection
+
+    def __post_init__(self) -> None:
+        require(isinstance(self.kernel, int) and not isinstance(self.kernel, bool)
+                and self.kernel >= 3 and self.kernel % 2 == 1,
+                f"nat.kernel must be an odd int >= 3, got {self.kernel!r}")
+        require(isinstance(self.dilation, int) and not isinstance(self.dilation, bool) and self.dilation >= 1,
+                f"nat.dilation must be an int >= 1, got {self.dilation!r}")
+        require(isinstance(self.qkv_bias, bool), f"nat.qkv_bias must be True or False, got {self.qkv_bias!r}")
+
+
+def neighbourhood_mask(size: int, kernel: int, dilation: int, device: torch.device) -> Tensor:
+    """(size, size) bool along one axis: is key j one of query i's ``kernel`` neighbours?
+
+    Neighbours share i's dilation group (position mod dilation); within the group the window
+    is centred on i and shifted inward at the borders, as natten does.
+    """
+    pos = torch.arange(size, device=device)
+    group, rank = pos % dilation, pos // dilation  # dilation group, and place within it
+    group_size = (size - 1 - group) // dilation + 1
+    start = torch.minimum((rank - kernel // 2).clamp(min=0), group_size - kernel)  # (size,)
+    inside = (rank[None, :] >= start[:, None]) & (rank[None, :] < start[:, None] + kernel)
+    return inside & (group[:, None] == group[None, :])
+
+
+@register_mechanism
+class NeighbourhoodAttention(Mechanism):
+    name = "nat"
+    summary = "neighbourhood attention (NAT/DiNAT) via natten na1d/na2d"
+    Options = NATOptions
+    complexity = "local"
+    dtypes = (torch.float32, torch.float16, torch.bfloat16)  # what natten runs natively
+    flops_formula = ("8·B·N·C² (projections) + 4·B·N·K·C (QKᵀ, AV over K = kernel^d neighbours); "
+                     "elementwise 5·B·H·N·K")
+    # FlopCounterMode cannot see natten's fused CUDA kernels, and the CPU Flex path fails inside
+    # it (torch 2.14) or would count the dense N² product: the formula above is the count.
+    flops_countable = False
+
+    def __init__(self, dim: int, num_heads: int, options: NATOptions | None = None) -> None:
+        super().__init__(dim, num_heads, options)
+        self.qkv = nn.Linear(dim, 3 * dim, bias=self.options.qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+
+    @classmethod
+    def unavailable_reason(cls, device: str = "cpu") -> str | None:
+        if _IMPORT_ERROR is not None:
+            return _IMPORT_ERROR
+        reason = super().unavailable_reason(device)
+        if reason is None:
+            try:
+                cls._choose(device, torch.float32)
+            except NotImplementedError as exc:
+                return f"natten has no backend here: {exc}"
+        return reason
+
+    @staticmethod
+    def _choose(device: str, dtype: torch.dtype) -> str:
+        """The backend natten picks for a (1, 16, 2, 32) neighbourhood problem of this dtype."""
+        probe = torch.zeros(1, 16, 2, 32, device=device, dtype=dtype)  # (B, N, heads, d)
+        return choose_backend(probe, probe, probe, torch_compile=False)
+
+    @classmethod
+    def backend(cls, device: str = "cpu", dtype: torch.dtype = torch.float32) -> str:
+        """natten's backend choice for ``device`` and what it means for speed and memory."""
+        reason = cls.unavailable_reason(device)
+        if reason:
+            return f"natten: {reason}"
+        choice = cls._choose(device, torch.float32 if dtype == torch.float64 else dtype)
+        note = f"natten {natten.__version__} {choice}: {_BACKENDS.get(choice, 'see natten docs')}"
+        if dtype == torch.float64:
+            note += "; float64 runs in float32"
+        return note + (_CPU_GRAD if torch.device(device).type == "cpu" else "")
+
+    def layout(self, grid: Grid | None, n: int) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+        """Token layout without length-1 axes, and the kernel and dilation per axis, clamped."""
+        shape = tuple(s for s in (grid if grid is not None else (n,)) if s > 1)
+        kernel = tuple(min(self.options.kernel, s) for s in shape)
+        dilation = tuple(max(1, min(self.options.dilation, s // self.options.kernel)) for s in shape)
+        return shape, kernel, dilation
+
+    def mix(self, x: Tensor, grid: Grid | None) -> Tensor:
+        b, n, c = x.shape
+        shape, kernel, dilation = self.layout(grid, n)
+        qkv = self.qkv(x).view(b, *shape, 3, self.num_heads, self.head_dim)
+        q, k, v = qkv.unbind(-3)  # each (B, *shape, H, d): natten's heads-last layout
+        if not shape:
+            out = v  # a single token attends to itself alone
+        elif q.requires_grad and q.device.type == "cpu":
+            out = self.masked_attention(q, k, v, kernel, dilation)
+        else:
+            out = self.natten_attention(q, k, v, kernel, dilation)
+        return self.proj(out.reshape(b, n, c))
+
+    def natten_attention(self, q: Tensor, k: Tensor, v: Tensor,
+                         kernel: tuple[int, ...], dilation: tuple[int, ...]) -> Tensor:
+        """natten.na1d / na2d on (B, *shape, H, d); float64 goes through float32."""
+        dtype = q.dtype
+        work = torch.float32 if dtype == torch.float64 else dtype
+        q, k, v = q.to(work), k.to(work), v.to(work)
+        na = natten.na1d if len(kernel) == 1 else natten.na2d
+        with warnings.catch_warnings():  # the unfused-Flex warning: backend() records that instead
+            warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
+            warnings.filterwarnings("ignore", message="return_lse is deprecated")
+            try:
+                out = na(q, k, v, kernel_size=kernel, dilation=dilation)
+            except NotImplementedError as exc:  # natten only says "no suitable backend"
+                can_run_flex_attention(q, k, v, torch_compile=False, raise_error=True)  # raises the why
+                raise ValueError(f"{self.name}: natten cannot run this input: {exc}") from exc
+        return out.to(dtype)
+
+    @staticmethod
+    def masked_attention(q: Tensor, k: Tensor, v: Tensor,
+                         kernel: tuple[int, ...], dilation: tuple[int, ...]) -> Tensor:
+        """The same neighbourhoods as dense masked SDPA, for autograd on the CPU."""
+        b, *shape, h, d = q.shape
+        axes = zip(shape, kernel, dilation, strict=True)
+        masks = [neighbourhood_mask(size, kk, dd, q.device) for size, kk, dd in axes]  # (size, size) each
+        mask = masks[0] if len(masks) == 1 else (masks[0][:, None, :, None] & masks[1][None, :, None, :])
+        mask = mask.reshape(math.prod(shape), math.prod(shape))  # (N, N)
+        q, k, v = (t.reshape(b, -1, h, d).transpose(1, 2) for t in (q, k, v))  # (B, H, N, d)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return out.transpose(1, 2)  # (B, N, H, d)
+
+    def flops(self, batch: int, n: int, grid: Grid | None = None) -> Flops:
+        window = batch * n * math.prod(self.layout(grid, n)[1])  # per head: query-neighbour pairs
+        return Flops(matmul=projection_flops(batch, n, self.dim, 4) + 4 * window * self.dim,
+                     elementwise=5 * self.num_heads * window)

@@ -1,0 +1,147 @@
+"""Shifted-window attention (Swin Transformer, Liu et al., 2021): softmax attention inside
+non-overlapping w×w windows, plus a learned relative position bias.
+
+Design choices, each a line:
+
+* ``shift`` says whether this layer uses the shifted partition, windows displaced by ⌊w/2⌋, done
+  as in the paper by a cyclic ``torch.roll`` and a mask that keeps wrapped-around regions
+  apart. Swin alternates ``shift=False`` / ``shift=True`` between consecutive blocks; a model
+  built from this mechanism should do the same.
+* Small inputs, as in Swin: along an axis no longer than the window, the window is clamped to
+  the axis and that axis is not shifted (one window covers it).
+* Padding: a grid the window does not divide is padded at the bottom and right. Unlike Swin,
+  which pads with zeros and lets tokens attend to them, padding tokens are masked out of
+  attention here, so no output depends on how much padding there is.
+* Sequences (``grid=None``) are a 1×N grid: 1-D windows of ``window`` tokens, biased by the
+  2w−1 entries of the table's centre row (relative row offset 0).
+* Bias between tokens at (r₁, c₁) and (r₂, c₂) of one window, per head:
+  ``bias_table[(r₁ − r₂ + w − 1)·(2w − 1) + (c₁ − c₂ + w − 1)]``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from attnbench.mechanism import Flops, Grid, Mechanism, projection_flops, require
+from attnbench.registry import register_mechanism
+
+
+@dataclasses.dataclass(frozen=True)
+class SwinOptions:
+    window: int = 7  # window side w: w×w windows on grids, w tokens on sequences
+    shift: bool = False  # this layer uses the shifted partition (by w // 2), as Swin's odd blocks do
+    qkv_bias: bool = True  # bias on the query/key/value projection
+
+    def __post_init__(self) -> None:
+        require(isinstance(self.window, int) and not isinstance(self.window, bool) and self.window >= 1,
+                f"swin.window must be an int >= 1, got {self.window!r}")
+        require(isinstance(self.shift, bool), f"swin.shift must be True or False, got {self.shift!r}")
+        require(isinstance(self.qkv_bias, bool),
+                f"swin.qkv_bias must be True or False, got {self.qkv_bias!r}")
+
+
+def partition(x: Tensor, wh: int, ww: int) -> Tensor:
+    """(B, Hp, Wp, C) -> (B·nW, wh·ww, C): the non-overlapping windows, each row-major."""
+    b, hp, wp, c = x.shape
+    x = x.view(b, hp // wh, wh, wp // ww, ww, c).permute(0, 1, 3, 2, 4, 5)
+    return x.reshape(-1, wh * ww, c)
+
+
+def unpartition(windows: Tensor, b: int, hp: int, wp: int, wh: int, ww: int) -> Tensor:
+    """(B·nW, wh·ww, C) -> (B, Hp, Wp, C): the inverse of ``partition``."""
+    x = windows.view(b, hp // wh, wp // ww, wh, ww, -1).permute(0, 1, 3, 2, 4, 5)
+    return x.reshape(b, hp, wp, -1)
+
+
+def axis_regions(size: int, padded: int, window: int, shift: int, device: torch.device) -> Tensor:
+    """Per position of one rolled, padded axis: Swin's region label (0, 1, 2), or -1 for padding.
+
+    After rolling by -shift, the last window holds tokens from both ends of the axis; the
+    labels tell them apart (region 2 is the part that wrapped around).
+    """
+    labels = torch.zeros(padded, dtype=torch.long, device=device)
+    if shift:
+        labels[padded - window:padded - shift] = 1
+        labels[padded - shift:] = 2
+    source = (torch.arange(padded, device=device) + shift) % padded  # where each position was before the roll
+    return labels.masked_fill(source >= size, -1)
+
+
+@register_mechanism
+class SwinAttention(Mechanism):
+    name = "swin"
+    summary = "window attention with optional shifted windows and relative position bias (Swin)"
+    Options = SwinOptions
+    complexity = "local"
+    flops_formula = ("8·B·N·C² (projections) + 4·B·Np·T·C (QKᵀ, AV in windows of T = w² tokens, "
+                     "Np = tokens after padding); elementwise 5·B·H·Np·T")
+
+    def __init__(self, dim: int, num_heads: int, options: SwinOptions | None = None) -> None:
+        super().__init__(dim, num_heads, options)
+        self.qkv = nn.Linear(dim, 3 * dim, bias=self.options.qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+        w = self.options.window
+        self.bias_table = nn.Parameter(torch.empty((2 * w - 1) ** 2, num_heads))  # ((2w-1)², heads)
+        nn.init.trunc_normal_(self.bias_table, std=0.02)
+
+    def layout(self, grid: Grid | None, n: int) -> tuple[Grid, Grid, Grid, Grid]:
+        """Grid (H, W), padded grid (Hp, Wp), window (wh, ww) and shift (sh, sw), clamped as in Swin."""
+        h, w = grid if grid is not None else (1, n)
+        win, shifted = self.options.window, self.options.shift
+        wh, ww = min(win, h), min(win, w)
+        sh = win // 2 if shifted and h > win else 0
+        sw = win // 2 if shifted and w > win else 0
+        return (h, w), (h + -h % wh, w + -w % ww), (wh, ww), (sh, sw)
+
+    def relative_bias(self, wh: int, ww: int) -> Tensor:
+        """The learned bias between every pair of tokens in a wh×ww window: (heads, T, T)."""
+        span, device = 2 * self.options.window - 1, self.bias_table.device
+        rows, cols = torch.meshgrid(torch.arange(wh, device=device), torch.arange(ww, device=device),
+                                    indexing="ij")
+        coords = torch.stack([rows.flatten(), cols.flatten()])  # (2, T)
+        rel = coords[:, :, None] - coords[:, None, :] + self.options.window - 1  # (2, T, T), >= 0
+        return self.bias_table[rel[0] * span + rel[1]].permute(2, 0, 1)
+
+    @staticmethod
+    def allowed(grid: Grid, padded: Grid, window: Grid, shift: Grid, device: torch.device) -> Tensor:
+        """(nW, T, T) bool: query may attend key iff same region of its window and key not padding."""
+        rows = axis_regions(grid[0], padded[0], window[0], shift[0], device)
+        cols = axis_regions(grid[1], padded[1], window[1], shift[1], device)
+        region = (rows[:, None] * 3 + cols[None, :])[None, :, :, None]  # (1, Hp, Wp, 1)
+        real = ((rows[:, None] >= 0) & (cols[None, :] >= 0))[None, :, :, None]
+        region = partition(region, *window).squeeze(-1)  # (nW, T)
+        real = partition(real, *window).squeeze(-1)
+        return (region[:, :, None] == region[:, None, :]) & real[:, None, :]
+
+    def mix(self, x: Tensor, grid: Grid | None) -> Tensor:
+        b, n, c = x.shape
+        (h, w), (hp, wp), (wh, ww), (sh, sw) = self.layout(grid, n)
+        t = wh * ww  # tokens per window
+        qkv = F.pad(self.qkv(x).view(b, h, w, 3 * c), (0, 0, 0, wp - w, 0, hp - h))  # (B, Hp, Wp, 3C)
+        if sh or sw:
+            qkv = torch.roll(qkv, shifts=(-sh, -sw), dims=(1, 2))
+        qkv = partition(qkv, wh, ww).view(-1, t, 3, self.num_heads, self.head_dim)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each (B·nW, heads, T, d)
+
+        scores = (q * self.head_dim**-0.5) @ k.transpose(-2, -1) + self.relative_bias(wh, ww)
+        if sh or sw or (hp, wp) != (h, w):
+            allowed = self.allowed((h, w), (hp, wp), (wh, ww), (sh, sw), x.device)
+            # Fully masked rows (padding queries) become uniform, not NaN; they are cropped below.
+            scores = scores.view(b, -1, self.num_heads, t, t).masked_fill(
+                ~allowed[:, None], torch.finfo(scores.dtype).min).view(-1, self.num_heads, t, t)
+        out = (torch.softmax(scores, dim=-1) @ v).transpose(1, 2).reshape(-1, t, c)  # (B·nW, T, C)
+
+        out = unpartition(out, b, hp, wp, wh, ww)
+        if sh or sw:
+            out = torch.roll(out, shifts=(sh, sw), dims=(1, 2))
+        return self.proj(out[:, :h, :w].reshape(b, n, c))
+
+    def flops(self, batch: int, n: int, grid: Grid | None = None) -> Flops:
+        _, (hp, wp), (wh, ww), _ = self.layout(grid, n)
+        window_scores = batch * hp * wp * wh * ww  # per head: every token scores every token of its window
+        return Flops(matmul=projection_flops(batch, n, self.dim, 4) + 4 * window_scores * self.dim,
+                     elementwise=5 * self.num_heads * window_scores)
