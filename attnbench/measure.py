@@ -49,9 +49,12 @@ def make_step(module: torch.nn.Module, x: torch.Tensor, grid: tuple[int, int] | 
 
 
 def time_step(step: Callable[[], None], threads: int, min_run_time: float, min_runs: int = 5) -> Timing:
-    """Median and IQR of ``step`` in milliseconds, from at least ``min_runs`` timed runs."""
+    """Median and IQR of ``step`` in milliseconds, from at least ``min_runs`` timed runs
+    (3 for steps slower than a second, so that big configurations fit their budget)."""
     timer = benchmark.Timer(stmt="step()", globals={"step": step}, num_threads=threads)
     first = timer.timeit(1).median  # warm-up, and a first idea of the cost
+    if first > 1.0:
+        min_runs = min(min_runs, 3)
     budget = max(min_run_time, min_runs * first)
     measurement = timer.blocked_autorange(min_run_time=budget)
     times = [t * 1e3 for t in measurement.times]
@@ -77,13 +80,15 @@ def reset_cpu_peak() -> bool:
         return False
 
 
-def cpu_peak_mib(step: Callable[[], None]) -> float:
+def cpu_peak_mib(step: Callable[[], None], warm: bool = False) -> float:
     """Peak resident memory of one ``step`` above the resident memory before it, in MiB.
 
     Run in a fresh process with glibc's mmap threshold fixed (the worker does both), so that
-    freed buffers return to the system and the resident set tracks live tensors.
+    freed buffers return to the system and the resident set tracks live tensors. ``warm``:
+    the step already ran here (lazy initialisation is not the mechanism's memory).
     """
-    step()  # warm-up: lazy initialisation is not the mechanism's memory
+    if not warm:
+        step()
     gc.collect()
     if not reset_cpu_peak():
         raise RuntimeError("cannot reset the resident high-water mark (/proc/self/clear_refs)")
@@ -92,9 +97,10 @@ def cpu_peak_mib(step: Callable[[], None]) -> float:
     return max(0, _proc_status_kib("VmHWM") - before) * 1024 / MIB
 
 
-def cuda_peak_mib(step: Callable[[], None], device: torch.device) -> float:
+def cuda_peak_mib(step: Callable[[], None], device: torch.device, warm: bool = False) -> float:
     """Peak CUDA memory allocated by one ``step`` over what was allocated before it, in MiB."""
-    step()
+    if not warm:
+        step()
     torch.cuda.synchronize(device)
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats(device)

@@ -68,11 +68,12 @@ def measure(config: dict[str, Any]) -> dict[str, Any]:
     if device.type == "cpu" and config.get("memory_limit_mib"):
         cap_address_space(config["memory_limit_mib"])
     try:
-        if device.type == "cuda":
-            result["peak_mem_mib"] = cuda_peak_mib(step, device)
-        else:
-            result["peak_mem_mib"] = cpu_peak_mib(step)
+        # timing first (its warm-up also warms the memory pass), then one step for memory alone
         timing = time_step(step, config["threads"], config["min_run_time"])
+        if device.type == "cuda":
+            result["peak_mem_mib"] = cuda_peak_mib(step, device, warm=True)
+        else:
+            result["peak_mem_mib"] = cpu_peak_mib(step, warm=True)
     except Exception as exc:  # an OOM is a result; anything else is an error with its message
         status = "oom" if is_out_of_memory(exc) else "error"
         return {**result, "status": status, "message": f"{type(exc).__name__}: {exc}"[:500]}
