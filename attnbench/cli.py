@@ -26,7 +26,7 @@ from attnbench.sweep import (
     parse_seq,
     run_sweep,
 )
-from attnbench.tasks import UnknownTaskError, get_task, task_names
+from attnbench.tasks import TaskError, UnknownTaskError, get_task, task_names
 
 
 class UsageError(Exception):
@@ -54,7 +54,19 @@ def _add_opt_argument(parser: argparse.ArgumentParser) -> None:
                              "`attnbench list --mechanism NAME` shows a mechanism's options")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def requested_task(argv: Sequence[str]) -> str | None:
+    """The registered task named by ``run … --task NAME``, so that its own options can be added."""
+    if not argv or argv[0] != "run":
+        return None
+    for i, item in enumerate(argv):
+        name = argv[i + 1] if item == "--task" and i + 1 < len(argv) else item.partition("--task=")[2]
+        if name:
+            return name if name in task_names() else None
+    return None
+
+
+def build_parser(task: str | None = None) -> argparse.ArgumentParser:
+    """The command line; ``task`` adds that task's options to ``run``."""
     parser = argparse.ArgumentParser(
         prog="attnbench",
         description="Benchmark attention mechanisms: correctness, time, memory and task "
@@ -70,11 +82,27 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="train and evaluate one mechanism on one task",
                        description="Train and evaluate a model whose attention is MECHANISM on "
-                                   "TASK, and append the result to results/.")
+                                   "TASK, and append the result to results/.",
+                       epilog=None if task else "Each task has options of its own: "
+                                                "`attnbench run --task NAME --help` lists them.")
     p.add_argument("--mechanism", required=True, help="registered mechanism name (see `list`)")
     p.add_argument("--task", required=True, help="task name (see `list`)")
     _add_opt_argument(p)
+    if task is not None:
+        get_task(task).add_arguments(p)
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("models", help="backbone sizes: parameters and FLOPs per mechanism, measured",
+                       description="Build every SeTformer backbone size with every mechanism and print "
+                                   "its parameters and forward FLOPs on one image, counted by PyTorch's "
+                                   "FlopCounterMode (plus the mechanism's formula where the counter is "
+                                   "blind: natten, xformers).")
+    p.add_argument("--size", default="all", help="comma list of sizes, or all (default)")
+    p.add_argument("--mechanism", default="all", help="comma list of mechanisms, or all (default)")
+    p.add_argument("--img-size", type=int, default=224, help="image side in pixels (default 224)")
+    p.add_argument("--classes", type=int, default=1000, help="classes of the head (default 1000)")
+    p.add_argument("--csv", type=Path, default=None, help="also write the table to this CSV file")
+    p.set_defaults(func=cmd_models)
 
     p = sub.add_parser("scale", help="sweep sequence length: time, memory, FLOPs, fitted scaling",
                        description="Measure every mechanism's time and memory over a range of "
@@ -119,8 +147,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_scale)
 
     p = sub.add_parser("plot", help="draw the plots of a results folder",
-                       description="Recompute the fit table and redraw the plots of a run folder.")
-    p.add_argument("run_dir", type=Path, help="a results folder written by `scale`")
+                       description="Recompute the fit table and redraw the plots of a run folder of "
+                                   "`scale`; for task results tables in the folder (results/imagenet.csv), "
+                                   "draw accuracy against FLOPs and against parameters per mechanism.")
+    p.add_argument("run_dir", type=Path, help="a results folder written by `scale`, or results/ itself")
     p.add_argument("--fit-min-n", type=int, default=1024, help="fit exponents over n >= this")
     p.set_defaults(func=cmd_plot)
     return parser
@@ -182,13 +212,50 @@ def _print_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     registry.get_mechanism(args.mechanism)
-    parse_mechanism_options(args.opt)
+    args.mechanism_options = parse_mechanism_options(args.opt)
     task = get_task(args.task)
     reason = task.unavailable_reason()
     if reason:
         print(f"attnbench run: task {args.task!r} is {reason}; nothing was run.", file=sys.stderr)
         return 1
     return task().run(args)
+
+
+def _pick(text: str, valid: Sequence[str], what: str) -> list[str]:
+    """``all`` or a comma list, each checked against ``valid``."""
+    if text.strip() == "all":
+        return list(valid)
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    unknown = [n for n in names if n not in valid]
+    if unknown or not names:
+        raise UsageError(f"unknown {what} {', '.join(map(repr, unknown)) or repr(text)}; "
+                         f"valid choices: {', '.join(valid)}, all")
+    return names
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from tasks.backbone import SIZES, model_table  # the backbone lives with the tasks that train it
+
+    sizes = _pick(args.size, list(SIZES), "size")
+    mechanisms = _pick(args.mechanism, registry.mechanism_names(), "mechanism")
+    if args.img_size < 16 or args.classes < 1:
+        raise UsageError("--img-size must be >= 16 and --classes >= 1")
+    table = pd.DataFrame(model_table(sizes, mechanisms, args.img_size, args.classes))
+    print(f"SeTformer backbone sizes at {args.img_size}×{args.img_size}, {args.classes} classes: parameters "
+          "and forward FLOPs of one image (FlopCounterMode: matmuls and convolutions, 2 FLOPs per "
+          "multiply-add; GMACs = GFLOPs / 2, the unit papers print as 'FLOPs'; attention elementwise "
+          "from the mechanisms' formulas)")
+    fmt = lambda value, digits: "-" if pd.isna(value) else f"{value:.{digits}f}"
+    rows = [(r.size, r.mechanism, fmt(r.params / 1e6, 2), fmt(r.gflops, 2), fmt(r.gmacs, 2),
+             fmt(r.attn_elementwise_gflops, 3), r.note) for r in table.itertuples()]
+    header = ("size", "mechanism", "params (M)", "GFLOPs", "GMACs", "attn elementwise GFLOPs", "notes")
+    _print_table(header, rows)
+    print("Paper, for scale: SeTformer-Mini 16M parameters, Swin-T 28M (4.5 GMACs); NAT-Mini 20M.")
+    if args.csv is not None:
+        from attnbench.results import write_table
+
+        write_table(args.csv, table)
+    return 0
 
 
 def _available_mib() -> float | None:
@@ -244,20 +311,45 @@ def cmd_scale(args: argparse.Namespace) -> int:
     return 0
 
 
+TASK_TABLE_COLUMNS = {"task", "mechanism", "size", "dataset", "img_size", "top1", "gflops", "params"}
+
+
+def _task_tables(folder: Path) -> list[Path]:
+    """The task results tables in ``folder`` (``results/imagenet.csv`` and the like)."""
+    tables = []
+    for path in sorted(folder.glob("*.csv")):
+        try:
+            header = set(pd.read_csv(path, nrows=0).columns)
+        except (ValueError, OSError):
+            continue
+        if TASK_TABLE_COLUMNS <= header:
+            tables.append(path)
+    return tables
+
+
 def cmd_plot(args: argparse.Namespace) -> int:
-    if not (args.run_dir / "scale.csv").is_file():
-        raise UsageError(f"{args.run_dir}: no scale.csv there (expected a folder written by `scale`)")
-    finish(args.run_dir, args.fit_min_n)
+    from attnbench.plots import accuracy_plots
+
+    scale = (args.run_dir / "scale.csv").is_file()
+    tables = _task_tables(args.run_dir) if args.run_dir.is_dir() else []
+    if not scale and not tables:
+        raise UsageError(f"{args.run_dir}: no scale.csv there (expected a folder written by `scale`), nor a "
+                         "task results table such as results/imagenet.csv")
+    if scale:
+        finish(args.run_dir, args.fit_min_n)
+    for path in tables:
+        for written in accuracy_plots(pd.read_csv(path), args.run_dir, path.stem):
+            print(written)
     return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    parser = build_parser(requested_task(sys.argv[1:] if argv is None else argv))
     args = parser.parse_args(argv)
     torch.set_printoptions(precision=4)
     try:
         return args.func(args)
-    except (UsageError, UnknownMechanismError, UnknownTaskError, OptionError, SweepError) as exc:
+    except (UsageError, UnknownMechanismError, UnknownTaskError, OptionError, SweepError, TaskError) as exc:
         parser.exit(2, f"attnbench {args.command}: error: {exc}\n")
 
 

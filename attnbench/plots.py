@@ -121,3 +121,45 @@ def _ratio_bars(rows: pd.DataFrame, out: Path, mode: str, title: str) -> list[Pa
     fig.suptitle(f"At n = {n} (largest n all ran), {mode} — {title}", fontsize=10)
     fig.tight_layout()
     return _save(fig, out, f"ratios_{mode.replace('+', '_')}")
+
+
+_SIZE_MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*"]
+
+
+def accuracy_plots(table: pd.DataFrame, out: Path, title: str) -> list[Path]:
+    """Top-1 against forward GFLOPs and against parameters, one colour per mechanism, one marker
+    per model size, one figure per (task, data set, image size); several seeds: mean ± std."""
+    written: list[Path] = []
+    ok = table[table["status"] == "ok"] if "status" in table.columns else table
+    sizes = list(dict.fromkeys(ok["size"]))
+    for (task, dataset, img), rows in ok.groupby(["task", "dataset", "img_size"]):
+        stats = rows.groupby(["mechanism", "size"]).agg(
+            top1=("top1", "mean"), spread=("top1", "std"), runs=("top1", "size"),
+            gflops=("gflops", "median"), params=("params", "median")).reset_index()
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), sharey=True)
+        for ax, column, label in ((axes[0], "gflops", f"forward GFLOPs per image at {img}² (2 per MAC)"),
+                                  (axes[1], "params", "parameters (millions)")):
+            for _, r in stats.iterrows():
+                x = r[column] / (1e6 if column == "params" else 1)
+                marker = _SIZE_MARKERS[sizes.index(r["size"]) % len(_SIZE_MARKERS)]
+                ax.errorbar(x, r["top1"], yerr=r["spread"] if r["runs"] > 1 else None, fmt=marker,
+                            color=colour(r["mechanism"]), ms=9 if r["mechanism"] == "set" else 7, capsize=3)
+                ax.annotate(f" {r['mechanism']}", (x, r["top1"]), fontsize=8, va="center")
+            ax.set_xscale("log")
+            plain = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:.3g}")  # 0.0236, not 2.36×10⁻²
+            ax.xaxis.set_major_formatter(plain)
+            ax.xaxis.set_minor_formatter(plain)
+            ax.set_xlabel(label)
+            ax.grid(True, which="both", alpha=0.3)
+        axes[0].set_ylabel("top-1 accuracy (%)")
+        handles = [plt.Line2D([], [], ls="", marker="o", color=colour(m), label=m)
+                   for m in sorted(set(stats["mechanism"]))]
+        handles += [plt.Line2D([], [], ls="", marker=_SIZE_MARKERS[sizes.index(s) % len(_SIZE_MARKERS)],
+                               color="0.4", label=f"size {s}") for s in dict.fromkeys(stats["size"])]
+        axes[1].legend(handles=handles, fontsize=8, loc="best")
+        fig.suptitle(f"{task} on {dataset} at {img}²: accuracy against cost (mean ± std over seeds) "
+                     f"— {title}", fontsize=10)
+        fig.tight_layout()
+        stem = f"accuracy_{task}_{dataset}_{img}".replace(":", "-").replace("/", "-")
+        written += _save(fig, out, stem)
+    return written

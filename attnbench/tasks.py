@@ -20,6 +20,11 @@ class UnknownTaskError(KeyError):
         return str(self.args[0])
 
 
+class TaskError(ValueError):
+    """A task request that cannot be run as asked (a bad data folder, size or combination);
+    the CLI prints it as one line and exits with status 2."""
+
+
 class Task:
     """A task harness: its data, model head, metric and training loop."""
 

@@ -5,9 +5,9 @@ Tasks from the design card that are not built yet are registered as such, so tha
 """
 
 from attnbench.tasks import Task, register_task
+from tasks import imagenet  # noqa: F401  (registers the task)
 
 _PLANNED = {
-    "imagenet": "ImageNet-1K classification on the SeTformer backbone",
     "coco": "COCO detection and instance segmentation (Mask R-CNN)",
     "ade20k": "ADE20K semantic segmentation",
     "glue": "GLUE text classification and regression",
