@@ -195,6 +195,8 @@ def run_sweep(cfg: SweepConfig, out: Path, resume: bool, argv: list[str], log=No
                                  f"for {getattr(cfg, key)!r}")
     meta = run_context(cfg.device, cfg.threads, argv)
     meta["sweep"] = dataclasses.asdict(cfg)
+    earlier = json.loads(meta_path.read_text()).get("commands", []) if resume and meta_path.exists() else []
+    meta["commands"] = [*earlier, meta["command"]]  # a resumed run keeps how it was started
     out.mkdir(parents=True, exist_ok=True)
     write_meta(meta_path, meta)
     done = read_table(csv, COLUMNS)
