@@ -159,18 +159,19 @@ def build_parser(task: str | None = None) -> argparse.ArgumentParser:
 def cmd_list(args: argparse.Namespace) -> int:
     if args.mechanism:
         return _show_mechanism(args.mechanism, args.device)
-    rows = []
+    rows, backends = [], []
     for name in registry.mechanism_names():
         cls = registry.get_mechanism(name)
         reason = cls.unavailable_reason(args.device)
         rows.append((name, cls.complexity, "2-D" if cls.needs_grid else "any",
-                     "yes" if reason is None else "no",
-                     cls.backend(args.device) if reason is None else "-",
-                     reason or cls.summary))
+                     "yes" if reason is None else "no", reason or cls.summary))
+        backends.append((name, cls.backend(args.device) if reason is None else "-"))
     for name, why in registry.broken_plugins().items():
-        rows.append((name, "?", "?", "no", "-", f"plug-in failed to load: {why}"))
+        rows.append((name, "?", "?", "no", f"plug-in failed to load: {why}"))
     print(f"Mechanisms (device: {args.device})")
-    _print_table(("name", "complexity", "tokens", "available", "backend", "notes"), rows)
+    _print_table(("name", "complexity", "tokens", "available", "notes"), rows)
+    print(f"\nBackends that run on {args.device}")
+    _print_table(("name", "backend"), backends)
     print()
     task_rows = []
     for name in task_names():

@@ -126,6 +126,29 @@ def _logsumexp_into(logits: Tensor, potential: Tensor, dim: int, buf: Tensor) ->
     return buf.sum(dim).log_().add_(top.squeeze(dim))
 
 
+class _Shifted:
+    """Logits with their maximum along ``dim`` taken out once, for fast logsumexps.
+
+    logsumexp_dim(G + p) = shift + max(p) + log Σ exp((G − shift) + (p − max(p))): every
+    exponent is <= 0 without a max pass per iteration. Should the sum underflow (potentials
+    pushing a row far below the shift), that call is recomputed with its own exact max.
+    """
+
+    def __init__(self, logits: Tensor, dim: int) -> None:
+        self.logits, self.dim = logits, dim
+        self.shift = logits.amax(dim, keepdim=True)
+        self.shifted = logits - self.shift
+
+    def logsumexp(self, potential: Tensor, buf: Tensor) -> Tensor:
+        """logsumexp over ``dim`` of logits + potential (broadcast along the other dim)."""
+        top = potential.amax(-1, keepdim=True)  # (…, 1)
+        torch.add(self.shifted, (potential - top).unsqueeze(-1 if self.dim == -2 else -2), out=buf)
+        total = buf.exp_().sum(self.dim)
+        if bool((total < 1e-30).any()):
+            return _logsumexp_into(self.logits, potential, self.dim, buf)
+        return total.log_().add_(self.shift.squeeze(self.dim)).add_(top)
+
+
 def _sinkhorn_loop(logits: Tensor, iters: int, tol: float,
                    differentiable: bool = False) -> tuple[list[Tensor], list[Tensor]]:
     """Log-domain Sinkhorn on logits (…, n, m): potentials f (rows, 1/n) and g (columns, 1/m).
@@ -136,7 +159,10 @@ def _sinkhorn_loop(logits: Tensor, iters: int, tol: float,
     """
     n, m = logits.shape[-2:]
     log_a, log_b = -math.log(n), -math.log(m)
-    buf = None if differentiable else torch.empty_like(logits)
+    if not differentiable:
+        buf = torch.empty_like(logits)
+        by_row = _Shifted(logits, -1)  # for the f updates (logsumexp over columns j)
+        by_col = _Shifted(logits, -2)  # for the g updates (logsumexp over rows i)
     fs = [logits.new_zeros(logits.shape[:-1])]
     gs: list[Tensor] = []
     for _ in range(iters):
@@ -144,8 +170,8 @@ def _sinkhorn_loop(logits: Tensor, iters: int, tol: float,
             g = log_b - torch.logsumexp(logits + fs[-1].unsqueeze(-1), dim=-2)
             f = log_a - torch.logsumexp(logits + g.unsqueeze(-2), dim=-1)
         else:
-            g = log_b - _logsumexp_into(logits, fs[-1], -2, buf)
-            f = log_a - _logsumexp_into(logits, g, -1, buf)
+            g = log_b - by_col.logsumexp(fs[-1], buf)
+            f = log_a - by_row.logsumexp(g, buf)
         # column sums of the previous plan are b·exp(g_prev − g): stop once they are b
         done = tol > 0 and len(gs) > 0 and bool(torch.expm1(gs[-1] - g).abs().max() < tol)
         gs.append(g)
