@@ -283,7 +283,7 @@ def cmd_scale(args: argparse.Namespace) -> int:
     if limit is not None and limit <= 0:
         raise UsageError(f"--memory-limit must be > 0 MiB, got {limit:g}")
     cfg = SweepConfig(
-        mechanisms=parse_mechanisms(args.mechanism, device), seq=parse_seq(args.seq),
+        mechanisms=parse_mechanisms(args.mechanism), seq=parse_seq(args.seq),
         modes=["fwd", "fwd+bwd"] if args.mode == "both" else [args.mode], batch=args.batch,
         heads=args.heads, head_dim=args.head_dim, dtype=args.dtype, device=device,
         threads=args.threads or torch.get_num_threads(), layout=args.layout,
@@ -295,7 +295,6 @@ def cmd_scale(args: argparse.Namespace) -> int:
     if args.resume and args.out is None:
         raise UsageError("--resume needs --out pointing at the run to finish")
     out = args.out or default_out_dir(Path("results"))
-    cfg.validate()
     print(f"attnbench scale: {len(cfg.mechanisms)} mechanisms x {len(cfg.seq)} lengths x "
           f"{len(cfg.modes)} modes on {device} ({cfg.threads} threads) -> {out}", file=sys.stderr)
     run_sweep(cfg, out, args.resume, ["attnbench", *sys.argv[1:]])

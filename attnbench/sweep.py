@@ -72,7 +72,7 @@ def parse_seq(text: str) -> list[int]:
     return values
 
 
-def parse_mechanisms(text: str, device: str) -> list[str]:
+def parse_mechanisms(text: str) -> list[str]:
     """``all`` = every registered mechanism (unavailable ones are recorded as such)."""
     names = registry.mechanism_names()
     if text.strip() == "all":

@@ -271,23 +271,36 @@ class SeTAttention(Mechanism):
         self.init_record: dict[str, Any] = {"method": "random"}
 
     # -- pieces, each (B, H, n, ·) ------------------------------------------------------
-    def embed(self, u: Tensor) -> Tensor:
+    def whitening(self, dtype: torch.dtype) -> Tensor:
+        """κ(Z, Z)^(-1/2) (H, k, k) of the unit-norm anchors: once per forward pass."""
+        alpha = 1.0 / self.options.kernel_sigma**2
+        z = F.normalize(self.anchors.to(dtype), dim=-1)  # (H, k, d)
+        return _InverseSqrtPSD.apply(gaussian_sphere_kernel(z, z, alpha), 1e-2)
+
+    def embed(self, u: Tensor, whitening: Tensor | None = None) -> Tensor:
         """Nyström features ψ(u): (B, H, n, d) -> (B, H, n, k)."""
         alpha = 1.0 / self.options.kernel_sigma**2
         z = F.normalize(self.anchors.to(u.dtype), dim=-1)  # (H, k, d)
-        lintrans = _InverseSqrtPSD.apply(gaussian_sphere_kernel(z, z, alpha), 1e-2)  # (H, k, k)
-        return gaussian_sphere_kernel(F.normalize(u, dim=-1), z, alpha) @ lintrans
+        whitening = self.whitening(u.dtype) if whitening is None else whitening
+        return gaussian_sphere_kernel(F.normalize(u, dim=-1), z, alpha) @ whitening
 
-    def log_plan(self, features: Tensor, grid: Grid | None) -> Tensor:
-        """log T (B, H, n, m) from alignment features (B, H, n, d)."""
+    def log_plans(self, features: list[Tensor], grid: Grid | None) -> list[Tensor]:
+        """log T (B, H, n, m) for each set of alignment features (B, H, n, d); the anchor
+        whitening and the positional prior are shared by all of them."""
         o: SeTOptions = self.options
-        scores = self.embed(features) @ self.references.to(features.dtype).transpose(-2, -1)
-        logits = scores / o.eps
-        prior = self._prior_grid(grid)
-        if prior != "none":
-            n = features.shape[-2]
-            logits = logits + positional_log_prior(n, o.m, o.tau, prior, logits)
-        return sinkhorn_log_plan(logits, o.iters, o.tol, recompute=o.backward == "recompute")
+        dtype, n = features[0].dtype, features[0].shape[-2]
+        whitening = self.whitening(dtype)
+        refs = self.references.to(dtype).transpose(-2, -1)  # (H, k, m)
+        prior_grid = self._prior_grid(grid)
+        prior = None if prior_grid == "none" else positional_log_prior(n, o.m, o.tau, prior_grid,
+                                                                       features[0])
+        plans = []
+        for feat in features:
+            logits = self.embed(feat, whitening) @ refs / o.eps
+            if prior is not None:
+                logits = logits + prior
+            plans.append(sinkhorn_log_plan(logits, o.iters, o.tol, recompute=o.backward == "recompute"))
+        return plans
 
     def _prior_grid(self, grid: Grid | None) -> Grid | None | Literal["none"]:
         """Which prior applies: 'none', None (1-D) or the grid (2-D)."""
@@ -314,10 +327,12 @@ class SeTAttention(Mechanism):
         n, m = x.shape[1], self.options.m
         # the transport runs in float32 even under fp16/bf16 autocast: exp/log need the range
         with torch.autocast(x.device.type, enabled=False):
-            plan = self.log_plan(heads[0], grid).exp()  # (B, H, n, m)
+            asym = self.options.readout == "asymmetric"
+            log_plans = self.log_plans([heads[0], heads[2]] if asym else [heads[0]], grid)
+            plan = log_plans[0].exp()  # (B, H, n, m)
             refs = m * plan.transpose(-2, -1) @ heads[1]  # (B, H, m, d)
-            if self.options.readout == "asymmetric":
-                plan = self.log_plan(heads[2], grid).exp()
+            if asym:
+                plan = log_plans[1].exp()
             out = n * plan @ refs  # (B, H, n, d)
         return self.proj(merge_heads(out).to(x.dtype))
 
@@ -325,7 +340,7 @@ class SeTAttention(Mechanism):
     @torch.no_grad()
     def transport_plan(self, x: Tensor, grid: Grid | None = None) -> Tensor:
         """The plan T (B, H, n, m) that aggregates tokens onto references."""
-        return self.log_plan(self._heads(x)[0], grid).exp()
+        return self.log_plans([self._heads(x)[0]], grid)[0].exp()
 
     @torch.no_grad()
     def attention_matrix(self, x: Tensor, grid: Grid | None = None, max_tokens: int = 4096) -> Tensor:
@@ -342,11 +357,12 @@ class SeTAttention(Mechanism):
         o: SeTOptions = self.options
         h, d, k, m = self.num_heads, self.head_dim, o.anchors, o.m
         plans = 2 if o.readout == "asymmetric" else 1
-        per_plan = 2 * batch * h * n * (k * d + k * k + k * m) + 2 * h * (k * k * d + k**3)
+        per_plan = 2 * batch * h * n * (k * d + k * k + k * m)
+        whitening = 2 * h * (k * k * d + k**3)  # κ(Z, Z) and its inverse square root, once
         transport = 2 * 2 * batch * h * n * m * d  # Tᵀ V and T R
         proj = projection_flops(batch, n, self.dim, (3 if plans == 2 else 2) + 1)
         sinkhorn = 10 * o.iters * batch * h * n * m * plans
-        return Flops(matmul=proj + plans * per_plan + transport,
+        return Flops(matmul=proj + whitening + plans * per_plan + transport,
                      elementwise=sinkhorn + batch * h * n * k * plans)
 
     # -- data-driven initialisation ----------------------------------------------------------

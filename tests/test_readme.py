@@ -23,3 +23,30 @@ def test_readme_has_the_two_setup_commands():
 def test_ci_runs_the_readme_test_command():
     ci = (ROOT / ".ci" / "run").read_text().splitlines()
     assert readme_commands()[1] in ci
+
+
+def test_the_readme_mechanism_example_runs_and_conforms():
+    import torch
+
+    from attnbench import build_mechanism, registry
+
+    text = (ROOT / "README.md").read_text()
+    section = text.split("## Adding a mechanism", 1)[1]
+    code = re.search(r"```python\n(.+?)\n```", section, re.S).group(1)
+    import sys
+    import types
+
+    module = types.ModuleType("readme_example")  # dataclasses need the module to be importable
+    sys.modules[module.__name__] = module
+    try:
+        exec(compile(code, "README.md", "exec"), module.__dict__)
+        m = build_mechanism("mean", 16, 2, gain="2.0")
+        x = torch.randn(3, 5, 16, requires_grad=True)
+        y = m(x)
+        assert y.shape == x.shape
+        y.sum().backward()
+        assert all(p.grad is not None for p in m.parameters())
+        assert m.flops(3, 5).matmul == 2 * 3 * 16 * 16
+    finally:
+        registry._REGISTRY.pop("mean", None)
+        sys.modules.pop(module.__name__, None)
