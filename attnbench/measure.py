@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import math
 import statistics
 from collections.abc import Callable
 from pathlib import Path
@@ -64,11 +65,15 @@ def time_step(step: Callable[[], None], threads: int, min_run_time: float, min_r
     return Timing(statistics.median(times), quartiles[2] - quartiles[0], len(times))
 
 
-def _proc_status_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"/proc/self/status has no {field}")
+def proc_status_mib(field: str) -> float:
+    """A memory field of /proc/self/status (VmRSS, VmHWM, …) in MiB; NaN where there is none."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024 / MIB
+    except OSError:
+        pass
+    return math.nan
 
 
 def reset_cpu_peak() -> bool:
@@ -92,9 +97,9 @@ def cpu_peak_mib(step: Callable[[], None], warm: bool = False) -> float:
     gc.collect()
     if not reset_cpu_peak():
         raise RuntimeError("cannot reset the resident high-water mark (/proc/self/clear_refs)")
-    before = _proc_status_kib("VmRSS")
+    before = proc_status_mib("VmRSS")
     step()
-    return max(0, _proc_status_kib("VmHWM") - before) * 1024 / MIB
+    return max(0.0, proc_status_mib("VmHWM") - before)
 
 
 def cuda_peak_mib(step: Callable[[], None], device: torch.device, warm: bool = False) -> float:

@@ -34,10 +34,9 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm
 
-from attnbench.measure import reset_cpu_peak
+from attnbench.measure import MIB, proc_status_mib, reset_cpu_peak
 from attnbench.tasks import TaskError
 
-MIB = 2**20
 AMP_CHOICES = ("auto", "off", "bf16", "fp16")
 
 
@@ -197,25 +196,14 @@ def current_memory_mib(device: torch.device) -> float:
     """CUDA: tensor memory allocated now. CPU: the process's resident set now (VmRSS). MiB."""
     if device.type == "cuda":
         return torch.cuda.memory_allocated(device) / MIB
-    return _proc_status_mib("VmRSS")
+    return proc_status_mib("VmRSS")
 
 
 def peak_memory_mib(device: torch.device) -> float:
     """CUDA: peak allocated tensor memory. CPU: the process's peak resident set (VmHWM). MiB."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / MIB
-    return _proc_status_mib("VmHWM")
-
-
-def _proc_status_mib(field: str) -> float:
-    """A memory field of /proc/self/status (Linux) in MiB; NaN elsewhere."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024 / MIB
-    except OSError:
-        pass
-    return math.nan
+    return proc_status_mib("VmHWM")
 
 
 # ---- data ------------------------------------------------------------------------------------
