@@ -192,6 +192,9 @@ def _show_mechanism(name: str, device: str) -> int:
     print(f"{cls.name}: {cls.summary}")
     print(f"  complexity:  {cls.complexity}")
     print(f"  tokens:      {'2-D grid required' if cls.needs_grid else 'sequences or 2-D grids'}")
+    padding = ("native, inside the batched computation" if cls.masking == "native"
+               else "per length: each group of equally long sequences runs without its padding")
+    print(f"  padding:     {padding}")
     print(f"  devices:     {', '.join(cls.devices)}")
     print(f"  dtypes:      {', '.join(str(d).removeprefix('torch.') for d in cls.dtypes)}")
     print(f"  FLOPs (fwd): {cls.flops_formula}")

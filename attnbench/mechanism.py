@@ -3,6 +3,12 @@
 A mechanism maps tokens ``x: (B, N, C)`` to ``(B, N, C)``; ``grid=(H, W)`` is given for
 image tokens (``H * W == N``, row-major) and is ``None`` for sequences. Everything a user or
 the engine needs to know about it is declared once, as class attributes of its class.
+
+Padding: sequences of a batch may carry ``mask: (B, N)`` bool, True at real tokens. The output
+at a sequence's real tokens is then exactly the mechanism applied to those tokens alone, in
+order, as if the padding were not there (no value, gradient or position leaks from it), and
+the output at padding is zero. A mechanism honours the mask natively or, by default, runs each
+group of equally long sequences without their padding (``masking`` says which).
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from torch import Tensor, nn
 from attnbench.registry import OptionError, make_options
 
 Complexity = Literal["quadratic", "linear", "local"]
+Masking = Literal["native", "per-length"]
 Grid = tuple[int, int]
 
 
@@ -61,6 +68,9 @@ class Mechanism(nn.Module):
     flops_formula: ClassVar[str] = ""
     # True when every matmul runs through PyTorch ops that FlopCounterMode sees.
     flops_countable: ClassVar[bool] = True
+    # native: mix_padded masks inside the batched computation; per-length: the base class runs
+    # the real tokens of each group of equally long sequences through mix, without padding
+    masking: ClassVar[Masking] = "per-length"
 
     def __init__(self, dim: int, num_heads: int, options: Any = None) -> None:
         super().__init__()
@@ -96,8 +106,9 @@ class Mechanism(nn.Module):
         return "eager PyTorch"
 
     # ---- the contract -----------------------------------------------------------------------
-    def forward(self, x: Tensor, grid: Grid | None = None) -> Tensor:
-        """Mix tokens ``x: (B, N, C)``; ``grid=(H, W)`` for image tokens. Returns ``(B, N, C)``."""
+    def forward(self, x: Tensor, grid: Grid | None = None, mask: Tensor | None = None) -> Tensor:
+        """Mix tokens ``x: (B, N, C)``; ``grid=(H, W)`` for image tokens; ``mask: (B, N)`` bool,
+        True at real tokens, for padded sequences. Returns ``(B, N, C)``, zero at padding."""
         if x.dim() != 3 or x.shape[-1] != self.dim:
             raise ValueError(f"{self.name}: expected x of shape (B, N, C={self.dim}), "
                              f"got {tuple(x.shape)}")
@@ -108,10 +119,44 @@ class Mechanism(nn.Module):
             grid = (int(grid[0]), int(grid[1]))
         elif self.needs_grid:
             raise ValueError(f"{self.name}: needs a 2-D grid=(H, W) for its tokens; got grid=None")
-        return self.mix(x, grid)
+        if mask is None:
+            return self.mix(x, grid)
+        self._check_mask(x, grid, mask)
+        out = self.mix_padded(x, mask) if self.masking == "native" else self._mix_per_length(x, mask)
+        return out.masked_fill(~mask.unsqueeze(-1), 0)
+
+    def _check_mask(self, x: Tensor, grid: Grid | None, mask: Tensor) -> None:
+        if grid is not None:
+            raise ValueError(f"{self.name}: padding masks are for sequences (grid=None); got grid={grid}")
+        if mask.dtype != torch.bool or tuple(mask.shape) != tuple(x.shape[:2]):
+            raise ValueError(f"{self.name}: mask must be a bool tensor of shape (B, N)={tuple(x.shape[:2])}"
+                             f" (True at real tokens), got {mask.dtype} {tuple(mask.shape)}")
+        if mask.device != x.device:
+            raise ValueError(f"{self.name}: mask is on {mask.device}, x on {x.device}")
+        if not bool(mask.any(-1).all()):
+            raise ValueError(f"{self.name}: every sequence needs at least one real token (a mask row "
+                             "is all False)")
+
+    def _mix_per_length(self, x: Tensor, mask: Tensor) -> Tensor:
+        """``mix`` on the real tokens of each group of equally long sequences; zeros at padding."""
+        b, n, c = x.shape
+        lengths = mask.sum(-1)  # (B,)
+        flat = x.new_zeros(b * n, c)
+        for length in lengths.unique().tolist():
+            rows = (lengths == length).nonzero().squeeze(1)  # sequences with this many real tokens
+            keep = mask[rows]  # (R, N), `length` True per row
+            real = x[rows][keep].view(len(rows), length, c)  # (R, L, C), padding removed, order kept
+            where = (rows[:, None] * n + torch.arange(n, device=x.device))[keep]  # flat token indices
+            flat = flat.index_copy(0, where, self.mix(real, None).reshape(-1, c))
+        return flat.view(b, n, c)
 
     def mix(self, x: Tensor, grid: Grid | None) -> Tensor:
         """The mechanism itself, on validated input."""
+        raise NotImplementedError
+
+    def mix_padded(self, x: Tensor, mask: Tensor) -> Tensor:
+        """Native masking (``masking = "native"``): sequences ``x: (B, N, C)`` with ``mask: (B, N)``;
+        the output at real tokens must equal ``mix`` of those tokens alone."""
         raise NotImplementedError
 
     def flops(self, batch: int, n: int, grid: Grid | None = None) -> Flops:

@@ -44,9 +44,12 @@ class LinearAttention(SoftmaxAttention):
     flops_formula = ("8·B·N·C² (projections) + 4·B·N·C·d (φ(K)ᵀV, φ(Q)·KV; d = C/H); "
                      "elementwise ≈ 10·B·N·C (feature maps, key sum, normaliser, division)")
 
-    def attend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        """φ(q)(φ(k)ᵀv) / (φ(q)·Σφ(k) + eps) on (B, H, N, d) tensors, keys summed first."""
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Tensor:
+        """φ(q)(φ(k)ᵀv) / (φ(q)·Σφ(k) + eps) on (B, H, N, d) tensors, keys summed first;
+        padding keys (mask (B, N) False) get φ = 0, so they drop out of both sums."""
         phi_q, phi_k = feature_map(q), feature_map(k)  # (B, H, N, d)
+        if mask is not None:
+            phi_k = phi_k * mask[:, None, :, None]
         kv = phi_k.transpose(-2, -1) @ v  # (B, H, d, d): Σ_j φ(k_j) v_jᵀ
         norm = (phi_q * phi_k.sum(-2, keepdim=True)).sum(-1, keepdim=True)  # (B, H, N, 1)
         return (phi_q @ kv) / (norm + self.options.eps)

@@ -13,6 +13,9 @@ landmark a mean of real tokens; zero padding, as some ports do, can leave empty 
 When N <= m the approximation has nothing to save, and this computes exact softmax attention,
 as the authors' code does for N == m.
 
+Padding: landmarks are segment means of the real tokens, so padded sequences run through the
+base class per length of real tokens (``masking = "per-length"``), never with padding inside.
+
 ``conv_kernel`` > 0 adds the paper's depthwise convolution over the tokens of V as a residual;
 it is off by default so the mechanism is a pure approximation of ``softmax`` with the same
 parameters (weights load across, and parameter counts match). The paper used 33 (BERT) and 35 (LRA).
@@ -73,6 +76,7 @@ class NystromAttention(SoftmaxAttention):
     summary = "Nyström approximation of softmax with segment-mean landmarks (Xiong et al. 2021)"
     Options = NystromOptions
     complexity = "linear"
+    masking = "per-length"
     flops_formula = ("N > m: 8·B·N·C² (projections) + 8·B·N·m·C + 4·B·m²·C + 8·iters·B·H·m³ (pinv) "
                      "+ 2·B·N·C·k (conv, k = conv_kernel); N <= m: softmax's 4·B·N²·C instead of the "
                      "middle terms; elementwise ≈ 5·B·H·(2·N·m + m²) + 4·iters·B·H·m² + 2·B·N·C")

@@ -72,29 +72,41 @@ class PerformerAttention(SoftmaxAttention):
         self.projection = orthogonal_features(*self.projection.shape).to(self.projection)
         self.calls_since_redraw = 0
 
-    def feature_map(self, x: Tensor, is_query: bool) -> Tensor:
-        """φ(x) of (B, H, N, d) tokens: (B, H, N, r) positive random features."""
+    def feature_map(self, x: Tensor, is_query: bool, mask: Tensor | None = None) -> Tensor:
+        """φ(x) of (B, H, N, d) tokens: (B, H, N, r) positive random features. For keys with
+        padding (mask (B, N) False) the stabiliser is taken over real keys and φ(padding) = 0."""
         x = x * self.head_dim**-0.25
         exponent = x @ self.projection.T - x.square().sum(-1, keepdim=True) / 2  # (B, H, N, r)
-        # Stabiliser: per query row, or one constant over all keys of a (sample, head).
+        # Stabiliser: per query row, or one constant over all (real) keys of a (sample, head).
         dims = (-1,) if is_query else (-2, -1)
-        exponent = exponent - exponent.amax(dim=dims, keepdim=True).detach()
-        return (exponent.exp() + self.options.eps) * self.options.features**-0.5
+        real = None if mask is None else mask[:, None, :, None]
+        peak = exponent if real is None else exponent.masked_fill(~real, float("-inf"))
+        exponent = exponent - peak.amax(dim=dims, keepdim=True).detach()
+        phi = (exponent.exp() + self.options.eps) * self.options.features**-0.5
+        return phi if real is None else phi * real
 
-    def attend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Tensor:
         """D⁻¹ φ(q)(φ(k)ᵀv), D = diag(φ(q)·Σφ(k)), on (B, H, N, d) tensors."""
-        phi_q, phi_k = self.feature_map(q, True), self.feature_map(k, False)  # (B, H, N, r)
+        phi_q, phi_k = self.feature_map(q, True), self.feature_map(k, False, mask)  # (B, H, N, r)
         kv = phi_k.transpose(-2, -1) @ v  # (B, H, r, d)
         norm = (phi_q * phi_k.sum(-2, keepdim=True)).sum(-1, keepdim=True)  # (B, H, N, 1)
         return (phi_q @ kv) / norm
 
-    def mix(self, x: Tensor, grid: Grid | None) -> Tensor:
+    def count_call(self) -> None:
+        """One training forward pass: redraw Ω first when ``redraw_every`` passes have used it."""
         every = self.options.redraw_every
         if self.training and every:
             if self.calls_since_redraw >= every:
                 self.redraw()
             self.calls_since_redraw += 1
+
+    def mix(self, x: Tensor, grid: Grid | None) -> Tensor:
+        self.count_call()
         return super().mix(x, grid)
+
+    def mix_padded(self, x: Tensor, mask: Tensor) -> Tensor:
+        self.count_call()
+        return super().mix_padded(x, mask)
 
     def flops(self, batch: int, n: int, grid: Grid | None = None) -> Flops:
         r = self.options.features

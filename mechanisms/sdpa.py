@@ -21,8 +21,9 @@ class SDPAttention(SoftmaxAttention):
     name = "sdpa"
     summary = "softmax attention via F.scaled_dot_product_attention (fused kernels)"
 
-    def attend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        return F.scaled_dot_product_attention(q, k, v)
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Tensor:
+        keys = None if mask is None else mask[:, None, None, :]  # bool: True = may be attended
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=keys)
 
     @classmethod
     def backend(cls, device: str = "cpu", dtype: torch.dtype = torch.float32) -> str:

@@ -15,6 +15,10 @@ m learned references, linear in the number of tokens n. Per head, following
 The implied attention A = n m T Tᵀ (n × n) is non-negative and never built. Cost per head
 O(n·m·(k + d)·L); training memory stays O(n·m) because the Sinkhorn backward recomputes
 its iterations instead of storing them (``backward="recompute"``).
+
+Padded sequences (``mask``) are masked natively: n is each sequence's count of real tokens,
+padding rows get marginal 0 (potential f = −∞, so T is 0 there), and the 1-D prior places
+real tokens by their rank among real tokens, so padding changes nothing at real tokens.
 """
 
 from __future__ import annotations
@@ -149,21 +153,35 @@ class _Shifted:
         return total.log_().add_(self.shift.squeeze(self.dim)).add_(top)
 
 
-def _sinkhorn_loop(logits: Tensor, iters: int, tol: float,
-                   differentiable: bool = False) -> tuple[list[Tensor], list[Tensor]]:
+def _row_marginals(logits: Tensor, mask: Tensor | None) -> tuple[Tensor | float, Tensor]:
+    """log a and the starting potential f_0 for logits (B, H, n, m): rows 1/n and f_0 = 0, or
+    with padding (mask (B, n) False) rows 1/(real tokens) and a = 0, f_0 = −∞ at padding."""
+    n = logits.shape[-2]
+    if mask is None:
+        return -math.log(n), logits.new_zeros(logits.shape[:-1])
+    inf = torch.tensor(float("-inf"), dtype=logits.dtype, device=logits.device)
+    real = mask[:, None, :]  # (B, 1, n)
+    log_a = torch.where(real, -mask.sum(-1, keepdim=True).to(logits.dtype).log()[:, None], inf)
+    return log_a, torch.where(real, 0.0, inf).to(logits.dtype).expand(logits.shape[:-1])
+
+
+def _sinkhorn_loop(logits: Tensor, iters: int, tol: float, differentiable: bool = False,
+                   mask: Tensor | None = None) -> tuple[list[Tensor], list[Tensor]]:
     """Log-domain Sinkhorn on logits (…, n, m): potentials f (rows, 1/n) and g (columns, 1/m).
 
     Each iteration updates g then f, so the rows of T = exp(logits + f + g) are exact.
     Returns the histories [f_0 … f_L] and [g_1 … g_L] (f_0 = 0), which the backward needs.
     ``differentiable`` keeps every step on the autograd tape (``backward="unroll"``).
+    ``mask`` (B, n), False at padding: those rows get marginal 0 and f = −∞ throughout.
     """
-    n, m = logits.shape[-2:]
-    log_a, log_b = -math.log(n), -math.log(m)
+    m = logits.shape[-1]
+    log_a, f0 = _row_marginals(logits, mask)
+    log_b = -math.log(m)
     if not differentiable:
         buf = torch.empty_like(logits)
         by_row = _Shifted(logits, -1)  # for the f updates (logsumexp over columns j)
         by_col = _Shifted(logits, -2)  # for the g updates (logsumexp over rows i)
-    fs = [logits.new_zeros(logits.shape[:-1])]
+    fs = [f0]
     gs: list[Tensor] = []
     for _ in range(iters):
         if differentiable:
@@ -186,14 +204,15 @@ class _SinkhornRecompute(torch.autograd.Function):
     keeping them: memory O(n·m + L·(n + m)) rather than O(L·n·m), same gradient."""
 
     @staticmethod
-    def forward(ctx: Any, logits: Tensor, iters: int, tol: float) -> tuple[Tensor, Tensor]:
-        fs, gs = _sinkhorn_loop(logits, iters, tol)
+    def forward(ctx: Any, logits: Tensor, iters: int, tol: float,
+                mask: Tensor | None) -> tuple[Tensor, Tensor]:
+        fs, gs = _sinkhorn_loop(logits, iters, tol, mask=mask)
         ctx.save_for_backward(logits, *fs[:-1], *gs)
         ctx.steps = len(gs)
         return fs[-1], gs[-1]
 
     @staticmethod
-    def backward(ctx: Any, grad_f: Tensor, grad_g: Tensor) -> tuple[Tensor, None, None]:
+    def backward(ctx: Any, grad_f: Tensor, grad_g: Tensor) -> tuple[Tensor, None, None, None]:
         logits, *saved = ctx.saved_tensors
         fs, gs = saved[: ctx.steps], saved[ctx.steps:]
         grad_logits = torch.zeros_like(logits)
@@ -212,15 +231,17 @@ class _SinkhornRecompute(torch.autograd.Function):
             grad_logits.sub_(buf)
             grad_f = -buf.sum(-1)
             grad_g = torch.zeros_like(grad_g)
-        return grad_logits, None, None
+        return grad_logits, None, None, None
 
 
-def sinkhorn_log_plan(logits: Tensor, iters: int, tol: float = 0.0, recompute: bool = True) -> Tensor:
-    """log T for the entropic OT plan with uniform marginals (rows 1/n, columns 1/m)."""
+def sinkhorn_log_plan(logits: Tensor, iters: int, tol: float = 0.0, recompute: bool = True,
+                      mask: Tensor | None = None) -> Tensor:
+    """log T for the entropic OT plan with uniform marginals (rows 1/n, columns 1/m); with
+    ``mask`` (B, n), rows 1/(real tokens) and log T = −∞ on padding rows."""
     if recompute and torch.is_grad_enabled() and logits.requires_grad:
-        f, g = _SinkhornRecompute.apply(logits, iters, tol)
+        f, g = _SinkhornRecompute.apply(logits, iters, tol, mask)
     else:
-        fs, gs = _sinkhorn_loop(logits, iters, tol, differentiable=torch.is_grad_enabled())
+        fs, gs = _sinkhorn_loop(logits, iters, tol, differentiable=torch.is_grad_enabled(), mask=mask)
         f, g = fs[-1], gs[-1]
     return logits + f.unsqueeze(-1) + g.unsqueeze(-2)
 
@@ -228,17 +249,25 @@ def sinkhorn_log_plan(logits: Tensor, iters: int, tol: float = 0.0, recompute: b
 # ---- positional prior ---------------------------------------------------------------------
 
 
-def positional_log_prior(n: int, m: int, tau: float, grid: Grid | None, like: Tensor) -> Tensor:
+def positional_log_prior(n: int, m: int, tau: float, grid: Grid | None, like: Tensor,
+                         mask: Tensor | None = None) -> Tensor:
     """log M (n, m): −(α_i − β_j)² / τ², α_i = i/n, β_j = j/m; separable on a 2-D grid.
 
     For a grid (H, W) the references sit on a √m × √m grid and the squared distances of the
-    row and column coordinates add (M is the product of a row term and a column term).
+    row and column coordinates add (M is the product of a row term and a column term). With a
+    padding ``mask`` (B, n) a real token's α is its rank among real tokens over their count,
+    and log M is (B, 1, n, m).
     """
-    def axis(count: int, refs: int) -> Tensor:  # (count, refs) squared position gaps
-        a = torch.arange(count, device=like.device, dtype=like.dtype) / count
+    def gaps(a: Tensor, refs: int) -> Tensor:  # (…, count, refs) squared position gaps
         b = torch.arange(refs, device=like.device, dtype=like.dtype) / refs
-        return (a.unsqueeze(1) - b.unsqueeze(0)).square()
+        return (a.unsqueeze(-1) - b).square()
 
+    def axis(count: int, refs: int) -> Tensor:  # (count, refs)
+        return gaps(torch.arange(count, device=like.device, dtype=like.dtype) / count, refs)
+
+    if grid is None and mask is not None:
+        rank = (mask.cumsum(-1) - 1).to(like.dtype)  # (B, n): place among the real tokens
+        return -gaps(rank / mask.sum(-1, keepdim=True), m)[:, None] / tau**2
     if grid is None:
         return -axis(n, m) / tau**2
     side = math.isqrt(m)
@@ -256,6 +285,7 @@ class SeTAttention(Mechanism):
     summary = "Self-optimal Transport: entropic OT to m learned references (SeTformer)"
     Options = SeTOptions
     complexity = "linear"
+    masking = "native"
     flops_formula = ("B·N·C²·(6 | 8 asym.) projections + per head 2·B·N·(k·d + k² + k·m + 2·m·d) "
                      "embedding, scores, aggregation, read-out (×2 embedding+scores asym.); "
                      "elementwise ≈ 10·L·B·H·N·m Sinkhorn")
@@ -284,22 +314,23 @@ class SeTAttention(Mechanism):
         whitening = self.whitening(u.dtype) if whitening is None else whitening
         return gaussian_sphere_kernel(F.normalize(u, dim=-1), z, alpha) @ whitening
 
-    def log_plans(self, features: list[Tensor], grid: Grid | None) -> list[Tensor]:
+    def log_plans(self, features: list[Tensor], grid: Grid | None,
+                  mask: Tensor | None = None) -> list[Tensor]:
         """log T (B, H, n, m) for each set of alignment features (B, H, n, d); the anchor
-        whitening and the positional prior are shared by all of them."""
+        whitening and the positional prior are shared by all of them. ``mask`` (B, n): padding."""
         o: SeTOptions = self.options
         dtype, n = features[0].dtype, features[0].shape[-2]
         whitening = self.whitening(dtype)
         refs = self.references.to(dtype).transpose(-2, -1)  # (H, k, m)
         prior_grid = self._prior_grid(grid)
         prior = None if prior_grid == "none" else positional_log_prior(n, o.m, o.tau, prior_grid,
-                                                                       features[0])
+                                                                       features[0], mask)
         plans = []
         for feat in features:
             logits = self.embed(feat, whitening) @ refs / o.eps
             if prior is not None:
                 logits = logits + prior
-            plans.append(sinkhorn_log_plan(logits, o.iters, o.tol, recompute=o.backward == "recompute"))
+            plans.append(sinkhorn_log_plan(logits, o.iters, o.tol, o.backward == "recompute", mask))
         return plans
 
     def _prior_grid(self, grid: Grid | None) -> Grid | None | Literal["none"]:
@@ -323,12 +354,21 @@ class SeTAttention(Mechanism):
         return [split_heads(p.to(work), self.num_heads) for p in parts]
 
     def mix(self, x: Tensor, grid: Grid | None) -> Tensor:
+        return self.transport(x, grid, None)
+
+    def mix_padded(self, x: Tensor, mask: Tensor) -> Tensor:
+        return self.transport(x, None, mask)
+
+    def transport(self, x: Tensor, grid: Grid | None, mask: Tensor | None) -> Tensor:
+        """Aggregate the tokens onto the references and read them back; ``mask`` (B, n): padding."""
         heads = self._heads(x)
-        n, m = x.shape[1], self.options.m
+        m = self.options.m
+        # tokens per sequence: n, or each sequence's real tokens (B, 1, 1, 1)
+        n = x.shape[1] if mask is None else mask.sum(-1).to(heads[0].dtype)[:, None, None, None]
         # the transport runs in float32 even under fp16/bf16 autocast: exp/log need the range
         with torch.autocast(x.device.type, enabled=False):
             asym = self.options.readout == "asymmetric"
-            log_plans = self.log_plans([heads[0], heads[2]] if asym else [heads[0]], grid)
+            log_plans = self.log_plans([heads[0], heads[2]] if asym else [heads[0]], grid, mask)
             plan = log_plans[0].exp()  # (B, H, n, m)
             refs = m * plan.transpose(-2, -1) @ heads[1]  # (B, H, m, d)
             if asym:

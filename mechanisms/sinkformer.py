@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import torch
 from torch import Tensor
 
 from attnbench.mechanism import Flops, Grid, projection_flops, require
@@ -37,17 +38,24 @@ class SinkformerAttention(SoftmaxAttention):
     flops_formula = ("8·B·N·C² (projections) + 4·B·N²·C (QKᵀ, AV); "
                      "elementwise ≈ (5·iters + 1)·B·H·N² (log-domain normalisations, final exp)")
 
-    def weights(self, q: Tensor, k: Tensor) -> Tensor:
-        """The (B, H, N, N) Sinkhorn-normalised attention matrix; its rows sum to 1."""
+    def weights(self, q: Tensor, k: Tensor, mask: Tensor | None = None) -> Tensor:
+        """The (B, H, N, N) Sinkhorn-normalised attention matrix; its rows sum to 1.
+
+        With padding (mask (B, N) False), the normalisations run on the real × real block: every
+        entry in a padding row or column is pushed to the dtype's minimum before each step.
+        """
         log_p = (q * self.head_dim**-0.5) @ k.transpose(-2, -1)  # (B, H, N, N) log-kernel
+        outside = None if mask is None else ~(mask[:, None, :, None] & mask[:, None, None, :])
         iters = self.options.iters
         for i in range(iters):
+            if outside is not None:  # finite, not -inf: padding rows stay NaN-free
+                log_p = log_p.masked_fill(outside, torch.finfo(log_p.dtype).min)
             dim = -1 if (iters - 1 - i) % 2 == 0 else -2  # rows on the last step, alternating back
             log_p = log_p - log_p.logsumexp(dim, keepdim=True)
         return log_p.exp()
 
-    def attend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        return self.weights(q, k) @ v
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Tensor:
+        return self.weights(q, k, mask) @ v
 
     def flops(self, batch: int, n: int, grid: Grid | None = None) -> Flops:
         core = 2 * 2 * batch * n * n * self.dim  # QKᵀ and AV over all heads

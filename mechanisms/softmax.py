@@ -26,6 +26,7 @@ class SoftmaxAttention(Mechanism):
     Options = SoftmaxOptions
     complexity = "quadratic"
     flops_formula = "8·B·N·C² (projections) + 4·B·N²·C (QKᵀ, AV); elementwise 5·B·H·N²"
+    masking = "native"
 
     def __init__(self, dim: int, num_heads: int, options: SoftmaxOptions | None = None) -> None:
         super().__init__(dim, num_heads, options)
@@ -38,14 +39,20 @@ class SoftmaxAttention(Mechanism):
         qkv = self.qkv(x).view(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         return qkv[0], qkv[1], qkv[2]
 
-    def attend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        """softmax(q kᵀ / √d) v on (B, H, N, d) tensors."""
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Tensor:
+        """softmax(q kᵀ / √d) v on (B, H, N, d) tensors; padding keys (mask (B, N) False) get no weight."""
         scores = (q * self.head_dim**-0.5) @ k.transpose(-2, -1)  # (B, H, N, N)
+        if mask is not None:
+            scores = scores.masked_fill(~mask[:, None, None, :], float("-inf"))
         return torch.softmax(scores, dim=-1) @ v
 
     def mix(self, x: Tensor, grid: Grid | None) -> Tensor:
         q, k, v = self.qkv_heads(x)
         return self.proj(merge_heads(self.attend(q, k, v)))
+
+    def mix_padded(self, x: Tensor, mask: Tensor) -> Tensor:
+        q, k, v = self.qkv_heads(x)
+        return self.proj(merge_heads(self.attend(q, k, v, mask)))
 
     def flops(self, batch: int, n: int, grid: Grid | None = None) -> Flops:
         core = 2 * 2 * batch * n * n * self.dim  # QKᵀ and AV over all heads

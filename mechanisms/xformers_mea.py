@@ -40,6 +40,7 @@ class XFormersAttention(SoftmaxAttention):
     devices = ("cuda",)
     dtypes = (torch.float16, torch.bfloat16, torch.float32)
     flops_countable = False  # xformers' custom kernels are invisible to FlopCounterMode
+    masking = "per-length"  # no attention bias here: padded batches run per length of real tokens
 
     @classmethod
     def unavailable_reason(cls, device: str = "cpu") -> str | None:

@@ -125,3 +125,74 @@ def test_flop_formula_matches_the_flop_counter(name):
         with torch.no_grad(), FlopCounterMode(display=False) as counter:
             m(torch.randn(BATCH, n, DIM), grid)
         assert m.flops(BATCH, n, grid).matmul == counter.get_total_flops()
+
+
+# ---- padding masks: padding never leaks into real tokens (values, positions or gradients) ----
+
+PAD_N = 14
+
+
+def padded_batch(dtype: torch.dtype, junk: float = 50.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (5, 14, C) with junk of scale ``junk`` at padding, and its mask: right padding of lengths
+    5, 9, 9 and 14 (two of a length, one unpadded), and one sequence with holes."""
+    mask = torch.zeros(5, PAD_N, dtype=torch.bool)
+    for row, length in enumerate((5, 9, 9, 14)):
+        mask[row, :length] = True
+    mask[4, [0, 2, 3, 7, 8, 11, 13]] = True
+    x = torch.randn(5, PAD_N, DIM, dtype=dtype)
+    x = torch.where(mask[..., None], x, junk * torch.randn_like(x))
+    return x, mask
+
+
+def exact_dtype(name: str) -> tuple[torch.dtype, float]:
+    """float64 with a tight tolerance where the mechanism runs it, else float32."""
+    if torch.float64 in get_mechanism(name).dtypes:
+        return torch.float64, 1e-8
+    return torch.float32, 1e-5
+
+
+@pytest.mark.parametrize("junk", [50.0, 2.0, 0.01],
+                         ids=["large-padding", "padding-like-tokens", "small-padding"])
+def test_padding_does_not_change_real_tokens(name, junk):
+    """With a mask, the output at real tokens is the mechanism on those tokens alone; zero at padding."""
+    dtype, tol = exact_dtype(name)
+    m = build(name, dtype=dtype).eval()
+    x, mask = padded_batch(dtype, junk)
+    y = m(x, mask=mask)
+    assert y.shape == x.shape and y.dtype == dtype
+    assert (y[~mask] == 0).all(), "outputs at padding must be zero"
+    for row in range(len(x)):
+        alone = m(x[row, mask[row]][None])[0]  # the same tokens with no padding at all
+        torch.testing.assert_close(y[row, mask[row]], alone, rtol=tol, atol=tol)
+
+
+def test_padding_gets_no_gradient_and_real_gradients_are_unchanged(name):
+    dtype, tol = exact_dtype(name)
+    m = build(name, dtype=dtype).eval()
+    x, mask = padded_batch(dtype)
+    weight = torch.randn_like(x)
+    x_padded = x.clone().requires_grad_()
+    (m(x_padded, mask=mask) * weight).sum().backward()
+    padded_grads = {k: p.grad.clone() for k, p in m.named_parameters()}
+    assert (x_padded.grad[~mask] == 0).all(), "padding must get no gradient"
+
+    m.zero_grad(set_to_none=True)
+    for row in range(len(x)):
+        alone = x[row, mask[row]][None].clone().requires_grad_()
+        (m(alone)[0] * weight[row, mask[row]]).sum().backward()
+        torch.testing.assert_close(x_padded.grad[row, mask[row]], alone.grad[0], rtol=tol, atol=tol)
+    for k, p in m.named_parameters():  # summed over the sequences one at a time
+        torch.testing.assert_close(padded_grads[k], p.grad, rtol=tol * 100, atol=tol * 100, msg=k)
+
+
+def test_bad_masks_are_clear_errors(name):
+    m = build(name)
+    x, mask = padded_batch(torch.float32)
+    with pytest.raises(ValueError, match=r"mask must be a bool tensor of shape \(B, N\)"):
+        m(x, mask=mask[:, :-1])
+    with pytest.raises(ValueError, match="mask must be a bool tensor"):
+        m(x, mask=mask.float())
+    with pytest.raises(ValueError, match="at least one real token"):
+        m(x, mask=torch.zeros_like(mask))
+    with pytest.raises(ValueError, match="padding masks are for sequences"):
+        m(torch.randn(2, GRID[0] * GRID[1], DIM), GRID, mask=torch.ones(2, 20, dtype=torch.bool))
