@@ -1,4 +1,4 @@
-"""The ``attnbench`` command line: list, run, scale, plot.
+"""The ``attnbench`` command line: list, run, models, scale, resolution, plot.
 
 User errors (unknown names, bad options, malformed ranges) print one clear line and exit 2,
 as argparse does for usage errors; no traceback.
@@ -16,6 +16,7 @@ import torch
 
 from attnbench import registry
 from attnbench.registry import OptionError, UnknownMechanismError
+from attnbench.resolution import ProbeConfig, ResolutionError, probe
 from attnbench.sweep import (
     SweepConfig,
     SweepError,
@@ -26,7 +27,7 @@ from attnbench.sweep import (
     parse_seq,
     run_sweep,
 )
-from attnbench.tasks import TaskError, UnknownTaskError, get_task, task_names
+from attnbench.tasks import TaskError, UnknownTaskError, get_task, resolution_tasks, task_names
 
 
 class UsageError(Exception):
@@ -145,6 +146,35 @@ def build_parser(task: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--load", action="append", default=[], metavar="MODULE",
                    help="import a module or .py file that registers extra mechanisms (repeatable)")
     p.set_defaults(func=cmd_scale)
+
+    p = sub.add_parser("resolution", help="dense tasks: largest image side each mechanism trains at",
+                       description="For a dense task (coco, ade20k), run one synthetic training step "
+                                   "per mechanism at growing image sides, each in its own process under "
+                                   "a memory limit: the training side, doubling until a step fails, then "
+                                   "bisection. Writes resolution.csv, summary.csv, meta.json and a plot.")
+    p.add_argument("--task", required=True, help="a task with a resolution probe (coco, ade20k)")
+    p.add_argument("--mechanism", default="set,softmax",
+                   help="comma list, or `all` (default: set,softmax)")
+    p.add_argument("--size", default="micro", help="backbone size (default micro)")
+    p.add_argument("--start-side", type=int, default=None,
+                   help="first side in pixels (default: the task's training side)")
+    p.add_argument("--max-side", type=int, default=4096, help="largest side to try (default 4096)")
+    p.add_argument("--granularity", type=int, default=32, help="bisection step in pixels (default 32)")
+    p.add_argument("--memory-limit", type=float, default=None, metavar="MIB",
+                   help="CPU memory a step may take before it counts as out of memory "
+                        "(default: 85%% of the memory available now)")
+    p.add_argument("--budget", type=float, default=300.0,
+                   help="seconds per side (building, timing, memory) before it counts as too slow "
+                        "(default 300)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                   help="auto = cuda when available, else cpu")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's default here)")
+    _add_opt_argument(p)
+    p.add_argument("--out", type=Path, default=None,
+                   help="output folder (default: a new timestamped folder under results/runs/)")
+    p.add_argument("--load", action="append", default=[], metavar="MODULE",
+                   help="import a module or .py file that registers extra tasks or mechanisms (repeatable)")
+    p.set_defaults(func=cmd_resolution)
 
     p = sub.add_parser("plot", help="draw the plots of a results folder",
                        description="Recompute the fit table and redraw the plots of a run folder of "
@@ -272,19 +302,30 @@ def _available_mib() -> float | None:
     return None
 
 
+def _device(choice: str) -> str:
+    """``auto`` resolved; ``cuda`` refused clearly where there is none."""
+    if choice == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: CUDA is not available on this machine; "
+                         "valid choices here: cpu, auto")
+    return choice
+
+
+def _memory_limit(given: float | None) -> float | None:
+    """--memory-limit in MiB, or 85% of the memory available now."""
+    available = _available_mib()
+    limit = given if given is not None else (0.85 * available if available else None)
+    if limit is not None and limit <= 0:
+        raise UsageError(f"--memory-limit must be > 0 MiB, got {limit:g}")
+    return limit
+
+
 def cmd_scale(args: argparse.Namespace) -> int:
     for spec in args.load:
         registry.load_module(spec)
-    device = args.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    elif device == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda: CUDA is not available on this machine; "
-                         "valid choices here: cpu, auto")
-    available = _available_mib()
-    limit = args.memory_limit if args.memory_limit is not None else (0.85 * available if available else None)
-    if limit is not None and limit <= 0:
-        raise UsageError(f"--memory-limit must be > 0 MiB, got {limit:g}")
+    device = _device(args.device)
+    limit = _memory_limit(args.memory_limit)
     cfg = SweepConfig(
         mechanisms=parse_mechanisms(args.mechanism), seq=parse_seq(args.seq),
         modes=["fwd", "fwd+bwd"] if args.mode == "both" else [args.mode], batch=args.batch,
@@ -311,6 +352,38 @@ def cmd_scale(args: argparse.Namespace) -> int:
               f"(> 10% slower beyond noise) -> {out / 'compare.csv'}")
         if len(flagged):
             print(flagged.to_string(index=False))
+    return 0
+
+
+def cmd_resolution(args: argparse.Namespace) -> int:
+    for spec in args.load:
+        registry.load_module(spec)
+    get_task(args.task)  # unknown names raise with the valid choices
+    probed = resolution_tasks()
+    if args.task not in probed:
+        raise UsageError(f"--task {args.task}: no resolution probe (image side does not drive its cost); "
+                         f"valid choices: {', '.join(probed) or 'none'}")
+    device = _device(args.device)
+    task = get_task(args.task)
+    cfg = ProbeConfig(
+        task=args.task, mechanisms=parse_mechanisms(args.mechanism), size=args.size,
+        start=args.start_side or task.train_side, max_side=args.max_side, granularity=args.granularity,
+        memory_limit_mib=_memory_limit(args.memory_limit) if device == "cpu" else None, budget=args.budget,
+        threads=args.threads or torch.get_num_threads(), device=device,
+        options=parse_mechanism_options(args.opt),
+        load=[str(Path(s).resolve()) if s.endswith(".py") else s for s in args.load])
+    stamp = pd.Timestamp.now().strftime("%Y%m%d-%H%M%S")
+    out = args.out or Path("results") / "runs" / f"{stamp}-resolution-{args.task}"
+    limit = f"{cfg.memory_limit_mib / 1024:.1f} GiB" if cfg.memory_limit_mib else "device memory"
+    print(f"attnbench resolution: {args.task}, {len(cfg.mechanisms)} mechanisms from {cfg.start} px on "
+          f"{device} ({cfg.threads} threads), limit {limit}, {cfg.budget:g} s per side -> {out}",
+          file=sys.stderr)
+    probe(cfg, out, ["attnbench", *sys.argv[1:]])
+    summary = pd.read_csv(out / "summary.csv")
+    with pd.option_context("display.width", 200, "display.max_columns", 20, "display.max_colwidth", 60):
+        shown = summary.drop(columns=["task", "memory_limit_mib", "budget_s", "max_side"])
+        print(shown.to_string(index=False))
+    print(f"wrote {out / 'resolution.csv'}, {out / 'summary.csv'} and {out / 'resolution.png'}")
     return 0
 
 
@@ -352,7 +425,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     torch.set_printoptions(precision=4)
     try:
         return args.func(args)
-    except (UsageError, UnknownMechanismError, UnknownTaskError, OptionError, SweepError, TaskError) as exc:
+    except (UsageError, UnknownMechanismError, UnknownTaskError, OptionError, SweepError, TaskError,
+            ResolutionError) as exc:
         parser.exit(2, f"attnbench {args.command}: error: {exc}\n")
 
 

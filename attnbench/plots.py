@@ -163,3 +163,37 @@ def accuracy_plots(table: pd.DataFrame, out: Path, title: str) -> list[Path]:
         stem = f"accuracy_{task}_{dataset}_{img}".replace(":", "-").replace("/", "-")
         written += _save(fig, out, stem)
     return written
+
+
+def resolution_plots(table: pd.DataFrame, out: Path, title: str, limit_mib: float | None) -> list[Path]:
+    """Peak memory and time per training step against the image side, log-log, per mechanism;
+    the sides that did not train are crosses on the memory limit."""
+    if not (table["status"] == "ok").any():
+        return []  # nothing trained: the table says why
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
+    for ax, column, unit in ((axes[0], "peak_mem_mib", "peak memory of a training step (MiB)"),
+                             (axes[1], "step_ms", "time per training step (s)")):
+        scale = 1e-3 if column == "step_ms" else 1.0
+        for mech, rows in table.groupby("mechanism", sort=False):
+            rows = rows.sort_values("side")
+            ok = rows[rows["status"] == "ok"]
+            lw = 2.6 if mech == "set" else 1.6
+            ax.plot(ok["side"], ok[column] * scale, "o-", color=colour(mech), lw=lw, ms=4,
+                    label=f"{mech} (largest {int(ok['side'].max())} px)" if len(ok) else f"{mech} (none)")
+            failed = rows[~rows["status"].isin(["ok", "unavailable"])]
+            if len(failed) and column == "peak_mem_mib" and limit_mib:
+                ax.plot(failed["side"], [limit_mib] * len(failed), "x", color=colour(mech), ms=9, mew=2)
+        if column == "peak_mem_mib" and limit_mib:
+            ax.axhline(limit_mib, color="0.3", ls="--", lw=1)
+            ax.annotate(f"memory limit {limit_mib / 1024:.1f} GiB (x: did not train)", (0.01, 0.97),
+                        xycoords="axes fraction", fontsize=8, va="top")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.set_xlabel("image side (pixels)")
+        ax.set_ylabel(unit)
+        ax.grid(True, which="major", alpha=0.3)
+    axes[0].legend(fontsize=8, loc="lower right")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return _save(fig, out, "resolution")

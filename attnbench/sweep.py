@@ -11,11 +11,8 @@ import dataclasses
 import datetime as dt
 import json
 import math
-import multiprocessing
 import re
-import signal
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -25,16 +22,7 @@ import pandas as pd
 from attnbench import registry
 from attnbench.fit import fit_table
 from attnbench.results import append_row, read_table, run_context, write_meta, write_table
-from attnbench.worker import child_main
-
-# A fork server, started once, imports torch and the mechanisms and runs no tensor op; each
-# configuration is forked from it in milliseconds, safely even when this process has run
-# tensor ops (forking a process whose thread pools are live can hang the child).
-if "forkserver" in multiprocessing.get_all_start_methods():
-    _CONTEXT = multiprocessing.get_context("forkserver")
-    _CONTEXT.set_forkserver_preload(["attnbench.worker", "attnbench.measure", "mechanisms"])
-else:
-    _CONTEXT = multiprocessing.get_context("spawn")
+from attnbench.worker import measure, run_isolated
 
 COLUMNS = ["mechanism", "n", "mode", "batch", "heads", "head_dim", "dtype", "device", "threads",
            "layout", "options", "backend", "time_ms_median", "time_ms_iqr", "runs", "peak_mem_mib",
@@ -147,21 +135,7 @@ def run_one(cfg: SweepConfig, job: dict[str, Any], log_path: Path | None = None)
                "device": cfg.device, "threads": cfg.threads, "grid": grid,
                "options": cfg.options.get(job["mechanism"], {}), "min_run_time": cfg.min_run_time,
                "memory_limit_mib": cfg.memory_limit_mib, "load": cfg.load}
-    with tempfile.TemporaryDirectory(prefix="attnbench-") as tmp:
-        result_path = Path(tmp) / "result.json"
-        log = str(log_path) if log_path else None
-        child = _CONTEXT.Process(target=child_main, args=(payload, str(result_path), log), daemon=True)
-        child.start()
-        child.join(cfg.budget)
-        if child.is_alive():
-            child.kill()
-            child.join()
-            return _row(cfg, job, status="timeout", message=f"exceeded the budget of {cfg.budget:g} s")
-        if result_path.exists():
-            return _row(cfg, job, **json.loads(result_path.read_text()))
-        if child.exitcode == -signal.SIGKILL:
-            return _row(cfg, job, status="oom", message="worker killed by SIGKILL (likely out of memory)")
-        return _row(cfg, job, status="error", message=f"worker died with exit code {child.exitcode}")
+    return _row(cfg, job, **run_isolated(measure, payload, cfg.budget, log_path))
 
 
 def default_out_dir(root: Path) -> Path:

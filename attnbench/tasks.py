@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import argparse
 import importlib
-from typing import ClassVar
+from collections.abc import Callable
+from typing import Any, ClassVar
 
 _TASKS: dict[str, type[Task]] = {}
 
@@ -44,6 +45,18 @@ class Task:
         """Train and evaluate; returns a process exit code."""
         raise NotImplementedError
 
+    # Dense tasks, whose cost grows with the input side, offer the resolution probe a synthetic
+    # training step (``attnbench resolution``); ``train_side`` is their default preset's side.
+    train_side: ClassVar[int | None] = None
+
+    @classmethod
+    def train_step(cls, mechanism: str, side: int, size: str, options: dict[str, Any],
+                   device: str) -> tuple[Callable[[], None], int]:
+        """One forward, backward and optimiser step of the task's model on synthetic side×side
+        images: the step, and how many images it trains on."""
+        raise TaskError(f"task {cls.name!r} has no resolution probe; tasks with one: "
+                        f"{', '.join(resolution_tasks()) or 'none'}")
+
 
 def register_task(cls: type[Task]) -> type[Task]:
     """Class decorator: add a ``Task`` subclass to the registry under ``cls.name``."""
@@ -63,3 +76,8 @@ def get_task(name: str) -> type[Task]:
     except KeyError:
         raise UnknownTaskError(
             f"unknown task {name!r}; valid choices: {', '.join(sorted(_TASKS))}") from None
+
+
+def resolution_tasks() -> list[str]:
+    """Tasks that offer ``train_step`` (image side matters for them)."""
+    return [name for name in task_names() if _TASKS[name].train_step.__func__ is not Task.train_step.__func__]

@@ -1,23 +1,37 @@
-"""Measure one sweep configuration in a process of its own.
+"""Measure one configuration in a process of its own (the sweep's, or the resolution probe's).
 
-The sweep forks a child per configuration from a fork server that has imported torch and the
-mechanisms but run no tensor op, so a child starts in milliseconds instead of seconds. A process of
-its own gives a clean memory peak, and an out-of-memory, a crash or a hang in the child
-cannot take the sweep down: the parent records it and goes on. The child writes its result
-atomically; a missing result means it died.
+Each configuration is forked from a fork server that has imported torch and the mechanisms but
+run no tensor op, so a child starts in milliseconds instead of seconds (and forking is safe even
+when the parent has run tensor ops: a fork of live thread pools can hang). A process of its own
+gives a clean memory peak, and an out-of-memory, a crash or a hang in the child cannot take the
+sweep down: the parent records it and goes on. The child writes its result atomically; a
+missing result means it died.
 """
 
 from __future__ import annotations
 
 import ctypes
 import json
+import multiprocessing
 import os
 import resource
+import signal
+import tempfile
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
+
+if "forkserver" in multiprocessing.get_all_start_methods():
+    _CONTEXT = multiprocessing.get_context("forkserver")
+    # the task harnesses too (torchvision and the like): the resolution probe builds their models
+    _CONTEXT.set_forkserver_preload(["attnbench.worker", "attnbench.measure", "mechanisms", "tasks"])
+else:
+    _CONTEXT = multiprocessing.get_context("spawn")
+
+Measure = Callable[[dict[str, Any]], dict[str, Any]]
 
 
 def fix_malloc() -> None:
@@ -89,7 +103,30 @@ def measure(config: dict[str, Any]) -> dict[str, Any]:
             "time_ms_iqr": timing.iqr_ms, "runs": timing.runs, "gflops": gflops}
 
 
-def child_main(config: dict[str, Any], result_path: str, log_path: str | None = None) -> None:
+def run_isolated(measure_fn: Measure, config: dict[str, Any], budget: float,
+                 log_path: Path | None = None) -> dict[str, Any]:
+    """``measure_fn(config)`` (a module-level function) in a child process, within ``budget``
+    seconds: its result, or a status (timeout, oom, error) with a message. Never raises."""
+    with tempfile.TemporaryDirectory(prefix="attnbench-") as tmp:
+        result_path = Path(tmp) / "result.json"
+        log = str(log_path) if log_path else None
+        child = _CONTEXT.Process(target=child_main, args=(config, str(result_path), log, measure_fn),
+                                 daemon=True)
+        child.start()
+        child.join(budget)
+        if child.is_alive():
+            child.kill()
+            child.join()
+            return {"status": "timeout", "message": f"exceeded the budget of {budget:g} s"}
+        if result_path.exists():
+            return json.loads(result_path.read_text())
+        if child.exitcode == -signal.SIGKILL:
+            return {"status": "oom", "message": "worker killed by SIGKILL (likely out of memory)"}
+        return {"status": "error", "message": f"worker died with exit code {child.exitcode}"}
+
+
+def child_main(config: dict[str, Any], result_path: str, log_path: str | None = None,
+               measure_fn: Measure = measure) -> None:
     """Entry point of the child process: measure, then write the result atomically.
 
     Whatever libraries print goes to ``log_path`` (the run's worker.log), not the terminal.
@@ -99,7 +136,7 @@ def child_main(config: dict[str, Any], result_path: str, log_path: str | None = 
         os.dup2(log, 1)
         os.dup2(log, 2)
     try:
-        result = measure(config)
+        result = measure_fn(config)
     except Exception as exc:
         traceback.print_exc()
         result = {"status": "error", "message": f"{type(exc).__name__}: {exc}"[:500]}
