@@ -5,11 +5,13 @@ Tasks from the design card that are not built yet are registered as such, so tha
 """
 
 from attnbench.tasks import Task, register_task
-from tasks import imagenet  # noqa: F401  (registers the task)
+from tasks import (
+    ade20k,  # noqa: F401  (registers the task)
+    imagenet,  # noqa: F401  (registers the task)
+)
 
 _PLANNED = {
     "coco": "COCO detection and instance segmentation (Mask R-CNN)",
-    "ade20k": "ADE20K semantic segmentation",
     "glue": "GLUE text classification and regression",
 }
 
