@@ -240,7 +240,8 @@ class EvalTransform:
 # the list mmseg's ADE20KDataset and the CSAIL objectInfo150 table share.
 EMBEDDED_CLASSES = {1: "wall", 10: "grass", 14: "earth;ground", 23: "painting;picture",
                     127: "animal;animate;being;beast;brute;creature;fauna", 143: "plate"}
-EMBEDDED_NAME = "ade20k-skimage-composites"
+EMBEDDED_NAME = "ade20k-skimage-composites"  # its folder in the cache
+EMBEDDED_DATASET = "embedded skimage-composites (ADE20K layout)"  # its name in every results row
 EMBEDDED_DESCRIPTION = (
     "embedded skimage-composites (ADE20K layout): scenes composited from real images that scikit-image, "
     "scikit-learn and matplotlib ship; brick wall (wall), grass (grass), gravel (earth) textures, photo "

@@ -24,6 +24,7 @@ import dataclasses
 import datetime as dt
 import math
 import os
+import re
 import statistics
 import sys
 import time
@@ -201,7 +202,7 @@ def check_model(size: str, mechanism: str, options: dict[str, str], device: str)
 def load_data(plan: Plan) -> tuple[str, Path, data.ADE20KSegmentation, data.ADE20KSegmentation]:
     """(data set name, its folder, train split, val split), both checked."""
     if plan.args.data is None:
-        root, name = data.embedded_dataset(), data.EMBEDDED_NAME
+        root, name = data.embedded_dataset(), data.EMBEDDED_DATASET
     else:
         root = plan.args.data.expanduser()
         name = f"ade20k:{root.resolve().name}"
@@ -488,7 +489,8 @@ def plot_results(table: pd.DataFrame, out: Path) -> list[Path]:
         axes[0].set_ylabel("mIoU (%), single scale")
         fig.suptitle(f"ade20k on {dataset}: SeTformer-{size} + UperNet, {crop}² crops", fontsize=10)
         fig.tight_layout()
-        path = out / f"miou_ade20k_{dataset}_{size}_{crop}.png".replace(":", "-").replace("/", "-")
+        slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", str(dataset)).strip("-")
+        path = out / f"miou_ade20k_{slug}_{size}_{crop}.png"
         fig.savefig(path, dpi=150, bbox_inches="tight")
         plt.close(fig)
         written.append(path)
