@@ -58,7 +58,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                    eval_every=16),
     # the embedded composites: a micro backbone and a narrow head that learn them in minutes on a CPU;
     # no auxiliary head (at 150 classes its full-resolution logits cost as much as the main head's)
-    "embedded": dict(size="micro", crop_size=96, epochs=6, batch_size=8, lr=2e-3, weight_decay=0.01,
+    "embedded": dict(size="micro", crop_size=96, epochs=3, batch_size=8, lr=2e-3, weight_decay=0.01,
                      warmup_epochs=0.5, min_lr=2e-5, label_smoothing=0.0, clip_grad=1.0, ema=0.0, workers=1,
                      channels=64, aux_weight=0.0, eval_every=3),
 }
@@ -99,7 +99,7 @@ class ADE20K(Task):
                        help="stochastic depth of the last block (default: the size's)")
         g.add_argument("--eval-every", type=int,
                        help="evaluate every N epochs, and after the last (default: 16 with --data, 3 "
-                            "without)")
+                            "without: only after the last)")
         g.add_argument("--mechanism-init", choices=("data", "random"), default="data",
                        help="data: mechanisms with init_from_data (SeT: k-means anchors and references) "
                             f"start from the tokens of {IMAGES_FOR_INIT} training crops (default)")
