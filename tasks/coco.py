@@ -45,7 +45,7 @@ from attnbench.tasks import Task, TaskError, register_task
 from tasks import _coco_data, _coco_eval, _training
 from tasks._training import Dist, Trainer, log
 from tasks.backbone import SIZES, count_parameters, init_mechanisms_from_data, measure_flops
-from tasks.detection import DETECTORS, backbone_of, build_detector
+from tasks.detection import DETECTORS, backbone_of, build_detector, make_train_step
 from tasks.imagenet import check_model
 
 # Hyper-parameters of the two presets; the command line overrides any of them.
@@ -76,6 +76,14 @@ LOSSES = ("loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness", "lo
 class Coco(Task):
     name = "coco"
     summary = "detection and instance segmentation, Mask R-CNN on the SeTformer backbone (COCO layout)"
+    train_side = PRESETS["embedded"]["min_size"]
+
+    @classmethod
+    def train_step(cls, mechanism: str, side: int, size: str, options: dict[str, Any],
+                   device: str) -> tuple[Any, int]:
+        """The resolution probe's step: ``detection.make_train_step`` (2 synthetic images, the
+        embedded set's 3 categories, the light detector below 512 px, the standard one above)."""
+        return make_train_step(mechanism, side, size, options, num_classes=3, device=device), 2
 
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
