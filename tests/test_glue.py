@@ -307,17 +307,19 @@ def test_minilm_weights_load_into_the_encoder_with_the_mechanisms_attention():
 
 
 @needs_minilm
-def test_a_run_can_start_from_minilm(sentiment, tmp_path):
-    assert main(_minilm_args(sentiment, tmp_path)) == 0
-    row = pd.read_csv(tmp_path / "glue.csv").iloc[0]
-    assert row["init"] == "minilm (attention projections from BERT's)" and row["size"] == "minilm"
-    assert row["vocab_size"] == 30522 and row["tokenizer"].startswith("all-MiniLM-L6-v2")
+def test_init_minilm_sets_up_minilms_size_vocabulary_weights_and_recipe(sentiment, tmp_path):
+    """The wiring of ``--init minilm`` up to the first step (training itself is the same loop as any run)."""
+    from attnbench.cli import build_parser
+    from tasks._training import setup_distributed
 
-
-def _minilm_args(data_dir: Path, out: Path) -> list[str]:
-    return ["run", "--mechanism", "linear", "--task", "glue", "--data", str(data_dir), "--init", "minilm",
-            "--max-len", "16", "--epochs", "1", "--batch-size", "8", "--out", str(out / "run"),
-            "--results", str(out / "glue.csv")]
+    argv = ["run", "--mechanism", "linear", "--task", "glue", "--data", str(sentiment), "--init", "minilm",
+            "--max-len", "16", "--batch-size", "8", "--out", str(tmp_path / "run")]
+    plan = glue.plan_run(build_parser("glue").parse_args(argv))
+    assert (plan.size, plan.init, plan.recipe.lr, plan.recipe.epochs) == ("minilm", "minilm", 5e-5, 3)
+    setup = glue.set_up(plan, setup_distributed("cpu"))
+    assert setup.weights == "minilm (attention projections from BERT's)" and setup.config["init"] == "minilm"
+    assert setup.tokenizer.get_vocab_size() == 30522 and setup.tokenizer_name.startswith("all-MiniLM-L6-v2")
+    assert (tmp_path / "run" / "tokenizer.json").is_file()
 
 
 # ---- runs end to end -----------------------------------------------------------------------------
