@@ -16,7 +16,9 @@ def test_list_shows_the_baselines_as_available(capsys):
     for name in ("softmax", "sdpa"):
         line = next(ln for ln in out.splitlines() if ln.startswith(name + " "))
         assert " yes " in line
-    assert "imagenet" in out and "not built yet" in out
+    for task in ("imagenet", "coco", "ade20k", "glue"):
+        line = next(ln for ln in out.splitlines() if ln.startswith(task + " "))
+        assert " yes " in line
 
 
 def test_list_one_mechanism_shows_its_options(capsys):
@@ -41,9 +43,19 @@ def test_user_errors_exit_2_with_a_clear_message(argv, message, capsys):
     assert message in capsys.readouterr().err
 
 
-def test_unbuilt_task_says_so_and_fails(capsys):
-    assert main(["run", "--mechanism", "softmax", "--task", "coco"]) == 1
-    assert "not built yet" in capsys.readouterr().err
+def test_unavailable_task_says_why_and_fails(capsys, monkeypatch):
+    from attnbench import tasks
+
+    class Missing(tasks.Task):
+        name = "needs-a-package"
+
+        @classmethod
+        def unavailable_reason(cls) -> str | None:
+            return "the package it needs is not installed"
+
+    monkeypatch.setitem(tasks._TASKS, Missing.name, Missing)
+    assert main(["run", "--mechanism", "softmax", "--task", "needs-a-package"]) == 1
+    assert "the package it needs is not installed" in capsys.readouterr().err
 
 
 def test_python_dash_m_entry_point():
