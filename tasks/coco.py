@@ -523,6 +523,8 @@ def plot_results(table: pd.DataFrame, out: Path) -> list[Path]:
         bars.legend(handles=[plt.Rectangle((0, 0), 1, 1, fc="0.7", ec="black", label="box"),
                              plt.Rectangle((0, 0), 1, 1, fc="0.7", ec="black", hatch="//", label="mask")],
                     fontsize=8)
+        cost.set_xlim(0, 1.3 * latest["peak_mem_mib"].max())  # room for the labels
+        cost.set_ylim(0, 1.15 * latest["train_img_s"].max())
         cost.set_xlabel("peak memory in training (MiB)")
         cost.set_ylabel("training images / s")
         for ax in (bars, cost):
