@@ -35,6 +35,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm
 
 from attnbench.measure import MIB, proc_status_mib, reset_cpu_peak
+from attnbench.results import run_context
 from attnbench.tasks import TaskError
 
 AMP_CHOICES = ("auto", "off", "bf16", "fp16")
@@ -402,3 +403,47 @@ def log(message: str, dist: Dist) -> None:
     """One line on stderr, from rank 0 only."""
     if dist.is_main:
         print(message, file=sys.stderr, flush=True)
+
+
+# ---- what every task's run shares --------------------------------------------------------------
+
+
+def launch(train_and_evaluate: Callable[[Any, Dist], int], plan: Any, device: str) -> int:
+    """``train_and_evaluate(plan, dist)`` in this process's place in the (torchrun) process group."""
+    dist = setup_distributed(device)
+    try:
+        return train_and_evaluate(plan, dist)
+    finally:
+        teardown_distributed()
+
+
+def run_dir(out: Path | None, name: str, dist: Dist) -> Path:
+    """``--out``, or ``results/runs/<time>-<name>`` with rank 0's time on every rank."""
+    if out is not None:
+        return out
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    return Path(broadcast_object(str(Path("results") / "runs" / f"{stamp}-{name}"), dist))
+
+
+def steady_median(history: Sequence[dict[str, Any]], key: str) -> float:
+    """Median of ``key`` over the epochs after the first, which pays for warm-up."""
+    steady = history[1:] if len(history) > 1 else history
+    return float(np.median([h[key] for h in steady])) if steady else math.nan
+
+
+def shared_columns(recipe: Recipe, mechanism: str, options: dict[str, str], dist: Dist,
+                   history: Sequence[dict[str, Any]], wall: float, folder: Path) -> dict[str, Any]:
+    """The columns every task's results row has: memory, time, batch and processes, the
+    mechanism's options and backend, and the run's context (device, threads, commit, versions)."""
+    from attnbench import get_mechanism
+
+    ctx = run_context(str(dist.device), torch.get_num_threads())
+    return {
+        "peak_mem_mib": round(max((h["peak_mem_mib"] for h in history), default=math.nan), 1),
+        "train_mem_mib": round(max((h.get("train_mem_mib", math.nan) for h in history), default=math.nan), 1),
+        "wall_s": round(wall, 1), "batch_size": recipe.batch_size, "world_size": dist.world_size,
+        "device": str(dist.device), "threads": torch.get_num_threads(), "amp": recipe.amp,
+        "options": ";".join(f"{k}={v}" for k, v in sorted(options.items())),
+        "backend": get_mechanism(mechanism).backend(str(dist.device)), "status": "ok",
+        "run_dir": str(folder), "date": ctx["date"], "git_commit": ctx["git_commit"],
+        "torch": ctx["versions"]["torch"], "cpu": ctx["cpu"], "gpu": ctx["gpu"]}

@@ -21,11 +21,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime as dt
 import math
 import os
 import re
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -45,7 +43,7 @@ from tasks import _training
 from tasks._seg_metrics import confusion_matrix, segmentation_scores
 from tasks._training import Dist, Trainer, log
 from tasks.backbone import SIZES, count_parameters, init_mechanisms_from_data, measure_flops
-from tasks.segmentation import HEAD_CHANNELS, Segmenter, build_segmenter, segmentation_loss
+from tasks.segmentation import HEAD_CHANNELS, Segmenter, build_segmenter, make_train_step, segmentation_loss
 
 ADE20K_TRAIN_IMAGES = 20_210  # ADEChallengeData2016 training split
 
@@ -77,6 +75,14 @@ class ADE20K(Task):
     name = "ade20k"
     summary = ("semantic segmentation, UperNet on the SeTformer backbone (ADEChallengeData2016 layout, or "
                "embedded skimage composites)")
+    train_side = PRESETS["embedded"]["crop_size"]
+
+    @classmethod
+    def train_step(cls, mechanism: str, side: int, size: str, options: dict[str, Any],
+                   device: str) -> tuple[Any, int]:
+        """The resolution probe's step: ``segmentation.make_train_step`` (2 synthetic side² crops,
+        ADE20K's 150 classes, UperNet with the size's channels)."""
+        return make_train_step(mechanism, side, size, options, num_classes=150, device=device), 2
 
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
@@ -109,12 +115,7 @@ class ADE20K(Task):
         _training.add_training_arguments(parser)
 
     def run(self, args: argparse.Namespace) -> int:
-        plan = plan_run(args)
-        dist = _training.setup_distributed(args.device)
-        try:
-            return train_and_evaluate(plan, dist)
-        finally:
-            _training.teardown_distributed()
+        return _training.launch(train_and_evaluate, plan_run(args), args.device)
 
 
 # ---- what to run ---------------------------------------------------------------------------------
@@ -259,15 +260,6 @@ def evaluate(model: nn.Module, loader: Any, trainer: Trainer, num_classes: int) 
 # ---- the run -------------------------------------------------------------------------------------
 
 
-def _run_dir(plan: Plan, dist: Dist) -> Path:
-    """--out, or a new folder under results/runs/ named by rank 0."""
-    if plan.args.out is not None:
-        return plan.args.out
-    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    name = f"{stamp}-ade20k-{plan.args.mechanism}-{plan.size}"
-    return Path(_training.broadcast_object(str(Path("results") / "runs" / name), dist))
-
-
 @dataclasses.dataclass
 class Setup:
     """The model, data and trainer of one run, and the facts recorded about them."""
@@ -305,7 +297,8 @@ def load_backbone_weights(model: Segmenter, path: Path, mechanism: str, size: st
 def set_up(plan: Plan, dist: Dist) -> Setup:
     """Data, model (counted, then initialised from weights or data), trainer, resume."""
     args, recipe = plan.args, plan.recipe
-    run_dir, resumed = _run_dir(plan, dist), None
+    name = f"ade20k-{plan.args.mechanism}-{plan.size}"
+    run_dir, resumed = _training.run_dir(plan.args.out, name, dist), None
     if args.resume is not None:
         run_dir, resumed = _training.load_checkpoint(args.resume)
     _training.seed_everything(recipe.seed)
@@ -443,9 +436,7 @@ def summary(row: dict[str, Any], s: Setup, table: Path) -> str:
 def result_row(plan: Plan, s: Setup, dist: Dist, result: dict[str, Any], wall: float) -> dict[str, Any]:
     """One tidy row: what ran, on what, how well, how fast, with the run's context."""
     history = s.trainer.history
-    steady = history[1:] if len(history) > 1 else history  # the first epoch pays for warm-up
-    median = lambda key: statistics.median(h[key] for h in steady) if steady else math.nan
-    ctx = run_context(str(dist.device), torch.get_num_threads())
+    median = lambda key: _training.steady_median(history, key)
     return {
         "task": "ade20k", "mechanism": plan.args.mechanism, "size": plan.size, "dataset": s.dataset,
         "num_classes": data.NUM_CLASSES, "crop_size": plan.crop_size, "eval_mode": EVAL_MODE,
@@ -454,17 +445,11 @@ def result_row(plan: Plan, s: Setup, dist: Dist, result: dict[str, Any], wall: f
         "miou": round(result["miou"], 3), "aacc": round(result["aacc"], 3), "macc": round(result["macc"], 3),
         "classes_present": result["classes_present"], "params": s.params, "gflops": round(s.gflops, 4),
         "train_img_s": round(median("train_img_s"), 2), "eval_img_s": round(result["img_s"], 2),
-        "peak_mem_mib": round(max((h["peak_mem_mib"] for h in history), default=math.nan), 1),
-        "train_mem_mib": round(max((h["train_mem_mib"] for h in history), default=math.nan), 1),
-        "wall_s": round(wall, 1), "batch_size": plan.recipe.batch_size, "world_size": dist.world_size,
-        "device": str(dist.device), "threads": torch.get_num_threads(), "amp": plan.recipe.amp,
-        "options": ";".join(f"{k}={v}" for k, v in sorted(plan.options.items())),
         "mechanism_init": s.mechanism_init, "backbone_weights": s.backbone_weights,
-        "backend": get_mechanism(plan.args.mechanism).backend(str(dist.device)),
         "head": "upernet+fcn-aux" if plan.aux_weight > 0 else "upernet", "head_channels": plan.channels,
         "aux_weight": plan.aux_weight, "train_images": len(s.train_set), "val_images": len(s.val_set),
-        "status": "ok", "run_dir": str(s.run_dir), "date": ctx["date"], "git_commit": ctx["git_commit"],
-        "torch": ctx["versions"]["torch"], "cpu": ctx["cpu"], "gpu": ctx["gpu"]}
+        **_training.shared_columns(plan.recipe, plan.args.mechanism, plan.options, dist, history, wall,
+                                   s.run_dir)}
 
 
 def plot_results(table: pd.DataFrame, out: Path) -> list[Path]:

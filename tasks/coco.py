@@ -23,10 +23,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime as dt
 import math
 import os
-import statistics
 import sys
 import time
 from collections import defaultdict
@@ -114,12 +112,7 @@ class Coco(Task):
         _training.add_training_arguments(parser)
 
     def run(self, args: argparse.Namespace) -> int:
-        plan = plan_run(args)
-        dist = _training.setup_distributed(args.device)
-        try:
-            return train_and_evaluate(plan, dist)
-        finally:
-            _training.teardown_distributed()
+        return _training.launch(train_and_evaluate, plan_run(args), args.device)
 
 
 # ---- what to run ---------------------------------------------------------------------------------
@@ -266,15 +259,6 @@ def evaluate(model: MaskRCNN, loader: Any, data: Data, trainer: Trainer) -> dict
 # ---- the run -------------------------------------------------------------------------------------
 
 
-def _run_dir(plan: Plan, dist: Dist) -> Path:
-    """--out, or a new folder under results/runs/ named by rank 0."""
-    if plan.args.out is not None:
-        return plan.args.out
-    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    name = f"{stamp}-coco-{plan.args.mechanism}-{plan.size}"
-    return Path(_training.broadcast_object(str(Path("results") / "runs" / name), dist))
-
-
 @dataclasses.dataclass
 class Setup:
     """The model, data and trainer of one run, and the facts recorded about them."""
@@ -295,7 +279,8 @@ class Setup:
 def set_up(plan: Plan, dist: Dist) -> Setup:
     """Data, model (counted, then initialised from data where the mechanism can be), trainer, resume."""
     args, recipe = plan.args, plan.recipe
-    run_dir, resumed = _run_dir(plan, dist), None
+    name = f"coco-{plan.args.mechanism}-{plan.size}"
+    run_dir, resumed = _training.run_dir(plan.args.out, name, dist), None
     if args.resume is not None:
         run_dir, resumed = _training.load_checkpoint(args.resume)
     _training.seed_everything(recipe.seed)
@@ -465,9 +450,7 @@ def summary(row: dict[str, Any], s: Setup, table: Path) -> str:
 def result_row(plan: Plan, s: Setup, dist: Dist, result: dict[str, float], wall: float) -> dict[str, Any]:
     """One tidy row: what ran, on what, how well, how fast, with the run's context."""
     history = s.trainer.history
-    steady = history[1:] if len(history) > 1 else history  # the first epoch pays for warm-up
-    median = lambda key: statistics.median(h[key] for h in steady) if steady else math.nan
-    ctx = run_context(str(dist.device), torch.get_num_threads())
+    median = lambda key: _training.steady_median(history, key)
     return {
         "task": "coco", "mechanism": plan.args.mechanism, "size": plan.size, "detector": plan.detector,
         "dataset": s.data.name, "num_classes": s.config["num_classes"], "img_size": plan.min_size,
@@ -477,17 +460,10 @@ def result_row(plan: Plan, s: Setup, dist: Dist, result: dict[str, float], wall:
         "params": s.params, "backbone_params": s.backbone_params,
         "backbone_gflops": round(s.backbone_gflops, 4),
         "train_img_s": round(median("train_img_s"), 2), "eval_img_s": round(result["img_s"], 2),
-        "peak_mem_mib": round(max((h["peak_mem_mib"] for h in history), default=math.nan), 1),
-        "train_mem_mib": round(max((h["train_mem_mib"] for h in history), default=math.nan), 1),
-        "wall_s": round(wall, 1), "batch_size": plan.recipe.batch_size, "world_size": dist.world_size,
-        "device": str(dist.device), "threads": torch.get_num_threads(), "amp": plan.recipe.amp,
-        "options": ";".join(f"{k}={v}" for k, v in sorted(plan.options.items())),
-        "mechanism_init": s.mechanism_init,
-        "backend": get_mechanism(plan.args.mechanism).backend(str(dist.device)),
-        "skipped_images": history[-1]["skipped_images"] if history else 0,
-        "train_images": len(s.data.train_set), "val_images": len(s.data.val_set), "status": "ok",
-        "run_dir": str(s.run_dir), "date": ctx["date"], "git_commit": ctx["git_commit"],
-        "torch": ctx["versions"]["torch"], "cpu": ctx["cpu"], "gpu": ctx["gpu"]}
+        "mechanism_init": s.mechanism_init, "skipped_images": history[-1]["skipped_images"] if history else 0,
+        "train_images": len(s.data.train_set), "val_images": len(s.data.val_set),
+        **_training.shared_columns(plan.recipe, plan.args.mechanism, plan.options, dist, history, wall,
+                                   s.run_dir)}
 
 
 # ---- plots ---------------------------------------------------------------------------------------

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime as dt
 import math
 import statistics
 import sys
@@ -115,12 +114,7 @@ class Glue(Task):
         _training.add_training_arguments(parser)
 
     def run(self, args: argparse.Namespace) -> int:
-        plan = plan_run(args)
-        dist = _training.setup_distributed(args.device)
-        try:
-            return train_and_evaluate(plan, dist)
-        finally:
-            _training.teardown_distributed()
+        return _training.launch(train_and_evaluate, plan_run(args), args.device)
 
 
 # ---- what to run ---------------------------------------------------------------------------------
@@ -320,15 +314,6 @@ def evaluate_all(model: nn.Module, loaders: dict[str, Any], task: data.GlueTask,
 # ---- the run -------------------------------------------------------------------------------------
 
 
-def _run_dir(plan: Plan, dist: Dist) -> Path:
-    """--out, or a new folder under results/runs/ named by rank 0."""
-    if plan.args.out is not None:
-        return plan.args.out
-    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    name = f"{stamp}-glue-{plan.task.name}-{plan.args.mechanism}-{plan.size}"
-    return Path(_training.broadcast_object(str(Path("results") / "runs" / name), dist))
-
-
 def make_tokenizer(plan: Plan, train: data.Examples, run_dir: Path, resumed: bool,
                    dist: Dist) -> tuple[Tokenizer, str]:
     """(tokenizer, its description): the run folder's on --resume, --tokenizer's, or one trained on
@@ -377,7 +362,8 @@ class Setup:
 def set_up(plan: Plan, dist: Dist) -> Setup:
     """Data, tokenizer, model (initialised from data where the mechanism can be), trainer, resume."""
     args, recipe, task = plan.args, plan.recipe, plan.task
-    run_dir, resumed = _run_dir(plan, dist), None
+    name = f"glue-{plan.task.name}-{plan.args.mechanism}-{plan.size}"
+    run_dir, resumed = _training.run_dir(plan.args.out, name, dist), None
     if args.resume is not None:
         run_dir, resumed = _training.load_checkpoint(args.resume)
     _training.seed_everything(recipe.seed)
@@ -618,27 +604,19 @@ def train_and_evaluate(plan: Plan, dist: Dist) -> int:
 def result_row(plan: Plan, s: Setup, dist: Dist, result: dict[str, Any], wall: float) -> dict[str, Any]:
     """One tidy row: what ran, on what, how well, how fast, with the run's context."""
     history = s.trainer.history
-    steady = history[1:] if len(history) > 1 else history  # the first epoch pays for warm-up
-    median = lambda key: statistics.median(h[key] for h in steady) if steady else math.nan
-    ctx = run_context(str(dist.device), torch.get_num_threads())
+    median = lambda key: _training.steady_median(history, key)
     return {
         "task": "glue", "glue_task": plan.task.name, "mechanism": plan.args.mechanism, "size": plan.size,
         "dataset": s.dataset, "max_len": plan.max_len, "epochs": s.trainer.epoch, "seed": plan.recipe.seed,
         "score": round(result["score"], 3), **metric_columns(plan.task, result["metrics"]),
         "dev_loss": round(result["loss"], 4), "params": s.params, "gflops": round(s.gflops, 4),
         "train_seq_s": round(median("train_seq_s"), 1), "eval_seq_s": round(median("eval_seq_s"), 1),
-        "peak_mem_mib": round(max((h["peak_mem_mib"] for h in history), default=math.nan), 1),
-        "train_mem_mib": round(max((h["train_mem_mib"] for h in history), default=math.nan), 1),
-        "wall_s": round(wall, 1), "batch_size": plan.recipe.batch_size, "world_size": dist.world_size,
-        "device": str(dist.device), "threads": torch.get_num_threads(), "amp": plan.recipe.amp,
-        "options": ";".join(f"{k}={v}" for k, v in sorted(plan.options.items())),
         "init": s.weights, "mechanism_init": s.mechanism_init, "tokenizer": s.tokenizer_name,
         "vocab_size": s.tokenizer.get_vocab_size(),
-        "backend": get_mechanism(plan.args.mechanism).backend(str(dist.device)),
         "train_examples": len(s.train_set), "dev_examples": sum(len(d) for d in s.dev_sets.values()),
-        "skipped_rows": s.skipped_rows, "truncated": _truncated(s), "status": "ok", "run_dir": str(s.run_dir),
-        "date": ctx["date"], "git_commit": ctx["git_commit"], "torch": ctx["versions"]["torch"],
-        "cpu": ctx["cpu"], "gpu": ctx["gpu"]}
+        "skipped_rows": s.skipped_rows, "truncated": _truncated(s),
+        **_training.shared_columns(plan.recipe, plan.args.mechanism, plan.options, dist, history, wall,
+                                   s.run_dir)}
 
 
 def summary(row: dict[str, Any], s: Setup, table: Path) -> str:
