@@ -96,3 +96,15 @@ def test_bad_requests_are_clear_errors(fake_task, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["resolution", "--task", "no-such-task"])
     assert "valid choices" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("task", ["coco", "ade20k"])
+def test_dense_tasks_offer_a_training_step(task):
+    from attnbench.tasks import get_task, resolution_tasks
+
+    assert task in resolution_tasks()
+    cls = get_task(task)
+    assert cls.train_side % 32 == 0
+    step, images = cls.train_step("softmax", 64, "micro", {}, "cpu")
+    assert images == 2
+    step()  # one forward, backward and optimiser step at 64 px
