@@ -80,8 +80,10 @@ class Coco(Task):
     def train_step(cls, mechanism: str, side: int, size: str, options: dict[str, Any],
                    device: str) -> tuple[Any, int]:
         """The resolution probe's step: ``detection.make_train_step`` (2 synthetic images, the
-        embedded set's 3 categories, the light detector below 512 px, the standard one above)."""
-        return make_train_step(mechanism, side, size, options, num_classes=3, device=device), 2
+        embedded set's 3 categories and its light detector at every side, so that only the
+        backbone's tokens change with the side)."""
+        return make_train_step(mechanism, side, size, options, num_classes=3, detector="light",
+                               device=device), 2
 
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
