@@ -184,9 +184,8 @@ def resolution_plots(table: pd.DataFrame, out: Path, title: str, limit_mib: floa
             if len(failed) and column == "peak_mem_mib" and limit_mib:
                 ax.plot(failed["side"], [limit_mib] * len(failed), "x", color=colour(mech), ms=9, mew=2)
         if column == "peak_mem_mib" and limit_mib:
-            ax.axhline(limit_mib, color="0.3", ls="--", lw=1)
-            ax.annotate(f"memory limit {limit_mib / 1024:.1f} GiB (x: did not train)", (0.01, 0.97),
-                        xycoords="axes fraction", fontsize=8, va="top")
+            ax.axhline(limit_mib, color="0.3", ls="--", lw=1,
+                       label=f"memory limit {limit_mib / 1024:.1f} GiB (×: did not train)")
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
