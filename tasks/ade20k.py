@@ -42,7 +42,7 @@ from tasks import _ade20k_data as data
 from tasks import _training
 from tasks._seg_metrics import confusion_matrix, segmentation_scores
 from tasks._training import Dist, Trainer, log
-from tasks.backbone import SIZES, count_parameters, init_mechanisms_from_data, measure_flops
+from tasks.backbone import SIZES, count_parameters, describe_init, init_mechanisms_from_data, measure_flops
 from tasks.segmentation import HEAD_CHANNELS, Segmenter, build_segmenter, make_train_step, segmentation_loss
 
 ADE20K_TRAIN_IMAGES = 20_210  # ADEChallengeData2016 training split
@@ -321,7 +321,7 @@ def set_up(plan: Plan, dist: Dist) -> Setup:
         init = "data"  # rank 0 alone: DistributedDataParallel copies its weights to the others
         if resumed is None and dist.is_main:
             records = init_mechanisms_from_data(model.backbone, _init_images(train_set, plan, recipe.seed))
-            init = ", ".join(sorted({str(r.get("method", "?")) for r in records})) or "random"
+            init = describe_init(records)
     if dist.world_size > 1 and dist.device.type == "cuda":
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # mmseg's SyncBN: 2 images per GPU
     loaders = (_training.train_loader(train_set, recipe.batch_size, recipe.workers, dist, recipe.seed,

@@ -292,26 +292,29 @@ class _Captured(Exception):
 
 
 @torch.no_grad()
-def init_mechanisms_from_data(model: Backbone, images: Tensor) -> list[dict[str, Any]]:
-    """Call ``init_from_data(tokens)`` of every mechanism that has one (SeT: k-means anchors and
-    references), block by block, each on its real input after the blocks before it are set."""
+def init_mechanisms_from_data(model: nn.Module, *inputs: Tensor) -> list[dict[str, Any]]:
+    """Call ``init_from_data(tokens)`` of every mechanism of ``model`` that has one (SeT: k-means
+    anchors and references), block by block, each on its real input tokens after the blocks before
+    it are set; ``model(*inputs)`` is the forward pass (images, or a text batch with its mask,
+    whose padding is left out of the tokens)."""
     records = []
     was_training = model.training
     model.eval()
     try:
-        for mech in model.mechanisms():
+        for mech in (m for m in model.modules() if isinstance(m, Mechanism)):
             init = getattr(mech, "init_from_data", None)
             if init is None:
                 continue
             captured: list[Tensor] = []
 
             def grab(module: nn.Module, args: tuple, kwargs: dict, box: list[Tensor] = captured) -> None:
-                box.append(args[0])  # the block's normalised tokens (B, N, C)
+                tokens, mask = args[0], kwargs.get("mask")  # the block's normalised tokens (B, N, C)
+                box.append(tokens if mask is None else tokens[mask].unsqueeze(0))  # (1, real, C)
                 raise _Captured
 
             hook = mech.register_forward_pre_hook(grab, with_kwargs=True)
             try:
-                model(images)
+                model(*inputs)
             except _Captured:
                 pass
             finally:
@@ -323,4 +326,9 @@ def init_mechanisms_from_data(model: Backbone, images: Tensor) -> list[dict[str,
     finally:
         model.train(was_training)
     return records
+
+
+def describe_init(records: list[dict[str, Any]]) -> str:
+    """What initialised the mechanisms, for a results table: "kmeans (torch)", say."""
+    return ", ".join(sorted({str(r.get("method", "?")) for r in records})) or "random"
 

@@ -42,7 +42,7 @@ from attnbench.results import append_row, run_context, write_meta
 from attnbench.tasks import Task, TaskError, register_task
 from tasks import _coco_data, _coco_eval, _training
 from tasks._training import Dist, Trainer, log
-from tasks.backbone import SIZES, count_parameters, init_mechanisms_from_data, measure_flops
+from tasks.backbone import SIZES, count_parameters, describe_init, init_mechanisms_from_data, measure_flops
 from tasks.detection import DETECTORS, backbone_of, build_detector, make_train_step
 from tasks.imagenet import check_model
 
@@ -302,7 +302,7 @@ def set_up(plan: Plan, dist: Dist) -> Setup:
         init = "data"  # rank 0 alone: DistributedDataParallel copies its weights to the others
         if resumed is None and dist.is_main:
             records = init_mechanisms_from_data(backbone, _init_images(model, data, recipe.seed))
-            init = ", ".join(sorted({str(r.get("method", "?")) for r in records})) or "random"
+            init = describe_init(records)
     workers, batch = recipe.workers, recipe.batch_size
     loaders = (_training.train_loader(data.train_set, batch, workers, dist, recipe.seed, _coco_data.collate),
                _training.eval_loader(data.val_set, batch, workers, dist, _coco_data.collate))

@@ -44,9 +44,9 @@ from attnbench.tasks import Task, TaskError, register_task
 from tasks import _glue_data as data
 from tasks import _training
 from tasks._training import Dist, Trainer, log
+from tasks.backbone import describe_init, init_mechanisms_from_data
 from tasks.text_encoder import (
     SIZES,
-    TextEncoder,
     build_encoder,
     count_parameters,
     init_from_minilm,
@@ -399,7 +399,9 @@ def set_up(plan: Plan, dist: Dist) -> Setup:
     if args.mechanism_init == "data" and any(hasattr(m, "init_from_data") for m in model.mechanisms()):
         init = "data"  # rank 0 alone: DistributedDataParallel copies its weights to the others
         if resumed is None and dist.is_main:
-            init = init_mechanisms_from_data(model, _init_batch(train_set, pad, recipe.seed))
+            device = next(model.parameters()).device
+            sample = [t.to(device) for t in _init_batch(train_set, pad, recipe.seed)]  # ids, segments, mask
+            init = describe_init(init_mechanisms_from_data(model, *sample))
     collate = data.Collate(pad, task.regression)
     workers, batch = recipe.workers, recipe.batch_size
     train_loader = bucketed_loader(train_set, batch, workers, dist, collate)
@@ -467,47 +469,6 @@ def _init_batch(train_set: data.EncodedSplit, pad: int, seed: int) -> tuple[Tens
     pick = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(seed))[:SEQUENCES_FOR_INIT]
     ids, segments, mask, _, _ = data.Collate(pad, train_set.regression)([train_set[i] for i in pick.tolist()])
     return ids, segments, mask
-
-
-class _Captured(Exception):
-    """Raised by a pre-hook to stop the forward pass once a mechanism's input is in hand."""
-
-
-@torch.no_grad()
-def init_mechanisms_from_data(model: TextEncoder, batch: tuple[Tensor, Tensor, Tensor]) -> str:
-    """Call ``init_from_data`` of every mechanism that has one (SeT: k-means anchors and references)
-    on its real input tokens (padding left out), layer by layer after the layers before it are set.
-    Returns what was done ("kmeans (torch)", say)."""
-    methods = set()
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    batch = tuple(t.to(device) for t in batch)
-    try:
-        for mech in model.mechanisms():
-            init = getattr(mech, "init_from_data", None)
-            if init is None:
-                continue
-            captured: list[Tensor] = []
-
-            def grab(module: nn.Module, args: tuple, kwargs: dict, box: list[Tensor] = captured) -> None:
-                box.append(args[0][kwargs["mask"]].unsqueeze(0))  # (1, real tokens, C)
-                raise _Captured
-
-            hook = mech.register_forward_pre_hook(grab, with_kwargs=True)
-            try:
-                model(*batch)
-            except _Captured:
-                pass
-            finally:
-                hook.remove()
-            try:
-                methods.add(str(init(captured[0]).get("method", "?")))
-            except ValueError:  # too few tokens for k-means: the random init stays
-                methods.add("random")
-    finally:
-        model.train(was_training)
-    return ", ".join(sorted(methods)) or "random"
 
 
 def write_run_meta(plan: Plan, s: Setup, dist: Dist) -> None:

@@ -30,7 +30,14 @@ from attnbench.results import append_row, run_context, write_meta
 from attnbench.tasks import Task, TaskError, register_task
 from tasks import _data, _training
 from tasks._training import Dist, Trainer, log
-from tasks.backbone import SIZES, build_backbone, count_parameters, init_mechanisms_from_data, measure_flops
+from tasks.backbone import (
+    SIZES,
+    build_backbone,
+    count_parameters,
+    describe_init,
+    init_mechanisms_from_data,
+    measure_flops,
+)
 
 # Hyper-parameters of the two presets; the command line overrides any of them.
 PRESETS: dict[str, dict[str, Any]] = {
@@ -279,7 +286,7 @@ def set_up(plan: Plan, dist: Dist) -> Setup:
         init = "data"  # rank 0 alone: DistributedDataParallel copies its weights to the others
         if resumed is None and dist.is_main:
             records = init_mechanisms_from_data(model, _init_images(train_set, plan, recipe.seed))
-            init = _describe_init(records)
+            init = describe_init(records)
     collate = _data.collate_skipping
     workers, batch = recipe.workers, recipe.batch_size
     loaders = (_training.train_loader(train_set, batch, workers, dist, recipe.seed, collate),
@@ -402,11 +409,6 @@ def _init_images(train_set: _data.SkippingImageFolder, plan: Plan, seed: int) ->
         if len(images) == IMAGES_FOR_INIT:
             break
     return torch.stack(images)
-
-
-def _describe_init(records: list[dict[str, Any]]) -> str:
-    """What initialised the mechanisms, for the results table: "kmeans (torch)", say."""
-    return ", ".join(sorted({str(r.get("method", "?")) for r in records})) or "random"
 
 
 def result_row(plan: Plan, s: Setup, dist: Dist, result: dict[str, float], wall: float) -> dict[str, Any]:
