@@ -15,7 +15,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from attnbench import OptionError, build_mechanism, get_mechanism
 from mechanisms.nystromformer import iterative_pinv, segment_means
-from mechanisms.xformers_mea import xformers_problem
+from mechanisms.xformers_mea import FIX, installed_build, release, xformers_problem
 
 F64 = torch.float64
 DIM, HEADS = 24, 3
@@ -333,11 +333,14 @@ def test_xformers_refuses_the_cpu_instead_of_falling_back():
         m(torch.randn(2, 5, DIM))
 
 
-def test_xformers_reports_its_own_extension_load_failure():
+def test_xformers_says_why_its_extension_cannot_load_and_what_fixes_it():
     xformers = pytest.importorskip("xformers")
     problem = xformers_problem()
     if xformers._has_cpp_library:
         assert problem is None
-    else:
-        assert "can't load C++/CUDA extensions" in problem
-        assert problem in XFORMERS_CUDA_REASON
+        return
+    assert FIX in problem and "\n" not in problem
+    assert problem in XFORMERS_CUDA_REASON
+    build = installed_build()
+    if build.torch and release(build.torch) != release(torch.__version__):  # the installed and required torch
+        assert f"built for torch {build.torch}" in problem and f"torch {torch.__version__}" in problem
