@@ -15,6 +15,7 @@ import pandas as pd
 import torch
 
 from attnbench import registry
+from attnbench.options import parse_mechanism_options
 from attnbench.registry import OptionError, UnknownMechanismError
 from attnbench.resolution import ProbeConfig, ResolutionError, probe
 from attnbench.sweep import (
@@ -27,26 +28,20 @@ from attnbench.sweep import (
     parse_seq,
     run_sweep,
 )
-from attnbench.tasks import TaskError, UnknownTaskError, get_task, resolution_tasks, task_names
+from attnbench.tasks import (
+    TaskError,
+    UnknownTaskError,
+    broken_tasks,
+    finished_runs,
+    get_task,
+    model_table_tasks,
+    resolution_tasks,
+    task_names,
+)
 
 
 class UsageError(Exception):
     """A mistake in the command line; printed without a traceback, exit status 2."""
-
-
-def parse_mechanism_options(items: Sequence[str]) -> dict[str, dict[str, str]]:
-    """``["set.m=32", "set.eps=0.5"]`` -> ``{"set": {"m": "32", "eps": "0.5"}}``."""
-    parsed: dict[str, dict[str, str]] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        mech, dot, option = key.partition(".")
-        if not sep or not dot or not mech or not option:
-            raise UsageError(f"--opt {item!r}: expected MECHANISM.OPTION=VALUE, e.g. set.m=32")
-        registry.get_mechanism(mech)
-        parsed.setdefault(mech, {})[option] = value
-    for mech, values in parsed.items():  # validate now, not deep inside a sweep
-        registry.get_mechanism(mech).make_options(**values)
-    return parsed
 
 
 def _add_opt_argument(parser: argparse.ArgumentParser) -> None:
@@ -102,6 +97,8 @@ def build_parser(task: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--mechanism", default="all", help="comma list of mechanisms, or all (default)")
     p.add_argument("--img-size", type=int, default=224, help="image side in pixels (default 224)")
     p.add_argument("--classes", type=int, default=1000, help="classes of the head (default 1000)")
+    p.add_argument("--task", default="imagenet",
+                   help="the task whose model is built (default imagenet: the SeTformer classifier)")
     p.add_argument("--csv", type=Path, default=None, help="also write the table to this CSV file")
     p.set_defaults(func=cmd_models)
 
@@ -145,6 +142,19 @@ def build_parser(task: str | None = None) -> argparse.ArgumentParser:
                    help="fit exponents over n >= this (small n measure overheads; default 1024)")
     p.add_argument("--load", action="append", default=[], metavar="MODULE",
                    help="import a module or .py file that registers extra mechanisms (repeatable)")
+    p.add_argument("--compile", action="store_true",
+                   help="run each mechanism under torch.compile (compile time recorded apart; default eager)")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="interleaved timing rounds per n: A B C A B C ..., each row the median over its "
+                        "rounds (default 3)")
+    p.add_argument("--retries", type=int, default=2,
+                   help="times a configuration is measured again when it was not clean (default 2)")
+    p.add_argument("--max-slowdown", type=float, default=0.25, metavar="FRACTION",
+                   help="a round is disturbed when the machine probe beside it is more than this much "
+                        "slower than the sweep's best (default 0.25)")
+    p.add_argument("--max-spread", type=float, default=0.5, metavar="FRACTION",
+                   help="a row is not clean when its runs' IQR, or the range of its round medians, "
+                        "exceeds this fraction of its median (default 0.5)")
     p.set_defaults(func=cmd_scale)
 
     p = sub.add_parser("resolution", help="dense tasks: largest image side each mechanism trains at",
@@ -182,6 +192,8 @@ def build_parser(task: str | None = None) -> argparse.ArgumentParser:
                                    "draw accuracy against FLOPs and against parameters per mechanism.")
     p.add_argument("run_dir", type=Path, help="a results folder written by `scale`, or results/ itself")
     p.add_argument("--fit-min-n", type=int, default=1024, help="fit exponents over n >= this")
+    p.add_argument("--include-limited", action="store_true",
+                   help="also draw task runs cut short by --max-steps/--limit-train/--limit-val (smoke runs)")
     p.set_defaults(func=cmd_plot)
     return parser
 
@@ -209,6 +221,8 @@ def cmd_list(args: argparse.Namespace) -> int:
         reason = cls.unavailable_reason()
         task_rows.append((name, "yes" if reason is None else "no",
                           cls.summary if reason is None else f"{reason}: {cls.summary}"))
+    for name, why in broken_tasks().items():
+        task_rows.append((name, "no", f"plug-in failed to load: {why}"))
     print("Tasks")
     _print_table(("name", "available", "notes"), task_rows)
     return 0
@@ -268,13 +282,16 @@ def _pick(text: str, valid: Sequence[str], what: str) -> list[str]:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from tasks.backbone import SIZES, model_table  # the backbone lives with the tasks that train it
-
-    sizes = _pick(args.size, list(SIZES), "size")
+    task = get_task(args.task)  # the backbone lives with the tasks that train it
+    if args.task not in model_table_tasks():
+        raise UsageError(f"--task {args.task}: no model table; valid choices: "
+                         f"{', '.join(model_table_tasks())}")
+    sizes = _pick(args.size, list(task.sizes), "size")
     mechanisms = _pick(args.mechanism, registry.mechanism_names(), "mechanism")
     if args.img_size < 16 or args.classes < 1:
         raise UsageError("--img-size must be >= 16 and --classes >= 1")
-    table = pd.DataFrame(model_table(sizes, mechanisms, args.img_size, args.classes))
+    rows = task.model_table(sizes, mechanisms, img_size=args.img_size, num_classes=args.classes)
+    table = pd.DataFrame(rows)
     print(f"SeTformer backbone sizes at {args.img_size}×{args.img_size}, {args.classes} classes: parameters "
           "and forward FLOPs of one image (FlopCounterMode: matmuls and convolutions, 2 FLOPs per "
           "multiply-add; GMACs = GFLOPs / 2, the unit papers print as 'FLOPs'; attention elementwise "
@@ -322,6 +339,8 @@ def _memory_limit(given: float | None) -> float | None:
 
 
 def cmd_scale(args: argparse.Namespace) -> int:
+    from attnbench.sweep import summary  # the console summary: fits with intervals, ratios, the machine
+
     for spec in args.load:
         registry.load_module(spec)
     device = _device(args.device)
@@ -333,23 +352,27 @@ def cmd_scale(args: argparse.Namespace) -> int:
         threads=args.threads or torch.get_num_threads(), layout=args.layout,
         options=parse_mechanism_options(args.opt), budget=args.budget, min_run_time=args.min_time,
         memory_limit_mib=limit if device == "cpu" else None,
-        load=[str(Path(s).resolve()) if s.endswith(".py") else s for s in args.load])
+        load=[str(Path(s).resolve()) if s.endswith(".py") else s for s in args.load],
+        compile=args.compile, rounds=args.rounds, retries=args.retries, max_slowdown=args.max_slowdown,
+        max_spread=args.max_spread)
     if args.compare is not None and not (args.compare / "scale.csv").is_file():
         raise UsageError(f"--compare {args.compare}: no scale.csv there")
     if args.resume and args.out is None:
         raise UsageError("--resume needs --out pointing at the run to finish")
     out = args.out or default_out_dir(Path("results"))
     print(f"attnbench scale: {len(cfg.mechanisms)} mechanisms x {len(cfg.seq)} lengths x "
-          f"{len(cfg.modes)} modes on {device} ({cfg.threads} threads) -> {out}", file=sys.stderr)
+          f"{len(cfg.modes)} modes on {device} ({cfg.threads} threads, "
+          f"{'compiled' if cfg.compile else 'eager'}, {cfg.rounds} interleaved rounds) -> {out}",
+          file=sys.stderr)
     run_sweep(cfg, out, args.resume, ["attnbench", *sys.argv[1:]])
     fits = finish(out, args.fit_min_n)
-    with pd.option_context("display.width", 160, "display.max_columns", 20):
-        print(fits.to_string(index=False))
+    print(summary(out, fits))
     if args.compare is not None:
         ratios = compare(out, args.compare)
         flagged = ratios[ratios["regression"]]
         print(f"compared with {args.compare}: {len(ratios)} configurations, {len(flagged)} regressions "
-              f"(> 10% slower beyond noise) -> {out / 'compare.csv'}")
+              f"(> 10% slower beyond noise; {int(ratios['noisy'].sum())} pairs noisy, not judged) "
+              f"-> {out / 'compare.csv'}")
         if len(flagged):
             print(flagged.to_string(index=False))
     return 0
@@ -414,7 +437,8 @@ def cmd_plot(args: argparse.Namespace) -> int:
     if scale:
         finish(args.run_dir, args.fit_min_n)
     for path in tables:
-        for written in accuracy_plots(pd.read_csv(path), args.run_dir, path.stem):
+        rows = finished_runs(pd.read_csv(path), args.include_limited)
+        for written in accuracy_plots(rows, args.run_dir, path.stem):
             print(written)
     return 0
 

@@ -1,14 +1,14 @@
 """The mechanism registry: one decorator to register, one factory to build.
 
-Built-in mechanisms live in the ``mechanisms`` package; third-party packages add theirs
-through the ``attnbench.mechanisms`` entry-point group and appear everywhere with no change
-to attnbench.
+Every mechanism, built-in or third-party, is found through the ``attnbench.mechanisms``
+entry-point group: the built-in ones in ``mechanisms/`` are declared in attnbench's own
+``pyproject.toml`` exactly as a plug-in package declares its own, so the engine never imports
+them by name and the plug-in path runs on every call.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import typing
 import warnings
 from importlib import metadata
@@ -43,20 +43,29 @@ def register_mechanism(cls: type) -> type:
     return cls
 
 
+def load_entry_points(group: str, broken: dict[str, str]) -> None:
+    """Load every entry point of ``group`` (loading a module runs its ``@register_…``
+    decorators); one that fails is recorded in ``broken`` and warned about, not raised."""
+    for ep in metadata.entry_points(group=group):
+        try:
+            ep.load()
+        except Exception as exc:  # a broken plug-in must not take attnbench down
+            broken[ep.name] = f"{type(exc).__name__}: {exc}"
+            warnings.warn(f"attnbench plug-in {ep.name!r} ({ep.value}) failed to load: {exc}",
+                          stacklevel=3)
+
+
 def _load_all() -> None:
-    """Import the built-in mechanisms and every installed plug-in, once."""
+    """Load every mechanism of the entry-point group, built-in and plug-in alike, once."""
     global _loaded
     if _loaded:
         return
     _loaded = True
-    importlib.import_module("mechanisms")
-    for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
-        try:
-            ep.load()  # loading the module runs its @register_mechanism decorators
-        except Exception as exc:  # a broken plug-in must not take attnbench down
-            _BROKEN_PLUGINS[ep.name] = f"{type(exc).__name__}: {exc}"
-            warnings.warn(f"attnbench plug-in {ep.name!r} ({ep.value}) failed to load: {exc}",
-                          stacklevel=2)
+    load_entry_points(ENTRY_POINT_GROUP, _BROKEN_PLUGINS)
+
+
+NOT_INSTALLED = ("none registered: attnbench's entry points are not installed; run "
+                 "`pip install -e .` in the checkout (scripts/setup.sh does)")
 
 
 def load_module(spec: str) -> None:
@@ -105,7 +114,7 @@ def get_mechanism(name: str) -> type:
         return _REGISTRY[name]
     except KeyError:
         raise UnknownMechanismError(
-            f"unknown mechanism {name!r}; valid choices: {', '.join(sorted(_REGISTRY))}"
+            f"unknown mechanism {name!r}; valid choices: {', '.join(sorted(_REGISTRY)) or NOT_INSTALLED}"
         ) from None
 
 

@@ -1,17 +1,28 @@
-"""The task registry: one decorator to register a task harness, looked up by name.
+"""The task registry: one decorator to register a task, looked up by name.
 
-Tasks reach mechanisms only through the mechanism registry; the engine sees a task only
-through this small interface.
+Every task, built-in or third-party, is found through the ``attnbench.tasks`` entry-point
+group: the built-in ones (``tasks/imagenet``, ``tasks/coco``, …) are declared in attnbench's own
+``pyproject.toml`` exactly as a plug-in package declares its own, so the engine never imports
+them by name. Tasks reach mechanisms only through the mechanism registry; the engine sees a
+task only through the small ``Task`` interface below.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
-from collections.abc import Callable
-from typing import Any, ClassVar
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from attnbench.registry import NOT_INSTALLED, load_entry_points
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+ENTRY_POINT_GROUP = "attnbench.tasks"
 
 _TASKS: dict[str, type[Task]] = {}
+_BROKEN_TASKS: dict[str, str] = {}  # entry-point name -> why it failed to load
+_loaded = False
 
 
 class UnknownTaskError(KeyError):
@@ -27,10 +38,14 @@ class TaskError(ValueError):
 
 
 class Task:
-    """A task harness: its data, model head, metric and training loop."""
+    """What the engine knows of a task: its name, options, how to run it, and two optional
+    capabilities (a synthetic training step for ``attnbench resolution``, a model table for
+    ``attnbench models``). ``tasks.common.harness.TrainingTask`` implements ``run`` once for
+    every task that trains a model."""
 
     name: ClassVar[str]
     summary: ClassVar[str] = ""
+    sizes: ClassVar[Sequence[str]] = ()  # model sizes (``--size``), if the task has several
 
     @classmethod
     def unavailable_reason(cls) -> str | None:
@@ -46,7 +61,8 @@ class Task:
         raise NotImplementedError
 
     # Dense tasks, whose cost grows with the input side, offer the resolution probe a synthetic
-    # training step (``attnbench resolution``); ``train_side`` is their default preset's side.
+    # training step (``attnbench resolution``): they set ``train_side`` (their default preset's
+    # side) and implement ``train_step``.
     train_side: ClassVar[int | None] = None
 
     @classmethod
@@ -57,27 +73,85 @@ class Task:
         raise TaskError(f"task {cls.name!r} has no resolution probe; tasks with one: "
                         f"{', '.join(resolution_tasks()) or 'none'}")
 
+    @classmethod
+    def model_table(cls, sizes: Sequence[str], mechanisms: Sequence[str],
+                    **settings: Any) -> list[dict[str, Any]]:
+        """``attnbench models``: parameters and forward FLOPs per (size, mechanism), measured."""
+        raise TaskError(f"task {cls.name!r} has no model table; tasks with one: "
+                        f"{', '.join(model_table_tasks()) or 'none'}")
+
 
 def register_task(cls: type[Task]) -> type[Task]:
     """Class decorator: add a ``Task`` subclass to the registry under ``cls.name``."""
-    _TASKS[cls.name] = cls
+    name = getattr(cls, "name", None)
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"{cls.__qualname__} needs a class attribute `name` to be registered")
+    old = _TASKS.get(name)
+    if old is not None and (old.__module__, old.__qualname__) != (cls.__module__, cls.__qualname__):
+        raise ValueError(f"task {name!r} is registered twice: {old.__module__} and {cls.__module__}")
+    _TASKS[name] = cls
     return cls
 
 
+def _load_all() -> None:
+    """Load every task of the entry-point group, built-in and plug-in alike, once."""
+    global _loaded
+    if not _loaded:
+        _loaded = True
+        load_entry_points(ENTRY_POINT_GROUP, _BROKEN_TASKS)
+
+
+def reload_plugins() -> None:
+    """Forget what was loaded and discover again (for tests that install a plug-in)."""
+    global _loaded
+    _loaded = False
+    _BROKEN_TASKS.clear()
+    _load_all()
+
+
 def task_names() -> list[str]:
-    importlib.import_module("tasks")
+    _load_all()
     return sorted(_TASKS)
 
 
+def broken_tasks() -> dict[str, str]:
+    """Task plug-ins that failed to load, with the reason."""
+    _load_all()
+    return dict(_BROKEN_TASKS)
+
+
 def get_task(name: str) -> type[Task]:
-    importlib.import_module("tasks")
+    _load_all()
     try:
         return _TASKS[name]
     except KeyError:
         raise UnknownTaskError(
-            f"unknown task {name!r}; valid choices: {', '.join(sorted(_TASKS))}") from None
+            f"unknown task {name!r}; valid choices: {', '.join(sorted(_TASKS)) or NOT_INSTALLED}") from None
 
 
 def resolution_tasks() -> list[str]:
-    """Tasks that offer ``train_step`` (image side matters for them)."""
-    return [name for name in task_names() if _TASKS[name].train_step.__func__ is not Task.train_step.__func__]
+    """Tasks that offer ``train_step`` (image side matters for them): those with a ``train_side``."""
+    return [name for name in task_names() if _TASKS[name].train_side is not None]
+
+
+def model_table_tasks() -> list[str]:
+    """Tasks that offer ``model_table`` (``attnbench models``)."""
+    base = Task.model_table.__func__
+    return [name for name in task_names() if _TASKS[name].model_table.__func__ is not base]
+
+
+# ---- what task runs write --------------------------------------------------------------------
+
+
+def finished_runs(table: pd.DataFrame, include_limited: bool = False) -> pd.DataFrame:
+    """The rows of a task results table that plots and aggregates stand on: runs that finished
+    (``status == "ok"``) and, unless ``include_limited``, were not smoke runs cut short by
+    ``--max-steps`` / ``--limit-train`` / ``--limit-val`` (tables from before the column: none was)."""
+    rows = table[table["status"] == "ok"] if "status" in table.columns else table
+    if not include_limited and "limited" in rows.columns:
+        rows = rows[~rows["limited"].map(_truthy).astype(bool)]
+    return rows
+
+
+def _truthy(value: Any) -> bool:
+    return str(value).strip().lower() in ("true", "1", "yes")

@@ -1,13 +1,8 @@
 """Built-in attention mechanisms, one module each.
 
-Importing this package imports every module in it, and each module registers its mechanism
-with ``@register_mechanism``: adding a mechanism is adding a file. Modules whose names start
-with ``_`` hold shared helpers and register nothing.
+Each module registers its mechanism with ``@register_mechanism`` and is declared as an entry
+point of the group ``attnbench.mechanisms`` in attnbench's ``pyproject.toml``, exactly as a
+third-party plug-in declares its own: the engine loads them all through that group and never
+imports this package by name. Adding a mechanism is adding a file and its entry-point line
+(``tests/test_layout.py`` fails for a module without one).
 """
-
-import importlib
-import pkgutil
-
-for _module in pkgutil.iter_modules(__path__):
-    if not _module.name.startswith("_"):
-        importlib.import_module(f"{__name__}.{_module.name}")

@@ -1,8 +1,12 @@
-"""Task harnesses, one module each; importing this package registers them."""
+"""The built-in tasks, one folder each, and what they share.
 
-from tasks import (  # noqa: F401  (each module registers its task)
-    ade20k,
-    coco,
-    glue,
-    imagenet,
-)
+``tasks/<name>/`` holds everything that is one task's alone: its data reader and embedded-set
+builder (``data.py``, ``embedded.py``), its model head (``model.py``), its metric
+(``metrics.py``), its plots and its task class (``task.py``). ``tasks/common/`` holds what several
+tasks share: the training harness with the one epoch loop (``harness.py``, ``trainer.py``,
+``distributed.py``), the SeTformer backbone, the text encoder, the image-folder reader and the
+cache the embedded sets are written to.
+
+Nothing imports this package by name: each task is an entry point of the group
+``attnbench.tasks`` in attnbench's ``pyproject.toml``, as a third-party task would be.
+"""
