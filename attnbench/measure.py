@@ -13,6 +13,7 @@ import dataclasses
 import gc
 import math
 import statistics
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -63,6 +64,44 @@ def time_step(step: Callable[[], None], threads: int, min_run_time: float, min_r
         times += [timer.timeit(1).median * 1e3 for _ in range(min_runs - len(times))]
     quartiles = statistics.quantiles(times, n=4) if len(times) > 1 else [times[0]] * 3
     return Timing(statistics.median(times), quartiles[2] - quartiles[0], len(times))
+
+
+def time_call(step: Callable[[], None], device: torch.device) -> float:
+    """Seconds of one call of ``step``, CUDA synchronised before and after (as the Timer does).
+
+    For steps long enough to be timed alone: ``Timer.timeit(1)`` would run two more calls to warm up.
+    """
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    step()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
+
+
+def time_round(timer: benchmark.Timer, step: Callable[[], None], device: torch.device, step_s: float,
+               seconds: float, min_runs: int) -> list[float]:
+    """Per-run times in ms of one timing round of about ``seconds``, at least ``min_runs`` runs.
+
+    Steps short enough to need it are timed in blocks by ``blocked_autorange`` (whose block-size
+    estimate also re-warms the caches after whatever ran between rounds); steps that fill the
+    round with ``min_runs`` calls are timed call by call. ``step_s``: one warm call's time.
+    """
+    if step_s * min_runs >= seconds:
+        return [time_call(step, device) * 1e3 for _ in range(min_runs)]
+    times = [t * 1e3 for t in timer.blocked_autorange(min_run_time=seconds).times]
+    while len(times) < min_runs:
+        times.append(time_call(step, device) * 1e3)
+    return times
+
+
+def quartiles(values: list[float]) -> tuple[float, float, float]:
+    """First quartile, median and third quartile (all three the value itself for one value)."""
+    if len(values) == 1:
+        return values[0], values[0], values[0]
+    q1, q2, q3 = statistics.quantiles(values, n=4)
+    return q1, statistics.median(values), q3
 
 
 def proc_status_mib(field: str) -> float:

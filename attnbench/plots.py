@@ -54,16 +54,32 @@ def _reference_slopes(ax: plt.Axes, n: np.ndarray, y0: float) -> None:
                 label=f"slope {power} (O(n{'²' if power == 2 else ''}))")
 
 
-def scaling_plots(table: pd.DataFrame, fits: pd.DataFrame, out: Path, title: str) -> list[Path]:
-    """Time and memory against n, log-log, per mode, plus ratio bars against the baseline."""
+def _fit_label(mech: str, fit: pd.DataFrame, prefix: str) -> str:
+    """``set (n^1.00 [0.95, 1.05])``: the exponent with its 95 % interval, where there is one."""
+    if fit.empty or not math.isfinite(fit[f"{prefix}_exponent"].iloc[0]):
+        return mech
+    exp = fit[f"{prefix}_exponent"].iloc[0]
+    lo, hi = fit.get(f"{prefix}_ci_low"), fit.get(f"{prefix}_ci_high")
+    if lo is None or hi is None or not (math.isfinite(lo.iloc[0]) and math.isfinite(hi.iloc[0])):
+        return f"{mech} (n^{exp:.2f})"
+    return f"{mech} (n^{exp:.2f} [{lo.iloc[0]:.2f}, {hi.iloc[0]:.2f}])"
+
+
+def scaling_plots(table: pd.DataFrame, fits: pd.DataFrame, out: Path, title: str,
+                  ratios: pd.DataFrame | None = None) -> list[Path]:
+    """Time and memory against n, log-log, per mode (rows flagged noisy as hollow markers, left out
+    of the fits), plus ratio bars against the baseline."""
+    from attnbench.fit import flag
+
     written: list[Path] = []
     for mode in sorted(table["mode"].unique()):
         rows = table[(table["mode"] == mode) & (table["status"] == "ok")]
         if rows.empty:
             continue
-        panels = (("time_ms_median", "time_exponent", "time per step (ms)", "time"),
-                  ("peak_mem_mib", "memory_exponent", "peak memory (MiB)", "memory"))
-        for column, fit_col, unit, stem in panels:
+        panels = (("time_ms_median", "time", "time per step (ms)", "time"),
+                  ("peak_mem_mib", "memory", "peak memory (MiB)", "memory"))
+        noisy_any = False
+        for column, prefix, unit, stem in panels:
             fig, ax = plt.subplots(figsize=(7.5, 5))
             data = rows[rows[column] > 0]
             if data.empty:
@@ -72,29 +88,38 @@ def scaling_plots(table: pd.DataFrame, fits: pd.DataFrame, out: Path, title: str
             for mech, group in data.groupby("mechanism"):
                 group = group.sort_values("n")
                 fit = fits[(fits["mechanism"] == mech) & (fits["mode"] == mode)]
-                exp = fit[fit_col].iloc[0] if len(fit) else math.nan
                 lw = 2.6 if mech == "set" else 1.6
-                ax.plot(group["n"], group[column], "o-", color=colour(mech), lw=lw, ms=4,
-                        label=f"{mech} (n^{exp:.2f})" if math.isfinite(exp) else mech)
+                ax.plot(group["n"], group[column], "-", color=colour(mech), lw=lw,
+                        label=_fit_label(mech, fit, prefix))
+                noisy = flag(group, "noisy")
+                noisy_any |= bool(noisy.any())
+                ax.plot(group["n"][~noisy], group[column][~noisy], "o", color=colour(mech), ms=4)
+                ax.plot(group["n"][noisy], group[column][noisy], "o", mfc="white", mec=colour(mech), ms=6)
                 if column == "time_ms_median" and (group["time_ms_iqr"] > 0).any():
-                    ax.fill_between(group["n"], group[column] - group["time_ms_iqr"] / 2,
-                                    group[column] + group["time_ms_iqr"] / 2, color=colour(mech), alpha=0.15)
+                    low = np.maximum(group[column] - group["time_ms_iqr"] / 2, group[column] / 10)  # log axis
+                    ax.fill_between(group["n"], low, group[column] + group["time_ms_iqr"] / 2,
+                                    color=colour(mech), alpha=0.15)
             ns = np.sort(data["n"].unique())
             _reference_slopes(ax, ns, float(data[data["n"] == ns[0]][column].median()))
+            if noisy_any:
+                ax.plot([], [], "o", mfc="white", mec="0.4", label="noisy (left out of the fit)")
             ax.set_xscale("log", base=2)
             ax.set_yscale("log")
             ax.set_xlabel("sequence length n (tokens)")
             ax.set_ylabel(unit)
-            ax.set_title(f"{stem.capitalize()} against n, {mode} — {title}", fontsize=10)
+            ax.set_title(f"{stem.capitalize()} against n, {mode} (exponent [95% CI]) — {title}", fontsize=10)
             ax.grid(True, which="major", alpha=0.3)
-            ax.legend(fontsize=8, loc="upper left", ncol=2)
+            ax.legend(fontsize=7, loc="upper left", ncol=2)
             written += _save(fig, out, f"{stem}_{mode.replace('+', '_')}")
-        written += _ratio_bars(rows, out, mode, title)
+        mode_ratios = ratios[ratios["mode"] == mode] if ratios is not None and len(ratios) else None
+        written += _ratio_bars(rows, out, mode, title, mode_ratios)
     return written
 
 
-def _ratio_bars(rows: pd.DataFrame, out: Path, mode: str, title: str) -> list[Path]:
-    """Time and memory relative to the baseline at the largest n where both ran."""
+def _ratio_bars(rows: pd.DataFrame, out: Path, mode: str, title: str,
+                ratios: pd.DataFrame | None = None) -> list[Path]:
+    """Time and memory relative to the baseline at the largest n where both ran; the time from the
+    rounds where both were timed together (median, whiskers at the quartiles) where there are such."""
     baseline = next((b for b in ("softmax", "sdpa") if b in set(rows["mechanism"])), None)
     if baseline is None:
         return []
@@ -107,18 +132,31 @@ def _ratio_bars(rows: pd.DataFrame, out: Path, mode: str, title: str) -> list[Pa
         return []
     n = max(common)
     at_n = rows[rows["n"] == n].set_index("mechanism")
+    same_round = (ratios[(ratios["n"] == n) & (ratios["baseline"] == baseline)].set_index("mechanism")
+                  if ratios is not None else pd.DataFrame())
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for ax, column, what in ((axes[0], "time_ms_median", "time"), (axes[1], "peak_mem_mib", "peak memory")):
-        ratios = [at_n.loc[m, column] / base.loc[n, column]
-                  if base.loc[n, column] > 0 and at_n.loc[m, column] > 0 else math.nan for m in mechs]
-        ax.barh(mechs, ratios, color=[colour(m) for m in mechs])
+        ratios_here = [at_n.loc[m, column] / base.loc[n, column]
+                       if base.loc[n, column] > 0 and at_n.loc[m, column] > 0 else math.nan for m in mechs]
+        errors = None
+        if column == "time_ms_median" and len(same_round):
+            for i, m in enumerate(mechs):
+                if m in same_round.index:
+                    ratios_here[i] = same_round.loc[m, "ratio_median"]
+            low = [r - same_round.loc[m, "ratio_q1"] if m in same_round.index else 0 for m, r in
+                   zip(mechs, ratios_here, strict=True)]
+            high = [same_round.loc[m, "ratio_q3"] - r if m in same_round.index else 0 for m, r in
+                    zip(mechs, ratios_here, strict=True)]
+            errors = [np.nan_to_num(low), np.nan_to_num(high)]
+        ax.barh(mechs, ratios_here, xerr=errors, color=[colour(m) for m in mechs], capsize=3)
         ax.axvline(1.0, color="0.3", lw=1)
         ax.set_xscale("log")
         ax.set_xlabel(f"{what} relative to {baseline} (×, lower is better)")
-        for y, r in enumerate(ratios):
+        for y, r in enumerate(ratios_here):
             if math.isfinite(r):
                 ax.text(r, y, f" {r:.2g}×", va="center", fontsize=8)
-    fig.suptitle(f"At n = {n} (largest n all ran), {mode} — {title}", fontsize=10)
+    fig.suptitle(f"At n = {n} (largest n all ran), {mode}; time: same-round ratios, whiskers at the quartiles"
+                 f" — {title}", fontsize=10)
     fig.tight_layout()
     return _save(fig, out, f"ratios_{mode.replace('+', '_')}")
 

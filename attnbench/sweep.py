@@ -1,33 +1,53 @@
 """``attnbench scale``: the sequence-length sweep.
 
-Each (mechanism, n, mode) runs in its own worker process (``attnbench.worker``), one after
-another, under a time budget. Every result, failures included, is appended to ``scale.csv``
-as soon as it exists; at the end come the fit table and the plots.
+At each n (and mode) every mechanism is built once, in a worker process of its own
+(``attnbench.worker.Session``), and then timed in interleaved rounds, A B C A B C …, so that a
+burst of load hits all of them rather than one; the machine probe (``attnbench.probe``) is
+read before the sweep and between rounds, in a process of its own. A configuration whose
+rounds the probe saw slowed by more than ``max_slowdown``, or whose runs spread more than
+``max_spread`` of their median, is measured again (at most ``retries`` times); one that never
+measured cleanly is kept and flagged ``noisy`` with the reason, and the fits leave it out.
+Memory is a separate step after the timing. Rows (failures included) are appended to
+``scale.csv`` and rounds to ``rounds.csv`` as each n finishes; at the end come the fit table,
+the same-round ratios (``ratios.csv``) and the plots.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import itertools
 import json
 import math
+import os
 import re
+import statistics
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
 from attnbench import registry
-from attnbench.fit import fit_table
+from attnbench.fit import BASELINES, fit_table, flag, ratio_table
+from attnbench.measure import quartiles
+from attnbench.probe import MachineState, Reading, floor_ms, median_reading
 from attnbench.results import append_row, read_table, run_context, write_meta, write_table
-from attnbench.worker import measure, run_isolated
+from attnbench.worker import STALL_ENV, Configuration, ProbeHandler, Session
 
 COLUMNS = ["mechanism", "n", "mode", "batch", "heads", "head_dim", "dtype", "device", "threads",
-           "layout", "options", "backend", "time_ms_median", "time_ms_iqr", "runs", "peak_mem_mib",
-           "flops", "gflops", "params", "status", "message"]
+           "layout", "options", "backend", "compiled", "time_ms_median", "time_ms_iqr", "runs", "rounds",
+           "attempts", "spread", "noisy", "peak_mem_mib", "flops", "flops_matmul", "gflops", "floor_ms",
+           "floor_fraction", "machine_gflops", "machine_gbs", "machine_slowdown", "compile_s", "params",
+           "status", "message"]
+ROUND_COLUMNS = ["mechanism", "n", "mode", "pass", "attempt", "round", "time_ms_median", "runs",
+                 "machine_gflops", "machine_gbs", "slowdown", "disturbed", "kept"]
 KEY = ["mechanism", "n", "mode"]
+DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
+PROBE_WARMUP = 5  # readings before the sweep: first-touch and clock ramps settle, the reference forms
+PROBE_TIMEOUT = 60.0
 MAX_N = 2**24
 
 
@@ -90,14 +110,23 @@ class SweepConfig:
     min_run_time: float = 0.5
     memory_limit_mib: float | None = None
     load: list[str] = dataclasses.field(default_factory=list)
+    compile: bool = False
+    rounds: int = 3
+    retries: int = 2
+    max_slowdown: float = 0.25
+    max_spread: float = 0.5
+    settle_s: float = 5.0  # before measuring again, wait up to this long for the machine to calm down
 
     def validate(self) -> None:
         for name, value, low in (("--batch", self.batch, 1), ("--heads", self.heads, 1),
-                                 ("--head-dim", self.head_dim, 1), ("--threads", self.threads, 1)):
+                                 ("--head-dim", self.head_dim, 1), ("--threads", self.threads, 1),
+                                 ("--rounds", self.rounds, 1), ("--retries", self.retries, 0)):
             if value < low:
                 raise SweepError(f"{name} must be >= {low}, got {value}")
-        if self.budget <= 0:
-            raise SweepError(f"--budget must be > 0 seconds, got {self.budget}")
+        for name, value in (("--budget", self.budget), ("--max-slowdown", self.max_slowdown),
+                            ("--max-spread", self.max_spread)):
+            if not value > 0:
+                raise SweepError(f"{name} must be > 0, got {value}")
         if self.dtype not in ("float32", "float16", "bfloat16", "float64"):
             raise SweepError(f"--dtype {self.dtype!r}; valid choices: float32, float16, bfloat16, float64")
 
@@ -110,18 +139,20 @@ def _grid(n: int, layout: str) -> tuple[int, int] | None:
 
 
 def configurations(cfg: SweepConfig) -> list[dict[str, Any]]:
-    return [{"mechanism": m, "n": n, "mode": mode} for m in cfg.mechanisms for mode in cfg.modes
-            for n in cfg.seq]
+    """Every (mechanism, n, mode), n by n: the mechanisms at one n are timed in alternation."""
+    return [{"mechanism": m, "n": n, "mode": mode} for mode in cfg.modes for n in cfg.seq
+            for m in cfg.mechanisms]
 
 
 def _row(cfg: SweepConfig, job: dict[str, Any], **measured: Any) -> dict[str, Any]:
     return {**job, "batch": cfg.batch, "heads": cfg.heads, "head_dim": cfg.head_dim, "dtype": cfg.dtype,
             "device": cfg.device, "threads": cfg.threads, "layout": cfg.layout,
-            "options": json.dumps(cfg.options.get(job["mechanism"], {}), sort_keys=True), **measured}
+            "options": json.dumps(cfg.options.get(job["mechanism"], {}), sort_keys=True),
+            "compiled": cfg.compile, **measured}
 
 
-def run_one(cfg: SweepConfig, job: dict[str, Any], log_path: Path | None = None) -> dict[str, Any]:
-    """Measure one configuration in a worker process; failures become statuses, never raises."""
+def _unavailable(cfg: SweepConfig, job: dict[str, Any]) -> str | None:
+    """Why this configuration cannot run here, or None."""
     cls = registry.get_mechanism(job["mechanism"])
     reason = cls.unavailable_reason(cfg.device)
     grid = _grid(job["n"], cfg.layout)
@@ -129,13 +160,248 @@ def run_one(cfg: SweepConfig, job: dict[str, Any], log_path: Path | None = None)
         reason = f"n={job['n']} is not a square number of image tokens (--layout 2d)"
     if reason is None and cls.needs_grid and grid is None:
         reason = "needs a 2-D grid of tokens: use --layout 2d with square n"
-    if reason:
-        return _row(cfg, job, status="unavailable", message=reason)
-    payload = {**job, "batch": cfg.batch, "heads": cfg.heads, "head_dim": cfg.head_dim, "dtype": cfg.dtype,
-               "device": cfg.device, "threads": cfg.threads, "grid": grid,
-               "options": cfg.options.get(job["mechanism"], {}), "min_run_time": cfg.min_run_time,
-               "memory_limit_mib": cfg.memory_limit_mib, "load": cfg.load}
-    return _row(cfg, job, **run_isolated(measure, payload, cfg.budget, log_path))
+    return reason
+
+
+def _payload(cfg: SweepConfig, job: dict[str, Any]) -> dict[str, Any]:
+    """What the worker needs to build the configuration."""
+    return {**job, "batch": cfg.batch, "heads": cfg.heads, "head_dim": cfg.head_dim, "dtype": cfg.dtype,
+            "device": cfg.device, "threads": cfg.threads, "grid": _grid(job["n"], cfg.layout),
+            "options": cfg.options.get(job["mechanism"], {}), "memory_limit_mib": cfg.memory_limit_mib,
+            "load": cfg.load, "compile": cfg.compile, "stall": os.environ.get(STALL_ENV, "")}
+
+
+class MachineProbe:
+    """The probe's worker session and every reading of this sweep; a probe that fails reads NaN."""
+
+    def __init__(self, cfg: SweepConfig, log_path: Path | None, log: Any) -> None:
+        config = {"device": cfg.device, "dtype": cfg.dtype, "threads": cfg.threads}
+        self.session = Session(ProbeHandler, config, log_path)
+        self.state = MachineState()
+        self.last = Reading(math.nan, math.nan)
+        self.log = log
+        self.failed = False
+
+    def read(self) -> Reading:
+        if self.failed:
+            return Reading(math.nan, math.nan)
+        answer = self.session.request({"op": "read"}, PROBE_TIMEOUT)
+        if answer["status"] != "ok":
+            self.failed = True
+            print(f"machine probe failed ({answer['message']}); going on without it", file=self.log)
+            return Reading(math.nan, math.nan)
+        self.last = Reading(answer["gflops"], answer["gbs"])
+        self.state.add(self.last)
+        return self.last
+
+    def settle(self, max_slowdown: float, seconds: float) -> None:
+        """Wait, at most ``seconds``, until the machine reads as fast as its best again (within
+        ``max_slowdown``): a measurement repeated in the middle of a burst of load is wasted."""
+        end = time.monotonic() + seconds
+        while not self.failed and self.state.slowdown([self.read()]) > 1 + max_slowdown:
+            if time.monotonic() > end:
+                return
+            time.sleep(0.25)
+
+    def close(self) -> None:
+        self.session.close()
+
+
+@dataclasses.dataclass
+class Round:
+    """One timing round of one configuration, with the probe readings just before and after it."""
+
+    attempt: int
+    index: int
+    pass_id: int
+    times_ms: list[float]
+    readings: tuple[Reading, Reading]
+    slowdown: float
+
+    @property
+    def median_ms(self) -> float:
+        return statistics.median(self.times_ms)
+
+
+@dataclasses.dataclass
+class Live:
+    """A configuration being measured: its worker, its setup answer, its rounds and verdicts."""
+
+    job: dict[str, Any]
+    session: Session
+    setup: dict[str, Any]
+    rounds: list[Round] = dataclasses.field(default_factory=list)
+    verdicts: list[str] = dataclasses.field(default_factory=list)  # per measurement: "" = clean
+    attempt_start: list[float] = dataclasses.field(default_factory=list)  # session.spent at each start
+    failure: dict[str, Any] | None = None
+    peak_mem_mib: float = math.nan
+
+    @property
+    def clean(self) -> bool:
+        return bool(self.verdicts) and self.verdicts[-1] == ""
+
+    def kept(self) -> list[Round]:
+        """The rounds of the measurement the row reports: the clean one, else the last."""
+        return [r for r in self.rounds if r.attempt == len(self.verdicts) - 1]
+
+    def can_retry(self, budget: float) -> bool:
+        """Whether another measurement (as long as the last) and the memory step fit the budget."""
+        last = self.session.spent - self.attempt_start[-1]
+        return self.session.spent + last + self.setup.get("step_s", 0.0) <= budget
+
+
+def _statistics(rounds: list[Round]) -> dict[str, float]:
+    """The median over rounds of each round's median, the IQR of all runs, and their spread:
+    the larger of the IQR and the range of the round medians, as a fraction of the median."""
+    medians = [r.median_ms for r in rounds]
+    runs = [t for r in rounds for t in r.times_ms]
+    median = statistics.median(medians)
+    q1, _, q3 = quartiles(runs)
+    spread = max(q3 - q1, max(medians) - min(medians)) / median if median > 0 else math.inf
+    return {"time_ms_median": median, "time_ms_iqr": q3 - q1, "runs": len(runs), "rounds": len(rounds),
+            "spread": spread}
+
+
+def _verdict(cfg: SweepConfig, rounds: list[Round]) -> str:
+    """Why one measurement (its rounds) is not clean; "" when it is."""
+    reasons = []
+    slowdown = max((r.slowdown for r in rounds if math.isfinite(r.slowdown)), default=math.nan)
+    if slowdown > 1 + cfg.max_slowdown:
+        reasons.append(f"machine {slowdown:.2f}x slower than its best (probe)")
+    spread = _statistics(rounds)["spread"]
+    if spread > cfg.max_spread:
+        reasons.append(f"runs spread {spread:.2f} of the median")
+    return " and ".join(reasons)
+
+
+def _round_request(cfg: SweepConfig, live: Live, index: int) -> dict[str, Any]:
+    """One round's share of --min-time, and of the 5 runs (3 for steps over a second) a row needs:
+    5 runs in 3 rounds are 2, 2 and 1; every round has at least one."""
+    runs = 3 if live.setup.get("step_s", 0.0) > 1.0 else 5
+    share = runs // cfg.rounds + (index < runs % cfg.rounds)
+    return {"op": "round", "index": index, "seconds": cfg.min_run_time / cfg.rounds,
+            "min_runs": max(1, share)}
+
+
+def _measure_rounds(cfg: SweepConfig, group: list[Live], probe: MachineProbe,
+                    passes: Iterator[int]) -> None:
+    """Time ``group`` in interleaved rounds; measure again what was not clean, within the retries."""
+    for attempt in range(cfg.retries + 1):
+        pending = [c for c in group if c.failure is None and not c.clean
+                   and (attempt == 0 or c.can_retry(cfg.budget))]
+        if not pending:
+            return
+        if attempt > 0:
+            probe.settle(cfg.max_slowdown, cfg.settle_s)
+        for c in pending:
+            c.attempt_start.append(c.session.spent)
+        before = probe.read()
+        for index in range(cfg.rounds):
+            pass_id = next(passes)
+            for c in pending:
+                if c.failure is not None:
+                    continue
+                answer = c.session.request(_round_request(cfg, c, index))
+                after = probe.read()
+                if answer["status"] == "ok":
+                    slowdown = probe.state.slowdown([before, after])
+                    c.rounds.append(Round(attempt, index, pass_id, answer["times_ms"], (before, after),
+                                          slowdown))
+                else:
+                    c.failure = answer
+                before = after  # one reading between two rounds serves both
+        for c in pending:
+            if c.failure is None:
+                c.verdicts.append(_verdict(cfg, [r for r in c.rounds if r.attempt == attempt]))
+
+
+def _message(cfg: SweepConfig, live: Live) -> str:
+    """Why a row is noisy, or what its earlier measurements showed ("" when the first was clean)."""
+    earlier = "; ".join(v for v in live.verdicts[:-1] if v)
+    if live.clean:
+        return f"clean on measurement {len(live.verdicts)} (before: {earlier})" if earlier else ""
+    retried = len(live.verdicts) - 1
+    more = "" if retried == cfg.retries else " (no budget left to measure it again)"
+    return f"noisy: {live.verdicts[-1]}, in all {len(live.verdicts)} measurements{more}"
+
+
+def _finished_row(cfg: SweepConfig, live: Live) -> dict[str, Any]:
+    """The row of a measured configuration: its statistics, the machine's rate and the floor."""
+    setup = {k: v for k, v in live.setup.items() if k not in ("first_call_s", "step_s")}
+    if live.failure is not None:
+        return _row(cfg, live.job, **{**setup, **live.failure})
+    rounds = live.kept()
+    stats = _statistics(rounds)
+    machine = median_reading([r for rd in rounds for r in rd.readings if math.isfinite(r.gflops)])
+    slowdowns = [r.slowdown for r in rounds if math.isfinite(r.slowdown)]
+    median_s = stats["time_ms_median"] * 1e-3
+    floor = floor_ms(setup["flops_matmul"], setup["flops"] - setup["flops_matmul"], DTYPE_BYTES[cfg.dtype],
+                     machine)
+    compile_s = max(0.0, live.setup["first_call_s"] - median_s) if cfg.compile else math.nan
+    measured = {
+        **setup, **stats, "attempts": len(live.verdicts), "noisy": not live.clean,
+        "peak_mem_mib": live.peak_mem_mib,
+        "gflops": setup["flops"] / median_s / 1e9 if median_s > 0 else math.nan,
+        "floor_ms": floor, "floor_fraction": floor / stats["time_ms_median"],
+        "machine_gflops": machine.gflops, "machine_gbs": machine.gbs,
+        "machine_slowdown": max(slowdowns, default=math.nan), "compile_s": compile_s,
+        "message": _message(cfg, live)}
+    return _row(cfg, live.job, **measured)
+
+
+def _round_rows(cfg: SweepConfig, live: Live) -> list[dict[str, Any]]:
+    """``rounds.csv`` rows of a configuration: every round, whether the probe saw it disturbed,
+    and whether it belongs to the measurement the row reports."""
+    if live.failure is not None:
+        return []
+    kept = len(live.verdicts) - 1
+    rows = []
+    for r in live.rounds:
+        machine = median_reading([x for x in r.readings if math.isfinite(x.gflops)])
+        rows.append({**live.job, "pass": r.pass_id, "attempt": r.attempt, "round": r.index,
+                     "time_ms_median": r.median_ms, "runs": len(r.times_ms), "machine_gflops": machine.gflops,
+                     "machine_gbs": machine.gbs, "slowdown": r.slowdown,
+                     "disturbed": r.slowdown > 1 + cfg.max_slowdown, "kept": r.attempt == kept})
+    return rows
+
+
+def measure_group(cfg: SweepConfig, jobs: list[dict[str, Any]], probe: MachineProbe,
+                  passes: Iterator[int], log_path: Path | None = None
+                  ) -> Iterator[tuple[dict[str, Any], list[dict[str, Any]]]]:
+    """Measure the configurations at one n and mode together: build each in its worker, time them
+    in interleaved rounds, then measure each one's memory. Yields (row, its rounds) in job order;
+    failures become statuses, never exceptions."""
+    rows: dict[int, dict[str, Any]] = {}
+    group: dict[int, Live] = {}
+    try:
+        for i, job in enumerate(jobs):
+            reason = _unavailable(cfg, job)
+            if reason:
+                rows[i] = _row(cfg, job, status="unavailable", message=reason)
+                continue
+            session = Session(Configuration, _payload(cfg, job), log_path, budget=cfg.budget)
+            setup = session.request({"op": "setup"})
+            if setup["status"] != "ok":
+                session.close()
+                rows[i] = _row(cfg, job, **setup)
+                continue
+            group[i] = Live(job, session, setup)
+        _measure_rounds(cfg, list(group.values()), probe, passes)
+        for live in group.values():  # memory last: it fixes the allocator of the worker
+            if live.failure is None:
+                answer = live.session.request({"op": "memory"})
+                if answer["status"] == "ok":
+                    live.peak_mem_mib = answer["peak_mem_mib"]
+                else:
+                    live.failure = answer
+    finally:
+        for live in group.values():
+            live.session.close()
+    for i in range(len(jobs)):
+        if i in rows:
+            yield rows[i], []
+        else:
+            yield _finished_row(cfg, group[i]), _round_rows(cfg, group[i])
 
 
 def default_out_dir(root: Path) -> Path:
@@ -146,8 +412,42 @@ def default_out_dir(root: Path) -> Path:
 def _format_result(row: dict[str, Any]) -> str:
     if row["status"] != "ok":
         return f"{row['status']}: {row.get('message', '')}"[:120]
-    return (f"{row['time_ms_median']:.3g} ms (IQR {row['time_ms_iqr']:.2g}), "
-            f"{row['peak_mem_mib']:.1f} MiB, {row['gflops']:.3g} GFLOP/s")
+    text = (f"{row['time_ms_median']:.3g} ms (IQR {row['time_ms_iqr']:.2g}), "
+            f"{row['peak_mem_mib']:.1f} MiB, {row['gflops']:.3g} GFLOP/s, "
+            f"floor/time {row['floor_fraction']:.2f}")
+    return text + (f" -- {row['message']}"[:160] if row["message"] else "")
+
+
+def _append_rows(path: Path, rows: list[dict[str, Any]], columns: list[str]) -> None:
+    """Append several rows to a CSV at once, atomically (``columns`` first)."""
+    if not rows:
+        return
+    table = read_table(path, columns)
+    new = pd.DataFrame(rows)
+    table = new if table.empty else pd.concat([table, new], ignore_index=True)
+    write_table(path, table.reindex(columns=columns + [c for c in table.columns if c not in columns]))
+
+
+def _check_resume(cfg: SweepConfig, meta_path: Path, out: Path) -> None:
+    old = json.loads(meta_path.read_text()).get("sweep", {})
+    for key in ("batch", "heads", "head_dim", "dtype", "device", "layout", "threads", "compile"):
+        if key in old and old[key] != getattr(cfg, key):
+            raise SweepError(f"--resume: {out} was measured with {key}={old[key]!r}, this sweep asks "
+                             f"for {getattr(cfg, key)!r}")
+
+
+def _keep_measured_rounds(out: Path, done: pd.DataFrame) -> int:
+    """Drop rounds of configurations without a row (an interrupted n); returns the next pass id."""
+    path = out / "rounds.csv"
+    rounds = read_table(path, ROUND_COLUMNS)
+    if rounds.empty:
+        return 0
+    keys = {(m, int(n), mode) for m, n, mode in zip(done.get("mechanism", []), done.get("n", []),
+                                                    done.get("mode", []), strict=True)}
+    mask = [(m, int(n), mode) in keys
+            for m, n, mode in zip(rounds["mechanism"], rounds["n"], rounds["mode"], strict=True)]
+    write_table(path, rounds[mask])
+    return int(rounds["pass"].max()) + 1
 
 
 def run_sweep(cfg: SweepConfig, out: Path, resume: bool, argv: list[str], log=None) -> pd.DataFrame:
@@ -162,35 +462,45 @@ def run_sweep(cfg: SweepConfig, out: Path, resume: bool, argv: list[str], log=No
     if csv.exists() and not resume:
         raise SweepError(f"{out} already holds a sweep; pass --resume to finish it or choose another --out")
     if resume and meta_path.exists():
-        old = json.loads(meta_path.read_text()).get("sweep", {})
-        for key in ("batch", "heads", "head_dim", "dtype", "device", "layout", "threads"):
-            if key in old and old[key] != getattr(cfg, key):
-                raise SweepError(f"--resume: {out} was measured with {key}={old[key]!r}, this sweep asks "
-                                 f"for {getattr(cfg, key)!r}")
+        _check_resume(cfg, meta_path, out)
     meta = run_context(cfg.device, cfg.threads, argv)
     meta["sweep"] = dataclasses.asdict(cfg)
     earlier = json.loads(meta_path.read_text()).get("commands", []) if resume and meta_path.exists() else []
     meta["commands"] = [*earlier, meta["command"]]  # a resumed run keeps how it was started
     out.mkdir(parents=True, exist_ok=True)
-    write_meta(meta_path, meta)
     done = read_table(csv, COLUMNS)
     seen = {(r.mechanism, int(r.n), r.mode) for r in done.itertuples()} if len(done) else set()
     jobs = [j for j in configurations(cfg) if (j["mechanism"], j["n"], j["mode"]) not in seen]
     if seen:
         print(f"resuming: {len(seen)} configurations already measured, {len(jobs)} to go", file=log)
+    passes = itertools.count(_keep_measured_rounds(out, done))
     start = time.monotonic()
-    for i, job in enumerate(jobs, 1):
-        elapsed = dt.timedelta(seconds=round(time.monotonic() - start))
-        print(f"[{i}/{len(jobs)} {elapsed}] {job['mechanism']} n={job['n']} {job['mode']} ...",
-              end="", file=log, flush=True)
-        row = run_one(cfg, job, out / "worker.log")
-        print(f" {_format_result(row)}", file=log, flush=True)
-        append_row(csv, row, COLUMNS)
+    probe = MachineProbe(cfg, out / "worker.log", log)
+    try:
+        for _ in range(PROBE_WARMUP):
+            probe.read()
+        best = probe.state.reference()
+        meta["probe_before"] = {"gflops": best.gflops, "gbs": best.gbs}
+        write_meta(meta_path, meta)
+        i = 0
+        for (mode, n), group in itertools.groupby(jobs, key=lambda j: (j["mode"], j["n"])):
+            group = list(group)
+            elapsed = dt.timedelta(seconds=round(time.monotonic() - start))
+            print(f"[{elapsed}] n={n} {mode}: {', '.join(j['mechanism'] for j in group)} in {cfg.rounds} "
+                  f"interleaved rounds ...", file=log, flush=True)
+            for row, rounds in measure_group(cfg, group, probe, passes, out / "worker.log"):
+                i += 1
+                print(f"  [{i}/{len(jobs)}] {row['mechanism']} n={n} {mode}: {_format_result(row)}",
+                      file=log, flush=True)
+                _append_rows(out / "rounds.csv", rounds, ROUND_COLUMNS)
+                append_row(csv, row, COLUMNS)
+    finally:
+        probe.close()
     return read_table(csv, COLUMNS)
 
 
 def finish(out: Path, fit_min_n: int, log=None) -> pd.DataFrame:
-    """Write the fit table and the plots of a sweep folder; returns the fit table."""
+    """Write the fit table, the same-round ratios and the plots of a sweep folder; returns the fits."""
     log = log or sys.stderr
     from attnbench.plots import scaling_plots
 
@@ -199,34 +509,122 @@ def finish(out: Path, fit_min_n: int, log=None) -> pd.DataFrame:
         raise SweepError(f"{out / 'scale.csv'} holds no measurements")
     fits = fit_table(table, fit_min_n)
     write_table(out / "fits.csv", fits)
+    ratios = ratio_table(read_table(out / "rounds.csv", ROUND_COLUMNS))
+    write_table(out / "ratios.csv", ratios)
     meta = json.loads((out / "meta.json").read_text()) if (out / "meta.json").exists() else {}
     title = f"{meta.get('cpu') or ''} {meta.get('gpu') or ''}".strip()
     sweep = meta.get("sweep", {})
     if sweep:
         title += (f", {sweep.get('device')}, {sweep.get('threads')} threads, B={sweep.get('batch')}, "
-                  f"H={sweep.get('heads')}, d={sweep.get('head_dim')}, {sweep.get('dtype')}")
-    paths = scaling_plots(table, fits, out, title)
-    print(f"wrote {out / 'scale.csv'}, {out / 'fits.csv'} and {len(paths)} plot files", file=log)
+                  f"H={sweep.get('heads')}, d={sweep.get('head_dim')}, {sweep.get('dtype')}"
+                  f"{', compiled' if sweep.get('compile') else ''}")
+    paths = scaling_plots(table, fits, out, title, ratios)
+    print(f"wrote {out / 'scale.csv'}, {out / 'fits.csv'}, {out / 'ratios.csv'} and {len(paths)} plot files",
+          file=log)
     return fits
+
+
+def _interval(low: float, high: float) -> str:
+    return f"[{low:.2f}, {high:.2f}]" if math.isfinite(low) and math.isfinite(high) else "-"
+
+
+def fit_summary(fits: pd.DataFrame) -> pd.DataFrame:
+    """The fit table as the console shows it: each exponent with its 95 % interval."""
+    shown = fits[["mechanism", "mode"]].copy()
+    shown["time_exponent"] = fits["time_exponent"].map(lambda v: f"{v:.2f}" if math.isfinite(v) else "-")
+    shown["95%_CI"] = [_interval(lo, hi) for lo, hi in zip(fits["time_ci_low"], fits["time_ci_high"],
+                                                            strict=True)]
+    shown["R2"] = fits["time_r2"].map(lambda v: f"{v:.3f}" if math.isfinite(v) else "-")
+    shown["points"] = fits["points"]
+    shown["scaling"] = fits["scaling"]
+    shown["memory_exponent"] = [f"{e:.2f} {_interval(lo, hi)}" if math.isfinite(e) else "-" for e, lo, hi in
+                                zip(fits["memory_exponent"], fits["memory_ci_low"], fits["memory_ci_high"],
+                                    strict=True)]
+    shown["noisy_left_out"] = fits["noisy_left_out"]
+    for b in BASELINES:
+        shown[f"faster_than_{b}_from_n"] = fits[f"crossover_vs_{b}"].map(
+            lambda v: f"{int(v)}" if math.isfinite(v) else "-")
+    return shown
+
+
+def ratio_summary(ratios: pd.DataFrame) -> tuple[str, pd.DataFrame] | None:
+    """Time against the first baseline measured (sdpa, else softmax) at each n, measured in the
+    same rounds: 'median [q1, q3]' per mechanism and n; None without such rounds."""
+    baseline = next((b for b in ("sdpa", "softmax") if b in set(ratios.get("baseline", []))), None)
+    if baseline is None:
+        return None
+    mine = ratios[ratios["baseline"] == baseline].copy()
+    mine["cell"] = [f"{m:.2g}x [{a:.2g}, {b:.2g}]" for m, a, b in
+                    zip(mine["ratio_median"], mine["ratio_q1"], mine["ratio_q3"], strict=True)]
+    wide = mine.pivot_table(index=["mechanism", "mode"], columns="n", values="cell", aggfunc="first")
+    return baseline, wide.fillna("-")
+
+
+def machine_summary(table: pd.DataFrame, rounds: pd.DataFrame, meta: dict[str, Any] | None = None) -> str:
+    """Plain words on how steady the machine was: the probe's range and the rows flagged noisy."""
+    lines = []
+    if not rounds.empty and rounds["machine_gflops"].notna().any():
+        g, b = rounds["machine_gflops"], rounds["machine_gbs"]
+        lines.append(f"machine probe over {len(rounds)} rounds: matmul {g.min():.3g} to {g.max():.3g} "
+                     f"GFLOP/s, copy {b.min():.3g} to {b.max():.3g} GB/s; the slowest round saw the machine "
+                     f"{rounds['slowdown'].max():.2f}x slower than its best")
+    ok = table[table["status"] == "ok"]
+    noisy = ok[flag(ok, "noisy")]
+    if "noisy" not in table.columns:
+        lines.append("no noise flags in this table (measured before the probe existed)")
+    elif noisy.empty:
+        lines.append(f"machine steady enough: none of the {len(ok)} measured rows is flagged noisy")
+    else:
+        lines.append(f"MACHINE NOISY: {len(noisy)} of {len(ok)} measured rows flagged noisy, left out of "
+                     f"the fits:")
+        lines += [f"  {r.mechanism} n={int(r.n)} {r.mode}: {r.message}" for r in noisy.itertuples()]
+        threads, cpus = (meta or {}).get("threads"), (meta or {}).get("cpu_count")
+        if threads and cpus and threads >= cpus > 1:
+            lines.append(f"  (--threads {threads} on {cpus} CPUs: a process busy on any core stalls every "
+                         f"step; --threads {cpus - 1} leaves a core to it)")
+    retried = ok[(ok["attempts"] > 1) & ~flag(ok, "noisy")] if "attempts" in ok.columns else ok.iloc[:0]
+    if len(retried):
+        lines.append(f"{len(retried)} rows measured again after a disturbed measurement, then clean")
+    return "\n".join(lines)
+
+
+def summary(out: Path, fits: pd.DataFrame) -> str:
+    """The console summary of a sweep folder: fits with intervals, same-round ratios, the machine."""
+    table = read_table(out / "scale.csv")
+    rounds = read_table(out / "rounds.csv", ROUND_COLUMNS)
+    meta = json.loads((out / "meta.json").read_text()) if (out / "meta.json").exists() else {}
+    parts = []
+    with pd.option_context("display.width", 200, "display.max_columns", 30, "display.max_colwidth", 40):
+        parts.append(fit_summary(fits).to_string(index=False))
+        ratios = ratio_summary(ratio_table(rounds))
+        if ratios is not None:
+            baseline, wide = ratios
+            parts.append(f"time relative to {baseline}, measured in the same rounds (median [quartiles] over "
+                         f"rounds; ratios.csv has every pair):\n{wide.to_string()}")
+    parts.append(machine_summary(table, rounds, meta))
+    return "\n\n".join(parts)
 
 
 def compare(out: Path, other: Path, threshold: float = 0.10) -> pd.DataFrame:
     """Time and memory ratios of this run against a saved one; regressions flagged.
 
     A regression is a time more than ``threshold`` slower whose gap also exceeds the two
-    runs' inter-quartile ranges, so noise alone does not raise it.
+    runs' inter-quartile ranges, so noise alone does not raise it, and whose rows are neither
+    flagged noisy (``noisy`` says where either was).
     """
     mine, theirs = read_table(out / "scale.csv"), read_table(other / "scale.csv")
     if theirs.empty:
         raise SweepError(f"--compare {other}: no scale.csv there")
+    mine["noisy"], theirs["noisy"] = flag(mine, "noisy"), flag(theirs, "noisy")
     keys = KEY + ["batch", "heads", "head_dim", "dtype", "device"]
     both = mine.merge(theirs, on=keys, suffixes=("", "_before"))
     both = both[(both["status"] == "ok") & (both["status_before"] == "ok")]
     result = both[keys].copy()
     result["time_ratio"] = both["time_ms_median"] / both["time_ms_median_before"]
     result["memory_ratio"] = both["peak_mem_mib"] / both["peak_mem_mib_before"]
+    result["noisy"] = both["noisy"] | both["noisy_before"]
     gap = both["time_ms_median"] - both["time_ms_median_before"]
     noise = both["time_ms_iqr"].fillna(0) + both["time_ms_iqr_before"].fillna(0)
-    result["regression"] = (result["time_ratio"] > 1 + threshold) & (gap > noise)
+    result["regression"] = (result["time_ratio"] > 1 + threshold) & (gap > noise) & ~result["noisy"]
     write_table(out / "compare.csv", result)
     return result

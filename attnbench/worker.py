@@ -4,8 +4,13 @@ Each configuration is forked from a fork server that has imported torch and the 
 run no tensor op, so a child starts in milliseconds instead of seconds (and forking is safe even
 when the parent has run tensor ops: a fork of live thread pools can hang). A process of its own
 gives a clean memory peak, and an out-of-memory, a crash or a hang in the child cannot take the
-sweep down: the parent records it and goes on. The child writes its result atomically; a
-missing result means it died.
+sweep down: the parent records it and goes on.
+
+Two shapes: ``run_isolated`` runs one function in a child and reads its result (written
+atomically; a missing result means it died). ``Session`` keeps a child alive across requests,
+so the sweep builds a configuration once and then times it in rounds alternating with the other
+mechanisms at the same n (``Configuration``), and keeps the machine probe in a child of its own
+(``ProbeHandler``).
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import os
 import resource
 import signal
 import tempfile
+import time
 import traceback
 from collections.abc import Callable
 from pathlib import Path
@@ -27,7 +33,8 @@ _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
 if "forkserver" in multiprocessing.get_all_start_methods():
     _CONTEXT = multiprocessing.get_context("forkserver")
     # the task harnesses too (torchvision and the like): the resolution probe builds their models
-    _CONTEXT.set_forkserver_preload(["attnbench.worker", "attnbench.measure", "mechanisms", "tasks"])
+    _CONTEXT.set_forkserver_preload(["attnbench.worker", "attnbench.measure", "attnbench.probe",
+                                     "attnbench.plugins"])
 else:
     _CONTEXT = multiprocessing.get_context("spawn")
 
@@ -58,49 +65,239 @@ def cap_address_space(limit_mib: float) -> None:
     resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
 
 
-def measure(config: dict[str, Any]) -> dict[str, Any]:
-    import torch
+STALL_ENV = "ATTNBENCH_STALL"
 
+
+def injected_stall(config: dict[str, Any]) -> float:
+    """Fault injection for tests: seconds to add to every call in this configuration's odd rounds.
+
+    ``ATTNBENCH_STALL="fake_linear@2048=0.01,softmax@512=0.2"`` in the sweep's environment
+    stalls those configurations, so that a test can check that the sweep sees the disturbed
+    rounds and flags the row. The sweep passes it in ``config["stall"]``: a worker forked from
+    the fork server has the server's environment, not the sweep's.
+    """
+    for item in filter(None, config.get("stall", "").split(",")):
+        target, _, seconds = item.partition("=")
+        if target.strip() == f"{config['mechanism']}@{config['n']}":
+            return float(seconds)
+    return 0.0
+
+
+class Configuration:
+    """In the child: one sweep configuration built and warmed up once, then answering requests.
+
+    ``setup`` (backend, FLOPs, parameters, the first call's time, or a failure status),
+    ``round`` (one timing round: per-run times in ms) and ``memory`` (the peak of one step,
+    last, because it fixes the allocator). Under ``compile`` the first call compiles: its time
+    is recorded apart, and a failure there is ``compile-error``.
+    """
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        import torch
+        from torch.utils import benchmark
+
+        from attnbench.measure import make_step
+
+        torch.manual_seed(config.get("seed", 0))
+        torch.set_num_threads(config["threads"])
+        self.device = torch.device(config["device"])
+        self.threads = config["threads"]
+        self.stall_s = injected_stall(config)
+        dtype = getattr(torch, config["dtype"])
+        module, grid, self.setup = _build(config, self.device, dtype)
+        if config.get("compile"):
+            torch._inductor.config.compile_threads = 1  # compile here, not in a pool of processes
+            module = torch.compile(module, dynamic=False)
+        dim = config["heads"] * config["head_dim"]
+        x = torch.randn(config["batch"], config["n"], dim, device=self.device, dtype=dtype)
+        self.step = make_step(module, x, grid, config["mode"])
+        self.timer = benchmark.Timer(stmt="step()", globals={"step": self.step}, num_threads=self.threads)
+        if self.device.type == "cpu" and config.get("memory_limit_mib"):
+            cap_address_space(config["memory_limit_mib"])
+        self._warm_up(bool(config.get("compile")))
+        self._release_cache()
+
+    def _warm_up(self, compiled: bool) -> None:
+        """First call (the compilation, under compile), then one warm call to plan the rounds."""
+        from attnbench.measure import is_out_of_memory, time_call
+
+        try:
+            first_s = time_call(self.step, self.device)
+        except Exception as exc:
+            status = "oom" if is_out_of_memory(exc) else "compile-error" if compiled else "error"
+            self.setup.update(status=status, message=f"{type(exc).__name__}: {exc}"[:500])
+            return
+        # the first call also paid for lazy initialisation (or compilation), which matters
+        # unless the step is slow anyway
+        self.step_s = first_s if first_s > 1.0 and not compiled else time_call(self.step, self.device)
+        self.setup.update(first_call_s=first_s, step_s=self.step_s)
+
+    def _release_cache(self) -> None:
+        """CUDA: hand cached blocks back, so this idle worker does not crowd out the one timed next."""
+        import torch
+
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def __call__(self, request: dict[str, Any]) -> dict[str, Any]:
+        if request["op"] == "setup" or self.setup["status"] != "ok":
+            return self.setup
+        if request["op"] == "round":
+            return {"status": "ok", "times_ms": self.time_round(request)}
+        if request["op"] == "memory":
+            return {"status": "ok", "peak_mem_mib": self.peak_memory()}
+        raise ValueError(f"unknown request {request['op']!r}")
+
+    def time_round(self, request: dict[str, Any]) -> list[float]:
+        from torch.utils import benchmark
+
+        from attnbench.measure import time_round
+
+        step, timer = self.step, self.timer
+        if self.stall_s and request.get("index", 0) % 2 == 1:  # fault injection (tests only)
+            def step() -> None:
+                self.step()
+                time.sleep(self.stall_s)
+            timer = benchmark.Timer(stmt="step()", globals={"step": step}, num_threads=self.threads)
+        times = time_round(timer, step, self.device, self.step_s, request["seconds"], request["min_runs"])
+        self._release_cache()
+        return times
+
+    def peak_memory(self) -> float:
+        from attnbench.measure import cpu_peak_mib, cuda_peak_mib
+
+        fix_malloc()
+        if self.device.type == "cuda":
+            return cuda_peak_mib(self.step, self.device, warm=True)
+        return cpu_peak_mib(self.step, warm=True)
+
+
+def _build(config: dict[str, Any], device: Any, dtype: Any
+           ) -> tuple[Any, tuple[int, int] | None, dict[str, Any]]:
+    """The mechanism's module on ``device``, its token grid, and what the row records of it."""
     from attnbench import get_mechanism, mechanism_names
-    from attnbench.measure import cpu_peak_mib, cuda_peak_mib, is_out_of_memory, make_step, time_step
     from attnbench.registry import load_module
 
     if config["mechanism"] not in mechanism_names():  # a spawned child: load the plug-ins again
         for spec in config.get("load", []):
             load_module(spec)
-    torch.manual_seed(config.get("seed", 0))
-    torch.set_num_threads(config["threads"])
-    device = torch.device(config["device"])
-    dtype = getattr(torch, config["dtype"])
     cls = get_mechanism(config["mechanism"])
-    dim = config["heads"] * config["head_dim"]
     grid = tuple(config["grid"]) if config.get("grid") else None
-    module = cls(dim, config["heads"], cls.make_options(**config.get("options", {})))
-    module = module.to(device=device, dtype=dtype)
-    x = torch.randn(config["batch"], config["n"], dim, device=device, dtype=dtype)
-    step = make_step(module, x, grid, config["mode"])
-    flops = module.flops(config["batch"], config["n"], grid).total
-    if config["mode"] == "fwd+bwd":
-        flops *= 3  # convention: backward ≈ 2 × forward
-    result: dict[str, Any] = {"backend": cls.backend(config["device"], dtype), "flops": flops,
-                              "params": sum(p.numel() for p in module.parameters())}
-    if device.type == "cpu" and config.get("memory_limit_mib"):
-        cap_address_space(config["memory_limit_mib"])
-    try:
-        # timing first, with the allocator as users have it (its warm-up also warms the memory
-        # pass), then one step for memory alone
-        timing = time_step(step, config["threads"], config["min_run_time"])
-        fix_malloc()
-        if device.type == "cuda":
-            result["peak_mem_mib"] = cuda_peak_mib(step, device, warm=True)
-        else:
-            result["peak_mem_mib"] = cpu_peak_mib(step, warm=True)
-    except Exception as exc:  # an OOM is a result; anything else is an error with its message
-        status = "oom" if is_out_of_memory(exc) else "error"
-        return {**result, "status": status, "message": f"{type(exc).__name__}: {exc}"[:500]}
-    gflops = flops / (timing.median_ms * 1e-3) / 1e9 if timing.median_ms > 0 else float("nan")
-    return {**result, "status": "ok", "message": "", "time_ms_median": timing.median_ms,
-            "time_ms_iqr": timing.iqr_ms, "runs": timing.runs, "gflops": gflops}
+    module = cls(config["heads"] * config["head_dim"], config["heads"],
+                 cls.make_options(**config.get("options", {}))).to(device=device, dtype=dtype)
+    cost = module.flops(config["batch"], config["n"], grid)
+    factor = 3 if config["mode"] == "fwd+bwd" else 1  # convention: backward ≈ 2 × forward
+    setup = {"status": "ok", "message": "", "backend": cls.backend(config["device"], dtype),
+             "flops": cost.total * factor, "flops_matmul": cost.matmul * factor,
+             "params": sum(p.numel() for p in module.parameters()), "compiled": bool(config.get("compile"))}
+    return module, grid, setup
+
+
+class ProbeHandler:
+    """In the child: the machine probe (``attnbench.probe``), answering ``read`` requests."""
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        import torch
+
+        from attnbench.probe import Probe
+
+        self.probe = Probe(config["device"], getattr(torch, config["dtype"]), config["threads"])
+
+    def __call__(self, request: dict[str, Any]) -> dict[str, Any]:
+        reading = self.probe.read()
+        return {"status": "ok", "gflops": reading.gflops, "gbs": reading.gbs}
+
+
+def _death(exitcode: int | None) -> dict[str, Any]:
+    """The status of a child that died without answering."""
+    if exitcode == -signal.SIGKILL:
+        return {"status": "oom", "message": "worker killed by SIGKILL (likely out of memory)"}
+    return {"status": "error", "message": f"worker died with exit code {exitcode}"}
+
+
+class Session:
+    """A child process of its own, kept alive across requests: ``handler_cls(config)`` built once
+    in the child, then each ``request`` answered by ``handler(message)``.
+
+    ``spent`` adds up the seconds its requests took; together they may take ``budget`` seconds.
+    A time-out, a crash or an out-of-memory becomes a status, never an exception.
+    """
+
+    def __init__(self, handler_cls: Callable[[dict[str, Any]], Callable], config: dict[str, Any],
+                 log_path: Path | None = None, budget: float = float("inf")) -> None:
+        self.conn, child_conn = _CONTEXT.Pipe()
+        log = str(log_path) if log_path else None
+        self.process = _CONTEXT.Process(target=session_main, args=(handler_cls, config, child_conn, log),
+                                        daemon=True)
+        self.process.start()
+        child_conn.close()  # the child's end lives in the child only: its death is an EOF here
+        self.budget = budget
+        self.spent = 0.0
+
+    def request(self, message: dict[str, Any], timeout: float = float("inf")) -> dict[str, Any]:
+        """Send ``message`` and wait for the answer, at most ``timeout`` s and what is left of the budget."""
+        start = time.monotonic()
+        wait = max(0.0, min(timeout, self.budget - self.spent))
+        try:
+            self.conn.send(message)
+            if not self.conn.poll(wait if wait < float("inf") else None):
+                self.kill()
+                limit = f"the budget of {self.budget:g} s" if wait < timeout else f"{timeout:g} s"
+                return {"status": "timeout", "message": f"exceeded {limit}"}
+            answer = self.conn.recv()
+        except (EOFError, OSError):
+            self.process.join(5)
+            return _death(self.process.exitcode)
+        finally:
+            self.spent += time.monotonic() - start
+        return answer
+
+    def kill(self) -> None:
+        if self.process.is_alive():
+            self.process.kill()
+        self.process.join()
+
+    def close(self) -> None:
+        """Ask the child to exit; kill it if it does not within a few seconds."""
+        try:
+            self.conn.send({"op": "close"})
+        except OSError:
+            pass
+        self.process.join(5)
+        self.kill()
+        self.conn.close()
+
+
+def session_main(handler_cls: Callable[[dict[str, Any]], Callable], config: dict[str, Any], conn: Any,
+                 log_path: str | None = None) -> None:
+    """Entry point of a session's child: build the handler, then answer requests until ``close``.
+
+    An exception becomes a status (``oom`` or ``error`` with its message) and ends the child.
+    """
+    from attnbench.measure import is_out_of_memory
+
+    _redirect_output(log_path)
+    handler = None
+    while True:
+        request = conn.recv()
+        if request["op"] == "close":
+            return
+        try:
+            handler = handler or handler_cls(config)
+            conn.send(handler(request))
+        except Exception as exc:
+            traceback.print_exc()
+            status = "oom" if is_out_of_memory(exc) else "error"
+            conn.send({"status": status, "message": f"{type(exc).__name__}: {exc}"[:500]})
+            return
+
+
+def _redirect_output(log_path: str | None) -> None:
+    """Whatever libraries print goes to ``log_path`` (the run's worker.log), not the terminal."""
+    if log_path:
+        log = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        os.dup2(log, 1)
+        os.dup2(log, 2)
 
 
 def run_isolated(measure_fn: Measure, config: dict[str, Any], budget: float,
@@ -120,21 +317,12 @@ def run_isolated(measure_fn: Measure, config: dict[str, Any], budget: float,
             return {"status": "timeout", "message": f"exceeded the budget of {budget:g} s"}
         if result_path.exists():
             return json.loads(result_path.read_text())
-        if child.exitcode == -signal.SIGKILL:
-            return {"status": "oom", "message": "worker killed by SIGKILL (likely out of memory)"}
-        return {"status": "error", "message": f"worker died with exit code {child.exitcode}"}
+        return _death(child.exitcode)
 
 
-def child_main(config: dict[str, Any], result_path: str, log_path: str | None = None,
-               measure_fn: Measure = measure) -> None:
-    """Entry point of the child process: measure, then write the result atomically.
-
-    Whatever libraries print goes to ``log_path`` (the run's worker.log), not the terminal.
-    """
-    if log_path:
-        log = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-        os.dup2(log, 1)
-        os.dup2(log, 2)
+def child_main(config: dict[str, Any], result_path: str, log_path: str | None, measure_fn: Measure) -> None:
+    """Entry point of a ``run_isolated`` child: measure, then write the result atomically."""
+    _redirect_output(log_path)
     try:
         result = measure_fn(config)
     except Exception as exc:

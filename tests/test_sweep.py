@@ -15,8 +15,8 @@ import pytest
 
 from attnbench import registry
 from attnbench.cli import main
-from attnbench.fit import crossover, fit_exponent, fit_table, label
-from attnbench.sweep import COLUMNS, SweepConfig, SweepError, compare, finish, parse_seq, run_sweep
+from attnbench.fit import crossover, fit_exponent, fit_power_law, fit_table, label
+from attnbench.sweep import COLUMNS, SweepConfig, SweepError, compare, finish, parse_seq, run_sweep, summary
 
 FAULTY = textwrap.dedent('''
     """Mechanisms that fail on purpose, to test that a sweep records failures and goes on."""
@@ -51,6 +51,69 @@ FAULTY = textwrap.dedent('''
         def mix(self, x, grid):
             time.sleep(60)
             return self.proj(x)
+
+    @register_mechanism
+    class Uncompilable(_Base):
+        name = "faulty_uncompilable"
+        def mix(self, x, grid):  # runs eagerly; under torch.compile the graph break is an error
+            with torch._dynamo.error_on_graph_break(True):
+                y = self.proj(x)
+                torch._dynamo.graph_break()
+                return y
+''')
+
+# Mechanisms whose cost is known exactly: a busy wait of BASE_S * (n / 256) ** power seconds,
+# whatever the machine. `hog_n` makes the quadratic one start busy processes (three per core,
+# for as long as its worker lives) when it is built at that n: the whole machine slows down.
+KNOWN = textwrap.dedent('''
+    """Fake mechanisms of exactly known cost, for the fault-injection test of the sweep."""
+    import dataclasses
+    import os
+    import subprocess
+    import sys
+    import time
+    from attnbench import Flops, Mechanism, register_mechanism
+
+    BASE_S = 0.0002
+    HOG = "import os, time\\nppid, end = os.getppid(), time.time() + 120\\n" \\
+          "while time.time() < end and os.getppid() == ppid: pass"
+
+    @dataclasses.dataclass(frozen=True)
+    class KnownOptions:
+        hog_n: int = 0
+
+    def spin(seconds):
+        end = time.perf_counter() + seconds
+        while time.perf_counter() < end:
+            pass
+
+    class _Known(Mechanism):
+        Options = KnownOptions
+        power = 1
+        def __init__(self, dim, num_heads, options=None):
+            super().__init__(dim, num_heads, options)
+            self.hogs = None
+        def flops(self, batch, n, grid=None):
+            return Flops(matmul=2 * batch * n ** self.power)
+        def mix(self, x, grid):
+            n = x.shape[1]
+            if n == self.options.hog_n and self.hogs is None:
+                self.hogs = [subprocess.Popen([sys.executable, "-c", HOG]) for _ in range(3 * os.cpu_count())]
+                time.sleep(0.5)  # let them start spinning
+            spin(BASE_S * (n / 256) ** self.power)
+            return x
+
+    @register_mechanism
+    class KnownLinear(_Known):
+        name = "known_linear"
+        complexity = "linear"
+        power = 1
+
+    @register_mechanism
+    class KnownQuadratic(_Known):
+        name = "known_quadratic"
+        complexity = "quadratic"
+        power = 2
 ''')
 
 
@@ -60,7 +123,17 @@ def faulty(tmp_path):
     path.write_text(FAULTY)
     registry.load_module(str(path))
     yield str(path)
-    for name in ("faulty_boom", "faulty_hog", "faulty_sleepy"):
+    for name in ("faulty_boom", "faulty_hog", "faulty_sleepy", "faulty_uncompilable"):
+        registry._REGISTRY.pop(name, None)
+
+
+@pytest.fixture
+def known(tmp_path):
+    path = tmp_path / "known_mechanisms.py"
+    path.write_text(KNOWN)
+    registry.load_module(str(path))
+    yield str(path)
+    for name in ("known_linear", "known_quadratic"):
         registry._REGISTRY.pop(name, None)
 
 
@@ -96,8 +169,12 @@ def test_fit_recovers_exponents_of_synthetic_data():
     assert fit_exponent(n, 3e-6 * n**2) == pytest.approx(2.0)
     assert fit_exponent(n, 0.01 * n) == pytest.approx(1.0)
     assert math.isnan(fit_exponent(n[:1], n[:1]))
-    labels = (label(2.02), label(1.05), label(1.5), label(math.nan))
-    assert labels == ("quadratic", "linear", "other", "unknown")
+    some = np.array([1.0, 1.3, 0.8, 1.2, 0.9])  # ±30 %: still linear, within a wider interval
+    much = np.array([1.0, 3.0, 0.4, 2.5, 0.5])  # the interval spans -0.7 to 2.25: no claim
+    costs = (3e-6 * n**2, 0.01 * n, 0.01 * n**1.5, 0.01 * n * some, 0.01 * n * much)
+    labels = [label(fit_power_law(n, c)) for c in costs]
+    assert labels == ["quadratic", "linear", "uncertain (95% CI 1.50 to 1.50)", "linear",
+                      "uncertain (95% CI -0.70 to 2.25)"]
 
 
 def synthetic_table():
@@ -143,7 +220,15 @@ def test_sweep_writes_the_tidy_csv_and_records_failures(faulty, tmp_path):
     assert "RuntimeError: boom at n=16" in boom["message"]
     ok = table[table["status"] == "ok"]
     assert (ok["time_ms_median"] > 0).all() and (ok["peak_mem_mib"] >= 0).all() and (ok["gflops"] > 0).all()
-    assert (ok["runs"] >= 5).all()
+    assert (ok["runs"] >= 5).all() and (ok["rounds"] == 3).all() and (ok["attempts"] >= 1).all()
+    assert (ok["machine_gflops"] > 0).all() and (ok["machine_gbs"] > 0).all() and (ok["floor_ms"] > 0).all()
+    assert (ok["floor_fraction"] > 0).all() and (ok["machine_slowdown"] > 0).all()
+    assert set(ok["noisy"]) <= {True, False} and not ok["compiled"].any()
+    rounds = pd.read_csv(out / "rounds.csv")
+    first = rounds[rounds["attempt"] == 0]
+    # interleaved: each pass (A B …) timed every measured mechanism once, one pass after the other
+    assert first.groupby("pass")["mechanism"].agg(sorted).map(tuple).unique().tolist() == [("set", "softmax")]
+    assert first["pass"].nunique() == 3
     meta = json.loads((out / "meta.json").read_text())
     for key in ("cpu", "threads", "git_commit", "date", "command", "versions"):
         assert key in meta
@@ -182,6 +267,11 @@ def test_compare_flags_regressions(tmp_path):
     result = compare(now, base).set_index("n")
     assert not result.loc[256, "regression"] and result.loc[512, "regression"]
     assert result.loc[512, "time_ratio"] == pytest.approx(1.5)
+    assert not result["noisy"].any()  # tables from before the noise flags read as clean
+    noisy = pd.read_csv(now / "scale.csv").assign(noisy=[False, True])
+    noisy.to_csv(now / "scale.csv", index=False)
+    result = compare(now, base).set_index("n")
+    assert result.loc[512, "noisy"] and not result.loc[512, "regression"]  # noise is not a regression
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -191,6 +281,9 @@ def test_compare_flags_regressions(tmp_path):
     (["scale", "--opt", "set.m=0"], "set.m must be >= 1"),
     (["scale", "--batch", "0", "--seq", "16"], "--batch must be >= 1"),
     (["scale", "--resume"], "--resume needs --out"),
+    (["scale", "--rounds", "0", "--seq", "16"], "--rounds must be >= 1"),
+    (["scale", "--retries", "-1", "--seq", "16"], "--retries must be >= 0"),
+    (["scale", "--max-spread", "0", "--seq", "16"], "--max-spread must be > 0"),
     (["plot", "/nonexistent"], "no scale.csv there"),
 ])
 def test_scale_usage_errors(argv, message, capsys):
@@ -210,3 +303,50 @@ def test_scale_command_end_to_end(tmp_path, capsys):
     captured = capsys.readouterr()
     assert "[4/4" in captured.err and "time_exponent" in captured.out
     assert main(["plot", str(out)]) == 0
+
+
+def test_compiled_sweep_records_compile_time_apart_and_compile_errors(faulty, tmp_path):
+    out = tmp_path / "compiled"
+    cfg = small_config(["softmax", "linear", "faulty_uncompilable"], seq=(32,), load=[faulty], compile=True,
+                       rounds=2, retries=0, budget=600.0)
+    table = run_sweep(cfg, out, resume=False, argv=["test"]).set_index("mechanism")
+    assert table["compiled"].all()
+    for name in ("softmax", "linear"):
+        assert table.loc[name, "status"] == "ok", table.loc[name, "message"]
+        assert table.loc[name, "compile_s"] >= 0 and table.loc[name, "time_ms_median"] > 0
+    assert table.loc["faulty_uncompilable", "status"] == "compile-error"
+    assert "graph_break" in table.loc["faulty_uncompilable", "message"]
+    with pytest.raises(SweepError, match="compile=True"):  # eager and compiled never mix in one folder
+        run_sweep(small_config(["softmax"], seq=(64,)), out, resume=True, argv=["test"])
+
+
+def test_fault_injection_flags_disturbed_rows_and_never_labels_wrongly(known, tmp_path, monkeypatch):
+    """Exactly linear and quadratic fakes; the machine slowed at n = 512 (busy processes started by
+    the quadratic fake), and every call of odd rounds of the linear fake stalled at n = 2048."""
+    monkeypatch.setenv("ATTNBENCH_STALL", "known_linear@2048=0.02")
+    out = tmp_path / "faults"
+    cfg = small_config(["known_linear", "known_quadratic"], seq=(256, 512, 1024, 2048, 4096, 8192),
+                       load=[known], options={"known_quadratic": {"hog_n": "512"}}, min_run_time=0.05,
+                       retries=1, settle_s=0.5)
+    table = run_sweep(cfg, out, resume=False, argv=["test"])
+    assert set(table["status"]) == {"ok"}
+    rows = table.set_index(["mechanism", "n"])
+    for name in ("known_linear", "known_quadratic"):  # the probe saw the busy machine at 512
+        assert rows.loc[(name, 512), "noisy"], rows.loc[(name, 512), "message"]
+        assert "slower than its best (probe)" in rows.loc[(name, 512), "message"]
+        assert rows.loc[(name, 512), "attempts"] == 2  # measured again, still disturbed
+    stalled = rows.loc[("known_linear", 2048)]
+    assert stalled["noisy"] and "runs spread" in stalled["message"], stalled["message"]
+    fits = finish(out, fit_min_n=0).set_index("mechanism")
+    linear, quadratic = fits.loc["known_linear"], fits.loc["known_quadratic"]
+    assert linear["noisy_left_out"] >= 2 and quadratic["noisy_left_out"] >= 1
+    # right or uncertain, never wrong (on a busy machine more rows may be flagged and left out)
+    assert linear["scaling"] == "linear" or linear["scaling"].startswith(("uncertain", "no label"))
+    assert quadratic["scaling"] == "quadratic" or quadratic["scaling"].startswith(("uncertain", "no label"))
+    if linear["scaling"] == "linear":
+        assert linear["time_ci_low"] <= 1.0 + 0.1 and linear["time_ci_high"] >= 1.0 - 0.1
+    text = summary(out, fits.reset_index())
+    assert "MACHINE NOISY" in text and "known_linear n=2048 fwd" in text and "95%_CI" in text
+    ratios = pd.read_csv(out / "ratios.csv")
+    pair = ratios[(ratios["mechanism"] == "known_quadratic") & (ratios["baseline"] == "known_linear")]
+    assert len(pair) and (pair["ratio_q1"] <= pair["ratio_median"]).all()
