@@ -1,32 +1,78 @@
 """SeT: Self-optimal Transport attention (SeTformer, Shamsolmoali et al., AAAI 2024).
 
 Softmax attention replaced by entropic optimal transport between kernel-embedded tokens and
-m learned references, linear in the number of tokens n. Per head, following
-``shared/docs/set-attention.md`` step by step:
+m learned references, linear in the number of tokens n. The method follows OTKE (Mialon et
+al., ICLR 2021), on which SeT builds; ``docs/set-attention.md`` gives the specification, and
+every reading the paper leaves open is an option. Per head:
 
     U, V = X W_u, X W_v                                  (n, d) each
-    ψ(u) = κ(Z, Z)^(-1/2) κ(Z, u)                         Nyström embedding, k anchors Z
-    S = ψ(U) Yᵀ                                          (n, m) scores against references Y
-    G = S / ε + log M                                    M: linear positional prior (τ)
-    T = Sinkhorn(G), rows 1/n, columns 1/m               log domain, L iterations
-    R = m Tᵀ V                                           (m, d) references gather values
-    O = n T R                                            (n, d) tokens read them back
+    E = κ(U, Z)                                          (n, k) Gaussian kernel to k anchors Z
+    S / ε = E · F,   F = κ(Z, Z)^(-1/2) Yᵀ / ε           (n, m) scores; F (k, m) folded once
+    G = M ⊙ S / ε                                        prior="similarity-and-plan" (OTKE)
+    K = exp(G − max)                                     the Gibbs kernel, one exponential pass
+    u, v = Sinkhorn scalings of K                        rows 1/n, columns 1/m, L iterations
+    P = diag(u) K diag(v) ⊙ M                            the plan, M applied again (OTKE)
+    R = m Pᵀ V = m · v ⊙ (K ⊙ M)ᵀ (u ⊙ V)                 (m, d) references gather values
+    O = n P R  = n · u ⊙ (K ⊙ M) (v ⊙ R)                  (n, d) tokens read them back
 
-The implied attention A = n m T Tᵀ (n × n) is non-negative and never built. Cost per head
-O(n·m·(k + d)·L); training memory stays O(n·m) because the Sinkhorn backward recomputes
-its iterations instead of storing them (``backward="recompute"``).
+M is the linear positional prior exp(−(i/n − j/m)² / τ²) (separable on an image grid), built
+once per (n, grid, dtype, device) and cached (``positional_prior``), its entries below the
+rounding error set to 0 so that no product runs on subnormal floats. The plan P is never built:
+the iterations and the read-out are matrix–vector and matrix–matrix products with the one (n, m)
+kernel K (and K ⊙ M, formed once for the read-out). The implied attention A = n m P Pᵀ (n × n)
+is non-negative and never built either.
+
+Where the prior acts (``prior``): "similarity-and-plan" multiplies the similarity by M before
+the exponential and the plan by M after Sinkhorn, as OTKE's code does and the seed describes;
+"plan" only multiplies the plan; "kernel" adds log M to the logits, so that M multiplies the
+Gibbs kernel inside Sinkhorn ("OT with a prior": exact marginals, but log M reaches −1/τ² and
+Sinkhorn then needs far more than 10 iterations to converge).
+
+Update order (``order``): "rows-then-columns" as OTKE, so the column marginals (the references)
+are exact after any L and every reference is an exact convex combination of tokens; or
+"columns-then-rows", rows exact.
+
+Marginals (``renormalise``): a post-multiplied prior leaves the plan's row and column sums
+below 1/n and 1/m. OTKE keeps them, and so does the default: its code multiplies the plan by
+M and aggregates with it as it is, so a reference far from every token of its part of the
+sequence carries less mass, a signal the layers after it (projection, normalisation) can use
+or absorb. ``renormalise=True`` divides each reference by its column mass and each token's
+read-out by its row mass, so both are convex combinations and the implied attention is
+row-stochastic (v, then u, cancel out of the two divisions).
+
+Domain: the iterations run in the scaling domain, u = a / (K v), v = b / (Kᵀ u), with K
+shifted by its maximum along the side updated first (every row of that side then holds a 1;
+the plan is unchanged). Nothing inside the loop looks at the values. After it, one check (the
+only host synchronisation, for all plans of the forward at once) confirms that the scalings
+stayed finite and positive and that the dynamic range of the one updated second is small
+enough for the kernel entries that underflowed to carry less than the rounding error; where
+not, that plan is recomputed in the log domain (logsumexp: robust at any ε and scale, the same
+iterates). ``tol > 0`` adds a check per iteration, the price of stopping early.
+
+Backward: ``backward="recompute"`` gives the scaling iterations a custom backward that runs the
+reverse iterations as matrix–vector products with the saved K and forms the gradient of K as one
+(n, 2L) × (2L, m) product; "unroll" lets autograd record every step. Either way only K is kept
+per plan (the read-out recomputes K ⊙ M in its backward), O(n·m + L·(n + m)) memory. The
+whitening κ(Z, Z)^(-1/2) has a bounded backward (``_InverseSqrtPSD``).
+
+Cost per head (``flops``): matmuls 2n·(d·k + k·m) for the embedding and the scores,
+4L·n·m for the 2L matrix–vector products, 4n·m·d for aggregation and read-out; elementwise a
+few passes over the (n, m) kernel (the prior, its maximum, the shift, one exponential, K ⊙ M)
+and O(L·(n + m)) for the scalings. The matrix–vector products do 2 FLOPs per element of K they
+read: on a CPU they are bound by memory bandwidth (2L reads of K), not by the matmul rate.
 
 Padded sequences (``mask``) are masked natively: n is each sequence's count of real tokens,
-padding rows get marginal 0 (potential f = −∞, so T is 0 there), and the 1-D prior places
+padding rows get marginal 0 (u = 0 there, or f = −∞ in the log domain), and the 1-D prior places
 real tokens by their rank among real tokens, so padding changes nothing at real tokens.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, Literal
 
 import torch
@@ -36,6 +82,9 @@ from torch import Tensor, nn
 from attnbench.mechanism import Flops, Grid, Mechanism, merge_heads, projection_flops, require, split_heads
 from attnbench.registry import register_mechanism
 
+PRIORS = ("similarity-and-plan", "plan", "kernel")
+ORDERS = ("rows-then-columns", "columns-then-rows")
+
 
 @dataclasses.dataclass(frozen=True)
 class SeTOptions:
@@ -43,15 +92,21 @@ class SeTOptions:
     anchors: int = 32  # k, Nyström anchors of the Gaussian-kernel embedding
     eps: float = 0.5  # ε, entropic regularisation of the transport
     iters: int = 10  # L, Sinkhorn iterations (an upper bound when tol > 0)
-    tol: float = 0.0  # stop early once the column-marginal error is below tol (0: never)
+    tol: float = 0.0  # stop once the inexact marginal's relative error is below tol (0: never)
     tau: float = 0.1  # τ, width of the positional prior
     kernel_sigma: float = 0.5  # σ of the Gaussian kernel on the sphere, α = 1/σ²
     # auto: 2-D prior for image grids when m is a perfect square, 1-D otherwise
     positional: Literal["auto", "none", "1d", "2d"] = "auto"
-    # roundtrip: O = n T R (choice, spec step 8); asymmetric: queries get a plan of their own
+    # where M acts: similarity-and-plan (OTKE: M ⊙ S in the exponent, plan ⊙ M after Sinkhorn),
+    # plan (plan ⊙ M only) or kernel (log M added to the logits, inside Sinkhorn)
+    prior: Literal["similarity-and-plan", "plan", "kernel"] = "similarity-and-plan"
+    # rows-then-columns (OTKE: columns exact after any L) or columns-then-rows (rows exact)
+    order: Literal["rows-then-columns", "columns-then-rows"] = "rows-then-columns"
+    # divide references and read-outs by the plan's column and row masses (OTKE does not)
+    renormalise: bool = False
+    # roundtrip: O = n P R (choice, spec step 8); asymmetric: queries get a plan of their own
     readout: Literal["roundtrip", "asymmetric"] = "roundtrip"
-    # recompute: Sinkhorn backward recomputes each iteration, O(n·m) memory;
-    # unroll: plain autograd through every iteration, O(L·n·m) memory
+    # recompute: custom backward through the Sinkhorn iterations; unroll: plain autograd
     backward: Literal["recompute", "unroll"] = "recompute"
     qkv_bias: bool = True
 
@@ -65,6 +120,10 @@ class SeTOptions:
         require(self.kernel_sigma > 0, f"set.kernel_sigma must be > 0, got {self.kernel_sigma}")
         require(self.positional in ("auto", "none", "1d", "2d"),
                 f"set.positional must be one of auto, none, 1d, 2d; got {self.positional!r}")
+        require(self.prior in PRIORS, f"set.prior must be one of {', '.join(PRIORS)}; got {self.prior!r}")
+        require(self.order in ORDERS, f"set.order must be one of {', '.join(ORDERS)}; got {self.order!r}")
+        require(isinstance(self.renormalise, bool),
+                f"set.renormalise must be true or false; got {self.renormalise!r}")
         require(self.readout in ("roundtrip", "asymmetric"),
                 f"set.readout must be roundtrip or asymmetric; got {self.readout!r}")
         require(self.backward in ("recompute", "unroll"),
@@ -80,8 +139,15 @@ class SeTOptions:
 class _InverseSqrtPSD(torch.autograd.Function):
     """K ↦ K^(-1/2) for symmetric PSD K (…, k, k), regularised as OTKE: 1 / (√λ₊ + c).
 
-    The backward uses the Daleckii–Krein formula with closed-form divided differences, which
-    stays finite when eigenvalues (nearly) coincide, unlike differentiating through eigh.
+    The backward is the Daleckii–Krein formula V (D ∘ Vᵀ Ḡ V) Vᵀ with the divided differences
+    of f(λ) = 1/(√λ + c) in closed form, −1 / ((√a + √b)(√a + c)(√b + c)), and the first factor
+    floored at 2c. Where every eigenvalue is at least c² this is the exact gradient; where
+    eigenvalues are clamped at 0 or coincide near 0 (duplicated anchors) each entry stays below
+    1/(2c³), the bound of OTKE's backward (which adds 2c to that factor everywhere: within 2×
+    of it at any eigenvalues), instead of reaching 1/(floor · c²). (That the anchor gradient of
+    coinciding anchors is tens of times that of spread-out ones is the forward's own
+    sensitivity, the null direction weighted by 1/c: it is the limit of the exact gradients of
+    anchors that nearly coincide, the same under OTKE's form.)
     """
 
     @staticmethod
@@ -96,9 +162,8 @@ class _InverseSqrtPSD(torch.autograd.Function):
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
         root, vec = ctx.saved_tensors
         c = ctx.c
-        # f(λ) = 1/(√λ + c): (f(a) - f(b)) / (a - b) = -1 / ((√a + √b)(√a + c)(√b + c))
         ra, rb = root.unsqueeze(-1), root.unsqueeze(-2)
-        diff = -1.0 / ((ra + rb).clamp(min=1e-6) * (ra + c) * (rb + c))
+        diff = -1.0 / ((ra + rb).clamp(min=2 * c) * (ra + c) * (rb + c))
         g = vec.transpose(-2, -1) @ grad @ vec
         g = (g + g.transpose(-2, -1)) / 2  # the input is symmetric: so is its gradient
         return vec @ (diff * g) @ vec.transpose(-2, -1), None
@@ -107,143 +172,6 @@ class _InverseSqrtPSD(torch.autograd.Function):
 def gaussian_sphere_kernel(a: Tensor, b: Tensor, alpha: float) -> Tensor:
     """κ(a, b) = exp(α(⟨a, b⟩ − 1)) for unit vectors: (…, p, d), (…, q, d) -> (…, p, q)."""
     return torch.exp(alpha * (a @ b.transpose(-2, -1) - 1))
-
-
-# ---- Sinkhorn -----------------------------------------------------------------------------
-
-
-def _exp_shifted(logits: Tensor, potential: Tensor, dim: int, out: Tensor) -> Tensor:
-    """out = exp(logits + potential − max) along ``dim``, in place; returns the max (keepdim).
-
-    ``potential`` is broadcast along the other dimension. One buffer, no temporaries: this is
-    where SeT spends its time, so it avoids the allocations of torch.logsumexp.
-    """
-    torch.add(logits, potential.unsqueeze(-1 if dim == -2 else -2), out=out)
-    top = out.amax(dim, keepdim=True)
-    out.sub_(top).exp_()
-    return top
-
-
-def _logsumexp_into(logits: Tensor, potential: Tensor, dim: int, buf: Tensor) -> Tensor:
-    """logsumexp over ``dim`` of logits + potential (broadcast along the other dim), via ``buf``."""
-    top = _exp_shifted(logits, potential, dim, buf)
-    return buf.sum(dim).log_().add_(top.squeeze(dim))
-
-
-class _Shifted:
-    """Logits with their maximum along ``dim`` taken out once, for fast logsumexps.
-
-    logsumexp_dim(G + p) = shift + max(p) + log Σ exp((G − shift) + (p − max(p))): every
-    exponent is <= 0 without a max pass per iteration. Should the sum underflow (potentials
-    pushing a row far below the shift), that call is recomputed with its own exact max.
-    """
-
-    def __init__(self, logits: Tensor, dim: int) -> None:
-        self.logits, self.dim = logits, dim
-        self.shift = logits.amax(dim, keepdim=True)
-        self.shifted = logits - self.shift
-
-    def logsumexp(self, potential: Tensor, buf: Tensor) -> Tensor:
-        """logsumexp over ``dim`` of logits + potential (broadcast along the other dim)."""
-        top = potential.amax(-1, keepdim=True)  # (…, 1)
-        torch.add(self.shifted, (potential - top).unsqueeze(-1 if self.dim == -2 else -2), out=buf)
-        total = buf.exp_().sum(self.dim)
-        if bool((total < 1e-30).any()):
-            return _logsumexp_into(self.logits, potential, self.dim, buf)
-        return total.log_().add_(self.shift.squeeze(self.dim)).add_(top)
-
-
-def _row_marginals(logits: Tensor, mask: Tensor | None) -> tuple[Tensor | float, Tensor]:
-    """log a and the starting potential f_0 for logits (B, H, n, m): rows 1/n and f_0 = 0, or
-    with padding (mask (B, n) False) rows 1/(real tokens) and a = 0, f_0 = −∞ at padding."""
-    n = logits.shape[-2]
-    if mask is None:
-        return -math.log(n), logits.new_zeros(logits.shape[:-1])
-    inf = torch.tensor(float("-inf"), dtype=logits.dtype, device=logits.device)
-    real = mask[:, None, :]  # (B, 1, n)
-    log_a = torch.where(real, -mask.sum(-1, keepdim=True).to(logits.dtype).log()[:, None], inf)
-    return log_a, torch.where(real, 0.0, inf).to(logits.dtype).expand(logits.shape[:-1])
-
-
-def _sinkhorn_loop(logits: Tensor, iters: int, tol: float, differentiable: bool = False,
-                   mask: Tensor | None = None) -> tuple[list[Tensor], list[Tensor]]:
-    """Log-domain Sinkhorn on logits (…, n, m): potentials f (rows, 1/n) and g (columns, 1/m).
-
-    Each iteration updates g then f, so the rows of T = exp(logits + f + g) are exact.
-    Returns the histories [f_0 … f_L] and [g_1 … g_L] (f_0 = 0), which the backward needs.
-    ``differentiable`` keeps every step on the autograd tape (``backward="unroll"``).
-    ``mask`` (B, n), False at padding: those rows get marginal 0 and f = −∞ throughout.
-    """
-    m = logits.shape[-1]
-    log_a, f0 = _row_marginals(logits, mask)
-    log_b = -math.log(m)
-    if not differentiable:
-        buf = torch.empty_like(logits)
-        by_row = _Shifted(logits, -1)  # for the f updates (logsumexp over columns j)
-        by_col = _Shifted(logits, -2)  # for the g updates (logsumexp over rows i)
-    fs = [f0]
-    gs: list[Tensor] = []
-    for _ in range(iters):
-        if differentiable:
-            g = log_b - torch.logsumexp(logits + fs[-1].unsqueeze(-1), dim=-2)
-            f = log_a - torch.logsumexp(logits + g.unsqueeze(-2), dim=-1)
-        else:
-            g = log_b - by_col.logsumexp(fs[-1], buf)
-            f = log_a - by_row.logsumexp(g, buf)
-        # column sums of the previous plan are b·exp(g_prev − g): stop once they are b
-        done = tol > 0 and len(gs) > 0 and bool(torch.expm1(gs[-1] - g).abs().max() < tol)
-        gs.append(g)
-        fs.append(f)
-        if done:
-            break
-    return fs, gs
-
-
-class _SinkhornRecompute(torch.autograd.Function):
-    """Sinkhorn potentials whose backward recomputes each iteration's softmax instead of
-    keeping them: memory O(n·m + L·(n + m)) rather than O(L·n·m), same gradient."""
-
-    @staticmethod
-    def forward(ctx: Any, logits: Tensor, iters: int, tol: float,
-                mask: Tensor | None) -> tuple[Tensor, Tensor]:
-        fs, gs = _sinkhorn_loop(logits, iters, tol, mask=mask)
-        ctx.save_for_backward(logits, *fs[:-1], *gs)
-        ctx.steps = len(gs)
-        return fs[-1], gs[-1]
-
-    @staticmethod
-    def backward(ctx: Any, grad_f: Tensor, grad_g: Tensor) -> tuple[Tensor, None, None, None]:
-        logits, *saved = ctx.saved_tensors
-        fs, gs = saved[: ctx.steps], saved[ctx.steps:]
-        grad_logits = torch.zeros_like(logits)
-        buf = torch.empty_like(logits)
-        grad_f = torch.zeros_like(fs[0]) if grad_f is None else grad_f
-        grad_g = torch.zeros_like(gs[0]) if grad_g is None else grad_g
-        for t in reversed(range(ctx.steps)):
-            # f_t = log a − LSE_j(G + g_t): ∂f_i/∂G_ij = ∂f_i/∂g_j = −P_ij (row softmax)
-            _exp_shifted(logits, gs[t], -1, buf)
-            buf.mul_((grad_f / buf.sum(-1)).unsqueeze(-1))  # P_ij · f̄_i
-            grad_logits.sub_(buf)
-            grad_g = grad_g - buf.sum(-2)
-            # g_t = log b − LSE_i(G + f_{t−1}): ∂g_j/∂G_ij = ∂g_j/∂f_i = −Q_ij (column softmax)
-            _exp_shifted(logits, fs[t], -2, buf)
-            buf.mul_((grad_g / buf.sum(-2)).unsqueeze(-2))  # Q_ij · ḡ_j
-            grad_logits.sub_(buf)
-            grad_f = -buf.sum(-1)
-            grad_g = torch.zeros_like(grad_g)
-        return grad_logits, None, None, None
-
-
-def sinkhorn_log_plan(logits: Tensor, iters: int, tol: float = 0.0, recompute: bool = True,
-                      mask: Tensor | None = None) -> Tensor:
-    """log T for the entropic OT plan with uniform marginals (rows 1/n, columns 1/m); with
-    ``mask`` (B, n), rows 1/(real tokens) and log T = −∞ on padding rows."""
-    if recompute and torch.is_grad_enabled() and logits.requires_grad:
-        f, g = _SinkhornRecompute.apply(logits, iters, tol, mask)
-    else:
-        fs, gs = _sinkhorn_loop(logits, iters, tol, differentiable=torch.is_grad_enabled(), mask=mask)
-        f, g = fs[-1], gs[-1]
-    return logits + f.unsqueeze(-1) + g.unsqueeze(-2)
 
 
 # ---- positional prior ---------------------------------------------------------------------
@@ -276,7 +204,286 @@ def positional_log_prior(n: int, m: int, tau: float, grid: Grid | None, like: Te
     return -dist.reshape(n, m) / tau**2
 
 
+def prior_from_log(log_m: Tensor, log: bool) -> Tensor:
+    """M (or log M) from log M, with the entries below tiny/eps of the dtype set to 0 (log M
+    clamped there): they change no plan entry by more than the rounding error, and subnormal
+    floats would slow every product with the kernel down many times over on CPUs."""
+    info = torch.finfo(log_m.dtype)
+    floor = math.log(info.tiny / info.eps)
+    if log:
+        return log_m.clamp(min=floor)
+    return log_m.exp().masked_fill_(log_m < floor, 0.0)
+
+
+@functools.lru_cache(maxsize=16)
+def positional_prior(n: int, m: int, tau: float, grid: Grid | None, dtype: torch.dtype,
+                     device: torch.device, log: bool = False) -> Tensor:
+    """M (or log M with ``log``) for unpadded inputs, as ``prior_from_log`` gives it, built once
+    per key and shared by every layer and call: (n, m), a constant (no autograd history), never
+    modified in place."""
+    with torch.inference_mode(False), torch.no_grad():  # a normal tensor even if first built
+        log_m = positional_log_prior(n, m, tau, grid, torch.empty(0, dtype=dtype, device=device))
+        return prior_from_log(log_m, log)
+
+
+# ---- Sinkhorn, scaling domain -------------------------------------------------------------
+#
+# The side updated first is the rows of A (A = K for rows-then-columns, A = Kᵀ, a view, for
+# columns-then-rows); x scales A's rows to marginal α, y its columns to marginal β:
+#     x_t = α / (A y_{t−1}),   y_t = β / (Aᵀ x_t),   y_0 = 1 (0 where β = 0).
+# Both products are written as row vector × matrix, bmm(y[:, None], A.mT) and
+# bmm(x[:, None], A): on CPUs these are several times faster than bmm(A, y[..., None]).
+
+
+def _matvec(vec: Tensor, matrix: Tensor) -> Tensor:
+    """vecᵀ · matrix for vec (b, r) and matrix (b, r, c): (b, c)."""
+    return torch.bmm(vec.unsqueeze(-2), matrix).squeeze(-2)
+
+
+def _marginal_error(prev: Tensor, product: Tensor, marg: Tensor | float) -> Tensor:
+    """max relative error of the marginal prev ⊙ product against marg (0 where marg is 0)."""
+    if isinstance(marg, Tensor):
+        return torch.where(marg > 0, prev * product / marg.clamp(min=1e-38) - 1, 0).abs().max()
+    return (prev * product / marg - 1).abs().max()
+
+
+def _scaling_iterations(first: Tensor, alpha: Tensor | float, beta: Tensor | float, y0: Tensor,
+                        iters: int, tol: float) -> tuple[list[Tensor], ...]:
+    """Sinkhorn on A = ``first`` (b, r, c): returns [x_1…x_L], [y_0…y_L], [A y_0…], [Aᵀ x_1…].
+
+    No value is read on the host unless ``tol > 0`` (one check per iteration, to stop early).
+    """
+    xs: list[Tensor] = []
+    ys, ps, qs = [y0], [], []
+    for _ in range(iters):
+        p = _matvec(ys[-1], first.mT)  # (b, r): A y
+        x = alpha / p
+        done = tol > 0 and len(xs) > 0 and bool(_marginal_error(xs[-1], p, alpha) < tol)
+        q = _matvec(x, first)  # (b, c): Aᵀ x
+        xs.append(x)
+        ps.append(p)
+        qs.append(q)
+        ys.append(beta / q)
+        if done:
+            break
+    return xs, ys, ps, qs
+
+
+def _in_range(x: Tensor, ys: list[Tensor], beta: Tensor | float, cols: int) -> Tensor:
+    """True (a 0-dim tensor, no host sync) when the scaling iterates can be trusted.
+
+    Every row of A holds a 1 (its maximum, the shift), so A y >= min(y) over the columns with
+    β_j > 0 and x_i <= α_i / min(y): an entry A_ij adds at most α_i A_ij ρ to the plan,
+    ρ = max(y) / min(y) over those columns. Entries that underflowed (below tiny/eps) then
+    move no marginal by more than the rounding error when ρ <= eps² / (cols · tiny). Finite,
+    positive y with such a ρ at every iteration also keep every x finite and positive; the last
+    x is checked as well. Anything else sends the plan to the log domain.
+    """
+    y = torch.stack(ys[1:])  # (L, b, c)
+    info = torch.finfo(y.dtype)
+    limit = info.eps**2 / (cols * info.tiny)
+    if isinstance(beta, Tensor):  # columns with β = 0 (padding) have y = 0: leave them out
+        real = (beta > 0).expand_as(y)
+        ok = (torch.where(real, y, 1.0) > 0).all()
+        high, low = torch.where(real, y, 0.0).amax(-1), torch.where(real, y, torch.inf).amin(-1)
+    else:
+        ok = (y > 0).all()
+        high, low = y.amax(-1), y.amin(-1)
+    return ok & torch.isfinite(high).all() & (high <= limit * low).all() & torch.isfinite(x).all()
+
+
+class _ScalingSinkhorn(torch.autograd.Function):
+    """The scaling iterations with a backward that reverses them as matrix–vector products
+    with the saved K (nothing n × m is stored per iteration) and forms the gradient of K as a
+    single product (n, 2L) · (2L, m) of the rank-one terms of the 2L steps."""
+
+    @staticmethod
+    def forward(ctx: Any, kernel: Tensor, rows_first: bool, alpha: Tensor | float, beta: Tensor | float,
+                y0: Tensor, iters: int, tol: float) -> tuple[Tensor, Tensor, Tensor]:
+        first = kernel if rows_first else kernel.mT
+        xs, ys, ps, qs = _scaling_iterations(first, alpha, beta, y0, iters, tol)
+        ok = _in_range(xs[-1], ys, beta, first.shape[-1])
+        ctx.save_for_backward(kernel, *xs, *ys, *ps, *qs)
+        ctx.rows_first, ctx.steps = rows_first, len(xs)
+        ctx.mark_non_differentiable(ok)
+        return xs[-1], ys[-1], ok
+
+    @staticmethod
+    def backward(ctx: Any, grad_x: Tensor | None, grad_y: Tensor | None, _: Any) -> tuple[Tensor | None, ...]:
+        kernel, *saved = ctx.saved_tensors
+        steps = ctx.steps
+        first = kernel if ctx.rows_first else kernel.mT
+        xs, ys = saved[:steps], saved[steps:2 * steps + 1]
+        ps, qs = saved[2 * steps + 1:3 * steps + 1], saved[3 * steps + 1:]
+        gx = torch.zeros_like(xs[-1]) if grad_x is None else grad_x
+        gy = torch.zeros_like(ys[-1]) if grad_y is None else grad_y
+        left, right = [], []  # Ā = Σ left_s right_sᵀ
+        for t in reversed(range(steps)):
+            gq = -gy * ys[t + 1] / qs[t]  # y = β / q: ∂y/∂q = −y/q
+            left.append(xs[t])
+            right.append(gq)  # q = Aᵀ x
+            gx = gx + _matvec(gq, first.mT)  # A q̄
+            gp = -gx * xs[t] / ps[t]  # x = α / p
+            left.append(gp)
+            right.append(ys[t])  # p = A y
+            gy = _matvec(gp, first)  # Aᵀ p̄: the gradient of y_{t−1}
+            gx = torch.zeros_like(gx)
+        lhs, rhs = torch.stack(left, -1), torch.stack(right, -1)  # (b, r, 2L), (b, c, 2L)
+        grad = torch.bmm(lhs, rhs.mT) if ctx.rows_first else torch.bmm(rhs, lhs.mT)
+        return grad, None, None, None, None, None, None
+
+
+# ---- Sinkhorn, log domain (the fallback) ---------------------------------------------------
+
+
+def _exp_shifted(logits: Tensor, potential: Tensor, dim: int, out: Tensor) -> Tensor:
+    """out = exp(logits + potential − max) along ``dim``, in place; returns the max (keepdim).
+
+    ``potential`` is broadcast along the other dimension: the column potential g (…, m) for
+    dim = −1, the row potential f (…, n) for dim = −2. One buffer, no temporaries.
+    """
+    torch.add(logits, potential.unsqueeze(-1 if dim == -2 else -2), out=out)
+    top = out.amax(dim, keepdim=True)
+    out.sub_(top).exp_()
+    return top
+
+
+def _lse(logits: Tensor, potential: Tensor, dim: int, buf: Tensor | None) -> Tensor:
+    """logsumexp over ``dim`` of logits + potential; through ``buf`` when given (no autograd)."""
+    if buf is None:
+        return torch.logsumexp(logits + potential.unsqueeze(-1 if dim == -2 else -2), dim=dim)
+    top = _exp_shifted(logits, potential, dim, buf)
+    return buf.sum(dim).log_().add_(top.squeeze(dim))
+
+
+def _log_sinkhorn_loop(logits: Tensor, rows_first: bool, iters: int, tol: float, mask: Tensor | None,
+                       differentiable: bool) -> tuple[Tensor, Tensor, list[tuple[str, Tensor]]]:
+    """Log-domain Sinkhorn on logits (…, n, m): potentials f (rows, 1/n) and g (columns, 1/m),
+    the same iterates as the scaling domain (u = e^f, v = e^g). Returns f, g and the half-steps
+    (side updated, the other potential it read) that the recompute backward replays.
+
+    ``mask`` (B, n), False at padding: those rows get marginal 0 and f = −∞ throughout.
+    """
+    n, m = logits.shape[-2:]
+    if mask is None:
+        log_a: Tensor | float = -math.log(n)
+        real = logits.new_zeros(logits.shape[:-1])
+    else:
+        inf = torch.tensor(float("-inf"), dtype=logits.dtype, device=logits.device)
+        log_a = torch.where(mask[:, None], -mask.sum(-1, keepdim=True).to(logits.dtype).log()[:, None], inf)
+        real = torch.where(mask[:, None], 0.0, inf).to(logits.dtype).expand(logits.shape[:-1])
+    log_b = -math.log(m)
+    pot = {"f": real, "g": logits.new_zeros(logits.shape[:-2] + (m,))}
+    margs = {"f": log_a, "g": log_b}
+    order = ("f", "g") if rows_first else ("g", "f")
+    buf = None if differentiable else torch.empty_like(logits)
+    steps: list[tuple[str, Tensor]] = []
+    for _ in range(iters):
+        done = False
+        for side in order:
+            other = pot["g" if side == "f" else "f"]
+            new = margs[side] - _lse(logits, other, -1 if side == "f" else -2, buf)
+            if side == order[0] and tol > 0 and len(steps) > 0:
+                # the first side's marginals of the previous plan are marg · exp(prev − new)
+                gap = torch.where(torch.isfinite(new), pot[side] - new, 0)
+                done = bool(torch.expm1(gap).abs().max() < tol)
+            steps.append((side, other))
+            pot[side] = new
+        if done:
+            break
+    return pot["f"], pot["g"], steps
+
+
+class _LogSinkhornRecompute(torch.autograd.Function):
+    """Log-domain potentials whose backward recomputes each half-step's softmax instead of
+    keeping them: memory O(n·m + L·(n + m)) rather than O(L·n·m), same gradient."""
+
+    @staticmethod
+    def forward(ctx: Any, logits: Tensor, rows_first: bool, iters: int, tol: float,
+                mask: Tensor | None) -> tuple[Tensor, Tensor]:
+        f, g, steps = _log_sinkhorn_loop(logits, rows_first, iters, tol, mask, differentiable=False)
+        ctx.sides = [side for side, _ in steps]
+        ctx.save_for_backward(logits, *[other for _, other in steps])
+        return f, g
+
+    @staticmethod
+    def backward(ctx: Any, grad_f: Tensor | None, grad_g: Tensor | None) -> tuple[Tensor | None, ...]:
+        logits, *others = ctx.saved_tensors
+        grad_logits = torch.zeros_like(logits)
+        buf = torch.empty_like(logits)
+        grads = {"f": torch.zeros(logits.shape[:-1], dtype=logits.dtype, device=logits.device)
+                 if grad_f is None else grad_f,
+                 "g": torch.zeros(logits.shape[:-2] + logits.shape[-1:], dtype=logits.dtype,
+                                  device=logits.device) if grad_g is None else grad_g}
+        for side, other in zip(reversed(ctx.sides), reversed(others), strict=True):
+            # new = marg − LSE_dim(G + other): ∂new/∂G = ∂new/∂other = −softmax_dim(G + other)
+            dim = -1 if side == "f" else -2
+            _exp_shifted(logits, other, dim, buf)
+            buf.mul_((grads[side] / buf.sum(dim)).unsqueeze(dim))  # softmax ⊙ new̄
+            grad_logits.sub_(buf)
+            other_side = "g" if side == "f" else "f"
+            grads[other_side] = grads[other_side] - buf.sum(-2 if dim == -1 else -1)
+            grads[side] = torch.zeros_like(grads[side])
+        return grad_logits, None, None, None, None
+
+
+def log_sinkhorn_plan(logits: Tensor, iters: int, tol: float = 0.0, recompute: bool = True,
+                      mask: Tensor | None = None, rows_first: bool = True) -> Tensor:
+    """The entropic OT plan T = exp(G + f + g) with rows 1/n and columns 1/m (``mask`` (B, n):
+    rows 1/(real tokens) and T = 0 on padding rows), computed in the log domain."""
+    if recompute and torch.is_grad_enabled() and logits.requires_grad:
+        f, g = _LogSinkhornRecompute.apply(logits, rows_first, iters, tol, mask)
+    else:
+        f, g, _ = _log_sinkhorn_loop(logits, rows_first, iters, tol, mask,
+                                     differentiable=torch.is_grad_enabled())
+    return (logits + f.unsqueeze(-1) + g.unsqueeze(-2)).exp()
+
+
+class _PriorProduct(torch.autograd.Function):
+    """(K ⊙ M)ᵀ x or (K ⊙ M) x for the read-out, keeping K (already kept for Sinkhorn) rather
+    than K ⊙ M: the backward recomputes K ⊙ M for the gradient of x, once for all the products
+    of a plan (``shared``, the plan's own dict), and forms the gradient of K as (x ȳᵀ or ȳ xᵀ)
+    ⊙ M, one (n, m) product. ``readout`` is K ⊙ M, computed once for the forward and not kept."""
+
+    @staticmethod
+    def forward(ctx: Any, kernel: Tensor, post: Tensor, x: Tensor, transpose: bool, readout: Tensor,
+                shared: dict[str, Any]) -> Tensor:
+        ctx.save_for_backward(kernel, post, x)
+        ctx.transpose, ctx.shared = transpose, shared
+        shared["pending"] = shared.get("pending", 0) + 1
+        return (readout.mT if transpose else readout) @ x
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        kernel, post, x = ctx.saved_tensors
+        shared = ctx.shared
+        shared["pending"] -= 1
+        readout = shared.pop("readout", None)
+        if readout is None:
+            readout = kernel * post
+        if shared["pending"] > 0:  # another product of this plan still to come: keep it for that one
+            shared["readout"] = readout
+        grad_x = (readout if ctx.transpose else readout.mT) @ grad
+        del readout
+        grad_kernel = (x @ grad.mT if ctx.transpose else grad @ x.mT).mul_(post)
+        return grad_kernel, None, grad_x, None, None, None
+
+
 # ---- the mechanism ------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class _Plan:
+    """One transport plan, never built: P = diag(u) K diag(v), times ``post`` (M) if given."""
+
+    kernel: Tensor  # (B, H, n, m), the Gibbs kernel (shifted) or, after a fallback, the plan
+    u: Tensor  # (B, H, n) row scaling (0 at padding)
+    v: Tensor  # (B, H, m) column scaling
+    ok: Tensor  # 0-dim bool: the scaling iterates are trustworthy
+    post: Tensor | None  # M, (n, m) or (B, 1, n, m), when the plan is multiplied by it after Sinkhorn
+    logits: Callable[[], Tensor]  # recomputes the logits G, for the log-domain fallback
+    shared: dict[str, Any] = dataclasses.field(default_factory=dict)  # for ``_PriorProduct``
 
 
 @register_mechanism
@@ -286,9 +493,14 @@ class SeTAttention(Mechanism):
     Options = SeTOptions
     complexity = "linear"
     masking = "native"
-    flops_formula = ("B·N·C²·(6 | 8 asym.) projections + per head 2·B·N·(k·d + k² + k·m + 2·m·d) "
-                     "embedding, scores, aggregation, read-out (×2 embedding+scores asym.); "
-                     "elementwise ≈ 10·L·B·H·N·m Sinkhorn")
+    flops_formula = (
+        "matmul: 2·B·N·C²·(3 | 4 asym.) projections + per plan (×2 asym.) 2·B·H·N·(d·k + k·m) "
+        "kernel embedding and scores + 4·L·B·H·N·m Sinkhorn (2L matrix–vector products with K: "
+        "memory-bound, each reads the (N, m) kernel once) + 4·B·H·N·m·(d | d+1 renormalised) "
+        "aggregation and read-out + 2·H·(k²·d + k³ + k²·m) whitening and fold; elementwise, one per "
+        "element and pass: per plan B·H·[N·m·(3 + 1 for M ⊙ S or log M + 1 for K ⊙ M): max, shift, "
+        "the one exp, the prior + 3·N·k + N·d embedding + 4·L·(N + m) scalings + 6·L·(m | N) range "
+        "check] + B·H·N·d·(3 | 4 renormalised) read-out")
 
     def __init__(self, dim: int, num_heads: int, options: SeTOptions | None = None) -> None:
         super().__init__(dim, num_heads, options)
@@ -300,6 +512,10 @@ class SeTAttention(Mechanism):
         self.proj = nn.Linear(dim, dim)
         self.init_record: dict[str, Any] = {"method": "random"}
 
+    @classmethod
+    def backend(cls, device: str = "cpu", dtype: torch.dtype = torch.float32) -> str:
+        return "eager PyTorch (scaling-domain Sinkhorn, log-domain fallback)"
+
     # -- pieces, each (B, H, n, ·) ------------------------------------------------------
     def whitening(self, dtype: torch.dtype) -> Tensor:
         """κ(Z, Z)^(-1/2) (H, k, k) of the unit-norm anchors: once per forward pass."""
@@ -307,31 +523,19 @@ class SeTAttention(Mechanism):
         z = F.normalize(self.anchors.to(dtype), dim=-1)  # (H, k, d)
         return _InverseSqrtPSD.apply(gaussian_sphere_kernel(z, z, alpha), 1e-2)
 
-    def embed(self, u: Tensor, whitening: Tensor | None = None) -> Tensor:
-        """Nyström features ψ(u): (B, H, n, d) -> (B, H, n, k)."""
+    def kernel_features(self, u: Tensor) -> Tensor:
+        """κ(u, Z) = exp(α(⟨û, z⟩ − 1)) to the unit-norm anchors: (B, H, n, d) -> (B, H, n, k)."""
         alpha = 1.0 / self.options.kernel_sigma**2
         z = F.normalize(self.anchors.to(u.dtype), dim=-1)  # (H, k, d)
-        whitening = self.whitening(u.dtype) if whitening is None else whitening
-        return gaussian_sphere_kernel(F.normalize(u, dim=-1), z, alpha) @ whitening
+        dots = u @ (alpha * z).transpose(-2, -1)  # α⟨u, z⟩ (B, H, n, k); û = u / max(|u|, 1e-12)
+        inv_norm = 1 / torch.linalg.vector_norm(u, dim=-1, keepdim=True).clamp(min=1e-12)
+        dots = dots * inv_norm if torch.is_grad_enabled() else dots.mul_(inv_norm)
+        return dots.sub_(alpha).exp_()
 
-    def log_plans(self, features: list[Tensor], grid: Grid | None,
-                  mask: Tensor | None = None) -> list[Tensor]:
-        """log T (B, H, n, m) for each set of alignment features (B, H, n, d); the anchor
-        whitening and the positional prior are shared by all of them. ``mask`` (B, n): padding."""
-        o: SeTOptions = self.options
-        dtype, n = features[0].dtype, features[0].shape[-2]
-        whitening = self.whitening(dtype)
-        refs = self.references.to(dtype).transpose(-2, -1)  # (H, k, m)
-        prior_grid = self._prior_grid(grid)
-        prior = None if prior_grid == "none" else positional_log_prior(n, o.m, o.tau, prior_grid,
-                                                                       features[0], mask)
-        plans = []
-        for feat in features:
-            logits = self.embed(feat, whitening) @ refs / o.eps
-            if prior is not None:
-                logits = logits + prior
-            plans.append(sinkhorn_log_plan(logits, o.iters, o.tol, o.backward == "recompute", mask))
-        return plans
+    def embed(self, u: Tensor, whitening: Tensor | None = None) -> Tensor:
+        """Nyström features ψ(u) = κ(u, Z) κ(Z, Z)^(-1/2): (B, H, n, d) -> (B, H, n, k)."""
+        whitening = self.whitening(u.dtype) if whitening is None else whitening
+        return self.kernel_features(u) @ whitening
 
     def _prior_grid(self, grid: Grid | None) -> Grid | None | Literal["none"]:
         """Which prior applies: 'none', None (1-D) or the grid (2-D)."""
@@ -347,11 +551,113 @@ class SeTAttention(Mechanism):
             return grid
         return None
 
-    def _heads(self, x: Tensor) -> list[Tensor]:
-        """U, V (and Q) as (B, H, n, d), in float32 or wider for the transport."""
-        work = torch.promote_types(x.dtype, torch.float32)
-        parts = self.in_proj(x).chunk(3 if self.options.readout == "asymmetric" else 2, dim=-1)
-        return [split_heads(p.to(work), self.num_heads) for p in parts]
+    def _prior(self, n: int, grid: Grid | None, like: Tensor, mask: Tensor | None) -> tuple[
+            Tensor | None, Tensor | None]:
+        """(what the logits get, what the plan is multiplied by): M or log M per ``prior``."""
+        o: SeTOptions = self.options
+        prior_grid = self._prior_grid(grid)
+        if prior_grid == "none":
+            return None, None
+        log = o.prior == "kernel"
+        if mask is None:
+            value = positional_prior(n, o.m, o.tau, prior_grid, like.dtype, like.device, log)
+        else:  # (B, 1, n, m): real tokens placed by their rank among real tokens
+            value = prior_from_log(positional_log_prior(n, o.m, o.tau, None, like, mask), log)
+        if o.prior == "kernel":
+            return value, None
+        return (value if o.prior == "similarity-and-plan" else None), value
+
+    def _sinkhorn(self, x: Tensor, parts: list[int], grid: Grid | None, mask: Tensor | None,
+                  cast: tuple[bool, torch.dtype]) -> list[_Plan]:
+        """The transport plan of the alignment features of each of ``parts`` (``_project``), in
+        the scaling domain, with one host check for all of them and a log-domain recomputation
+        of any whose scalings left the floating-point range. ``mask`` (B, n): padding. Only the
+        kernel K of each plan is kept: features and embedding are released once used."""
+        o: SeTOptions = self.options
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        (b, n), h = x.shape[:2], self.num_heads
+        like = torch.empty(0, dtype=dtype, device=x.device)
+        # κ(Z, Z)^(-1/2) Yᵀ / ε (H, k, m), so that the logits are one product κ(U, Z) · fold
+        fold = self.whitening(dtype) @ self.references.to(dtype).transpose(-2, -1) / o.eps
+        pre, post = self._prior(n, grid, like, mask)
+        rows_first = o.order == "rows-then-columns"
+        if mask is None:
+            a: Tensor | float = 1.0 / n
+        else:  # rows 1/(real tokens), 0 at padding: (B·H, n)
+            a = (mask / mask.sum(-1, keepdim=True)).to(dtype)[:, None].expand(b, h, n).reshape(b * h, n)
+        alpha, beta = (a, 1.0 / o.m) if rows_first else (1.0 / o.m, a)
+        # y_0, the scaling updated second: ones, 0 at padding when it scales the rows
+        y0 = torch.ones(b * h, o.m if rows_first else n, dtype=dtype, device=x.device)
+        if isinstance(beta, Tensor):
+            y0 = (beta > 0).to(dtype)
+
+        plans = []
+        for part in parts:
+            def logits(part: int = part) -> Tensor:  # G = κ(U, Z) · fold (⊙ M), a fresh (B, H, n, m)
+                g = self.kernel_features(self._project(x, part, cast)) @ fold
+                if pre is not None:
+                    g = g.mul_(pre) if o.prior == "similarity-and-plan" else g.add_(pre)
+                return g
+
+            g = logits()
+            with torch.no_grad():  # the shift cancels out of the plan: no gradient through it
+                if rows_first:  # every row of K holds a 1
+                    shift = g.amax(-1, keepdim=True)
+                else:  # every column holds a 1, at a real token
+                    shift = (g if mask is None else g.masked_fill(~mask[:, None, :, None], -torch.inf)).amax(
+                        -2, keepdim=True)
+            kernel = g.sub_(shift).exp_()
+            flat = kernel.view(b * h, n, o.m)
+            if o.backward == "recompute" and torch.is_grad_enabled() and kernel.requires_grad:
+                sx, sy, ok = _ScalingSinkhorn.apply(flat, rows_first, alpha, beta, y0, o.iters, o.tol)
+            else:  # no autograd, or autograd through every step (unroll)
+                first = flat if rows_first else flat.mT
+                xs, ys, _, _ = _scaling_iterations(first, alpha, beta, y0, o.iters, o.tol)
+                sx, sy, ok = xs[-1], ys[-1], _in_range(xs[-1], ys, beta, first.shape[-1])
+            u, v = (sx, sy) if rows_first else (sy, sx)  # the scalings of the side first, second
+            plans.append(_Plan(kernel, u.view(b, h, n), v.view(b, h, o.m), ok, post, logits))
+
+        if not bool(torch.stack([p.ok for p in plans]).all()):  # the forward's one host sync
+            for p in plans:
+                if not bool(p.ok):
+                    p.kernel = log_sinkhorn_plan(p.logits(), o.iters, o.tol, o.backward == "recompute",
+                                                 mask, rows_first)
+                    p.u, p.v = torch.ones_like(p.u), torch.ones_like(p.v)
+        return plans
+
+    @staticmethod
+    def _readout_kernel(plan: _Plan) -> Tensor:
+        """K ⊙ M when the plan is multiplied by the prior after Sinkhorn, else K. Without
+        autograd it overwrites K (nothing needs K any more); with autograd it is a temporary
+        that the backward recomputes (``_PriorProduct``), so only K is kept."""
+        if plan.post is None:
+            return plan.kernel
+        if not torch.is_grad_enabled():
+            return plan.kernel.mul_(plan.post)
+        with torch.no_grad():
+            return plan.kernel * plan.post
+
+    @staticmethod
+    def _product(plan: _Plan, readout: Tensor, x: Tensor, transpose: bool) -> Tensor:
+        """(K ⊙ M)ᵀ x (transpose) or (K ⊙ M) x for x (B, H, n or m, ·), ``readout`` = K ⊙ M."""
+        if plan.post is None or not torch.is_grad_enabled():
+            return (readout.mT if transpose else readout) @ x
+        return _PriorProduct.apply(plan.kernel, plan.post, x, transpose, readout, plan.shared)
+
+    def _project(self, x: Tensor, part: int, cast: tuple[bool, torch.dtype]) -> Tensor:
+        """U (``part`` 0), V (1) or Q (2) as (B, H, n, d), in float32 or wider for the transport,
+        under the caller's autocast state ``cast`` (enabled, dtype). Each is its own product of
+        the rows of ``in_proj``, so that each is released as soon as it has been used."""
+        rows = slice(part * self.dim, (part + 1) * self.dim)
+        bias = None if self.in_proj.bias is None else self.in_proj.bias[rows]
+        with torch.autocast(x.device.type, dtype=cast[1], enabled=cast[0]):
+            y = F.linear(x, self.in_proj.weight[rows], bias)
+        return split_heads(y.to(torch.promote_types(x.dtype, torch.float32)), self.num_heads)
+
+    @staticmethod
+    def _autocast_state(x: Tensor) -> tuple[bool, torch.dtype]:
+        kind = x.device.type
+        return torch.is_autocast_enabled(kind), torch.get_autocast_dtype(kind)
 
     def mix(self, x: Tensor, grid: Grid | None) -> Tensor:
         return self.transport(x, grid, None)
@@ -361,49 +667,91 @@ class SeTAttention(Mechanism):
 
     def transport(self, x: Tensor, grid: Grid | None, mask: Tensor | None) -> Tensor:
         """Aggregate the tokens onto the references and read them back; ``mask`` (B, n): padding."""
-        heads = self._heads(x)
-        m = self.options.m
+        return self.proj(merge_heads(self._transport(x, grid, mask)).to(x.dtype))
+
+    def _transport(self, x: Tensor, grid: Grid | None, mask: Tensor | None) -> Tensor:
+        """The heads' outputs (B, H, n, d); every (n, m) tensor is released on return."""
+        m, d = self.options.m, self.head_dim
+        cast = self._autocast_state(x)
         # tokens per sequence: n, or each sequence's real tokens (B, 1, 1, 1)
-        n = x.shape[1] if mask is None else mask.sum(-1).to(heads[0].dtype)[:, None, None, None]
-        # the transport runs in float32 even under fp16/bf16 autocast: exp/log need the range
+        work = torch.promote_types(x.dtype, torch.float32)
+        n = x.shape[1] if mask is None else mask.sum(-1).to(work)[:, None, None, None]
+        grad = torch.is_grad_enabled()
+        # the transport runs in float32 even under fp16/bf16 autocast: exp needs the range
         with torch.autocast(x.device.type, enabled=False):
             asym = self.options.readout == "asymmetric"
-            log_plans = self.log_plans([heads[0], heads[2]] if asym else [heads[0]], grid, mask)
-            plan = log_plans[0].exp()  # (B, H, n, m)
-            refs = m * plan.transpose(-2, -1) @ heads[1]  # (B, H, m, d)
-            if asym:
-                plan = log_plans[1].exp()
-            out = n * plan @ refs  # (B, H, n, d)
-        return self.proj(merge_heads(out).to(x.dtype))
+            plans = self._sinkhorn(x, [0, 2] if asym else [0], grid, mask, cast)
+            agg, read = plans[0], plans[-1]
+            kernel = self._readout_kernel(agg)
+            tiny = torch.finfo(kernel.dtype).tiny
+            u, v = agg.u.unsqueeze(-1), agg.v.unsqueeze(-1)
+            values = self._project(x, 1, cast)  # V (B, H, n, d)
+            if self.options.renormalise:  # R_j = Σ_i P_ij V_i / Σ_i P_ij: v cancels
+                sums = self._product(agg, kernel, torch.cat([u * values, u], -1), True)  # (B, H, m, d + 1)
+                refs = sums[..., :d] / sums[..., d:].clamp(min=tiny)
+            else:  # R = m Pᵀ V = m · v ⊙ Kᵀ (u ⊙ V); without autograd, in V's own buffer
+                values = u * values if grad else values.mul_(u)
+                refs = (m * v) * self._product(agg, kernel, values, True)  # (B, H, m, d)
+            del values
+            if read is not agg:
+                kernel = self._readout_kernel(read)
+            u, v = read.u.unsqueeze(-1), read.v.unsqueeze(-1)
+            if self.options.renormalise:  # O_i = Σ_j P_ij R_j / Σ_j P_ij: u cancels
+                sums = self._product(read, kernel, torch.cat([v * refs, v], -1), False)  # (B, H, n, d + 1)
+                out = sums[..., :d] / sums[..., d:].clamp(min=tiny)
+            else:  # O = n P R = n · u ⊙ K (v ⊙ R)
+                out = self._product(read, kernel, v * refs, False)  # (B, H, n, d)
+                out = (n * u) * out if grad else out.mul_(n * u)
+        return out
 
     # -- looking inside -------------------------------------------------------------------
+    def _dense(self, plan: _Plan, with_prior: bool = True) -> Tensor:
+        dense = plan.u.unsqueeze(-1) * plan.kernel * plan.v.unsqueeze(-2)
+        return dense * plan.post if with_prior and plan.post is not None else dense
+
     @torch.no_grad()
-    def transport_plan(self, x: Tensor, grid: Grid | None = None) -> Tensor:
-        """The plan T (B, H, n, m) that aggregates tokens onto references."""
-        return self.log_plans([self._heads(x)[0]], grid)[0].exp()
+    def transport_plan(self, x: Tensor, grid: Grid | None = None, with_prior: bool = True) -> Tensor:
+        """The plan P (B, H, n, m) that aggregates tokens onto references: T ⊙ M for the
+        post-multiplied priors, or, with ``with_prior=False``, Sinkhorn's T itself (whose
+        marginals are the transport constraints)."""
+        return self._dense(self._sinkhorn(x, [0], grid, None, self._autocast_state(x))[0], with_prior)
 
     @torch.no_grad()
     def attention_matrix(self, x: Tensor, grid: Grid | None = None, max_tokens: int = 4096) -> Tensor:
-        """The implied dense attention A = n·m·T·Tᵀ (B, H, n, n); only for small n."""
+        """The implied dense attention A (B, H, n, n), O = A V; only for small n.
+
+        A = n m P_read P_aggᵀ, or with ``renormalise`` diag(1/P_read 1) P_read diag(1/P_aggᵀ 1)
+        P_aggᵀ (row-stochastic); P_read = P_agg unless ``readout="asymmetric"``."""
         n = x.shape[1]
         if n > max_tokens:
             raise ValueError(f"set: attention_matrix builds an n × n matrix; n={n} > max_tokens="
                              f"{max_tokens} (SeT itself never does)")
-        plan = self.transport_plan(x, grid)
-        return n * self.options.m * plan @ plan.transpose(-2, -1)
+        asym = self.options.readout == "asymmetric"
+        plans = self._sinkhorn(x, [0, 2] if asym else [0], grid, None, self._autocast_state(x))
+        agg, read = self._dense(plans[0]), self._dense(plans[-1])
+        if self.options.renormalise:
+            return (read / read.sum(-1, keepdim=True)) @ (agg / agg.sum(-2, keepdim=True)).mT
+        return n * self.options.m * read @ agg.mT
 
     # -- cost -------------------------------------------------------------------------------
     def flops(self, batch: int, n: int, grid: Grid | None = None) -> Flops:
         o: SeTOptions = self.options
-        h, d, k, m = self.num_heads, self.head_dim, o.anchors, o.m
+        h, d, k, m, iters = self.num_heads, self.head_dim, o.anchors, o.m, o.iters
         plans = 2 if o.readout == "asymmetric" else 1
-        per_plan = 2 * batch * h * n * (k * d + k * k + k * m)
-        whitening = 2 * h * (k * k * d + k**3)  # κ(Z, Z) and its inverse square root, once
-        transport = 2 * 2 * batch * h * n * m * d  # Tᵀ V and T R
+        per_plan = 2 * batch * h * n * (d * k + k * m) + 4 * iters * batch * h * n * m
+        setup = 2 * h * (k * k * d + k**3 + k * k * m)  # κ(Z, Z), its inverse square root, the fold
+        transport = 2 * 2 * batch * h * n * m * (d + (1 if o.renormalise else 0))  # aggregation, read-out
         proj = projection_flops(batch, n, self.dim, (3 if plans == 2 else 2) + 1)
-        sinkhorn = 10 * o.iters * batch * h * n * m * plans
-        return Flops(matmul=proj + whitening + plans * per_plan + transport,
-                     elementwise=sinkhorn + batch * h * n * k * plans)
+        prior = int(o.positional != "none")  # an M ⊙ S or + log M pass, and a K ⊙ M pass
+        passes = 3 + prior * ((o.prior != "plan") + (o.prior != "kernel"))  # + max, shift, exp
+        # per plan: the kernel passes; the embedding's inverse norm, shift and exp over (n, k) and
+        # the norm over (n, d); the two divisions (a reciprocal and a product each) per iteration;
+        # the range check of the scaling updated second (m long, or n for columns-then-rows)
+        second = m if o.order == "rows-then-columns" else n
+        per_plan_elementwise = n * m * passes + 3 * n * k + n * d + 4 * iters * (n + m) + 6 * iters * second
+        readout = n * d * (4 if o.renormalise else 3)  # u ⊙ V, n u ⊙ O or the division, head merge
+        return Flops(matmul=proj + setup + plans * per_plan + transport,
+                     elementwise=batch * h * (plans * per_plan_elementwise + readout))
 
     # -- data-driven initialisation ----------------------------------------------------------
     @torch.no_grad()
@@ -422,7 +770,8 @@ class SeTAttention(Mechanism):
         start = time.perf_counter()
         if isinstance(batches, Tensor):
             batches = [batches]
-        feats = torch.cat([self._heads(x)[0].transpose(0, 1).flatten(1, 2) for x in batches], dim=1)
+        feats = torch.cat([self._project(x, 0, self._autocast_state(x)).transpose(0, 1).flatten(1, 2)
+                           for x in batches], dim=1)
         gen = torch.Generator().manual_seed(seed)
         if feats.shape[1] > max_tokens:  # (H, tokens, d): subsample tokens
             feats = feats[:, torch.randperm(feats.shape[1], generator=gen)[:max_tokens]]

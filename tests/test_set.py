@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import copy
+import itertools
 import math
 
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import mechanisms.set as set_module
 from attnbench import OptionError, build_mechanism
-from mechanisms.set import kmeans, positional_log_prior
+from mechanisms.set import SeTOptions, kmeans, positional_log_prior, positional_prior
 
 torch.backends.cudnn.deterministic = True
+
+PRIORS = ["similarity-and-plan", "plan", "kernel"]
+ORDERS = ["rows-then-columns", "columns-then-rows"]
 
 
 def small_set(**options):
@@ -20,7 +26,8 @@ def small_set(**options):
 
 
 def reference_set(module, x, grid=None):
-    """The specification's forward pass, step by step, one head at a time, no log domain."""
+    """The specification's forward pass, step by step, one head at a time: the plan built
+    densely, Sinkhorn in the plain scaling form on exp(G) (no shift, no log domain)."""
     o = module.options
     b, n, c = x.shape
     h, d = module.num_heads, module.head_dim
@@ -29,22 +36,24 @@ def reference_set(module, x, grid=None):
     u_all = x @ w[:c].T + bias[:c]
     v_all = x @ w[c:2 * c].T + bias[c:2 * c]
     q_all = x @ w[2 * c:].T + bias[2 * c:] if o.readout == "asymmetric" else None
-    # positional prior M (n, m)
+    # squared position gaps (n, m) of the positional prior M = exp(−gap / τ²)
     if o.positional == "none":
-        prior = torch.ones(n, o.m, dtype=x.dtype)
+        gap = torch.zeros(n, o.m, dtype=x.dtype)
     elif grid is not None and (o.positional == "2d" or math.isqrt(o.m) ** 2 == o.m):
         s = math.isqrt(o.m)
-        prior = torch.empty(n, o.m, dtype=x.dtype)
+        gap = torch.empty(n, o.m, dtype=x.dtype)
         for r in range(grid[0]):
             for col in range(grid[1]):
                 for p in range(s):
                     for q in range(s):
-                        gap = (r / grid[0] - p / s) ** 2 + (col / grid[1] - q / s) ** 2
-                        prior[r * grid[1] + col, p * s + q] = math.exp(-gap / o.tau**2)
+                        gap[r * grid[1] + col, p * s + q] = ((r / grid[0] - p / s) ** 2
+                                                             + (col / grid[1] - q / s) ** 2)
     else:
         i = torch.arange(n, dtype=x.dtype)[:, None] / n
         j = torch.arange(o.m, dtype=x.dtype)[None, :] / o.m
-        prior = torch.exp(-((i - j) ** 2) / o.tau**2)
+        gap = (i - j) ** 2
+    log_prior = -gap / o.tau**2
+    prior = torch.exp(log_prior)
     out = torch.empty(b, n, c, dtype=x.dtype)
     for head in range(h):
         sl = slice(head * d, (head + 1) * d)
@@ -56,20 +65,50 @@ def reference_set(module, x, grid=None):
         def plan(feat, z=z, inv_sqrt=inv_sqrt, refs=module.references[head]):
             unit = feat / feat.norm(dim=-1, keepdim=True)
             psi = (inv_sqrt @ torch.exp(alpha * (z @ unit.T - 1))).T  # (n, k)
-            gibbs = torch.exp(psi @ refs.T / o.eps) * prior  # (n, m)
-            row = torch.ones(n, dtype=x.dtype)
-            for _ in range(o.iters):  # scaling form of Sinkhorn: columns, then rows
-                col = (1 / o.m) / (gibbs.T @ row)
-                row = (1 / n) / (gibbs @ col)
-            return row[:, None] * gibbs * col[None, :]
+            scores = psi @ refs.T  # S (n, m)
+            if o.prior == "similarity-and-plan":
+                logits = prior * scores / o.eps  # M ⊙ S before the exponential
+            elif o.prior == "kernel":
+                logits = scores / o.eps + log_prior  # M inside the Gibbs kernel
+            else:
+                logits = scores / o.eps
+            gibbs = torch.exp(logits)
+            row, col = torch.ones(n, dtype=x.dtype), torch.ones(o.m, dtype=x.dtype)
+            for _ in range(o.iters):
+                if o.order == "rows-then-columns":
+                    row = (1 / n) / (gibbs @ col)
+                    col = (1 / o.m) / (gibbs.T @ row)
+                else:
+                    col = (1 / o.m) / (gibbs.T @ row)
+                    row = (1 / n) / (gibbs @ col)
+            t = row[:, None] * gibbs * col[None, :]
+            return t * prior if o.prior != "kernel" else t  # M ⊙ T after Sinkhorn
 
         for s in range(b):
-            t = plan(u_all[s, :, sl])
-            refs = o.m * t.T @ v_all[s, :, sl]
+            p = plan(u_all[s, :, sl])
+            if o.renormalise:
+                refs = (p.T @ v_all[s, :, sl]) / p.sum(0)[:, None]
+            else:
+                refs = o.m * p.T @ v_all[s, :, sl]
             if q_all is not None:
-                t = plan(q_all[s, :, sl])
-            out[s, :, sl] = n * t @ refs
+                p = plan(q_all[s, :, sl])
+            out[s, :, sl] = (p @ refs) / p.sum(1)[:, None] if o.renormalise else n * p @ refs
     return out @ module.proj.weight.T + module.proj.bias
+
+
+ALL_COMBINATIONS = list(itertools.product(PRIORS, ORDERS, [False, True], ["none", "1d", "2d"],
+                                          ["roundtrip", "asymmetric"]))
+
+
+@pytest.mark.parametrize("prior, order, renormalise, positional, readout", ALL_COMBINATIONS,
+                         ids=["-".join(map(str, c)) for c in ALL_COMBINATIONS])
+def test_every_combination_matches_the_dense_reference_in_float64(prior, order, renormalise, positional,
+                                                                  readout):
+    m = small_set(prior=prior, order=order, renormalise=renormalise, positional=positional,
+                  readout=readout, iters=10, tau=0.3)
+    grid = (3, 4) if positional == "2d" else None
+    x = torch.randn(2, 12, 16, dtype=torch.float64)
+    torch.testing.assert_close(m(x, grid), reference_set(m, x, grid), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("options, n, grid", [
@@ -79,6 +118,7 @@ def reference_set(module, x, grid=None):
     ({"m": 8}, 12, (3, 4)),  # m not square: auto falls back to 1-D
     ({"readout": "asymmetric"}, 10, None),
     ({"eps": 0.05, "tau": 0.3, "kernel_sigma": 0.4}, 7, None),
+    ({"eps": 0.1, "tau": 0.1, "iters": 10, "m": 16}, 40, (5, 8)),  # OTKE's defaults, a real grid
 ])
 def test_matches_the_dense_reference_in_float64(options, n, grid):
     m = small_set(**options)
@@ -86,49 +126,228 @@ def test_matches_the_dense_reference_in_float64(options, n, grid):
     torch.testing.assert_close(m(x, grid), reference_set(m, x, grid), rtol=1e-5, atol=1e-5)
 
 
-def test_plan_marginals_and_implied_attention_after_convergence():
-    m = small_set(iters=300, eps=1.0)
+def test_the_defaults_follow_otke():
+    o = SeTOptions()
+    assert (o.prior, o.order, o.renormalise, o.iters, o.tau) == (
+        "similarity-and-plan", "rows-then-columns", False, 10, 0.1)
+
+
+@pytest.mark.parametrize("n, grid", [(37, None), (1024, None), (256, (16, 16)), (4096, (64, 64))])
+def test_marginals_converge_within_1e_5_in_the_default_ten_iterations(n, grid):
+    """OTKE's placement and order at the defaults (m 64, ε 0.5, τ 0.1, L 10), float32: columns
+    exact by construction, rows within 1e-5; the kernel placement is still far off."""
+    torch.manual_seed(0)
+    m = build_mechanism("set", 32, 4)
+    x = torch.randn(2, n, 32)
+    plan = m.transport_plan(x, grid, with_prior=False)  # Sinkhorn's T, before ⊙ M
+    assert ((plan.sum(-2) * 64 - 1).abs().max()) < 1e-5
+    assert ((plan.sum(-1) * n - 1).abs().max()) < 1e-5
+    inside = build_mechanism("set", 32, 4, prior="kernel")
+    inside.load_state_dict(m.state_dict())
+    plan = inside.transport_plan(x, grid)
+    assert ((plan.sum(-1) * n - 1).abs().max()) > 1e-3  # log M = −100: 10 iterations are not enough
+
+
+def test_the_post_multiplied_prior_leaves_the_marginals_below_uniform_unless_renormalised():
+    m = small_set(tau=0.3)
+    x = torch.randn(2, 12, 16, dtype=torch.float64)
+    plan = m.transport_plan(x)  # T ⊙ M: every mass at most the uniform one
+    assert (plan.sum(-2) * 9 < 1 - 1e-3).all() and (plan.sum(-1) * 12 < 1).all()
+    m = small_set(tau=0.3, renormalise=True)
+    attn = m.attention_matrix(x)  # each output a convex combination of values
+    assert (attn >= 0).all()
+    torch.testing.assert_close(attn.sum(-1), torch.ones(2, 2, 12, dtype=torch.float64), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("order", ORDERS)
+def test_plan_marginals_and_implied_attention_after_convergence(order):
+    m = small_set(iters=300, eps=1.0, positional="none", order=order)
     x = torch.randn(2, 15, 16, dtype=torch.float64)
     plan = m.transport_plan(x)  # (B, H, n, m)
     assert plan.shape == (2, 2, 15, 9) and (plan >= 0).all()
-    torch.testing.assert_close(plan.sum(-1), torch.full((2, 2, 15), 1 / 15, dtype=torch.float64),
-                               rtol=0, atol=1e-12)  # rows are exact by construction
-    torch.testing.assert_close(plan.sum(-2), torch.full((2, 2, 9), 1 / 9, dtype=torch.float64),
-                               rtol=0, atol=1e-8)  # columns converge
+    exact, converged = (-2, -1) if order == "rows-then-columns" else (-1, -2)
+    size = {-1: 15, -2: 9}
+    torch.testing.assert_close(plan.sum(exact), torch.full(plan.sum(exact).shape, 1 / size[exact],
+                               dtype=torch.float64), rtol=0, atol=1e-12)  # exact by construction
+    torch.testing.assert_close(plan.sum(converged), torch.full(plan.sum(converged).shape, 1 / size[converged],
+                               dtype=torch.float64), rtol=0, atol=1e-8)  # converges
     attn = m.attention_matrix(x)
     assert attn.shape == (2, 2, 15, 15) and (attn >= 0).all()
     torch.testing.assert_close(attn.sum(-1), torch.ones(2, 2, 15, dtype=torch.float64), rtol=0, atol=1e-7)
     torch.testing.assert_close(attn.sum(-2), torch.ones(2, 2, 15, dtype=torch.float64), rtol=0, atol=1e-7)
 
 
-def test_early_stop_reaches_the_tolerance_in_fewer_iterations():
-    m = small_set(iters=1000, tol=1e-6, eps=1.0)
+@pytest.mark.parametrize("order", ORDERS)
+def test_early_stop_reaches_the_tolerance_in_fewer_iterations(order, monkeypatch):
+    steps = []
+    loop = set_module._scaling_iterations
+
+    def counting(*args, **kwargs):
+        result = loop(*args, **kwargs)
+        steps.append(len(result[0]))
+        return result
+
+    monkeypatch.setattr(set_module, "_scaling_iterations", counting)
+    m = small_set(iters=1000, tol=1e-6, eps=1.0, order=order)
     x = torch.randn(1, 20, 16, dtype=torch.float64)
-    col = m.transport_plan(x).sum(-2) * 9
-    assert (col - 1).abs().max() < 1e-5
+    plan = m.transport_plan(x, with_prior=False)
+    assert (plan.sum(-1) * 20 - 1).abs().max() < 1e-5 and (plan.sum(-2) * 9 - 1).abs().max() < 1e-5
+    assert steps and max(steps) < 1000
+    steps.clear()
+    x, mask = padded(torch.randn(2, 20, 16, dtype=torch.float64), [20, 12])  # padding: marginal 0
+    y = m(x, mask=mask)
+    assert steps and max(steps) < 1000
+    for row, length in enumerate((20, 12)):
+        expected = reference_set(m, x[row:row + 1, :length])[0]  # all 1000 iterations
+        torch.testing.assert_close(y[row, :length], expected, rtol=1e-4, atol=1e-4)
+
+
+# ---- the scaling domain against the log domain ---------------------------------------------
+
+
+def force_log_domain(monkeypatch):
+    """Make every plan fail its range check, so the log-domain fallback computes it."""
+    calls = []
+    fallback = set_module.log_sinkhorn_plan
+
+    def spy(*args, **kwargs):
+        calls.append(1)
+        return fallback(*args, **kwargs)
+
+    monkeypatch.setattr(set_module, "_in_range", lambda *args: torch.tensor(False))
+    monkeypatch.setattr(set_module, "log_sinkhorn_plan", spy)
+    return calls
 
 
 @pytest.mark.parametrize("backward", ["recompute", "unroll"])
-@pytest.mark.parametrize("readout", ["roundtrip", "asymmetric"])
-def test_gradcheck_in_float64(backward, readout):
-    m = build_mechanism("set", 8, 2, m=4, anchors=3, iters=4, backward=backward, readout=readout).double()
-    x = torch.randn(1, 5, 8, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(m, (x,), eps=1e-6, atol=1e-6, fast_mode=True)
+@pytest.mark.parametrize("prior, order", list(itertools.product(PRIORS, ORDERS)))
+def test_scaling_and_log_domain_agree_in_outputs_and_gradients(prior, order, backward, monkeypatch):
+    torch.manual_seed(3)
+    m = small_set(prior=prior, order=order, backward=backward, iters=10, readout="asymmetric")
+    x = torch.randn(2, 13, 16, dtype=torch.float64)
+    results = []
+    for log_domain in (False, True):
+        if log_domain:
+            calls = force_log_domain(monkeypatch)
+        m.zero_grad()
+        xg = x.clone().requires_grad_()
+        y = m(xg)
+        (y * torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view_as(y)).sum().backward()
+        results.append((y.detach(), xg.grad, {k: p.grad.clone() for k, p in m.named_parameters()}))
+    assert calls == [1, 1]  # both plans of the asymmetric read-out
+    (y0, gx0, gp0), (y1, gx1, gp1) = results
+    torch.testing.assert_close(y0, y1, rtol=1e-5, atol=1e-9)
+    torch.testing.assert_close(gx0, gx1, rtol=1e-5, atol=1e-9)
+    for k in gp0:
+        torch.testing.assert_close(gp0[k], gp1[k], rtol=1e-5, atol=1e-9, msg=k)
+
+
+@pytest.mark.parametrize("order", ORDERS)
+def test_the_fallback_takes_over_where_the_scalings_leave_the_float_range(order, monkeypatch):
+    """ε = 0.01 with large scores (logits spanning ~10⁴) in float32: the scalings span more than
+    float32 holds, the plan comes from the log domain and matches the float64 log domain."""
+    torch.manual_seed(0)
+    m = build_mechanism("set", 16, 2, m=9, anchors=6, eps=0.01, tau=0.3, order=order)
+    with torch.no_grad():
+        m.references.mul_(50)  # scores of a trained model, not of the random initialisation
+    x = torch.randn(2, 30, 16)
+    exact = copy.deepcopy(m).double()
+    with monkeypatch.context() as patch:
+        calls = []
+        fallback = set_module.log_sinkhorn_plan
+        patch.setattr(set_module, "log_sinkhorn_plan", lambda *a, **k: calls.append(1) or fallback(*a, **k))
+        y = m(x)
+        assert calls and torch.isfinite(y).all()
+    force_log_domain(monkeypatch)
+    expected = exact(x.double())
+    torch.testing.assert_close(y.double(), expected, rtol=0, atol=1e-4 * expected.abs().max().item())
+
+
+def test_the_scaling_loop_reads_nothing_on_the_host(monkeypatch):
+    """No .item(), bool(), float(), int() or .tolist() inside the Sinkhorn iterations or their
+    backward, and exactly one host read (the range check) per forward pass."""
+    reads = []
+
+    def counted(name):
+        original = getattr(torch.Tensor, name)
+
+        def read(self, *args, **kwargs):
+            if guard:
+                raise AssertionError(f"Tensor.{name} inside the Sinkhorn loop")
+            reads.append(name)
+            return original(self, *args, **kwargs)
+        return read
+
+    guard = False
+    for name in ("__bool__", "item", "__float__", "__int__", "__index__", "tolist"):
+        monkeypatch.setattr(torch.Tensor, name, counted(name))
+    loop, backward = set_module._scaling_iterations, set_module._ScalingSinkhorn.backward
+
+    def guarded(fn):
+        def run(*args, **kwargs):
+            nonlocal guard
+            guard = True
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                guard = False
+        return run
+
+    monkeypatch.setattr(set_module, "_scaling_iterations", guarded(loop))
+    monkeypatch.setattr(set_module._ScalingSinkhorn, "backward", staticmethod(guarded(backward)))
+    for options in ({}, {"order": "columns-then-rows", "readout": "asymmetric"}):
+        m = build_mechanism("set", 32, 4, **options)
+        x = torch.randn(2, 50, 32, requires_grad=True)
+        reads.clear()
+        y = m(x)
+        assert reads == ["__bool__"]  # the one range check, all plans at once
+        reads.clear()
+        y.sum().backward()
+        assert reads == []
+
+
+# ---- gradients ---------------------------------------------------------------------------
+
+
+def gradcheck_module(m, x, mask=None):
+    assert torch.autograd.gradcheck(lambda t: m(t, mask=mask), (x,), eps=1e-6, atol=1e-6, fast_mode=True)
     params = {"anchors": m.anchors.detach().clone().requires_grad_(),
               "references": m.references.detach().clone().requires_grad_()}
 
     def through_parameters(anchors, references):
         new = {"anchors": anchors, "references": references}
-        return torch.func.functional_call(m, new, (x.detach(),))
+        return torch.func.functional_call(m, new, (x.detach(),), {"mask": mask})
 
     assert torch.autograd.gradcheck(through_parameters, tuple(params.values()), eps=1e-6, atol=1e-6,
                                     fast_mode=True)
 
 
-def test_recompute_and_unroll_give_the_same_gradients():
+@pytest.mark.parametrize("options", [
+    {}, {"backward": "unroll"}, {"readout": "asymmetric"}, {"readout": "asymmetric", "backward": "unroll"},
+    {"order": "columns-then-rows"}, {"order": "columns-then-rows", "backward": "unroll"},
+    {"prior": "plan", "renormalise": True}, {"prior": "kernel"},
+    {"renormalise": True, "readout": "asymmetric"},
+])
+def test_gradcheck_in_float64(options):
+    m = build_mechanism("set", 8, 2, m=4, anchors=3, iters=4, **options).double()
+    x = torch.randn(1, 5, 8, dtype=torch.float64, requires_grad=True)
+    gradcheck_module(m, x)
+
+
+@pytest.mark.parametrize("backward", ["recompute", "unroll"])
+@pytest.mark.parametrize("order", ORDERS)
+def test_gradcheck_in_the_log_domain(backward, order, monkeypatch):
+    force_log_domain(monkeypatch)
+    m = build_mechanism("set", 8, 2, m=4, anchors=3, iters=4, backward=backward, order=order).double()
+    x, mask = padded(torch.randn(2, 6, 8, dtype=torch.float64), [6, 4])
+    gradcheck_module(m, x.requires_grad_(), mask)
+
+
+@pytest.mark.parametrize("order", ORDERS)
+def test_recompute_and_unroll_give_the_same_gradients(order):
     torch.manual_seed(1)
-    a = build_mechanism("set", 16, 2, iters=7, backward="recompute").double()
-    b = build_mechanism("set", 16, 2, iters=7, backward="unroll").double()
+    a = build_mechanism("set", 16, 2, iters=7, backward="recompute", order=order).double()
+    b = build_mechanism("set", 16, 2, iters=7, backward="unroll", order=order).double()
     b.load_state_dict(a.state_dict())
     x = torch.randn(2, 30, 16, dtype=torch.float64)
     for mod in (a, b):
@@ -137,19 +356,71 @@ def test_recompute_and_unroll_give_the_same_gradients():
         torch.testing.assert_close(pa.grad, pb.grad, rtol=1e-9, atol=1e-12, msg=name)
 
 
+def anchor_gradient(anchors):
+    torch.manual_seed(5)
+    m = build_mechanism("set", 32, 4, m=16, anchors=8).to(anchors.dtype)
+    with torch.no_grad():
+        m.anchors.copy_(anchors)
+    x = torch.randn(2, 64, 32, dtype=anchors.dtype)
+    (m(x) * torch.randn(2, 64, 32, dtype=anchors.dtype)).sum().backward()
+    return m.anchors.grad.norm()
+
+
+def test_duplicated_anchors_keep_the_anchor_gradient_bounded():
+    """Coinciding anchors make κ(Z, Z) singular (float32 eigh then returns eigenvalues at or
+    below 0, clamped): the anchor gradient stays finite, at the limit of the exact gradients of
+    anchors that nearly coincide (float64, exact there)."""
+    torch.manual_seed(0)
+    anchors = torch.randn(4, 8, 8)
+    dup = anchors.clone()
+    dup[:, 1] = dup[:, 0]  # two anchors coincide in every head
+    dup[:, 3] = dup[:, 2]  # and two more
+    near = dup.clone()
+    near[:, [1, 3]] += 1e-3 * torch.randn(4, 2, 8)  # distinct, but only just
+    grad, close = anchor_gradient(dup), anchor_gradient(near.double())
+    assert torch.isfinite(grad) and grad < 1.5 * close and close < 1.5 * grad
+
+
+def test_the_whitening_backward_is_exact_away_from_zero_and_bounded_at_zero():
+    c = 1e-2
+    vec = torch.linalg.qr(torch.randn(5, 5, dtype=torch.float64))[0]
+    lam = torch.tensor([0.0, 0.0, 0.3, 1.0, 2.5], dtype=torch.float64)
+    kernel = (vec * lam) @ vec.T
+    grad = torch.randn(5, 5, dtype=torch.float64)
+    kernel.requires_grad_()
+    set_module._InverseSqrtPSD.apply(kernel, c).backward(grad)
+    assert kernel.grad.abs().max() <= 1 / (2 * c**3) * grad.abs().sum()  # OTKE's bound
+    spread = torch.tensor([0.1, 0.2, 0.3, 1.0, 2.5], dtype=torch.float64)  # every eigenvalue above c²
+    well_posed = ((vec * spread) @ vec.T).requires_grad_()
+    whiten = set_module._InverseSqrtPSD.apply
+    assert torch.autograd.gradcheck(lambda k: whiten((k + k.T) / 2, c), (well_posed,))
+
+
+# ---- padding -------------------------------------------------------------------------------
+
+
 def padded(x: torch.Tensor, lengths: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
     """x (B, N, C) with junk after each sequence's length, and the (B, N) mask of real tokens."""
     mask = torch.arange(x.shape[1])[None, :] < torch.tensor(lengths)[:, None]
     return torch.where(mask[..., None], x, 7 * torch.randn_like(x)), mask
 
 
+PADDING_OPTIONS = [{}, {"readout": "asymmetric"}, {"backward": "unroll"}, {"positional": "none"},
+                   {"order": "columns-then-rows"}, {"order": "columns-then-rows", "backward": "unroll"},
+                   {"prior": "kernel"}, {"prior": "plan", "renormalise": True},
+                   {"renormalise": True, "readout": "asymmetric"}]
+
+
+@pytest.mark.parametrize("log_domain", [False, True], ids=["scaling", "log-domain"])
 @pytest.mark.parametrize("grad", [True, False], ids=["autograd", "no_grad"])
-@pytest.mark.parametrize("options", [{}, {"readout": "asymmetric"}, {"backward": "unroll"},
-                                     {"positional": "none"}])
-def test_padded_sequences_match_the_reference_on_their_real_tokens(options, grad):
+@pytest.mark.parametrize("options", PADDING_OPTIONS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items())
+                         or "defaults")
+def test_padded_sequences_match_the_reference_on_their_real_tokens(options, grad, log_domain, monkeypatch):
     """Native masking: rows 1/L, the 1-D prior over real positions, the read-out scaled by L."""
     m = small_set(**options)
     x, mask = padded(torch.randn(3, 13, 16, dtype=torch.float64), [13, 6, 10])
+    if log_domain:
+        force_log_domain(monkeypatch)
     with torch.set_grad_enabled(grad):
         y = m(x, mask=mask)
     for row, length in enumerate((13, 6, 10)):
@@ -158,12 +429,31 @@ def test_padded_sequences_match_the_reference_on_their_real_tokens(options, grad
     assert (y[~mask] == 0).all()
 
 
+@pytest.mark.parametrize("options", PADDING_OPTIONS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items())
+                         or "defaults")
+def test_padding_gets_no_gradient_and_real_gradients_match_unpadded_runs(options):
+    m = small_set(**options)
+    x, mask = padded(torch.randn(3, 13, 16, dtype=torch.float64), [13, 6, 10])
+    weight = torch.randn_like(x)
+    xp = x.clone().requires_grad_()
+    (m(xp, mask=mask) * weight).sum().backward()
+    assert (xp.grad[~mask] == 0).all()
+    for row, length in enumerate((13, 6, 10)):
+        alone = x[row:row + 1, :length].clone().requires_grad_()
+        (m(alone) * weight[row:row + 1, :length]).sum().backward()
+        torch.testing.assert_close(xp.grad[row, :length], alone.grad[0], rtol=1e-7, atol=1e-9)
+
+
 @pytest.mark.parametrize("backward", ["recompute", "unroll"])
-def test_gradcheck_with_padding(backward):
-    m = build_mechanism("set", 8, 2, m=4, anchors=3, iters=4, backward=backward).double()
+@pytest.mark.parametrize("order", ORDERS)
+def test_gradcheck_with_padding(backward, order):
+    m = build_mechanism("set", 8, 2, m=4, anchors=3, iters=4, backward=backward, order=order).double()
     x, mask = padded(torch.randn(2, 6, 8, dtype=torch.float64), [6, 4])
     x.requires_grad_()
     assert torch.autograd.gradcheck(lambda t: m(t, mask=mask), (x,), eps=1e-6, atol=1e-6, fast_mode=True)
+
+
+# ---- the positional prior ------------------------------------------------------------------
 
 
 def test_permuting_tokens_permutes_the_output_without_positional_prior():
@@ -183,6 +473,32 @@ def test_two_d_prior_is_the_product_of_row_and_column_terms():
     torch.testing.assert_close(log_m, expected)
 
 
+def test_the_prior_is_built_once_per_size_grid_dtype_and_device():
+    cpu = torch.device("cpu")
+    first = positional_prior(40, 16, 0.1, (5, 8), torch.float32, cpu)
+    assert positional_prior(40, 16, 0.1, (5, 8), torch.float32, cpu) is first
+    assert positional_prior(41, 16, 0.1, None, torch.float32, cpu) is not first
+    assert positional_prior(40, 16, 0.1, (8, 5), torch.float32, cpu) is not first
+    assert positional_prior(40, 16, 0.1, (5, 8), torch.float64, cpu).dtype == torch.float64
+    exact = positional_log_prior(40, 16, 0.1, (5, 8), torch.empty(0)).exp()
+    floor = torch.finfo(torch.float32).tiny / torch.finfo(torch.float32).eps
+    torch.testing.assert_close(first, torch.where(exact < floor, 0, exact), rtol=1e-6, atol=0)
+    assert (first == 0).any() and first[first > 0].min() > torch.finfo(torch.float32).tiny  # no subnormals
+    assert not first.requires_grad and not first.is_inference()
+    m = build_mechanism("set", 32, 4, m=16)
+    positional_prior.cache_clear()
+    x = torch.randn(1, 40, 32)
+    m(x, (5, 8))
+    with torch.inference_mode():
+        m(x, (5, 8))
+    m(x, (5, 8)).sum().backward()  # a prior first built under inference mode still serves autograd
+    info = positional_prior.cache_info()
+    assert (info.misses, info.hits) == (1, 2)
+
+
+# ---- options, stability, memory, FLOPs --------------------------------------------------------
+
+
 @pytest.mark.parametrize("options, message", [
     ({"m": 0}, "set.m must be >= 1"),
     ({"eps": 0.0}, "set.eps must be > 0"),
@@ -192,10 +508,23 @@ def test_two_d_prior_is_the_product_of_row_and_column_terms():
     ({"kernel_sigma": 0.0}, "set.kernel_sigma must be > 0"),
     ({"positional": "3d"}, "valid choices: auto, none, 1d, 2d"),
     ({"positional": "2d", "m": 10}, "m must be a perfect square"),
+    ({"prior": "logits"}, "valid choices: similarity-and-plan, plan, kernel"),
+    ({"order": "rows"}, "valid choices: rows-then-columns, columns-then-rows"),
+    ({"renormalise": "maybe"}, "set.renormalise='maybe' is not a valid bool"),
 ])
 def test_bad_options_are_clear_errors(options, message):
     with pytest.raises(OptionError, match=message):
         build_mechanism("set", 16, 2, **{k: str(v) for k, v in options.items()})
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"prior": "logits"}, "set.prior must be one of similarity-and-plan, plan, kernel; got 'logits'"),
+    ({"order": "rows"}, "set.order must be one of rows-then-columns, columns-then-rows; got 'rows'"),
+    ({"renormalise": "yes"}, "set.renormalise must be true or false; got 'yes'"),
+])
+def test_bad_options_given_as_values_are_clear_errors(options, message):
+    with pytest.raises(OptionError, match=message):
+        SeTOptions(**options)
 
 
 def test_two_d_prior_without_a_grid_is_a_clear_error():
@@ -222,7 +551,22 @@ def test_no_nan_or_inf_in_forward_or_backward(n, scale):
             assert torch.isfinite(p.grad).all(), (dtype, name)
 
 
-def test_never_builds_an_n_by_n_tensor():
+@pytest.mark.parametrize("options", [{}, {"order": "columns-then-rows"},
+                                     {"prior": "kernel", "renormalise": True}])
+@pytest.mark.parametrize("n", [1, 64, 4096])
+def test_finite_at_the_default_eps_in_half_precision_autocast(options, n):
+    torch.manual_seed(0)
+    m = build_mechanism("set", 32, 4, **options)
+    x = torch.randn(2, n, 32).requires_grad_()
+    for dtype in (torch.bfloat16, torch.float16):
+        with torch.autocast("cpu", dtype=dtype):
+            y = m(x)
+        y.float().square().mean().backward()
+        assert torch.isfinite(y).all() and torch.isfinite(x.grad).all(), dtype
+
+
+@pytest.mark.parametrize("options", [{}, {"readout": "asymmetric", "renormalise": True}])
+def test_never_builds_an_n_by_n_tensor(options):
     class Largest(TorchDispatchMode):
         biggest = 0
 
@@ -234,20 +578,71 @@ def test_never_builds_an_n_by_n_tensor():
             return out
 
     n = 2048
-    m = build_mechanism("set", 32, 2, m=16, anchors=16)
+    m = build_mechanism("set", 32, 2, m=16, anchors=16, **options)
     x = torch.randn(1, n, 32, requires_grad=True)
     with Largest() as probe:
         m(x).sum().backward()
-    assert probe.biggest <= 2 * n * 32  # (B, N, 2C) projections; n² = 4M would be far above
+    proj = 3 if options.get("readout") == "asymmetric" else 2
+    assert probe.biggest <= proj * n * 32  # (B, N, 2C or 3C) projections; n² = 4M would be far above
 
 
-def test_asymmetric_flop_formula_matches_the_counter():
+@pytest.mark.parametrize("options", [{"readout": "asymmetric"}, {"renormalise": True}, {"prior": "kernel"},
+                                     {"positional": "none", "order": "columns-then-rows"}])
+@pytest.mark.parametrize("log_domain", [False, True], ids=["scaling", "log-domain"])
+def test_flop_formula_matches_the_counter(options, log_domain, monkeypatch):
     from torch.utils.flop_counter import FlopCounterMode
 
-    m = build_mechanism("set", 32, 4, readout="asymmetric", m=16, anchors=8)
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        m(torch.randn(2, 50, 32))
-    assert m.flops(2, 50).matmul == counter.get_total_flops()
+    if log_domain:
+        force_log_domain(monkeypatch)
+    m = build_mechanism("set", 32, 4, m=16, anchors=8, **options)
+    for n, grid in ((50, None), (64, (8, 8))):
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            m(torch.randn(2, n, 32), grid)
+        plans = 2 if options.get("readout") == "asymmetric" else 1
+        # the fallback recomputes U (or Q), the embedding and the logits
+        recomputed = plans * (2 * 2 * n * 32 * 32 + 2 * 2 * 4 * n * (8 * 16 + 8 * 8)) if log_domain else 0
+        assert m.flops(2, n, grid).matmul + recomputed == counter.get_total_flops()
+
+
+class ElementPasses(TorchDispatchMode):
+    """Counts, for every operation but matrix products and views, the elements it passes over
+    (the largest of its inputs and outputs), in total and per operation."""
+
+    SKIP = {"mm", "bmm", "addmm", "baddbmm", "_linalg_eigh", "view", "_unsafe_view", "transpose", "t",
+            "expand", "slice", "unsqueeze", "squeeze", "as_strided", "permute", "alias", "select",
+            "split", "split_with_sizes", "unbind", "detach", "_reshape_alias"}
+
+    def __init__(self):
+        super().__init__()
+        self.total, self.by_op = 0, {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        name = func.overloadpacket.__name__.rstrip("_")
+        if name not in self.SKIP:
+            leaves = torch.utils._pytree.tree_leaves((args, kwargs, out))
+            count = max([t.numel() for t in leaves if isinstance(t, torch.Tensor)] or [0])
+            self.total += count
+            self.by_op[name] = self.by_op.get(name, 0) + count
+        return out
+
+
+@pytest.mark.parametrize("options", [{}, {"prior": "kernel"}, {"prior": "plan", "renormalise": True},
+                                     {"readout": "asymmetric"}, {"positional": "none"},
+                                     {"order": "columns-then-rows"}])
+def test_the_elementwise_count_is_the_passes_the_forward_makes(options):
+    """flops().elementwise is the element passes of the forward (to 10 %), and each plan costs
+    one exponential pass over its (n, m) kernel, not 2L as a log-domain Sinkhorn does."""
+    n, heads, k, m = 2048, 4, 32, 64
+    mech = build_mechanism("set", 128, heads, m=m, anchors=k, **options)
+    x = torch.randn(1, n, 128)
+    with torch.no_grad():
+        mech(x)
+        with ElementPasses() as passes:
+            mech(x)
+    assert passes.total == pytest.approx(mech.flops(1, n).elementwise, rel=0.1)
+    plans = 2 if options.get("readout") == "asymmetric" else 1
+    assert passes.by_op["exp"] == plans * heads * n * (m + k) + heads * k * k  # kernel, embedding, κ(Z, Z)
 
 
 @pytest.mark.parametrize("backend", ["torch", "sklearn"])
