@@ -20,9 +20,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import statistics
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -146,3 +148,37 @@ def floor_ms(matmul_flops: float, elementwise_flops: float, itemsize: int, rate:
     if not (rate.gflops > 0 and rate.gbs > 0):
         return math.nan
     return (matmul_flops / (rate.gflops * 1e9) + elementwise_flops * 2 * itemsize / (rate.gbs * 1e9)) * 1e3
+
+
+def idle_cores(seconds: float = 0.5) -> float | None:
+    """How many CPU cores sat idle over the next ``seconds`` (from /proc/stat), or None off Linux.
+
+    A sweep with more threads than idle cores measures the scheduler, not the mechanism: every
+    multi-threaded step waits at each barrier for the thread that shares a core with the other
+    load (seen here: 2 threads beside one busy process ran 12x slower, in bursts).
+    """
+    def sample() -> tuple[int, int]:
+        fields = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+        return fields[3] + fields[4], sum(fields[:8])  # idle + iowait, all but guest time
+
+    try:
+        idle0, total0 = sample()
+        time.sleep(seconds)
+        idle1, total1 = sample()
+    except (OSError, ValueError, IndexError):
+        return None
+    cores = os.cpu_count() or 1
+    return cores * (idle1 - idle0) / max(total1 - total0, 1)
+
+
+def default_threads(available: int) -> tuple[int, str]:
+    """Threads for a CPU sweep: torch's default, less the cores busy when the sweep starts; and
+    a note saying so when it is less (empty otherwise)."""
+    idle = idle_cores()
+    if idle is None:
+        return available, ""
+    threads = max(1, min(available, math.floor(idle + 0.3)))
+    if threads == available:
+        return threads, ""
+    return threads, (f"{available - threads} of {available} cores busy when the sweep started: timing with "
+                     f"{threads} thread{'s' if threads > 1 else ''} (--threads N overrides)")

@@ -84,3 +84,34 @@ def test_probe_sees_a_busy_machine():
             hog.kill()
             hog.wait()
     assert state.slowdown(busy) > 1.25
+
+
+def test_default_threads_leave_busy_cores_alone(monkeypatch):
+    """A sweep started beside a busy process times with the idle cores only, and says so."""
+    from attnbench import probe as probe_module
+
+    monkeypatch.setattr(probe_module, "idle_cores", lambda seconds=0.5: 1.02)
+    assert probe_module.default_threads(2) == (1, probe_module.default_threads(2)[1])
+    assert "1 of 2 cores busy" in probe_module.default_threads(2)[1]
+    monkeypatch.setattr(probe_module, "idle_cores", lambda seconds=0.5: 1.9)
+    assert probe_module.default_threads(2) == (2, "")
+    monkeypatch.setattr(probe_module, "idle_cores", lambda seconds=0.5: 0.1)
+    assert probe_module.default_threads(2)[0] == 1  # never fewer than one
+    monkeypatch.setattr(probe_module, "idle_cores", lambda seconds=0.5: None)
+    assert probe_module.default_threads(4) == (4, "")
+
+
+def test_idle_cores_sees_a_busy_process():
+    """With one process spinning, at least a whole core less is idle than the machine has."""
+    from attnbench.probe import idle_cores
+
+    if idle_cores(0.05) is None:
+        pytest.skip("no /proc/stat on this system")
+    hog = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.3)
+        idle = idle_cores(0.5)
+    finally:
+        hog.kill()
+        hog.wait()
+    assert 0 <= idle <= (os.cpu_count() or 1) - 0.7
