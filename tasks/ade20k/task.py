@@ -13,8 +13,8 @@ its preset.
 Evaluation is single-scale, whole-image: each validation image is resized (aspect kept) to fit
 crop × 4·crop, segmented in one pass, and its logits upsampled to the annotation's full size,
 where mIoU, pixel accuracy (aAcc) and mean accuracy come from one confusion matrix summed over
-the split and all processes (``metrics.py``). Each run appends one row to ``results/ade20k.csv``
-and redraws the mIoU plot beside it (``plots.py``).
+the split and all processes (``metrics.py``). Each run appends one row to
+``results/local/ade20k.csv`` and redraws the mIoU plot beside it (``plots.py``).
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ detector, minutes on a CPU). Any flag overrides its preset.
 
 Evaluation: each process runs the model on its share of the val images; the predictions are
 gathered on rank 0, which runs COCOeval and shares the figures. Each run appends one row to
-``results/coco.csv`` and redraws the AP plots next to it (``plots.py``).
+``results/local/coco.csv`` and redraws the AP plots next to it (``plots.py``).
 """
 
 from __future__ import annotations

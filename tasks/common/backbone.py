@@ -1,6 +1,7 @@
 """The SeTformer backbone: a Swin-like hierarchy whose token mixer is any registered mechanism.
 
-From ``shared/docs/set-attention.md`` ("SeTformer backbone"), top to bottom:
+From the project's SeT specification, ``docs/set-attention.md`` ("The SeTformer backbone"),
+top to bottom:
 
     image (B, 3, H, W)
     stem: conv 3×3 s2 (3 → C/2), GELU, conv 3×3 s2 (C/2 → C), LayerNorm        1/4 resolution

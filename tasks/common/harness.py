@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime as dt
 import math
 import os
 import random
@@ -46,7 +45,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 from attnbench import Mechanism, get_mechanism, parse_mechanism_options
 from attnbench.measure import MIB, proc_status_mib, reset_cpu_peak
-from attnbench.results import append_row, run_context, write_meta
+from attnbench.results import append_row, local_table, new_run_dir, run_context, write_meta
 from attnbench.tasks import Task, TaskError, finished_runs
 from tasks.common import trainer as training
 from tasks.common.distributed import (
@@ -281,9 +280,11 @@ class TrainingTask(Task):
         t.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                        help="auto = cuda when available, else cpu (default auto)")
         t.add_argument("--threads", type=int, help="CPU threads of torch (default: torch's default here)")
-        t.add_argument("--out", type=Path, help="run folder (default: results/runs/<time>-<task>-...)")
+        t.add_argument("--out", type=Path,
+                       help="run folder (default: results/runs/<time>-<task>-..., git-ignored)")
         t.add_argument("--results", type=Path,
-                       help=f"results table to append to (default: results/{cls.name}.csv)")
+                       help=f"results table to append to (default: results/local/{cls.name}.csv, "
+                            "git-ignored; the committed reference tables are in results/reference/)")
         t.add_argument("--resume", type=Path, metavar="RUN_DIR|CHECKPOINT",
                        help="continue a run from its checkpoint.pt (written after every epoch)")
         s = parser.add_argument_group("smoke runs (the row records `limited`; plots leave such runs out)")
@@ -398,9 +399,7 @@ class TrainingTask(Task):
         elif args.out is not None:
             self.run_dir = args.out
         else:  # rank 0's time on every rank
-            stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-            self.run_dir = Path(broadcast_object(str(Path("results") / "runs" / f"{stamp}-{self.run_name()}"),
-                                                 dist))
+            self.run_dir = Path(broadcast_object(str(new_run_dir(self.run_name())), dist))
         seed_everything(recipe.seed)
         self.data = self.load_data()
         model = self.build_model()
@@ -505,7 +504,7 @@ class TrainingTask(Task):
         if not metrics:  # resumed a finished run: evaluate its weights once more
             metrics = self.timed_evaluation(trainer.model)
         row = self.result_row(metrics, self.previous_wall + time.perf_counter() - started)
-        table = Path(args.results) if args.results is not None else Path("results") / f"{self.name}.csv"
+        table = Path(args.results) if args.results is not None else local_table(self.name)
         if dist.is_main:
             written = append_row(table, row, list(dict.fromkeys([*(self.columns or row), *LIMIT_COLUMNS])))
             plots = self.plot(finished_runs(written), table.parent)

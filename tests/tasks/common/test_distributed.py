@@ -27,7 +27,7 @@ def test_two_process_torchrun_trains_and_records_once(tmp_path):
            "--mechanism-init", "random"]
     done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    table = pd.read_csv(tmp_path / "results" / "imagenet.csv")
+    table = pd.read_csv(tmp_path / "results" / "local" / "imagenet.csv")  # the default, git-ignored
     assert len(table) == 1  # rank 0 alone writes
     row = table.iloc[0]
     assert row["world_size"] == 2 and row["epochs"] == 2 and row["device"] == "cpu"

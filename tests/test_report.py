@@ -1,0 +1,140 @@
+"""`attnbench report`: one self-contained page from the committed results, opened in a real headless
+browser (Debian's ``chromium``; `.ci/run` installs it): every image loads, no console or script
+error, the tables sort, the page is not blank. Also its Markdown twin, the comparison with a saved
+run, seeds against repeats, and that it writes nothing into the folders it reports on."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from attnbench.cli import main
+from attnbench.report import build, render_html, seed_table
+from tests.test_plots import committed_results
+
+CHROMIUM = next((shutil.which(n) for n in ("chromium", "chromium-browser") if shutil.which(n)), None)
+FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+def chromium(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    if CHROMIUM is None:
+        pytest.skip("chromium is not installed (`apt-get install -y chromium`; .ci/run installs it)")
+    profile = tmp_path / f"profile-{len(list(tmp_path.glob('profile-*')))}"
+    return subprocess.run([CHROMIUM, *FLAGS, f"--user-data-dir={profile}", "--enable-logging=stderr", "--v=0",
+                           *args], capture_output=True, text=True, timeout=180)
+
+
+def snapshot(folder: Path) -> dict[Path, int]:
+    return {p: p.stat().st_mtime_ns for p in folder.rglob("*") if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def page(tmp_path_factory):
+    """The report of the committed results, as `attnbench report` writes it."""
+    committed = committed_results()
+    before = snapshot(committed)
+    out = tmp_path_factory.mktemp("report") / "report.html"
+    assert main(["report", str(committed), "--out", str(out)]) == 0
+    assert snapshot(committed) == before  # nothing written into the folders reported on
+    return out
+
+
+def test_the_page_holds_every_part_and_needs_no_network(page):
+    text = page.read_text()
+    for anchor in ("contexts", "sweeps", "accuracy", "tasks", "probes"):
+        assert f'id="{anchor}"' in text
+    assert not re.search(r'(src|href)\s*=\s*"(https?:)?//', text)  # nothing fetched
+    assert "<link" not in text and "@import" not in text
+    images = re.findall(r'<img [^>]*src="data:image/png;base64,', text)
+    assert len(images) >= 9  # the sweep's three, each task's, each probe's
+    for needle in ("AMD EPYC", "threads", "float32", "torch", "time_exponent", "Resolution probe",
+                   "seeds (n)", "± ", "(n = 3)", "No accuracy sweep"):
+        assert needle in text, needle
+
+
+def test_the_page_renders_in_a_headless_browser(page, tmp_path):
+    result = chromium(tmp_path, "--dump-dom", page.as_uri() + "#selftest")
+    assert result.returncode == 0, result.stderr[-2000:]
+    body = re.search(r"<body([^>]*)>", result.stdout)
+    assert body, result.stdout[:500]
+    attrs = dict(re.findall(r'([\w-]+)="([^"]*)"', body.group(1)))
+    images = len(re.findall(r"<img ", page.read_text()))
+    assert attrs.get("data-ready") == "ok", attrs
+    counts = (attrs["data-images"], attrs["data-broken-images"], attrs["data-errors"])
+    assert counts == (str(images), "0", "0")
+    assert attrs.get("data-sorted") == "ok"  # a numeric column sorted both ways by the page's own script
+    console = [line for line in result.stderr.splitlines() if "CONSOLE" in line or "Uncaught" in line]
+    assert not console, console
+
+
+def test_the_rendered_page_is_not_blank(page, tmp_path):
+    import matplotlib.image
+
+    shot = tmp_path / "report.png"
+    result = chromium(tmp_path, f"--screenshot={shot}", "--window-size=1280,2000", page.as_uri())
+    assert result.returncode == 0 and shot.is_file(), result.stderr[-2000:]
+    pixels = matplotlib.image.imread(shot)
+    assert pixels.shape[:2] == (2000, 1280)
+    assert pixels[..., :3].std() > 0.05  # text, tables and a plot, not one colour
+    dark = (pixels[..., :3].mean(axis=2) < 0.5).mean()
+    assert 0.005 < dark < 0.6
+
+
+def test_markdown_is_the_same_report_with_its_plots_beside_it(tmp_path):
+    out = tmp_path / "report.md"
+    assert main(["report", str(committed_results()), "--out", str(out)]) == 0
+    text = out.read_text()
+    links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text)
+    assert len(links) >= 9 and all((out.parent / link).is_file() for link in links)
+    for title in ("## Run contexts", "## Kernel sweeps", "## Accuracy sweeps", "## Tasks",
+                  "## Resolution probes"):
+        assert title in text
+    assert re.search(r"^\| mechanism \|", text, re.M) and "|---" in text
+
+
+def test_compare_with_a_saved_run(tmp_path):
+    committed = committed_results()
+    saved = tmp_path / "saved"
+    sweep = next(committed.rglob("scale.csv")).parent
+    shutil.copytree(sweep, saved / sweep.name)
+    table = pd.read_csv(committed / "imagenet.csv")
+    table["top1"] -= 1.0
+    table.to_csv(saved / "imagenet.csv", index=False)
+    out = tmp_path / "r.html"
+    assert main(["report", str(committed), "--compare", str(saved), "--out", str(out)]) == 0
+    text = out.read_text()
+    assert 'id="compare"' in text and "0 regressions" in text
+    assert "Δ top1" in text and ">1</td>" in text  # this mean minus the saved one: +1 point
+
+
+def test_accuracy_sweeps_are_shown_when_present(tmp_path):
+    folder = tmp_path / "accuracy-run"
+    folder.mkdir()
+    pd.DataFrame({"mechanism": ["set", "softmax"], "n": [1024, 1024], "accuracy": [0.9, 0.8]}).to_csv(
+        folder / "accuracy.csv", index=False)
+    pd.DataFrame({"mechanism": ["set", "softmax"], "breaking_n": [8192, 2048]}).to_csv(
+        folder / "breaking.csv", index=False)
+    text = render_html(build([tmp_path]))
+    assert "Accuracy sweep:" in text and "breaking_n" in text and "8192" in text
+
+
+def test_the_report_counts_seeds_not_repeats():
+    rows = pd.DataFrame([{"task": "imagenet", "mechanism": "set", "dataset": "d", "epochs": 8, "seed": s,
+                          "top1": v, "status": "ok"} for s, v in ((0, 90.0), (1, 92.0), (0, 94.0))])
+    shown, _ = seed_table(rows, ["top1"])
+    row = shown.iloc[0]
+    assert (row["seeds (n)"], row["repeats"]) == (2, 1)
+    assert row["top1"] == "93.0 ± 1.4 (n = 2)"  # seed 0's latest run (94) and seed 1 (92)
+
+
+def test_no_results_is_one_clear_line(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["report", str(tmp_path), "--out", str(tmp_path / "r.html")])
+    assert exc.value.code == 2
+    assert "no results in" in capsys.readouterr().err
