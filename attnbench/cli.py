@@ -1,4 +1,4 @@
-"""The ``attnbench`` command line: list, run, models, scale, resolution, plot.
+"""The ``attnbench`` command line: list, run, models, scale, resolution, plot, report.
 
 User errors (unknown names, bad options, malformed ranges) print one clear line and exit 2,
 as argparse does for usage errors; no traceback.
@@ -16,8 +16,10 @@ import torch
 
 from attnbench import registry
 from attnbench.options import parse_mechanism_options
+from attnbench.probe import default_threads
 from attnbench.registry import OptionError, UnknownMechanismError
 from attnbench.resolution import ProbeConfig, ResolutionError, probe
+from attnbench.results import RESULTS, new_run_dir
 from attnbench.sweep import (
     SweepConfig,
     SweepError,
@@ -32,7 +34,6 @@ from attnbench.tasks import (
     TaskError,
     UnknownTaskError,
     broken_tasks,
-    finished_runs,
     get_task,
     model_table_tasks,
     resolution_tasks,
@@ -78,7 +79,7 @@ def build_parser(task: str | None = None) -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="train and evaluate one mechanism on one task",
                        description="Train and evaluate a model whose attention is MECHANISM on "
-                                   "TASK, and append the result to results/.",
+                                   "TASK, and append the result to results/local/TASK.csv.",
                        epilog=None if task else "Each task has options of its own: "
                                                 "`attnbench run --task NAME --help` lists them.")
     p.add_argument("--mechanism", required=True, help="registered mechanism name (see `list`)")
@@ -124,7 +125,8 @@ def build_parser(task: str | None = None) -> argparse.ArgumentParser:
                    help="tokens as a sequence, or as a square image grid (square n only)")
     _add_opt_argument(p)
     p.add_argument("--threads", type=int, default=None,
-                   help="CPU threads (default: torch's default here, recorded with every row)")
+                   help="CPU threads (default: torch's default here, less the cores busy when the "
+                        "sweep starts; recorded with every row)")
     p.add_argument("--budget", type=float, default=120.0,
                    help="seconds per configuration before it is recorded as a time-out (default 120)")
     p.add_argument("--min-time", type=float, default=0.5,
@@ -133,7 +135,7 @@ def build_parser(task: str | None = None) -> argparse.ArgumentParser:
                    help="CPU memory a configuration may take before it counts as out of memory "
                         "(default: 85%% of the memory available now)")
     p.add_argument("--out", type=Path, default=None,
-                   help="output folder (default: a new timestamped folder under results/runs/)")
+                   help="output folder (default: a new timestamped folder under results/runs/, git-ignored)")
     p.add_argument("--resume", action="store_true",
                    help="skip configurations already in --out/scale.csv and measure the rest")
     p.add_argument("--compare", type=Path, default=None, metavar="OTHER_RUN",
@@ -181,20 +183,45 @@ def build_parser(task: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's default here)")
     _add_opt_argument(p)
     p.add_argument("--out", type=Path, default=None,
-                   help="output folder (default: a new timestamped folder under results/runs/)")
+                   help="output folder (default: a new timestamped folder under results/runs/, git-ignored)")
     p.add_argument("--load", action="append", default=[], metavar="MODULE",
                    help="import a module or .py file that registers extra tasks or mechanisms (repeatable)")
     p.set_defaults(func=cmd_resolution)
 
-    p = sub.add_parser("plot", help="draw the plots of a results folder",
-                       description="Recompute the fit table and redraw the plots of a run folder of "
-                                   "`scale`; for task results tables in the folder (results/imagenet.csv), "
-                                   "draw accuracy against FLOPs and against parameters per mechanism.")
-    p.add_argument("run_dir", type=Path, help="a results folder written by `scale`, or results/ itself")
+    p = sub.add_parser("plot", help="redraw every plot of a results folder",
+                       description="Redraw every plot in and under a folder: each `scale` sweep's (with its "
+                                   "fit and ratio tables), each `resolution` probe's, and each task results "
+                                   "table's (results/local/imagenet.csv and the like), beside what it draws "
+                                   "from; prints every file it wrote.")
+    p.add_argument("run_dir", type=Path,
+                   help="a folder written by `scale` or `resolution`, or a folder of task tables and run "
+                        "folders (results/local, results/reference, results)")
     p.add_argument("--fit-min-n", type=int, default=1024, help="fit exponents over n >= this")
     p.add_argument("--include-limited", action="store_true",
                    help="also draw task runs cut short by --max-steps/--limit-train/--limit-val (smoke runs)")
     p.set_defaults(func=cmd_plot)
+
+    p = sub.add_parser("report", help="one self-contained page of results: HTML, or Markdown",
+                       description="Write every result in and under the folders on one page: the run "
+                                   "contexts, the kernel sweeps with their fits, the accuracy sweeps, every "
+                                   "task table with its seed spreads, the resolution probes, and the "
+                                   "comparison with a saved run. HTML: one file, plots embedded, no network; "
+                                   "Markdown: plots in a folder beside it. Writes nothing into the folders.")
+    p.add_argument("folders", type=Path, nargs="*", default=[Path("results")], metavar="DIR",
+                   help="folders of results (default: results)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="the page to write (default: results/report.html, git-ignored; report.md with "
+                        "--format md)")
+    p.add_argument("--format", choices=["html", "md"], default=None,
+                   help="html (default) or md; default: from --out's suffix")
+    p.add_argument("--compare", type=Path, default=None, metavar="SAVED_RUN",
+                   help="a saved sweep folder or folder of task tables to compare with")
+    p.add_argument("--include-limited", action="store_true",
+                   help="also show task runs cut short by --max-steps/--limit-train/--limit-val (smoke runs)")
+    p.add_argument("--fit-min-n", type=int, default=None,
+                   help="fit exponents over n >= this (default: what the sweep's fits.csv used, else 1024)")
+    p.add_argument("--title", default="attnbench report", help="the page's title")
+    p.set_defaults(func=cmd_report)
     return parser
 
 
@@ -345,11 +372,16 @@ def cmd_scale(args: argparse.Namespace) -> int:
         registry.load_module(spec)
     device = _device(args.device)
     limit = _memory_limit(args.memory_limit)
+    threads, note = args.threads, ""
+    if threads is None:
+        threads, note = default_threads(torch.get_num_threads()) if device == "cpu" else (1, "")
+    if note:
+        print(note)
     cfg = SweepConfig(
         mechanisms=parse_mechanisms(args.mechanism), seq=parse_seq(args.seq),
         modes=["fwd", "fwd+bwd"] if args.mode == "both" else [args.mode], batch=args.batch,
         heads=args.heads, head_dim=args.head_dim, dtype=args.dtype, device=device,
-        threads=args.threads or torch.get_num_threads(), layout=args.layout,
+        threads=threads, layout=args.layout,
         options=parse_mechanism_options(args.opt), budget=args.budget, min_run_time=args.min_time,
         memory_limit_mib=limit if device == "cpu" else None,
         load=[str(Path(s).resolve()) if s.endswith(".py") else s for s in args.load],
@@ -359,7 +391,7 @@ def cmd_scale(args: argparse.Namespace) -> int:
         raise UsageError(f"--compare {args.compare}: no scale.csv there")
     if args.resume and args.out is None:
         raise UsageError("--resume needs --out pointing at the run to finish")
-    out = args.out or default_out_dir(Path("results"))
+    out = args.out or default_out_dir(RESULTS)
     print(f"attnbench scale: {len(cfg.mechanisms)} mechanisms x {len(cfg.seq)} lengths x "
           f"{len(cfg.modes)} modes on {device} ({cfg.threads} threads, "
           f"{'compiled' if cfg.compile else 'eager'}, {cfg.rounds} interleaved rounds) -> {out}",
@@ -395,8 +427,7 @@ def cmd_resolution(args: argparse.Namespace) -> int:
         threads=args.threads or torch.get_num_threads(), device=device,
         options=parse_mechanism_options(args.opt),
         load=[str(Path(s).resolve()) if s.endswith(".py") else s for s in args.load])
-    stamp = pd.Timestamp.now().strftime("%Y%m%d-%H%M%S")
-    out = args.out or Path("results") / "runs" / f"{stamp}-resolution-{args.task}"
+    out = args.out or new_run_dir(f"resolution-{args.task}")
     limit = f"{cfg.memory_limit_mib / 1024:.1f} GiB" if cfg.memory_limit_mib else "device memory"
     print(f"attnbench resolution: {args.task}, {len(cfg.mechanisms)} mechanisms from {cfg.start} px on "
           f"{device} ({cfg.threads} threads), limit {limit}, {cfg.budget:g} s per side -> {out}",
@@ -410,36 +441,38 @@ def cmd_resolution(args: argparse.Namespace) -> int:
     return 0
 
 
-TASK_TABLE_COLUMNS = {"task", "mechanism", "size", "dataset", "img_size", "top1", "gflops", "params"}
-
-
-def _task_tables(folder: Path) -> list[Path]:
-    """The task results tables in ``folder`` (``results/imagenet.csv`` and the like)."""
-    tables = []
-    for path in sorted(folder.glob("*.csv")):
-        try:
-            header = set(pd.read_csv(path, nrows=0).columns)
-        except (ValueError, OSError):
-            continue
-        if TASK_TABLE_COLUMNS <= header:
-            tables.append(path)
-    return tables
-
-
 def cmd_plot(args: argparse.Namespace) -> int:
-    from attnbench.plots import accuracy_plots
+    from attnbench.plots import discover, redraw
 
-    scale = (args.run_dir / "scale.csv").is_file()
-    tables = _task_tables(args.run_dir) if args.run_dir.is_dir() else []
-    if not scale and not tables:
-        raise UsageError(f"{args.run_dir}: no scale.csv there (expected a folder written by `scale`), nor a "
-                         "task results table such as results/imagenet.csv")
-    if scale:
-        finish(args.run_dir, args.fit_min_n)
-    for path in tables:
-        rows = finished_runs(pd.read_csv(path), args.include_limited)
-        for written in accuracy_plots(rows, args.run_dir, path.stem):
-            print(written)
+    if not args.run_dir.is_dir() or discover([args.run_dir]).empty():
+        raise UsageError(f"{args.run_dir}: no scale.csv there (a folder written by `scale`), nor "
+                         "resolution.csv (`resolution`), nor a task results table such as "
+                         "results/local/imagenet.csv, in it or under it")
+    written = redraw([args.run_dir], args.fit_min_n, args.include_limited)
+    for path in written:
+        print(path)
+    if not written:
+        hint = "" if args.include_limited else " (smoke runs are drawn with --include-limited)"
+        print(f"attnbench plot: nothing to draw in {args.run_dir}: no finished run{hint}", file=sys.stderr)
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from attnbench.report import ReportError, build, write
+
+    fmt = args.format or ("md" if args.out is not None and args.out.suffix.lower() in (".md", ".markdown")
+                          else "html")
+    out = args.out or RESULTS / f"report.{fmt}"
+    try:
+        report = build(args.folders, args.compare, args.include_limited, args.fit_min_n, args.title,
+                       ["attnbench", *sys.argv[1:]])
+    except ReportError as exc:
+        raise UsageError(str(exc)) from None
+    written = write(report, out, fmt)
+    for path in written:
+        print(path)
+    print(f"attnbench report: {len(report.sections)} sections, {report.figures()} plots -> {out}",
+          file=sys.stderr)
     return 0
 
 
