@@ -74,7 +74,8 @@ def build_parser(task: str | None = None) -> argparse.ArgumentParser:
                        description="List the registered mechanisms and tasks, whether each can "
                                    "run on this machine, and why not when it cannot.")
     p.add_argument("--mechanism", help="show one mechanism in full (options, FLOP formula)")
-    p.add_argument("--device", default="cpu", help="device to check availability on (default: cpu)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                   help="device to check availability on (default auto: cuda where torch sees a GPU)")
     p.set_defaults(func=cmd_list)
 
     p = sub.add_parser("run", help="train and evaluate one mechanism on one task",
@@ -226,6 +227,8 @@ def build_parser(task: str | None = None) -> argparse.ArgumentParser:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
+    if args.device == "auto":  # not _device(): listing what cuda would offer is fine without one
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.mechanism:
         return _show_mechanism(args.mechanism, args.device)
     rows, backends = [], []

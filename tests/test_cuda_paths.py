@@ -239,9 +239,6 @@ def test_amp_auto_on_cuda_is_bf16_where_the_gpu_has_it(monkeypatch):
     assert amp_dtype("off", torch.device("cuda")) is None
 
 
-@pytest.mark.xfail(reason="amp_dtype asks torch.cuda.is_bf16_supported() with its default "
-                          "including_emulation=True, so auto picks emulated (slow) bf16 on pre-Ampere GPUs "
-                          "(V100, T4); reported for the training harness", strict=False)
 def test_amp_auto_on_cuda_is_fp16_where_bf16_is_only_emulated(monkeypatch):
     amp_dtype = _amp_dtype()
     # a V100: bf16 tensors can be made (emulated), the hardware has no bf16
