@@ -38,10 +38,10 @@ from attnbench.results import append_row, read_table, run_context, write_meta, w
 from attnbench.worker import STALL_ENV, Configuration, ProbeHandler, Session
 
 COLUMNS = ["mechanism", "n", "mode", "batch", "heads", "head_dim", "dtype", "device", "threads",
-           "layout", "options", "backend", "compiled", "time_ms_median", "time_ms_iqr", "runs", "rounds",
-           "attempts", "spread", "noisy", "peak_mem_mib", "flops", "flops_matmul", "gflops", "floor_ms",
-           "floor_fraction", "machine_gflops", "machine_gbs", "machine_slowdown", "compile_s", "params",
-           "status", "message"]
+           "layout", "options", "backend", "compiled", "time_ms_median", "time_ms_iqr", "time_ms_q1",
+           "time_ms_q3", "runs", "rounds", "attempts", "spread", "noisy", "peak_mem_mib", "flops",
+           "flops_matmul", "gflops", "floor_ms", "floor_fraction", "machine_gflops", "machine_gbs",
+           "machine_slowdown", "compile_s", "params", "status", "message"]
 ROUND_COLUMNS = ["mechanism", "n", "mode", "pass", "attempt", "round", "time_ms_median", "runs",
                  "machine_gflops", "machine_gbs", "slowdown", "disturbed", "kept"]
 KEY = ["mechanism", "n", "mode"]
@@ -271,8 +271,8 @@ def _statistics(rounds: list[Round]) -> dict[str, float]:
     median = statistics.median(medians)
     q1, _, q3 = quartiles(runs)
     spread = max(q3 - q1, max(medians) - min(medians)) / median if median > 0 else math.inf
-    return {"time_ms_median": median, "time_ms_iqr": q3 - q1, "runs": len(runs), "rounds": len(rounds),
-            "spread": spread}
+    return {"time_ms_median": median, "time_ms_iqr": q3 - q1, "time_ms_q1": q1, "time_ms_q3": q3,
+            "runs": len(runs), "rounds": len(rounds), "spread": spread}
 
 
 def _verdict(cfg: SweepConfig, rounds: list[Round]) -> str:
