@@ -515,7 +515,7 @@ def run_sweep(cfg: SweepConfig, out: Path, resume: bool, argv: list[str], log=No
 def finish(out: Path, fit_min_n: int, log=None) -> pd.DataFrame:
     """Write the fit table, the same-round ratios and the plots of a sweep folder; returns the fits."""
     log = log or sys.stderr
-    from attnbench.plots import scaling_plots
+    from attnbench.plots import scaling_plots, sweep_title
 
     table = read_table(out / "scale.csv")
     if table.empty:
@@ -525,13 +525,7 @@ def finish(out: Path, fit_min_n: int, log=None) -> pd.DataFrame:
     ratios = ratio_table(read_table(out / "rounds.csv", ROUND_COLUMNS))
     write_table(out / "ratios.csv", ratios)
     meta = json.loads((out / "meta.json").read_text()) if (out / "meta.json").exists() else {}
-    title = f"{meta.get('cpu') or ''} {meta.get('gpu') or ''}".strip()
-    sweep = meta.get("sweep", {})
-    if sweep:
-        title += (f", {sweep.get('device')}, {sweep.get('threads')} threads, B={sweep.get('batch')}, "
-                  f"H={sweep.get('heads')}, d={sweep.get('head_dim')}, {sweep.get('dtype')}"
-                  f"{', compiled' if sweep.get('compile') else ''}")
-    paths = scaling_plots(table, fits, out, title, ratios)
+    paths = scaling_plots(table, fits, out, sweep_title(meta), ratios)
     print(f"wrote {out / 'scale.csv'}, {out / 'fits.csv'}, {out / 'ratios.csv'} and {len(paths)} plot files",
           file=log)
     return fits
