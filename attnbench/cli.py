@@ -7,6 +7,9 @@ as argparse does for usage errors; no traceback.
 from __future__ import annotations
 
 import argparse
+import io
+import os
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -14,13 +17,16 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from attnbench import registry
+from attnbench import __version__, registry
+from attnbench.interrupt import Interrupted, interrupts
 from attnbench.options import parse_mechanism_options
 from attnbench.probe import default_threads
 from attnbench.registry import OptionError, UnknownMechanismError
 from attnbench.resolution import ProbeConfig, ResolutionError, probe
-from attnbench.results import RESULTS, new_run_dir
+from attnbench.results import RESULTS, ResultsError, new_run_dir, read_meta, read_table
+from attnbench.run_record import finished_table, resumed_argv, run_folder
 from attnbench.sweep import (
+    MEASURED,
     SweepConfig,
     SweepError,
     compare,
@@ -37,17 +43,35 @@ from attnbench.tasks import (
     get_task,
     model_table_tasks,
     resolution_tasks,
+    sweep_tasks,
     task_names,
 )
+from attnbench.validate import (
+    MAX_SECONDS,
+    MAX_THREADS,
+    Once,
+    Parser,
+    existing_dir,
+    float_in,
+    int_in,
+    nonempty,
+    one_of,
+    output_dir,
+    output_file,
+)
+
+MAX_N = 2**24  # the longest sequence a sweep takes (attnbench.sweep)
+MAX_MIB = 2.0**30  # a memory limit, MiB: 1 PiB
 
 
 class UsageError(Exception):
     """A mistake in the command line; printed without a traceback, exit status 2."""
 
 
-def _add_opt_argument(parser: argparse.ArgumentParser) -> None:
+def _add_opt_argument(parser: argparse.ArgumentParser, axes: bool = False) -> None:
+    swept = "; a comma list, set.m=16,64, runs each value as a variant of its own" if axes else ""
     parser.add_argument("--opt", action="append", default=[], metavar="MECH.OPTION=VALUE",
-                        help="a mechanism option, e.g. --opt set.m=32 (repeatable); "
+                        help=f"a mechanism option, e.g. --opt set.m=32 (repeatable){swept}; "
                              "`attnbench list --mechanism NAME` shows a mechanism's options")
 
 
@@ -64,16 +88,17 @@ def requested_task(argv: Sequence[str]) -> str | None:
 
 def build_parser(task: str | None = None) -> argparse.ArgumentParser:
     """The command line; ``task`` adds that task's options to ``run``."""
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="attnbench",
         description="Benchmark attention mechanisms: correctness, time, memory and task "
                     "accuracy, SeT (Self-optimal Transport) among them.")
+    parser.add_argument("--version", action="version", version=f"attnbench {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("list", help="mechanisms and tasks, with availability on this machine",
                        description="List the registered mechanisms and tasks, whether each can "
                                    "run on this machine, and why not when it cannot.")
-    p.add_argument("--mechanism", help="show one mechanism in full (options, FLOP formula)")
+    p.add_argument("--mechanism", type=nonempty, help="show one mechanism in full (options, FLOP formula)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                    help="device to check availability on (default auto: cuda where torch sees a GPU)")
     p.set_defaults(func=cmd_list)
@@ -83,8 +108,9 @@ def build_parser(task: str | None = None) -> argparse.ArgumentParser:
                                    "TASK, and append the result to results/local/TASK.csv.",
                        epilog=None if task else "Each task has options of its own: "
                                                 "`attnbench run --task NAME --help` lists them.")
-    p.add_argument("--mechanism", required=True, help="registered mechanism name (see `list`)")
-    p.add_argument("--task", required=True, help="task name (see `list`)")
+    p.add_argument("--mechanism", required=True, type=nonempty, help="registered mechanism name (see `list`)")
+    p.add_argument("--task", required=True, type=one_of(task_names, "task"), action=Once,
+                   help="task name (see `list`)")
     _add_opt_argument(p)
     if task is not None:
         get_task(task).add_arguments(p)
@@ -95,28 +121,49 @@ def build_parser(task: str | None = None) -> argparse.ArgumentParser:
                                    "its parameters and forward FLOPs on one image, counted by PyTorch's "
                                    "FlopCounterMode (plus the mechanism's formula where the counter is "
                                    "blind: natten, xformers).")
-    p.add_argument("--size", default="all", help="comma list of sizes, or all (default)")
-    p.add_argument("--mechanism", default="all", help="comma list of mechanisms, or all (default)")
-    p.add_argument("--img-size", type=int, default=224, help="image side in pixels (default 224)")
-    p.add_argument("--classes", type=int, default=1000, help="classes of the head (default 1000)")
-    p.add_argument("--task", default="imagenet",
+    p.add_argument("--size", default="all", type=nonempty, help="comma list of sizes, or all (default)")
+    p.add_argument("--mechanism", default="all", type=nonempty,
+                   help="comma list of mechanisms, or all (default)")
+    p.add_argument("--img-size", type=int_in(16, 4096), default=224,
+                   help="image side in pixels (default 224)")
+    p.add_argument("--classes", type=int_in(1, 100_000), default=1000,
+                   help="classes of the head (default 1000)")
+    p.add_argument("--task", default="imagenet", type=nonempty,
                    help="the task whose model is built (default imagenet: the SeTformer classifier)")
-    p.add_argument("--csv", type=Path, default=None, help="also write the table to this CSV file")
+    p.add_argument("--csv", type=output_file, default=None, help="also write the table to this CSV file")
     p.set_defaults(func=cmd_models)
 
-    p = sub.add_parser("scale", help="sweep sequence length: time, memory, FLOPs, fitted scaling",
+    p = sub.add_parser("scale", help="sweep sequence length: time, memory, FLOPs, fitted scaling; "
+                                     "with --task, accuracy",
                        description="Measure every mechanism's time and memory over a range of "
                                    "sequence lengths, each configuration in its own process, and "
                                    "fit how they scale. Writes scale.csv, fits.csv, meta.json and "
-                                   "plots to --out.")
-    p.add_argument("--seq", default="256..16384",
-                   help="a doubling range LO..HI, a list 256,1024 or one value (default 256..16384)")
-    p.add_argument("--mechanism", default="all",
+                                   "plots to --out. With --task: the accuracy sweep, one model trained "
+                                   "and evaluated per mechanism, length and seed, each in its own process; "
+                                   "writes accuracy.csv, breaking.csv, meta.json and plots.",
+                       epilog="Accuracy sweep: `attnbench scale --task mqar` runs the task's preset for "
+                              "this device; --seq, --mechanism, --seeds replace its entries, and task "
+                              "arguments after `--` (scale --task mqar -- --epochs 2) follow its own.")
+    p.add_argument("--seq", default=None, type=nonempty,
+                   help="a doubling range LO..HI, a list 256,1024 or one value (default 256..16384; "
+                        "with --task: the task's preset)")
+    p.add_argument("--mechanism", default=None, type=nonempty,
                    help="comma list, or `all` = every registered one; those that cannot run here are "
-                        "recorded as unavailable with the reason (default: all)")
-    p.add_argument("--batch", type=int, default=1, help="batch size B (default 1)")
-    p.add_argument("--heads", type=int, default=4, help="attention heads H (default 4)")
-    p.add_argument("--head-dim", type=int, default=32, help="channels per head d (default 32)")
+                        "recorded as unavailable with the reason (default: all; with --task: the preset's)")
+    p.add_argument("--task", default=None, type=nonempty,
+                   help="sweep accuracy on this task instead of kernel cost (a task with sweep presets; "
+                        "another name is answered with those that have them)")
+    p.add_argument("--seeds", default=None, type=nonempty, metavar="S,S,...",
+                   help="with --task: seeds, one model each (default: the task's preset)")
+    p.add_argument("--time-budget", type=float_in(0, MAX_SECONDS, lo_open=True), default=None,
+                   metavar="SECONDS",
+                   help="with --task: train every point for this many seconds instead of the preset's "
+                        "equal optimiser steps")
+    p.add_argument("task_args", nargs="*", metavar="-- TASK_ARGS",
+                   help="with --task: arguments of `attnbench run --task T` for every point, after `--`")
+    p.add_argument("--batch", type=int_in(1, 4096), default=1, help="batch size B (default 1)")
+    p.add_argument("--heads", type=int_in(1, 256), default=4, help="attention heads H (default 4)")
+    p.add_argument("--head-dim", type=int_in(1, 1024), default=32, help="channels per head d (default 32)")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16", "float64"])
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                    help="auto = cuda when available, else cpu")
@@ -124,38 +171,41 @@ def build_parser(task: str | None = None) -> argparse.ArgumentParser:
                    help="forward only (no autograd), forward and backward, or both (default fwd)")
     p.add_argument("--layout", default="1d", choices=["1d", "2d"],
                    help="tokens as a sequence, or as a square image grid (square n only)")
-    _add_opt_argument(p)
-    p.add_argument("--threads", type=int, default=None,
+    _add_opt_argument(p, axes=True)
+    p.add_argument("--threads", type=int_in(1, MAX_THREADS), default=None,
                    help="CPU threads (default: torch's default here, less the cores busy when the "
                         "sweep starts; recorded with every row)")
-    p.add_argument("--budget", type=float, default=120.0,
-                   help="seconds per configuration before it is recorded as a time-out (default 120)")
-    p.add_argument("--min-time", type=float, default=0.5,
+    p.add_argument("--budget", type=float_in(0, MAX_SECONDS, lo_open=True), default=None,
+                   help="seconds per configuration before it is recorded as a time-out (default 120; "
+                        "with --task, per point: 1800, or twice --time-budget + 300 s where more)")
+    p.add_argument("--min-time", type=float_in(0, 3600, lo_open=True), default=0.5,
                    help="seconds of timed runs per configuration, at least 5 runs (default 0.5)")
-    p.add_argument("--memory-limit", type=float, default=None, metavar="MIB",
+    p.add_argument("--memory-limit", type=float_in(1, MAX_MIB), default=None, metavar="MIB",
                    help="CPU memory a configuration may take before it counts as out of memory "
                         "(default: 85%% of the memory available now)")
-    p.add_argument("--out", type=Path, default=None,
+    p.add_argument("--out", type=output_dir, default=None,
                    help="output folder (default: a new timestamped folder under results/runs/, git-ignored)")
     p.add_argument("--resume", action="store_true",
-                   help="skip configurations already in --out/scale.csv and measure the rest")
-    p.add_argument("--compare", type=Path, default=None, metavar="OTHER_RUN",
-                   help="a saved run folder: write time/memory ratios against it, flag regressions")
-    p.add_argument("--fit-min-n", type=int, default=1024,
+                   help="skip configurations already in --out/scale.csv (with --task: points in "
+                        "accuracy.csv) and measure the rest")
+    p.add_argument("--compare", type=existing_dir, default=None, metavar="OTHER_RUN",
+                   help="a saved run folder: write time/memory ratios against it, flag regressions "
+                        "(with --task: accuracy differences per point)")
+    p.add_argument("--fit-min-n", type=int_in(1, MAX_N), default=1024,
                    help="fit exponents over n >= this (small n measure overheads; default 1024)")
     p.add_argument("--load", action="append", default=[], metavar="MODULE",
-                   help="import a module or .py file that registers extra mechanisms (repeatable)")
+                   help="import a module or .py file that registers extra mechanisms or tasks (repeatable)")
     p.add_argument("--compile", action="store_true",
                    help="run each mechanism under torch.compile (compile time recorded apart; default eager)")
-    p.add_argument("--rounds", type=int, default=3,
+    p.add_argument("--rounds", type=int_in(1, 100), default=3,
                    help="interleaved timing rounds per n: A B C A B C ..., each row the median over its "
                         "rounds (default 3)")
-    p.add_argument("--retries", type=int, default=2,
+    p.add_argument("--retries", type=int_in(0, 100), default=2,
                    help="times a configuration is measured again when it was not clean (default 2)")
-    p.add_argument("--max-slowdown", type=float, default=0.25, metavar="FRACTION",
+    p.add_argument("--max-slowdown", type=float_in(0, 100, lo_open=True), default=0.25, metavar="FRACTION",
                    help="a round is disturbed when the machine probe beside it is more than this much "
                         "slower than the sweep's best (default 0.25)")
-    p.add_argument("--max-spread", type=float, default=0.5, metavar="FRACTION",
+    p.add_argument("--max-spread", type=float_in(0, 100, lo_open=True), default=0.5, metavar="FRACTION",
                    help="a row is not clean when its runs' IQR, or the range of its round medians, "
                         "exceeds this fraction of its median (default 0.5)")
     p.set_defaults(func=cmd_scale)
@@ -165,25 +215,29 @@ def build_parser(task: str | None = None) -> argparse.ArgumentParser:
                                    "per mechanism at growing image sides, each in its own process under "
                                    "a memory limit: the training side, doubling until a step fails, then "
                                    "bisection. Writes resolution.csv, summary.csv, meta.json and a plot.")
-    p.add_argument("--task", required=True, help="a task with a resolution probe (coco, ade20k)")
-    p.add_argument("--mechanism", default="set,softmax",
+    p.add_argument("--task", required=True, type=nonempty,
+                   help="a task with a resolution probe (coco, ade20k)")
+    p.add_argument("--mechanism", default="set,softmax", type=nonempty,
                    help="comma list, or `all` (default: set,softmax)")
-    p.add_argument("--size", default="micro", help="backbone size (default micro)")
-    p.add_argument("--start-side", type=int, default=None,
+    p.add_argument("--size", default="micro", type=nonempty, help="backbone size (default micro)")
+    p.add_argument("--start-side", type=int_in(1, 65536), default=None,
                    help="first side in pixels (default: the task's training side)")
-    p.add_argument("--max-side", type=int, default=4096, help="largest side to try (default 4096)")
-    p.add_argument("--granularity", type=int, default=32, help="bisection step in pixels (default 32)")
-    p.add_argument("--memory-limit", type=float, default=None, metavar="MIB",
+    p.add_argument("--max-side", type=int_in(1, 65536), default=4096,
+                   help="largest side to try (default 4096)")
+    p.add_argument("--granularity", type=int_in(1, 4096), default=32,
+                   help="bisection step in pixels (default 32)")
+    p.add_argument("--memory-limit", type=float_in(1, MAX_MIB), default=None, metavar="MIB",
                    help="CPU memory a step may take before it counts as out of memory "
                         "(default: 85%% of the memory available now)")
-    p.add_argument("--budget", type=float, default=300.0,
+    p.add_argument("--budget", type=float_in(0, MAX_SECONDS, lo_open=True), default=300.0,
                    help="seconds per side (building, timing, memory) before it counts as too slow "
                         "(default 300)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                    help="auto = cuda when available, else cpu")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's default here)")
+    p.add_argument("--threads", type=int_in(1, MAX_THREADS), default=None,
+                   help="CPU threads (default: torch's default here)")
     _add_opt_argument(p)
-    p.add_argument("--out", type=Path, default=None,
+    p.add_argument("--out", type=output_dir, default=None,
                    help="output folder (default: a new timestamped folder under results/runs/, git-ignored)")
     p.add_argument("--load", action="append", default=[], metavar="MODULE",
                    help="import a module or .py file that registers extra tasks or mechanisms (repeatable)")
@@ -194,10 +248,10 @@ def build_parser(task: str | None = None) -> argparse.ArgumentParser:
                                    "fit and ratio tables), each `resolution` probe's, and each task results "
                                    "table's (results/local/imagenet.csv and the like), beside what it draws "
                                    "from; prints every file it wrote.")
-    p.add_argument("run_dir", type=Path,
+    p.add_argument("run_dir", type=existing_dir,
                    help="a folder written by `scale` or `resolution`, or a folder of task tables and run "
                         "folders (results/local, results/reference, results)")
-    p.add_argument("--fit-min-n", type=int, default=1024, help="fit exponents over n >= this")
+    p.add_argument("--fit-min-n", type=int_in(1, MAX_N), default=1024, help="fit exponents over n >= this")
     p.add_argument("--include-limited", action="store_true",
                    help="also draw task runs cut short by --max-steps/--limit-train/--limit-val (smoke runs)")
     p.set_defaults(func=cmd_plot)
@@ -208,18 +262,18 @@ def build_parser(task: str | None = None) -> argparse.ArgumentParser:
                                    "task table with its seed spreads, the resolution probes, and the "
                                    "comparison with a saved run. HTML: one file, plots embedded, no network; "
                                    "Markdown: plots in a folder beside it. Writes nothing into the folders.")
-    p.add_argument("folders", type=Path, nargs="*", default=[Path("results")], metavar="DIR",
+    p.add_argument("folders", type=existing_dir, nargs="*", default=[Path("results")], metavar="DIR",
                    help="folders of results (default: results)")
-    p.add_argument("--out", type=Path, default=None,
+    p.add_argument("--out", type=output_file, default=None,
                    help="the page to write (default: results/report.html, git-ignored; report.md with "
                         "--format md)")
     p.add_argument("--format", choices=["html", "md"], default=None,
                    help="html (default) or md; default: from --out's suffix")
-    p.add_argument("--compare", type=Path, default=None, metavar="SAVED_RUN",
+    p.add_argument("--compare", type=existing_dir, default=None, metavar="SAVED_RUN",
                    help="a saved sweep folder or folder of task tables to compare with")
     p.add_argument("--include-limited", action="store_true",
                    help="also show task runs cut short by --max-steps/--limit-train/--limit-val (smoke runs)")
-    p.add_argument("--fit-min-n", type=int, default=None,
+    p.add_argument("--fit-min-n", type=int_in(1, MAX_N), default=None,
                    help="fit exponents over n >= this (default: what the sweep's fits.csv used, else 1024)")
     p.add_argument("--title", default="attnbench report", help="the page's title")
     p.set_defaults(func=cmd_report)
@@ -260,6 +314,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 def _show_mechanism(name: str, device: str) -> int:
     import dataclasses
+    import typing
 
     cls = registry.get_mechanism(name)
     reason = cls.unavailable_reason(device)
@@ -277,8 +332,11 @@ def _show_mechanism(name: str, device: str) -> int:
         print(f"  backend:     {cls.backend(device)}")
     fields = dataclasses.fields(cls.Options)
     print("  options:" + ("" if fields else " none"))
+    hints = typing.get_type_hints(cls.Options)
     for f in fields:
-        print(f"    {f.name} = {f.default!r}")
+        valid = f.metadata.get("range")  # attnbench.mechanism.option
+        shown = f"  ({valid.describe(hints[f.name] is int)})" if valid else ""
+        print(f"    {f.name} = {f.default!r}{shown}")
     return 0
 
 
@@ -289,6 +347,10 @@ def _print_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    resume = getattr(args, "resume", None)  # a task of the harness has --resume
+    if resume is not None and (table := finished_table(resume)) is not None:
+        print(f"attnbench run: {run_folder(resume)} already finished; its row is in {table}")
+        return 0
     registry.get_mechanism(args.mechanism)
     args.mechanism_options = parse_mechanism_options(args.opt)
     task = get_task(args.task)
@@ -373,6 +435,13 @@ def cmd_scale(args: argparse.Namespace) -> int:
 
     for spec in args.load:
         registry.load_module(spec)
+    if args.task is not None:
+        return _accuracy_sweep(args)
+    for flag, given in (("--seeds", args.seeds is not None), ("--time-budget", args.time_budget is not None),
+                        (f"{' '.join(args.task_args)!r}", bool(args.task_args))):
+        if given:
+            raise UsageError(f"{flag} is for the accuracy sweep: add --task (tasks with one: "
+                             f"{', '.join(sweep_tasks()) or 'none'})")
     device = _device(args.device)
     limit = _memory_limit(args.memory_limit)
     threads, note = args.threads, ""
@@ -381,21 +450,27 @@ def cmd_scale(args: argparse.Namespace) -> int:
     if note:
         print(note)
     cfg = SweepConfig(
-        mechanisms=parse_mechanisms(args.mechanism), seq=parse_seq(args.seq),
+        mechanisms=parse_mechanisms(args.mechanism or "all"), seq=parse_seq(args.seq or "256..16384"),
         modes=["fwd", "fwd+bwd"] if args.mode == "both" else [args.mode], batch=args.batch,
         heads=args.heads, head_dim=args.head_dim, dtype=args.dtype, device=device,
         threads=threads, layout=args.layout,
-        options=parse_mechanism_options(args.opt), budget=args.budget, min_run_time=args.min_time,
+        options=parse_mechanism_options(args.opt, axes=True), budget=args.budget or 120.0,
+        min_run_time=args.min_time,
         memory_limit_mib=limit if device == "cpu" else None,
         load=[str(Path(s).resolve()) if s.endswith(".py") else s for s in args.load],
         compile=args.compile, rounds=args.rounds, retries=args.retries, max_slowdown=args.max_slowdown,
         max_spread=args.max_spread)
     if args.compare is not None and not (args.compare / "scale.csv").is_file():
         raise UsageError(f"--compare {args.compare}: no scale.csv there")
+    if args.compare is not None and read_table(args.compare / "scale.csv", required=MEASURED).empty:
+        raise UsageError(f"--compare {args.compare}: its scale.csv holds no measurements")  # now, not after
     if args.resume and args.out is None:
         raise UsageError("--resume needs --out pointing at the run to finish")
+    if args.resume:  # a damaged folder is refused now, in one line, before anything starts
+        read_table(args.out / "scale.csv", required=MEASURED)
+        read_meta(args.out / "meta.json")
     out = args.out or default_out_dir(RESULTS)
-    print(f"attnbench scale: {len(cfg.mechanisms)} mechanisms x {len(cfg.seq)} lengths x "
+    print(f"attnbench scale: {_count_variants(cfg.mechanisms, cfg.variants())} x {len(cfg.seq)} lengths x "
           f"{len(cfg.modes)} modes on {device} ({cfg.threads} threads, "
           f"{'compiled' if cfg.compile else 'eager'}, {cfg.rounds} interleaved rounds) -> {out}",
           file=sys.stderr)
@@ -410,6 +485,62 @@ def cmd_scale(args: argparse.Namespace) -> int:
               f"-> {out / 'compare.csv'}")
         if len(flagged):
             print(flagged.to_string(index=False))
+    return 0
+
+
+def _count_variants(mechanisms: Sequence[str], variants: Sequence[object]) -> str:
+    """'5 mechanisms', or '5 mechanisms (7 variants)' where options are swept."""
+    text = f"{len(mechanisms)} mechanism{'s' if len(mechanisms) != 1 else ''}"
+    return text if len(variants) == len(mechanisms) else f"{text} ({len(variants)} variants)"
+
+
+# flags of the kernel sweep that the accuracy sweep (``scale --task``) has no use for
+KERNEL_ONLY = ("batch", "heads", "head_dim", "dtype", "mode", "layout", "min_time", "compile", "rounds",
+               "retries", "max_slowdown", "max_spread", "fit_min_n")
+
+
+def _accuracy_sweep(args: argparse.Namespace) -> int:
+    """``scale --task T``: train and evaluate every (mechanism variant, n, seed), then the breaking
+    lengths, the plots and the console summary (``attnbench.accuracy``)."""
+    from attnbench import accuracy
+
+    defaults = vars(build_parser().parse_args(["scale"]))
+    given = [f"--{k.replace('_', '-')}" for k in KERNEL_ONLY if getattr(args, k) != defaults[k]]
+    if given:
+        raise UsageError(f"{', '.join(given)}: for the kernel sweep (scale without --task); the task's own "
+                         f"options go after `--`: scale --task {args.task} -- --epochs 2")
+    device = _device(args.device)
+    limit = _memory_limit(args.memory_limit)
+    cfg = accuracy.plan(
+        args.task, device, args.seq, args.mechanism, args.seeds, args.task_args,
+        options=parse_mechanism_options(args.opt, axes=True), time_budget=args.time_budget,
+        limit_s=args.budget or accuracy.point_limit(args.time_budget),
+        memory_limit_mib=limit if device == "cpu" else None, threads=args.threads or 1,
+        load=[str(Path(s).resolve()) if s.endswith(".py") else s for s in args.load])
+    if args.compare is not None and not (args.compare / "accuracy.csv").is_file():
+        raise UsageError(f"--compare {args.compare}: no accuracy.csv there (a folder of `scale --task`)")
+    if args.resume and args.out is None:
+        raise UsageError("--resume needs --out pointing at the sweep to finish")
+    if args.threads is None:  # once the request is known to be sound: this looks at the machine for a while
+        cfg.threads, note = default_threads(torch.get_num_threads()) if device == "cpu" else \
+            (torch.get_num_threads(), "")
+        if note:
+            print(note)
+    out = args.out or new_run_dir(f"accuracy-{args.task}")
+    budget = (f"{cfg.time_budget:g} s of training per point" if cfg.time_budget is not None
+              else "equal optimiser steps")
+    memory = f"{cfg.memory_limit_mib / 1024:.1f} GiB" if cfg.memory_limit_mib else "device memory"
+    print(f"attnbench scale --task {cfg.task}: {_count_variants(cfg.mechanisms, cfg.variants())} x "
+          f"{len(cfg.seq)} lengths x {len(cfg.seeds)} seed{'s' if len(cfg.seeds) > 1 else ''} = "
+          f"{len(accuracy.points(cfg))} points on {device} "
+          f"({cfg.threads} thread{'s' if cfg.threads > 1 else ''}), {budget}, limits {cfg.limit_s:g} s and "
+          f"{memory} per point -> {out}",
+          file=sys.stderr)
+    accuracy.run_sweep(cfg, out, args.resume, ["attnbench", *sys.argv[1:]])
+    accuracy.finish(out)
+    print(accuracy.summary(out))
+    if args.compare is not None:
+        print(accuracy.compare_text(accuracy.compare(out, args.compare), args.compare, out))
     return 0
 
 
@@ -445,13 +576,18 @@ def cmd_resolution(args: argparse.Namespace) -> int:
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
+    from attnbench import accuracy
     from attnbench.plots import discover, redraw
 
-    if not args.run_dir.is_dir() or discover([args.run_dir]).empty():
+    found = discover([args.run_dir]) if args.run_dir.is_dir() else None
+    if found is None or found.empty():
         raise UsageError(f"{args.run_dir}: no scale.csv there (a folder written by `scale`), nor "
-                         "resolution.csv (`resolution`), nor a task results table such as "
-                         "results/local/imagenet.csv, in it or under it")
+                         "accuracy.csv (`scale --task`), nor resolution.csv (`resolution`), nor a task "
+                         "results table such as results/local/imagenet.csv, in it or under it")
     written = redraw([args.run_dir], args.fit_min_n, args.include_limited)
+    for folder in found.accuracy:
+        if (folder / "accuracy.csv").is_file():
+            written += accuracy.finish(folder, log=io.StringIO()).paths
     for path in written:
         print(path)
     if not written:
@@ -479,15 +615,40 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser(requested_task(sys.argv[1:] if argv is None else argv))
-    args = parser.parse_args(argv)
+def _command(argv: Sequence[str] | None) -> int:
+    """Parse the command line and run its command; a user's mistake is one line and exit 2."""
+    words = resumed_argv(sys.argv[1:] if argv is None else list(argv), build_parser)  # run --resume DIR
+    parser = build_parser(requested_task(words))
+    args = parser.parse_args(words)
     torch.set_printoptions(precision=4)
     try:
         return args.func(args)
     except (UsageError, UnknownMechanismError, UnknownTaskError, OptionError, SweepError, TaskError,
-            ResolutionError) as exc:
+            ResolutionError, ResultsError) as exc:
         parser.exit(2, f"attnbench {args.command}: error: {exc}\n")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``attnbench …``: the command's exit status. Ctrl-C or SIGTERM ends it with one line saying
+    what was kept and how to go on (``attnbench.interrupt``), status 130 or 143; a reader that
+    goes away (``attnbench list | head -1``) ends it quietly, status 141 as for SIGPIPE."""
+    words = sys.argv[1:] if argv is None else list(argv)
+    try:
+        with interrupts():
+            try:
+                return _command(argv)
+            finally:
+                sys.stdout.flush()  # a reader gone away shows here, not at exit
+    except KeyboardInterrupt as exc:
+        stopped = exc if isinstance(exc, Interrupted) else Interrupted()
+        if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 speaks for all
+            command = " ".join(["attnbench", *words[:1]])
+            print(f"{command}: interrupted ({stopped.cause})" + (f"; {stopped.kept}" if stopped.kept else ""),
+                  file=sys.stderr)
+        return stopped.exit_status
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        return 128 + signal.SIGPIPE
 
 
 if __name__ == "__main__":

@@ -19,7 +19,8 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import Tensor, nn
 
-from attnbench.registry import OptionError, make_options
+from attnbench.registry import OptionError, check_ranges, make_options
+from attnbench.validate import Range
 
 Complexity = Literal["quadratic", "linear", "local"]
 Masking = Literal["native", "per-length"]
@@ -30,6 +31,13 @@ def require(condition: bool, message: str) -> None:
     """Raise ``OptionError(message)`` unless ``condition``: one line per option check."""
     if not condition:
         raise OptionError(message)
+
+
+def option(default: float, lo: float, hi: float, *, lo_open: bool = False) -> Any:
+    """A numeric option with its valid range, declared once: ``m: int = option(64, 1, 4096)``.
+    The range is checked wherever options are made (``--opt``, ``build_mechanism``, a mechanism's
+    constructor) and shown by ``attnbench list --mechanism NAME``; every range is finite."""
+    return dataclasses.field(default=default, metadata={"range": Range(lo, hi, lo_open)})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,6 +91,9 @@ class Mechanism(nn.Module):
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.options = options if options is not None else self.make_options()
+        if dataclasses.is_dataclass(self.options):  # options made directly, not by make_options
+            check_ranges(type(self.options), self.name,
+                         {f.name: getattr(self.options, f.name) for f in dataclasses.fields(self.options)})
 
     # ---- declared facts -------------------------------------------------------------------
     @classmethod

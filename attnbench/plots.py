@@ -42,6 +42,9 @@ from matplotlib import patheffects, ticker, transforms  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 
+from attnbench.options import split_label  # noqa: E402
+from attnbench.results import read_meta, read_table, replacing  # noqa: E402
+
 plt.rcParams["svg.hashsalt"] = "attnbench"  # the same SVG ids on every redraw
 
 # ---- one style per mechanism ------------------------------------------------------------------
@@ -77,13 +80,64 @@ _SPARE_COLOURS = ["#E69F00", "#56B4E9", "#009E73", "#0072B2", "#D55E00", "#CC79A
 _SPARE_MARKERS = ["<", ">", "d", "H", "8"]
 
 
+# Variants of a mechanism (``set[m=16]``, ``set[m=64]``: options swept by ``scale --opt set.m=16,64``)
+# keep its colour and marker; each gets a line style and a shade of its own, numbered in the order
+# of their option values (``rank_variants``), the first drawn as the mechanism itself.
+VARIANT_LINES = ("-", "--", ":", "-.")
+VARIANT_SHADES = (0.0, 0.3, 0.55, 0.75)  # how far toward white (dark colours) or black (light ones)
+_VARIANT_RANKS: dict[str, int] = {}
+
+
 def style(mechanism: str) -> Style:
-    """The mechanism's style, the same in every plot (plug-ins: a stable pair from the name)."""
+    """The mechanism's style, the same in every plot (plug-ins: a stable pair from the name); a
+    variant's, its mechanism's told apart by line and shade."""
     if mechanism in STYLES:
         return STYLES[mechanism]
-    h = int(hashlib.sha1(str(mechanism).encode()).hexdigest(), 16)
+    base, swept = split_label(mechanism)
+    if swept:
+        s = style(base)
+        rank = _VARIANT_RANKS.get(mechanism, _hash(mechanism) % len(VARIANT_LINES))
+        lines = [s.linestyle, *(line for line in VARIANT_LINES if line != s.linestyle)]
+        return Style(_shade(s.colour, VARIANT_SHADES[rank % len(VARIANT_SHADES)]), s.marker,
+                     lines[rank % len(lines)], s.linewidth)
+    h = _hash(mechanism)
     return Style(_SPARE_COLOURS[h % len(_SPARE_COLOURS)],
                  _SPARE_MARKERS[(h // len(_SPARE_COLOURS)) % len(_SPARE_MARKERS)], "-.")
+
+
+def _hash(name: str) -> int:
+    return int(hashlib.sha1(str(name).encode()).hexdigest(), 16)
+
+
+def _shade(colour_hex: str, amount: float) -> str:
+    """``colour_hex`` moved ``amount`` of the way to white (a dark colour) or to black (a light one)."""
+    rgb = np.array(matplotlib.colors.to_rgb(colour_hex))
+    target = 1.0 if rgb @ [0.299, 0.587, 0.114] < 0.5 else 0.0
+    return matplotlib.colors.to_hex(rgb + amount * (target - rgb))
+
+
+def _value_key(value: str) -> tuple[int, float | str]:
+    try:
+        return (0, float(value))
+    except ValueError:
+        return (1, value)
+
+
+def _order_key(label: str) -> tuple:
+    """SeT first, then by mechanism, its variants in the order of their option values."""
+    base, swept = split_label(label)
+    return (base != "set", base, tuple(_value_key(v) for v in swept.values()), str(label))
+
+
+def rank_variants(labels: Iterable[str]) -> None:
+    """Number the variants of each mechanism among ``labels`` in the order of their option values,
+    so that ``style`` draws m=16, 64, 256 from the mechanism's own shade to lighter ones."""
+    count: dict[str, int] = {}
+    for label in ordered(labels):
+        base, swept = split_label(label)
+        if swept:
+            _VARIANT_RANKS[label] = count.get(base, 0)
+            count[base] = count.get(base, 0) + 1
 
 
 def colour(mechanism: str) -> str:
@@ -98,8 +152,8 @@ def marker_kwargs(mechanism: str, size: float = 6.0) -> dict[str, Any]:
 
 
 def ordered(mechanisms: Iterable[str]) -> list[str]:
-    """SeT first, then by name: the legend order of every plot."""
-    return sorted(set(mechanisms), key=lambda m: (m != "set", str(m)))
+    """SeT first, then by name, variants in the order of their values: the legend order of every plot."""
+    return sorted(set(mechanisms), key=_order_key)
 
 
 def mechanism_handle(mechanism: str, label: str | None = None, line: bool = True) -> Line2D:
@@ -434,7 +488,8 @@ def save_figure(fig: plt.Figure, out: Path, stem: str, formats: Sequence[str] = 
     for fmt in formats:
         path = out / f"{stem}.{fmt}"
         metadata = {"Date": None} if fmt == "svg" else None
-        fig.savefig(path, dpi=dpi if fmt == "png" else None, metadata=metadata)
+        with replacing(path) as tmp:  # runs redraw shared plots: a reader never sees half of one
+            fig.savefig(tmp, format=fmt, dpi=dpi if fmt == "png" else None, metadata=metadata)
         paths.append(path)
     plt.close(fig)
     return paths
@@ -625,6 +680,7 @@ def scaling_plots(table: pd.DataFrame, fits: pd.DataFrame, out: Path, title: str
     """Per mode: time and memory against n, log-log (quartile bands, noisy rows hollow and left
     out of the fits, failures marked at their n), and ratio bars against the baseline."""
     written: list[Path] = []
+    rank_variants(table["mechanism"])
     for mode in sorted(table["mode"].dropna().unique()):
         rows = table[table["mode"] == mode]
         if not (rows["status"] == "ok").any():
@@ -958,10 +1014,7 @@ def probe_title(table: pd.DataFrame, meta: dict[str, Any]) -> str:
 
 
 def _meta(folder: Path) -> dict[str, Any]:
-    import json
-
-    path = folder / "meta.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
+    return read_meta(folder / "meta.json")
 
 
 def _changed(folder: Path, before: dict[Path, int]) -> list[Path]:
@@ -981,13 +1034,13 @@ def redraw(folders: Iterable[Path], fit_min_n: int = 1024, include_limited: bool
         finish(folder, fit_min_n, log=io.StringIO())  # its own line names scale.csv, which it does not write
         written += _changed(folder, before)
     for folder in found.probes:
-        table = pd.read_csv(folder / "resolution.csv")
+        table = read_table(folder / "resolution.csv", required=["task", "size", "memory_limit_mib"])
         if table.empty:
             continue
         limit = table["memory_limit_mib"].dropna()
         written += resolution_plots(table, folder, probe_title(table, _meta(folder)),
                                     float(limit.iloc[0]) if len(limit) else None)
     for path in found.tables:
-        rows = finished_runs(pd.read_csv(path), include_limited)
+        rows = finished_runs(read_table(path), include_limited)
         written += task_plots(path, rows, path.parent)
     return written

@@ -74,17 +74,30 @@ def load_module(spec: str) -> None:
     from pathlib import Path
 
     path = Path(spec)
-    if spec.endswith(".py"):
-        if not path.is_file():
-            raise UnknownMechanismError(f"--load {spec}: no such file")
-        module_spec = importlib.util.spec_from_file_location(path.stem, path)
-        module = importlib.util.module_from_spec(module_spec)
-        module_spec.loader.exec_module(module)
-    else:
-        try:
+    if spec.endswith(".py") and not path.is_file():
+        raise UnknownMechanismError(f"--load {spec}: no such file")
+    try:
+        if spec.endswith(".py"):
+            module_spec = importlib.util.spec_from_file_location(path.stem, path)
+            module = importlib.util.module_from_spec(module_spec)
+            module_spec.loader.exec_module(module)
+        else:
             importlib.import_module(spec)
-        except ImportError as exc:
-            raise UnknownMechanismError(f"--load {spec}: cannot import it ({exc})") from None
+    except Exception as exc:  # the module's own mistake: one line saying where, not a traceback
+        raise UnknownMechanismError(f"--load {spec}: cannot import it: {_where(exc)}") from None
+
+
+def _where(exc: BaseException) -> str:
+    """``file.py:3: SyntaxError: invalid syntax``: the line an import failed at, and why."""
+    import traceback
+
+    if isinstance(exc, SyntaxError):
+        return f"{exc.filename}:{exc.lineno}: SyntaxError: {exc.msg}"
+    if isinstance(exc, ImportError):  # a missing module: its name says it all
+        return f"{type(exc).__name__}: {exc}"
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if not f.filename.startswith("<frozen")]
+    place = f"{frames[-1].filename}:{frames[-1].lineno}: " if frames else ""
+    return f"{place}{type(exc).__name__}: {exc}"
 
 
 def reload_plugins() -> None:
@@ -144,7 +157,27 @@ def make_options(options_cls: type, name: str, **values: typing.Any):
         raise OptionError(f"{name}: unknown option(s) {', '.join(unknown)}; valid options: {valid}")
     hints = typing.get_type_hints(options_cls)
     converted = {k: _convert(name, k, v, hints[k]) for k, v in values.items()}
+    check_ranges(options_cls, name, converted)
     return options_cls(**converted)
+
+
+def check_ranges(options_cls: type, name: str, values: typing.Mapping[str, typing.Any]) -> None:
+    """Every value whose field declares a range (``attnbench.mechanism.option``) is a number in it:
+    ``OptionError`` with one line naming the option, the value and the range."""
+    hints = typing.get_type_hints(options_cls)
+    for f in dataclasses.fields(options_cls):
+        valid = f.metadata.get("range")
+        if valid is None or f.name not in values:
+            continue
+        problem = valid.check(values[f.name], integer=_base(hints[f.name]) is int)
+        if problem:
+            raise OptionError(f"{name}.{f.name}={values[f.name]!r} {problem}")
+
+
+def _base(hint: typing.Any) -> typing.Any:
+    """``int`` of ``int | None``; the hint itself otherwise."""
+    args = typing.get_args(hint)
+    return next((a for a in args if a is not type(None)), hint) if args else hint
 
 
 def _convert(mech: str, key: str, value: typing.Any, hint: typing.Any) -> typing.Any:
@@ -157,7 +190,7 @@ def _convert(mech: str, key: str, value: typing.Any, hint: typing.Any) -> typing
             raise OptionError(f"{mech}.{key}={value!r}; valid choices: {', '.join(map(str, args))}")
         return value
     optional = type(None) in args
-    base = next((a for a in args if a is not type(None)), hint) if args else hint
+    base = _base(hint)
     if optional and value.lower() in ("none", ""):
         return None
     try:

@@ -21,6 +21,7 @@ from typing import Any
 import pandas as pd
 
 from attnbench import registry
+from attnbench.interrupt import command_with, keeping
 from attnbench.results import append_row, read_table, run_context, write_meta, write_table
 from attnbench.worker import run_isolated
 
@@ -148,19 +149,26 @@ def probe(cfg: ProbeConfig, out: Path, argv: list[str], log=None) -> pd.DataFram
     meta = run_context(cfg.device, cfg.threads, argv)
     meta["probe"] = dataclasses.asdict(cfg)
     write_meta(out / "meta.json", meta)
-    for mechanism in cfg.mechanisms:
-        outcome: dict[int, bool] = {}
-        while (side := sides_to_try(cfg, outcome)) is not None:
-            print(f"{mechanism} at {side}x{side} ...", end="", file=log, flush=True)
-            row = try_side(cfg, mechanism, side, out / "worker.log")
-            outcome[side] = row["status"] == "ok"
-            shown = (f"{row['step_ms'] / 1e3:.2f} s/step, {row['img_s']:.2f} img/s, "
-                     f"{row['peak_mem_mib']:.0f} MiB" if outcome[side]
-                     else f"{row['status']}: {row.get('message', '')}"[:140])
-            print(f" {shown}", file=log, flush=True)
-            append_row(csv, row, COLUMNS)
-            if row["status"] == "unavailable":
-                break
+    try:
+        for mechanism in cfg.mechanisms:
+            outcome: dict[int, bool] = {}
+            while (side := sides_to_try(cfg, outcome)) is not None:
+                print(f"{mechanism} at {side}x{side} ...", end="", file=log, flush=True)
+                row = try_side(cfg, mechanism, side, out / "worker.log")
+                outcome[side] = row["status"] == "ok"
+                shown = (f"{row['step_ms'] / 1e3:.2f} s/step, {row['img_s']:.2f} img/s, "
+                         f"{row['peak_mem_mib']:.0f} MiB" if outcome[side]
+                         else f"{row['status']}: {row.get('message', '')}"[:140])
+                print(f" {shown}", file=log, flush=True)
+                append_row(csv, row, COLUMNS)
+                if row["status"] == "unavailable":
+                    break
+    except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM: the rows so far stay; a probe has no --resume
+        print(file=log)  # end the line of the side cut short
+        rows = len(read_table(csv, COLUMNS))
+        again = command_with(argv, {"--out": True}, [])
+        raise keeping(exc, f"kept {rows} rows in {csv}, without summary or plot (an unfinished probe cannot "
+                           f"be resumed); probe again with: {again}") from None
     table = read_table(csv, COLUMNS)
     write_table(out / "summary.csv", summarise(table, cfg))
     from attnbench.plots import resolution_plots

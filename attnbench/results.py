@@ -12,20 +12,22 @@ Nothing writes under ``results/reference/`` unless ``--results`` or ``--out`` na
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import math
 import os
 import platform
+import secrets
 import subprocess
 import sys
-import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
+from filelock import FileLock
 
 RESULTS = Path("results")
 LOCAL = RESULTS / "local"  # a user's task tables and their plots (git-ignored)
@@ -38,43 +40,106 @@ def local_table(task: str) -> Path:
     return LOCAL / f"{task}.csv"
 
 
-def new_run_dir(name: str) -> Path:
-    """A new run folder's default path, ``results/runs/<YYYYmmdd-HHMMSS>-<name>``."""
-    return RUNS / f"{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}-{name}"
+def new_run_dir(name: str, seed: int | None = None) -> Path:
+    """A new run folder's default path, ``results/runs/<YYYYmmdd-HHMMSS>-<name>[-seed<N>]-<token>``.
+
+    The random token (8 hex digits) keeps apart runs of the same name and seed started in the
+    same second, in one process or several: each gets a folder of its own.
+    """
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    seeded = f"-seed{seed}" if seed is not None else ""
+    return RUNS / f"{stamp}-{name}{seeded}-{secrets.token_hex(4)}"
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and a rename: never half-written."""
+@contextlib.contextmanager
+def replacing(path: Path) -> Iterator[Path]:
+    """A temporary path beside ``path`` (unique to this call) to write the new file to; when the
+    block ends it replaces ``path`` in one rename, so a reader sees the old file or the new one,
+    never half of one. If the block fails, the temporary file is removed and ``path`` is untouched."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))  # the umask's mode, as open()
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        yield tmp
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
 
 
+def write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and a rename: never half-written."""
+    with replacing(path) as tmp:
+        tmp.write_text(text)
+
+
 def write_table(path: Path, table: pd.DataFrame) -> None:
     write_atomic(path, table.to_csv(index=False))
 
 
+def table_lock(path: Path) -> FileLock:
+    """The lock of a shared table, ``.<name>.lock`` beside it: held while one process reads the
+    table and writes it back, so that appends from any number of processes lose nothing."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return FileLock(path.with_name(f".{path.name}.lock"))
+
+
+def append_rows(path: Path, rows: Sequence[dict[str, Any]], columns: list[str]) -> pd.DataFrame:
+    """Append ``rows`` to the CSV at ``path`` (created with ``columns`` first) under the table's
+    lock, writing it atomically; returns the table as written."""
+    with table_lock(path):
+        table = read_table(path, columns)
+        if not rows:
+            return table
+        new = pd.DataFrame(list(rows))
+        table = new if table.empty else pd.concat([table, new], ignore_index=True)
+        ordered = columns + [c for c in table.columns if c not in columns]
+        table = table.reindex(columns=ordered)
+        write_table(path, table)
+        return table
+
+
 def append_row(path: Path, row: dict[str, Any], columns: list[str]) -> pd.DataFrame:
-    """Append one row to the CSV at ``path`` (created with ``columns`` first), atomically."""
-    table = read_table(path, columns)
-    new = pd.DataFrame([row])
-    table = new if table.empty else pd.concat([table, new], ignore_index=True)
-    ordered = columns + [c for c in table.columns if c not in columns]
-    table = table.reindex(columns=ordered)
-    write_table(path, table)
+    """Append one row to the CSV at ``path``: ``append_rows`` of one."""
+    return append_rows(path, [row], columns)
+
+
+class ResultsError(ValueError):
+    """A results file that cannot be read (not CSV or JSON, columns missing): one line naming it."""
+
+
+def read_table(path: Path, columns: list[str] | None = None, required: Sequence[str] = ()) -> pd.DataFrame:
+    """The CSV table at ``path``; missing (or empty, unless columns are ``required``): an empty table
+    of ``columns``. A file that is not a CSV table, or lacks a ``required`` column, is a ``ResultsError``."""
+    if not path.exists():
+        return pd.DataFrame(columns=columns or [])
+    if path.stat().st_size == 0:
+        if required:
+            raise ResultsError(f"{path}: an empty file; expected a CSV table with {', '.join(required)}")
+        return pd.DataFrame(columns=columns or [])
+    try:
+        table = pd.read_csv(path, keep_default_na=True)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, OSError) as exc:
+        reason = " ".join(str(exc).split())
+        raise ResultsError(f"{path}: not a readable CSV table ({reason})") from None
+    missing = [c for c in required if c not in table.columns]
+    if missing:
+        raise ResultsError(f"{path}: not an attnbench table: no column {', '.join(missing)}")
     return table
 
 
-def read_table(path: Path, columns: list[str] | None = None) -> pd.DataFrame:
-    if path.exists():
-        return pd.read_csv(path, keep_default_na=True)
-    return pd.DataFrame(columns=columns or [])
+def read_meta(path: Path) -> dict[str, Any]:
+    """The JSON object at ``path`` (a run's ``meta.json``); missing: ``{}``; anything else is a
+    ``ResultsError``."""
+    if not path.exists():
+        return {}
+    try:
+        meta = json.loads(path.read_text())
+    except (ValueError, OSError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise ResultsError(f"{path}: not readable JSON ({' '.join(str(exc).split())})") from None
+    if not isinstance(meta, dict):
+        raise ResultsError(f"{path}: expected a JSON object, found {type(meta).__name__}")
+    return meta
 
 
 def git_commit(root: Path | None = None) -> str:
@@ -148,7 +213,9 @@ TASK_CONFIG_COLUMNS: tuple[str, ...] = (
     "num_classes", "img_size", "tokens",  # imagenet (and coco: img_size, num_classes)
     "detector", "max_size",  # coco
     "crop_size", "iters", "eval_mode", "head", "head_channels", "aux_weight", "backbone_weights",  # ade20k
-    "glue_task", "max_len", "init", "tokenizer", "vocab_size")  # glue
+    "glue_task", "max_len", "init", "tokenizer", "vocab_size",  # glue
+    "seq_len", "time_budget", "dropout", "test_examples",  # the sequence tasks (mqar, listops, seqimage)
+    "kv_pairs", "gap_power", "filler", "max_depth", "max_args", "side")
 SEED_COLUMN = "seed"
 _MISSING = "<none>"
 

@@ -9,7 +9,9 @@ rounds the probe saw slowed by more than ``max_slowdown``, or whose runs spread 
 measured cleanly is kept and flagged ``noisy`` with the reason, and the fits leave it out.
 Memory is a separate step after the timing. Rows (failures included) are appended to
 ``scale.csv`` and rounds to ``rounds.csv`` as each n finishes; at the end come the fit table,
-the same-round ratios (``ratios.csv``) and the plots.
+the same-round ratios (``ratios.csv``) and the plots. Mechanism options given as lists
+(``--opt set.m=16,64``) are variants (``set[m=16]``), each measured, fitted and drawn as a
+mechanism of its own (the ``variant`` column).
 """
 
 from __future__ import annotations
@@ -32,19 +34,31 @@ import pandas as pd
 
 from attnbench import registry
 from attnbench.fit import BASELINES, fit_table, flag, ratio_table
+from attnbench.interrupt import command_with, keeping
 from attnbench.measure import quartiles
+from attnbench.options import Variant, variants
 from attnbench.probe import MachineState, Reading, floor_ms, median_reading
-from attnbench.results import append_row, read_table, run_context, write_meta, write_table
+from attnbench.results import (
+    append_row,
+    append_rows,
+    new_run_dir,
+    read_meta,
+    read_table,
+    run_context,
+    write_meta,
+    write_table,
+)
 from attnbench.worker import STALL_ENV, Configuration, ProbeHandler, Session
 
-COLUMNS = ["mechanism", "n", "mode", "batch", "heads", "head_dim", "dtype", "device", "threads",
+COLUMNS = ["mechanism", "variant", "n", "mode", "batch", "heads", "head_dim", "dtype", "device", "threads",
            "layout", "options", "backend", "compiled", "time_ms_median", "time_ms_iqr", "time_ms_q1",
            "time_ms_q3", "runs", "rounds", "attempts", "spread", "noisy", "peak_mem_mib", "flops",
            "flops_matmul", "gflops", "floor_ms", "floor_fraction", "machine_gflops", "machine_gbs",
            "machine_slowdown", "compile_s", "params", "status", "message"]
-ROUND_COLUMNS = ["mechanism", "n", "mode", "pass", "attempt", "round", "time_ms_median", "runs",
+ROUND_COLUMNS = ["mechanism", "variant", "n", "mode", "pass", "attempt", "round", "time_ms_median", "runs",
                  "machine_gflops", "machine_gbs", "slowdown", "disturbed", "kept"]
-KEY = ["mechanism", "n", "mode"]
+KEY = ["mechanism", "variant", "n", "mode"]
+MEASURED = ["mechanism", "n", "mode", "status", "time_ms_median", "peak_mem_mib"]  # in every scale.csv
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
 PROBE_WARMUP = 5  # readings before the sweep: first-touch and clock ramps settle, the reference forms
 PROBE_TIMEOUT = 60.0
@@ -105,6 +119,7 @@ class SweepConfig:
     device: str = "cpu"
     threads: int = 1
     layout: str = "1d"
+    # --opt, parsed with axes=True: a comma list (set.m=16,64) runs each value as a variant of its own
     options: dict[str, dict[str, str]] = dataclasses.field(default_factory=dict)
     budget: float = 120.0
     min_run_time: float = 0.5
@@ -129,6 +144,11 @@ class SweepConfig:
                 raise SweepError(f"{name} must be > 0, got {value}")
         if self.dtype not in ("float32", "float16", "bfloat16", "float64"):
             raise SweepError(f"--dtype {self.dtype!r}; valid choices: float32, float16, bfloat16, float64")
+        self.variants()  # options of a mechanism not swept, or a bad combination: refused now
+
+    def variants(self) -> list[Variant]:
+        """Each mechanism once per combination of its swept options: ``set[m=16]``, ``set[m=64]``."""
+        return variants(self.mechanisms, self.options)
 
 
 def _grid(n: int, layout: str) -> tuple[int, int] | None:
@@ -139,16 +159,41 @@ def _grid(n: int, layout: str) -> tuple[int, int] | None:
 
 
 def configurations(cfg: SweepConfig) -> list[dict[str, Any]]:
-    """Every (mechanism, n, mode), n by n: the mechanisms at one n are timed in alternation."""
-    return [{"mechanism": m, "n": n, "mode": mode} for mode in cfg.modes for n in cfg.seq
-            for m in cfg.mechanisms]
+    """Every (mechanism variant, n, mode), n by n: the variants at one n are timed in alternation."""
+    return [{"mechanism": v.mechanism, "variant": v.label, "n": n, "mode": mode} for mode in cfg.modes
+            for n in cfg.seq for v in cfg.variants()]
+
+
+def _options(cfg: SweepConfig, job: dict[str, Any]) -> dict[str, str]:
+    """The options of the job's variant."""
+    return next(v.options for v in cfg.variants() if v.label == job["variant"])
+
+
+def with_variants(table: pd.DataFrame) -> pd.DataFrame:
+    """``table`` with a ``variant`` for every row: tables from before the column (and rows without
+    swept options) are the mechanism itself."""
+    table = table.copy()
+    if "mechanism" not in table.columns:
+        return table
+    if "variant" not in table.columns:
+        table.insert(list(table.columns).index("mechanism") + 1, "variant", table["mechanism"])
+    table["variant"] = table["variant"].where(table["variant"].notna(), table["mechanism"])
+    return table
+
+
+def by_variant(table: pd.DataFrame) -> pd.DataFrame:
+    """``table`` with each variant as a ``mechanism`` of its own (``set[m=16]``), as the fits, the
+    ratios and the plots take it; the plain mechanism where nothing was swept."""
+    table = with_variants(table)
+    if "variant" in table.columns:
+        table["mechanism"] = table["variant"]
+    return table
 
 
 def _row(cfg: SweepConfig, job: dict[str, Any], **measured: Any) -> dict[str, Any]:
     return {**job, "batch": cfg.batch, "heads": cfg.heads, "head_dim": cfg.head_dim, "dtype": cfg.dtype,
             "device": cfg.device, "threads": cfg.threads, "layout": cfg.layout,
-            "options": json.dumps(cfg.options.get(job["mechanism"], {}), sort_keys=True),
-            "compiled": cfg.compile, **measured}
+            "options": json.dumps(_options(cfg, job), sort_keys=True), "compiled": cfg.compile, **measured}
 
 
 def _unavailable(cfg: SweepConfig, job: dict[str, Any]) -> str | None:
@@ -167,7 +212,7 @@ def _payload(cfg: SweepConfig, job: dict[str, Any]) -> dict[str, Any]:
     """What the worker needs to build the configuration."""
     return {**job, "batch": cfg.batch, "heads": cfg.heads, "head_dim": cfg.head_dim, "dtype": cfg.dtype,
             "device": cfg.device, "threads": cfg.threads, "grid": _grid(job["n"], cfg.layout),
-            "options": cfg.options.get(job["mechanism"], {}), "memory_limit_mib": cfg.memory_limit_mib,
+            "options": _options(cfg, job), "memory_limit_mib": cfg.memory_limit_mib,
             "load": cfg.load, "compile": cfg.compile, "stall": os.environ.get(STALL_ENV, "")}
 
 
@@ -418,8 +463,8 @@ def measure_group(cfg: SweepConfig, jobs: list[dict[str, Any]], probe: MachinePr
 
 
 def default_out_dir(root: Path) -> Path:
-    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    return root / "runs" / f"{stamp}-scale"
+    """A new sweep folder under ``root/runs``, named as ``attnbench.results.new_run_dir`` names one."""
+    return root / "runs" / new_run_dir("scale").name
 
 
 def _format_result(row: dict[str, Any]) -> str:
@@ -431,34 +476,63 @@ def _format_result(row: dict[str, Any]) -> str:
     return text + (f" -- {row['message']}"[:160] if row["message"] else "")
 
 
-def _append_rows(path: Path, rows: list[dict[str, Any]], columns: list[str]) -> None:
-    """Append several rows to a CSV at once, atomically (``columns`` first)."""
-    if not rows:
-        return
-    table = read_table(path, columns)
-    new = pd.DataFrame(rows)
-    table = new if table.empty else pd.concat([table, new], ignore_index=True)
-    write_table(path, table.reindex(columns=columns + [c for c in table.columns if c not in columns]))
+# What every row of one sweep folder shares, by the flag that sets it.
+_SHARED = {"batch": "--batch", "heads": "--heads", "head_dim": "--head-dim", "dtype": "--dtype",
+           "device": "--device", "layout": "--layout", "threads": "--threads", "compile": "--compile",
+           "modes": "--mode"}
 
 
 def _check_resume(cfg: SweepConfig, meta_path: Path, out: Path) -> None:
-    old = json.loads(meta_path.read_text()).get("sweep", {})
-    for key in ("batch", "heads", "head_dim", "dtype", "device", "layout", "threads", "compile"):
-        if key in old and old[key] != getattr(cfg, key):
-            raise SweepError(f"--resume: {out} was measured with {key}={old[key]!r}, this sweep asks "
-                             f"for {getattr(cfg, key)!r}")
+    """A resumed sweep must measure as its folder did: the settings every row shares (meta.json),
+    and for each variant already measured, the same mechanism options (its rows in scale.csv)."""
+    old = read_meta(meta_path).get("sweep", {})
+    for key, option in _SHARED.items():
+        now = json.loads(json.dumps(getattr(cfg, key)))  # as meta.json holds it: lists, not tuples
+        if key in old and old[key] != now:
+            raise SweepError(f"--resume: {out} was measured with {option} {_shown(old[key])}, this sweep "
+                             f"asks for {_shown(now)}; resume with the same {option} or choose another --out")
+    done = with_variants(read_table(out / "scale.csv", COLUMNS))
+    if "options" not in done.columns:
+        return
+    measured = {v: _row_options(o) for v, o in zip(done["variant"], done["options"], strict=True)}
+    for variant in cfg.variants():
+        before = measured.get(variant.label)
+        if before is not None and before != variant.options:
+            raise SweepError(f"--resume: {out} measured {variant.label} with --opt "
+                             f"{_shown_options(variant.mechanism, before)}, this sweep asks for "
+                             f"{_shown_options(variant.mechanism, variant.options)}; resume with the same "
+                             "--opt or choose another --out")
+
+
+def _row_options(text: Any) -> dict[str, Any] | None:
+    """A scale.csv row's ``options`` (JSON), or None where there is none to compare."""
+    try:
+        options = json.loads(text) if isinstance(text, str) else None
+    except ValueError:
+        return None
+    return options if isinstance(options, dict) else None
+
+
+def _shown(value: Any) -> str:
+    return ",".join(map(str, value)) if isinstance(value, list) else str(value)
+
+
+def _shown_options(mechanism: str, options: dict[str, Any]) -> str:
+    """``set.m=64 set.iters=3``, or ``none`` (its defaults)."""
+    return " ".join(f"{mechanism}.{k}={v}" for k, v in sorted(options.items())) or "none (its defaults)"
 
 
 def _keep_measured_rounds(out: Path, done: pd.DataFrame) -> int:
     """Drop rounds of configurations without a row (an interrupted n); returns the next pass id."""
     path = out / "rounds.csv"
-    rounds = read_table(path, ROUND_COLUMNS)
+    rounds = with_variants(read_table(path, ROUND_COLUMNS))
     if rounds.empty:
         return 0
-    keys = {(m, int(n), mode) for m, n, mode in zip(done.get("mechanism", []), done.get("n", []),
+    done = with_variants(done)
+    keys = {(v, int(n), mode) for v, n, mode in zip(done.get("variant", []), done.get("n", []),
                                                     done.get("mode", []), strict=True)}
-    mask = [(m, int(n), mode) in keys
-            for m, n, mode in zip(rounds["mechanism"], rounds["n"], rounds["mode"], strict=True)]
+    mask = [(v, int(n), mode) in keys
+            for v, n, mode in zip(rounds["variant"], rounds["n"], rounds["mode"], strict=True)]
     write_table(path, rounds[mask])
     return int(rounds["pass"].max()) + 1
 
@@ -478,12 +552,12 @@ def run_sweep(cfg: SweepConfig, out: Path, resume: bool, argv: list[str], log=No
         _check_resume(cfg, meta_path, out)
     meta = run_context(cfg.device, cfg.threads, argv)
     meta["sweep"] = dataclasses.asdict(cfg)
-    earlier = json.loads(meta_path.read_text()).get("commands", []) if resume and meta_path.exists() else []
+    earlier = read_meta(meta_path).get("commands", []) if resume else []
     meta["commands"] = [*earlier, meta["command"]]  # a resumed run keeps how it was started
     out.mkdir(parents=True, exist_ok=True)
-    done = read_table(csv, COLUMNS)
-    seen = {(r.mechanism, int(r.n), r.mode) for r in done.itertuples()} if len(done) else set()
-    jobs = [j for j in configurations(cfg) if (j["mechanism"], j["n"], j["mode"]) not in seen]
+    done = with_variants(read_table(csv, COLUMNS, required=MEASURED))
+    seen = {(r.variant, int(r.n), r.mode) for r in done.itertuples()} if len(done) else set()
+    jobs = [j for j in configurations(cfg) if (j["variant"], j["n"], j["mode"]) not in seen]
     if seen:
         print(f"resuming: {len(seen)} configurations already measured, {len(jobs)} to go", file=log)
     passes = itertools.count(_keep_measured_rounds(out, done))
@@ -499,14 +573,18 @@ def run_sweep(cfg: SweepConfig, out: Path, resume: bool, argv: list[str], log=No
         for (mode, n), group in itertools.groupby(jobs, key=lambda j: (j["mode"], j["n"])):
             group = list(group)
             elapsed = dt.timedelta(seconds=round(time.monotonic() - start))
-            print(f"[{elapsed}] n={n} {mode}: {', '.join(j['mechanism'] for j in group)} in {cfg.rounds} "
+            print(f"[{elapsed}] n={n} {mode}: {', '.join(j['variant'] for j in group)} in {cfg.rounds} "
                   f"interleaved rounds ...", file=log, flush=True)
             for row, rounds in measure_group(cfg, group, probe, passes, out / "worker.log"):
                 i += 1
-                print(f"  [{i}/{len(jobs)}] {row['mechanism']} n={n} {mode}: {_format_result(row)}",
+                print(f"  [{i}/{len(jobs)}] {row['variant']} n={n} {mode}: {_format_result(row)}",
                       file=log, flush=True)
-                _append_rows(out / "rounds.csv", rounds, ROUND_COLUMNS)
+                append_rows(out / "rounds.csv", rounds, ROUND_COLUMNS)
                 append_row(csv, row, COLUMNS)
+    except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM: the rows so far stay, --resume measures the rest
+        rows, total = len(read_table(csv, COLUMNS)), len(done) + len(jobs)
+        resume = command_with(argv, {"--out": True, "--resume": False}, ["--out", str(out), "--resume"])
+        raise keeping(exc, f"kept {rows} of {total} rows in {csv}; finish with: {resume}") from None
     finally:
         probe.close()
     return read_table(csv, COLUMNS)
@@ -517,14 +595,14 @@ def finish(out: Path, fit_min_n: int, log=None) -> pd.DataFrame:
     log = log or sys.stderr
     from attnbench.plots import scaling_plots, sweep_title
 
-    table = read_table(out / "scale.csv")
+    table = by_variant(read_table(out / "scale.csv", required=MEASURED))  # fits, plots: a series per variant
     if table.empty:
         raise SweepError(f"{out / 'scale.csv'} holds no measurements")
     fits = fit_table(table, fit_min_n)
     write_table(out / "fits.csv", fits)
-    ratios = ratio_table(read_table(out / "rounds.csv", ROUND_COLUMNS))
+    ratios = ratio_table(by_variant(read_table(out / "rounds.csv", ROUND_COLUMNS)))
     write_table(out / "ratios.csv", ratios)
-    meta = json.loads((out / "meta.json").read_text()) if (out / "meta.json").exists() else {}
+    meta = read_meta(out / "meta.json")
     paths = scaling_plots(table, fits, out, sweep_title(meta), ratios)
     print(f"wrote {out / 'scale.csv'}, {out / 'fits.csv'}, {out / 'ratios.csv'} and {len(paths)} plot files",
           file=log)
@@ -597,9 +675,9 @@ def machine_summary(table: pd.DataFrame, rounds: pd.DataFrame, meta: dict[str, A
 
 def summary(out: Path, fits: pd.DataFrame) -> str:
     """The console summary of a sweep folder: fits with intervals, same-round ratios, the machine."""
-    table = read_table(out / "scale.csv")
-    rounds = read_table(out / "rounds.csv", ROUND_COLUMNS)
-    meta = json.loads((out / "meta.json").read_text()) if (out / "meta.json").exists() else {}
+    table = by_variant(read_table(out / "scale.csv"))
+    rounds = by_variant(read_table(out / "rounds.csv", ROUND_COLUMNS))
+    meta = read_meta(out / "meta.json")
     parts = []
     with pd.option_context("display.width", 200, "display.max_columns", 30, "display.max_colwidth", 40):
         parts.append(fit_summary(fits).to_string(index=False))
@@ -619,7 +697,8 @@ def compare(out: Path, other: Path, threshold: float = 0.10) -> pd.DataFrame:
     runs' inter-quartile ranges, so noise alone does not raise it, and whose rows are neither
     flagged noisy (``noisy`` says where either was).
     """
-    mine, theirs = read_table(out / "scale.csv"), read_table(other / "scale.csv")
+    mine, theirs = (with_variants(read_table(folder / "scale.csv", required=MEASURED))
+                    for folder in (out, other))
     if theirs.empty:
         raise SweepError(f"--compare {other}: no scale.csv there")
     mine["noisy"], theirs["noisy"] = flag(mine, "noisy"), flag(theirs, "noisy")

@@ -38,10 +38,10 @@ class TaskError(ValueError):
 
 
 class Task:
-    """What the engine knows of a task: its name, options, how to run it, and two optional
+    """What the engine knows of a task: its name, options, how to run it, and three optional
     capabilities (a synthetic training step for ``attnbench resolution``, a model table for
-    ``attnbench models``). ``tasks.common.harness.TrainingTask`` implements ``run`` once for
-    every task that trains a model."""
+    ``attnbench models``, sweep presets for ``attnbench scale --task``).
+    ``tasks.common.harness.TrainingTask`` implements ``run`` once for every task that trains a model."""
 
     name: ClassVar[str]
     summary: ClassVar[str] = ""
@@ -72,6 +72,11 @@ class Task:
         images: the step, and how many images it trains on."""
         raise TaskError(f"task {cls.name!r} has no resolution probe; tasks with one: "
                         f"{', '.join(resolution_tasks()) or 'none'}")
+
+    # Sequence tasks that take ``--seq-len`` offer the accuracy sweep (``attnbench scale --task``) its
+    # defaults per device, "cpu" and "cuda": {"seq": [64, 128, …], "mechanisms": ["softmax", …],
+    # "seeds": [0], "args": ["--epochs", "2", …]} (the task arguments of every run: its step budget).
+    sweep_presets: ClassVar[dict[str, dict[str, Any]]] = {}
 
     @classmethod
     def model_table(cls, sizes: Sequence[str], mechanisms: Sequence[str],
@@ -132,6 +137,11 @@ def get_task(name: str) -> type[Task]:
 def resolution_tasks() -> list[str]:
     """Tasks that offer ``train_step`` (image side matters for them): those with a ``train_side``."""
     return [name for name in task_names() if _TASKS[name].train_side is not None]
+
+
+def sweep_tasks() -> list[str]:
+    """Tasks with an accuracy sweep (``attnbench scale --task``): those with ``sweep_presets``."""
+    return [name for name in task_names() if _TASKS[name].sweep_presets]
 
 
 def model_table_tasks() -> list[str]:

@@ -6,22 +6,28 @@ when the parent has run tensor ops: a fork of live thread pools can hang). A pro
 gives a clean memory peak, and an out-of-memory, a crash or a hang in the child cannot take the
 sweep down: the parent records it and goes on.
 
-Two shapes: ``run_isolated`` runs one function in a child and reads its result (written
-atomically; a missing result means it died). ``Session`` keeps a child alive across requests,
-so the sweep builds a configuration once and then times it in rounds alternating with the other
-mechanisms at the same n (``Configuration``), and keeps the machine probe in a child of its own
-(``ProbeHandler``).
+Two shapes: ``run_isolated`` runs one function in a child and reads its result from a pipe
+(no answer means it died). ``Session`` keeps a child alive across requests, so the sweep builds
+a configuration once and then times it in rounds alternating with the other mechanisms at the
+same n (``Configuration``), and keeps the machine probe in a child of its own (``ProbeHandler``).
+No child outlives the process that started it, however that one ends (``exit_with``), and
+nothing is written to a temporary folder.
 """
 
 from __future__ import annotations
 
 import ctypes
-import json
+import functools
 import multiprocessing
+import multiprocessing.forkserver
+import multiprocessing.resource_tracker
+import multiprocessing.util
 import os
 import resource
+import select
+import shutil
 import signal
-import tempfile
+import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -39,6 +45,20 @@ else:
     _CONTEXT = multiprocessing.get_context("spawn")
 
 Measure = Callable[[dict[str, Any]], dict[str, Any]]
+
+
+def _start_fork_server() -> None:
+    """Start the fork server (once) with Ctrl-C blocked, as multiprocessing starts its resource
+    tracker: the server ignores Ctrl-C only after its imports, and a Ctrl-C in those seconds would
+    print their traceback. Its children unblock it (``session_main``)."""
+    if _CONTEXT.get_start_method() != "forkserver":
+        return
+    multiprocessing.resource_tracker.ensure_running()  # first: starting, it unblocks Ctrl-C again
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        multiprocessing.forkserver.ensure_running()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
 
 
 def fix_malloc() -> None:
@@ -237,31 +257,38 @@ class Session:
     in the child, then each ``request`` answered by ``handler(message)``.
 
     ``spent`` adds up the seconds its requests took; together they may take ``budget`` seconds.
-    A time-out, a crash or an out-of-memory becomes a status, never an exception.
+    A time-out, a crash or an out-of-memory becomes a status, never an exception. The child
+    never outlives this process (``exit_with``) and ignores Ctrl-C, which is this process's to
+    handle: a child stopped by Ctrl-C would read as a failed configuration.
     """
 
     def __init__(self, handler_cls: Callable[[dict[str, Any]], Callable], config: dict[str, Any],
                  log_path: Path | None = None, budget: float = float("inf")) -> None:
         self.conn, child_conn = _CONTEXT.Pipe()
         log = str(log_path) if log_path else None
-        self.process = _CONTEXT.Process(target=session_main, args=(handler_cls, config, child_conn, log),
-                                        daemon=True)
+        _start_fork_server()
+        parent = (os.getpid(), multiprocessing.util.get_temp_dir())
+        self.process = _CONTEXT.Process(target=session_main, daemon=True,
+                                        args=(handler_cls, config, child_conn, log, parent))
         self.process.start()
         child_conn.close()  # the child's end lives in the child only: its death is an EOF here
         self.budget = budget
         self.spent = 0.0
+        self.busy = False  # a request sent and not answered: the child is working on it
 
     def request(self, message: dict[str, Any], timeout: float = float("inf")) -> dict[str, Any]:
         """Send ``message`` and wait for the answer, at most ``timeout`` s and what is left of the budget."""
         start = time.monotonic()
         wait = max(0.0, min(timeout, self.budget - self.spent))
         try:
+            self.busy = True
             self.conn.send(message)
             if not self.conn.poll(wait if wait < float("inf") else None):
                 self.kill()
                 limit = f"the budget of {self.budget:g} s" if wait < timeout else f"{timeout:g} s"
                 return {"status": "timeout", "message": f"exceeded {limit}"}
             answer = self.conn.recv()
+            self.busy = False
         except (EOFError, OSError):
             self.process.join(5)
             return _death(self.process.exitcode)
@@ -275,28 +302,67 @@ class Session:
         self.process.join()
 
     def close(self) -> None:
-        """Ask the child to exit; kill it if it does not within a few seconds."""
-        try:
-            self.conn.send({"op": "close"})
-        except OSError:
-            pass
-        self.process.join(5)
+        """Ask an idle child to exit (kill it if it does not within a few seconds); kill a busy
+        one at once (a request cut short, by Ctrl-C say, is not waited for)."""
+        if not self.busy:
+            try:
+                self.conn.send({"op": "close"})
+            except OSError:
+                pass
+            self.process.join(5)
         self.kill()
         self.conn.close()
 
 
+def exit_with(pid: int, leftover: str) -> None:
+    """End this process as soon as process ``pid`` ends, however it ends (SIGKILL included),
+    removing ``leftover`` first: ``pid``'s multiprocessing folder (``/tmp/pymp-*``, the fork
+    server's socket), which a killed process cannot remove itself.
+
+    A worker's parent is the fork server, not the sweep, and the fork server lives for as long
+    as any worker holds its pipe: Linux's parent-death signal would never fire. So a thread
+    waits on a pidfd of the sweep instead. With the sweep and its workers gone, the fork server
+    and multiprocessing's resource tracker see their pipes close and end by themselves. Where
+    there are no pidfds (not Linux) this does nothing.
+    """
+    def leave() -> None:
+        shutil.rmtree(leftover, ignore_errors=True)
+        os._exit(1)
+
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:  # gone before this child got here
+        leave()
+    except (AttributeError, OSError):
+        return
+
+    def wait() -> None:
+        select.select([fd], [], [])  # readable once the process has ended
+        leave()
+
+    threading.Thread(target=wait, name=f"exit-with-{pid}", daemon=True).start()
+
+
 def session_main(handler_cls: Callable[[dict[str, Any]], Callable], config: dict[str, Any], conn: Any,
-                 log_path: str | None = None) -> None:
-    """Entry point of a session's child: build the handler, then answer requests until ``close``.
+                 log_path: str | None = None, parent: tuple[int, str] | None = None) -> None:
+    """Entry point of a session's child: build the handler, then answer requests until ``close``
+    (or until the parent is gone).
 
     An exception becomes a status (``oom`` or ``error`` with its message) and ends the child.
     """
     from attnbench.measure import is_out_of_memory
 
+    if parent is not None:  # (pid, its multiprocessing folder)
+        exit_with(*parent)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent's to handle
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # as the fork server started (ignored now)
     _redirect_output(log_path)
     handler = None
     while True:
-        request = conn.recv()
+        try:
+            request = conn.recv()
+        except EOFError:  # the parent closed its end without a word
+            return
         if request["op"] == "close":
             return
         try:
@@ -317,34 +383,25 @@ def _redirect_output(log_path: str | None) -> None:
         os.dup2(log, 2)
 
 
+class _Call:
+    """In the child: ``measure_fn(config)``, once, for ``run_isolated``."""
+
+    def __init__(self, measure_fn: Measure, config: dict[str, Any]) -> None:
+        self.measure_fn, self.config = measure_fn, config
+
+    def __call__(self, request: dict[str, Any]) -> dict[str, Any]:
+        return self.measure_fn(self.config)
+
+
 def run_isolated(measure_fn: Measure, config: dict[str, Any], budget: float,
                  log_path: Path | None = None) -> dict[str, Any]:
     """``measure_fn(config)`` (a module-level function) in a child process, within ``budget``
-    seconds: its result, or a status (timeout, oom, error) with a message. Never raises."""
-    with tempfile.TemporaryDirectory(prefix="attnbench-") as tmp:
-        result_path = Path(tmp) / "result.json"
-        log = str(log_path) if log_path else None
-        child = _CONTEXT.Process(target=child_main, args=(config, str(result_path), log, measure_fn),
-                                 daemon=True)
-        child.start()
-        child.join(budget)
-        if child.is_alive():
-            child.kill()
-            child.join()
-            return {"status": "timeout", "message": f"exceeded the budget of {budget:g} s"}
-        if result_path.exists():
-            return json.loads(result_path.read_text())
-        return _death(child.exitcode)
+    seconds: its result, or a status (timeout, oom, error) with a message. Never raises.
 
-
-def child_main(config: dict[str, Any], result_path: str, log_path: str | None, measure_fn: Measure) -> None:
-    """Entry point of a ``run_isolated`` child: measure, then write the result atomically."""
-    _redirect_output(log_path)
+    The result comes back through the session's pipe: nothing is written to disk, so a killed
+    parent leaves no temporary file behind."""
+    session = Session(functools.partial(_Call, measure_fn), config, log_path, budget)
     try:
-        result = measure_fn(config)
-    except Exception as exc:
-        traceback.print_exc()
-        result = {"status": "error", "message": f"{type(exc).__name__}: {exc}"[:500]}
-    tmp = result_path + ".tmp"
-    Path(tmp).write_text(json.dumps(result))
-    os.replace(tmp, result_path)
+        return session.request({"op": "run"})
+    finally:
+        session.close()

@@ -15,7 +15,7 @@ import dataclasses
 import torch.nn.functional as F
 from torch import Tensor
 
-from attnbench.mechanism import Flops, Grid, projection_flops, require
+from attnbench.mechanism import Flops, Grid, option, projection_flops
 from attnbench.registry import register_mechanism
 from mechanisms.softmax import SoftmaxAttention, SoftmaxOptions
 
@@ -23,11 +23,7 @@ from mechanisms.softmax import SoftmaxAttention, SoftmaxOptions
 @dataclasses.dataclass(frozen=True)
 class LinearOptions(SoftmaxOptions):
     # added to the normaliser φ(q)·Σφ(k); the authors' fast-transformers code uses 1e-6
-    eps: float = 1e-6
-
-    def __post_init__(self) -> None:
-        require(isinstance(self.eps, (int, float)) and 0 <= self.eps <= 1e-2,
-                f"linear.eps={self.eps!r} must be a float in [0, 0.01]")
+    eps: float = option(1e-6, 0, 1e-2)
 
 
 def feature_map(x: Tensor) -> Tensor:

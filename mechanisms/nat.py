@@ -16,6 +16,9 @@ Design choices, each a line:
   attended in float32 and cast back; and PyTorch has no Flex backward on the CPU. When
   gradients are needed on the CPU, the same neighbourhoods run as a dense masked
   ``scaled_dot_product_attention`` instead (also O(N²) memory, any float dtype).
+* Head dims: natten's Flex backend (the CPU's only path without gradients) takes a power of two
+  from 8 to 512, so any other head dim is refused when the mechanism is built, on every device:
+  a model that trains (masked SDPA) must also evaluate.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from attnbench.mechanism import Flops, Grid, Mechanism, projection_flops, require
+from attnbench.mechanism import Flops, Grid, Mechanism, option, projection_flops, require
 from attnbench.registry import register_mechanism
 
 try:
@@ -49,20 +52,19 @@ _BACKENDS = {
     "blackwell-fna": "fused Blackwell kernel",
 }
 _CPU_GRAD = "; with autograd: dense masked SDPA (no Flex backward on CPU)"
+HEAD_DIMS = tuple(2**k for k in range(3, 10))  # 8 … 512: what natten's Flex backend runs
 
 
 @dataclasses.dataclass(frozen=True)
 class NATOptions:
-    kernel: int = 7  # neighbourhood size per axis (odd)
-    dilation: int = 1  # spacing between neighbours (DiNAT); 1 is plain NAT
+    kernel: int = option(7, 3, 127)  # neighbourhood size per axis (odd)
+    dilation: int = option(1, 1, 64)  # spacing between neighbours (DiNAT); 1 is plain NAT
     qkv_bias: bool = True  # bias on the query/key/value projection
 
     def __post_init__(self) -> None:
         require(isinstance(self.kernel, int) and not isinstance(self.kernel, bool)
                 and self.kernel >= 3 and self.kernel % 2 == 1,
                 f"nat.kernel must be an odd int >= 3, got {self.kernel!r}")
-        require(isinstance(self.dilation, int) and not isinstance(self.dilation, bool) and self.dilation >= 1,
-                f"nat.dilation must be an int >= 1, got {self.dilation!r}")
         require(isinstance(self.qkv_bias, bool), f"nat.qkv_bias must be True or False, got {self.qkv_bias!r}")
 
 
@@ -83,7 +85,7 @@ def neighbourhood_mask(size: int, kernel: int, dilation: int, device: torch.devi
 @register_mechanism
 class NeighbourhoodAttention(Mechanism):
     name = "nat"
-    summary = "neighbourhood attention (NAT/DiNAT) via natten na1d/na2d"
+    summary = "neighbourhood attention (NAT/DiNAT) via natten na1d/na2d; head dims 8-512, powers of two"
     Options = NATOptions
     complexity = "local"
     dtypes = (torch.float32, torch.float16, torch.bfloat16)  # what natten runs natively
@@ -95,6 +97,10 @@ class NeighbourhoodAttention(Mechanism):
 
     def __init__(self, dim: int, num_heads: int, options: NATOptions | None = None) -> None:
         super().__init__(dim, num_heads, options)
+        require(self.head_dim in HEAD_DIMS,
+                f"nat: head dim {self.head_dim} (dim {dim} / {num_heads} heads) cannot run in every mode "
+                f"(natten's inference path on the CPU needs a power of two); valid head dims: "
+                f"{', '.join(map(str, HEAD_DIMS))}")
         self.qkv = nn.Linear(dim, 3 * dim, bias=self.options.qkv_bias)
         self.proj = nn.Linear(dim, dim)
 

@@ -28,22 +28,18 @@ import dataclasses
 import torch
 from torch import Tensor, nn
 
-from attnbench.mechanism import Flops, Grid, projection_flops, require
+from attnbench.mechanism import Flops, Grid, option, projection_flops, require
 from attnbench.registry import register_mechanism
 from mechanisms.softmax import SoftmaxAttention, SoftmaxOptions
 
 
 @dataclasses.dataclass(frozen=True)
 class NystromOptions(SoftmaxOptions):
-    landmarks: int = 32  # m, the number of segment-mean landmarks (paper: 32 to 256)
-    pinv_iters: int = 6  # iterations of the pseudo-inverse (paper: 6)
-    conv_kernel: int = 0  # depthwise conv residual on V over the tokens; 0 = off (paper: 33/35)
+    landmarks: int = option(32, 1, 4096)  # m, the number of segment-mean landmarks (paper: 32 to 256)
+    pinv_iters: int = option(6, 1, 1000)  # iterations of the pseudo-inverse (paper: 6)
+    conv_kernel: int = option(0, 0, 255)  # depthwise conv residual on V over tokens; 0 = off (paper: 33/35)
 
     def __post_init__(self) -> None:
-        require(isinstance(self.landmarks, int) and self.landmarks >= 1,
-                f"nystromformer.landmarks={self.landmarks!r} must be an int >= 1")
-        require(isinstance(self.pinv_iters, int) and self.pinv_iters >= 1,
-                f"nystromformer.pinv_iters={self.pinv_iters!r} must be an int >= 1")
         require(isinstance(self.conv_kernel, int) and self.conv_kernel >= 0
                 and (self.conv_kernel == 0 or self.conv_kernel % 2 == 1),
                 f"nystromformer.conv_kernel={self.conv_kernel!r} must be 0 (off) or an odd int >= 1")

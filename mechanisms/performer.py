@@ -22,24 +22,16 @@ import dataclasses
 import torch
 from torch import Tensor
 
-from attnbench.mechanism import Flops, Grid, projection_flops, require
+from attnbench.mechanism import Flops, Grid, option, projection_flops
 from attnbench.registry import register_mechanism
 from mechanisms.softmax import SoftmaxAttention, SoftmaxOptions
 
 
 @dataclasses.dataclass(frozen=True)
 class PerformerOptions(SoftmaxOptions):
-    features: int = 256  # r random features per head (the paper's usual setting)
-    redraw_every: int = 1000  # training forward passes between redraws of Ω; 0 = never
-    eps: float = 1e-6  # added to every feature: the numerical stabiliser of the paper's code
-
-    def __post_init__(self) -> None:
-        require(isinstance(self.features, int) and self.features >= 1,
-                f"performer.features={self.features!r} must be an int >= 1")
-        require(isinstance(self.redraw_every, int) and self.redraw_every >= 0,
-                f"performer.redraw_every={self.redraw_every!r} must be an int >= 0 (0 = never)")
-        require(isinstance(self.eps, (int, float)) and 0 <= self.eps <= 1e-2,
-                f"performer.eps={self.eps!r} must be a float in [0, 0.01]")
+    features: int = option(256, 1, 16384)  # r random features per head (the paper's usual setting)
+    redraw_every: int = option(1000, 0, 10**9)  # training forward passes between redraws of Ω; 0 = never
+    eps: float = option(1e-6, 0, 1e-2)  # added to every feature: the numerical stabiliser of the paper's code
 
 
 def orthogonal_features(rows: int, dim: int) -> Tensor:

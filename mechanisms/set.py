@@ -79,7 +79,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from attnbench.mechanism import Flops, Grid, Mechanism, merge_heads, projection_flops, require, split_heads
+from attnbench.mechanism import (
+    Flops,
+    Grid,
+    Mechanism,
+    merge_heads,
+    option,
+    projection_flops,
+    require,
+    split_heads,
+)
 from attnbench.registry import register_mechanism
 
 PRIORS = ("similarity-and-plan", "plan", "kernel")
@@ -88,13 +97,13 @@ ORDERS = ("rows-then-columns", "columns-then-rows")
 
 @dataclasses.dataclass(frozen=True)
 class SeTOptions:
-    m: int = 64  # references ("alignment units"); the paper's per-task knob
-    anchors: int = 32  # k, Nyström anchors of the Gaussian-kernel embedding
-    eps: float = 0.5  # ε, entropic regularisation of the transport
-    iters: int = 10  # L, Sinkhorn iterations (an upper bound when tol > 0)
-    tol: float = 0.0  # stop once the inexact marginal's relative error is below tol (0: never)
-    tau: float = 0.1  # τ, width of the positional prior
-    kernel_sigma: float = 0.5  # σ of the Gaussian kernel on the sphere, α = 1/σ²
+    m: int = option(64, 1, 4096)  # references ("alignment units"); the paper's per-task knob
+    anchors: int = option(32, 1, 4096)  # k, Nyström anchors of the Gaussian-kernel embedding
+    eps: float = option(0.5, 1e-6, 1e6)  # ε, entropic regularisation of the transport
+    iters: int = option(10, 1, 10_000)  # L, Sinkhorn iterations (an upper bound when tol > 0)
+    tol: float = option(0.0, 0, 1)  # stop once the inexact marginal's relative error is below tol (0: never)
+    tau: float = option(0.1, 1e-6, 1e6)  # τ, width of the positional prior
+    kernel_sigma: float = option(0.5, 1e-3, 1e3)  # σ of the Gaussian kernel on the sphere, α = 1/σ²
     # auto: 2-D prior for image grids when m is a perfect square, 1-D otherwise
     positional: Literal["auto", "none", "1d", "2d"] = "auto"
     # where M acts: similarity-and-plan (OTKE: M ⊙ S in the exponent, plan ⊙ M after Sinkhorn),
@@ -111,13 +120,6 @@ class SeTOptions:
     qkv_bias: bool = True
 
     def __post_init__(self) -> None:
-        require(self.m >= 1, f"set.m must be >= 1, got {self.m}")
-        require(self.anchors >= 1, f"set.anchors must be >= 1, got {self.anchors}")
-        require(self.eps > 0, f"set.eps must be > 0, got {self.eps}")
-        require(self.iters >= 1, f"set.iters must be >= 1, got {self.iters}")
-        require(self.tol >= 0, f"set.tol must be >= 0 (0 disables early stopping), got {self.tol}")
-        require(self.tau > 0, f"set.tau must be > 0, got {self.tau}")
-        require(self.kernel_sigma > 0, f"set.kernel_sigma must be > 0, got {self.kernel_sigma}")
         require(self.positional in ("auto", "none", "1d", "2d"),
                 f"set.positional must be one of auto, none, 1d, 2d; got {self.positional!r}")
         require(self.prior in PRIORS, f"set.prior must be one of {', '.join(PRIORS)}; got {self.prior!r}")

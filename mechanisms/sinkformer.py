@@ -15,18 +15,14 @@ import dataclasses
 import torch
 from torch import Tensor
 
-from attnbench.mechanism import Flops, Grid, projection_flops, require
+from attnbench.mechanism import Flops, Grid, option, projection_flops
 from attnbench.registry import register_mechanism
 from mechanisms.softmax import SoftmaxAttention, SoftmaxOptions
 
 
 @dataclasses.dataclass(frozen=True)
 class SinkformerOptions(SoftmaxOptions):
-    iters: int = 3  # Sinkhorn normalisations, the last over rows; 1 = softmax (paper's ViT: 3)
-
-    def __post_init__(self) -> None:
-        require(isinstance(self.iters, int) and self.iters >= 1,
-                f"sinkformer.iters={self.iters!r} must be an int >= 1 (1 = softmax)")
+    iters: int = option(3, 1, 1000)  # Sinkhorn normalisations, the last over rows; 1 = softmax (ViT: 3)
 
 
 @register_mechanism

@@ -26,19 +26,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from attnbench.mechanism import Flops, Grid, Mechanism, projection_flops, require
+from attnbench.mechanism import Flops, Grid, Mechanism, option, projection_flops, require
 from attnbench.registry import register_mechanism
 
 
 @dataclasses.dataclass(frozen=True)
 class SwinOptions:
-    window: int = 7  # window side w: w×w windows on grids, w tokens on sequences
+    window: int = option(7, 1, 256)  # window side w: w×w windows on grids, w tokens on sequences
     shift: bool = False  # this layer uses the shifted partition (by w // 2), as Swin's odd blocks do
     qkv_bias: bool = True  # bias on the query/key/value projection
 
     def __post_init__(self) -> None:
-        require(isinstance(self.window, int) and not isinstance(self.window, bool) and self.window >= 1,
-                f"swin.window must be an int >= 1, got {self.window!r}")
         require(isinstance(self.shift, bool), f"swin.shift must be True or False, got {self.shift!r}")
         require(isinstance(self.qkv_bias, bool),
                 f"swin.qkv_bias must be True or False, got {self.qkv_bias!r}")

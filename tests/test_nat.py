@@ -120,10 +120,21 @@ def test_a_single_token_attends_to_itself():
     torch.testing.assert_close(m(x), v @ m.proj.weight.T + m.proj.bias)
 
 
-def test_unsupported_head_dim_is_a_clear_error():
-    m = build_mechanism("nat", 24, 4)  # head dim 6
-    with torch.no_grad(), pytest.raises(ValueError, match="head_dim"):
-        m(torch.randn(1, 20, 24))
+@pytest.mark.parametrize("dim, heads", [(24, 4), (48, 4), (1024, 1)])  # head dims 6, 12, 1024
+def test_a_head_dim_natten_cannot_evaluate_is_refused_when_built(dim, heads):
+    """Head dim 12 would train on the CPU (masked SDPA) and then fail at evaluation (Flex)."""
+    with pytest.raises(OptionError, match=f"head dim {dim // heads} .*valid head dims: 8, 16, 32, 64, "
+                                          "128, 256, 512$"):
+        build_mechanism("nat", dim, heads)
+
+
+@pytest.mark.parametrize("head_dim", [8, 16, 512])
+def test_every_valid_head_dim_trains_and_evaluates_on_the_cpu(head_dim):
+    m = build_mechanism("nat", 2 * head_dim, 2, kernel=3)
+    x = torch.randn(1, 6, 2 * head_dim, requires_grad=True)
+    m(x).sum().backward()  # the masked SDPA path
+    with torch.no_grad():
+        assert m(x).shape == x.shape  # natten's own path
 
 
 def test_flops_count_kernel_neighbours_per_query():
@@ -140,5 +151,5 @@ def test_backend_says_what_runs_on_the_cpu():
 def test_nat_options_are_validated_with_the_valid_range():
     with pytest.raises(OptionError, match=r"nat.kernel must be an odd int >= 3, got 4"):
         build_mechanism("nat", DIM, HEADS, kernel=4)
-    with pytest.raises(OptionError, match=r"nat.dilation must be an int >= 1, got 0"):
+    with pytest.raises(OptionError, match=r"nat.dilation=0 must be an int in \[1, 64\]"):
         build_mechanism("nat", DIM, HEADS, dilation=0)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import colorsys
 import math
+import re
 import shutil
 from pathlib import Path
 
@@ -57,7 +58,9 @@ def checked_figures(monkeypatch):
     original = matplotlib.figure.Figure.savefig
 
     def savefig(self, fname, *args, **kwargs):
-        seen.append((str(fname), self, layout_problems(self)))
+        # save_figure writes through a temporary ".<name>.<pid>-<hex>.tmp" beside the file: its real name
+        name = re.sub(r"^\.(.*)\.\d+-[0-9a-f]+\.tmp$", r"\1", Path(fname).name)
+        seen.append((str(Path(fname).with_name(name)), self, layout_problems(self)))
         return original(self, fname, *args, **kwargs)
 
     monkeypatch.setattr(matplotlib.figure.Figure, "savefig", savefig)

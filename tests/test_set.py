@@ -500,12 +500,16 @@ def test_the_prior_is_built_once_per_size_grid_dtype_and_device():
 
 
 @pytest.mark.parametrize("options, message", [
-    ({"m": 0}, "set.m must be >= 1"),
-    ({"eps": 0.0}, "set.eps must be > 0"),
-    ({"iters": 0}, "set.iters must be >= 1"),
-    ({"tau": -1.0}, "set.tau must be > 0"),
-    ({"anchors": 0}, "set.anchors must be >= 1"),
-    ({"kernel_sigma": 0.0}, "set.kernel_sigma must be > 0"),
+    ({"m": 0}, r"set.m=0 must be an int in \[1, 4096\]"),
+    ({"eps": 0.0}, r"set.eps=0.0 must be a finite number in \[1e-06, 1000000\]"),
+    ({"eps": "inf"}, r"set.eps=inf must be a finite number"),
+    ({"iters": 0}, r"set.iters=0 must be an int in \[1, 10000\]"),
+    ({"iters": 10**12}, r"set.iters=1000000000000 must be an int in \[1, 10000\]"),
+    ({"tau": -1.0}, "set.tau=-1.0 must be a finite number in"),
+    ({"anchors": 0}, "set.anchors=0 must be an int in"),
+    ({"kernel_sigma": 0.0}, r"set.kernel_sigma=0.0 must be a finite number in \[0.001, 1000\]"),
+    ({"kernel_sigma": 1e-300}, "set.kernel_sigma=1e-300 must be a finite number in"),
+    ({"tol": "nan"}, "set.tol=nan must be a finite number in"),
     ({"positional": "3d"}, "valid choices: auto, none, 1d, 2d"),
     ({"positional": "2d", "m": 10}, "m must be a perfect square"),
     ({"prior": "logits"}, "valid choices: similarity-and-plan, plan, kernel"),

@@ -107,7 +107,7 @@ def test_swin_flop_formula_matches_the_counter_with_padding_and_shift(window, gr
 
 
 def test_swin_options_are_validated_with_the_valid_range():
-    with pytest.raises(OptionError, match=r"swin.window must be an int >= 1, got 0"):
+    with pytest.raises(OptionError, match=r"swin.window=0 must be an int in \[1, 256\]"):
         build_mechanism("swin", DIM, HEADS, window=0)
     with pytest.raises(OptionError, match=r"swin.shift must be True or False"):
         build_mechanism("swin", DIM, HEADS, shift=2)

@@ -31,7 +31,7 @@ from torchvision.transforms import InterpolationMode, v2
 from torchvision.transforms.v2 import functional as TF
 
 from attnbench import TaskError
-from tasks.common.image_folder import IMAGENET_MEAN, IMAGENET_STD
+from tasks.common.image_folder import IMAGENET_MEAN, IMAGENET_STD, UnreadableImage, opened_image, read_image
 
 NUM_CLASSES = 150
 IGNORE_INDEX = 255
@@ -74,10 +74,11 @@ def check_sizes(pairs: Sequence[tuple[Path, Path]], root: Path) -> None:
         sizes = []
         for path in (image, ann):
             try:
-                with Image.open(path) as f:
+                with opened_image(path) as f:
                     sizes.append(f.size)
-            except (OSError, ValueError, SyntaxError) as exc:
-                raise TaskError(f"--data {root}: cannot read {path.relative_to(root)}: {exc}") from None
+            except UnreadableImage as exc:
+                raise TaskError(f"--data {root}: cannot read {path.relative_to(root)}: "
+                                f"{exc.reason}") from None
         if sizes[0] != sizes[1]:
             (w, h), (aw, ah) = sizes
             raise TaskError(f"--data {root}: {ann.relative_to(root)} is {aw}×{ah} but its image is {w}×{h}; "
@@ -87,13 +88,11 @@ def check_sizes(pairs: Sequence[tuple[Path, Path]], root: Path) -> None:
 def read_pair(image_path: Path, ann_path: Path) -> tuple[Tensor, Tensor]:
     """Image (3, H, W) uint8 and reduced labels (H, W) uint8 (0 -> 255, k -> k - 1), checked."""
     try:
-        with Image.open(image_path) as f:
-            image = np.asarray(f.convert("RGB"))
-        with Image.open(ann_path) as f:
-            mode = f.mode
-            labels = np.asarray(f)
-    except (OSError, ValueError, SyntaxError) as exc:
-        raise TaskError(f"cannot decode {image_path.name} or its annotation {ann_path}: {exc}") from None
+        image = np.asarray(read_image(image_path))
+        annotation = read_image(ann_path, mode=None)
+    except UnreadableImage as exc:
+        raise TaskError(f"cannot decode {exc}") from None
+    mode, labels = annotation.mode, np.asarray(annotation)
     if labels.ndim != 2 or mode not in ("L", "P", "I", "I;16"):
         raise TaskError(f"annotation {ann_path} is a {mode} image; expected one channel of class indices "
                         "(PNG mode L: 0 = other, 1..150)")

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from attnbench import TaskError, register_task
+from attnbench.validate import existing_path, float_in, int_in
 from tasks.ade20k import data, embedded
 from tasks.ade20k.metrics import confusion_matrix, segmentation_scores
 from tasks.ade20k.model import HEAD_CHANNELS, Segmenter, build_segmenter, make_train_step, segmentation_loss
@@ -80,16 +81,16 @@ class ADE20K(TrainingTask):
 
     @classmethod
     def add_task_arguments(cls, g: argparse._ArgumentGroup) -> None:
-        g.add_argument("--crop-size", type=int,
+        g.add_argument("--crop-size", type=int_in(32, 4096),
                        help="training crop side; evaluation resizes to fit crop × 4·crop "
                             "(default: 512 with --data, 96 without)")
-        g.add_argument("--channels", type=int,
+        g.add_argument("--channels", type=int_in(1, 4096),
                        help="UperNet channels (default: 512 for mini and larger, 64 for micro)")
-        g.add_argument("--aux-weight", type=float,
+        g.add_argument("--aux-weight", type=float_in(0, 100),
                        help="weight of the auxiliary FCN head's loss on stage 3 (default: 0.4 with --data, "
                             "0 = no auxiliary head without)")
         add_backbone_arguments(g)
-        g.add_argument("--backbone-weights", type=Path, metavar="RUN_DIR|CHECKPOINT",
+        g.add_argument("--backbone-weights", type=existing_path, metavar="RUN_DIR|CHECKPOINT",
                        help="start the backbone from an `attnbench run --task imagenet` checkpoint of the "
                             "same mechanism and size (the paper fine-tunes ImageNet-trained backbones)")
 
@@ -98,7 +99,8 @@ class ADE20K(TrainingTask):
     def configure(self, args: argparse.Namespace) -> None:
         self.crop = self.pick("crop_size")
         self.aux_weight = self.pick("aux_weight")
-        self.channels = self.pick("channels") or HEAD_CHANNELS[self.size]
+        channels = self.pick("channels")
+        self.channels = HEAD_CHANNELS[self.size] if channels is None else channels
         if self.crop < 32:
             raise TaskError(f"--crop-size must be >= 32 (the backbone downsamples by 32), got {self.crop}")
         if self.channels < 1:
@@ -106,10 +108,20 @@ class ADE20K(TrainingTask):
         if self.aux_weight < 0:
             raise TaskError(f"--aux-weight must be >= 0 (0: no auxiliary head), got {self.aux_weight}")
         check_drop_path(args.drop_path)
-        weights = args.backbone_weights
-        if weights is not None and not (weights / "checkpoint.pt" if weights.is_dir() else weights).is_file():
-            raise TaskError(f"--backbone-weights {weights}: no checkpoint there (expected the run folder "
-                            "of an `attnbench run --task imagenet`, holding checkpoint.pt)")
+        self.backbone_state = None if args.backbone_weights is None else self.read_backbone_weights()
+
+    def read_backbone_weights(self) -> dict[str, Any]:
+        """--backbone-weights, read and checked before any data: an imagenet checkpoint of this
+        mechanism and size."""
+        path, mechanism, size = self.args.backbone_weights, self.mechanism, self.size
+        _, state = load_checkpoint(path, "--backbone-weights")
+        config = state.get("config", {})
+        found = (config.get("task"), config.get("mechanism"), config.get("size"))
+        if found != ("imagenet", mechanism, size):
+            raise TaskError(f"--backbone-weights {path}: a checkpoint of task {found[0]!r}, mechanism "
+                            f"{found[1]!r}, size {found[2]!r}; expected an imagenet run of --mechanism "
+                            f"{mechanism} --size {size}")
+        return state
 
     def check_model(self) -> None:
         self.try_model(lambda size: build_segmenter(size, self.mechanism, data.NUM_CLASSES, self.options,
@@ -149,14 +161,8 @@ class ADE20K(TrainingTask):
         if self.args.backbone_weights is None:
             super().initialise(model)
             return
-        path, mechanism, size = self.args.backbone_weights, self.mechanism, self.size
-        _, state = load_checkpoint(path)
+        path, state = self.args.backbone_weights, self.backbone_state
         config = state.get("config", {})
-        found = (config.get("task"), config.get("mechanism"), config.get("size"))
-        if found != ("imagenet", mechanism, size):
-            raise TaskError(f"--backbone-weights {path}: a checkpoint of task {found[0]!r}, mechanism "
-                            f"{found[1]!r}, size {found[2]!r}; expected an imagenet run of --mechanism "
-                            f"{mechanism} --size {size}")
         model.backbone.load_state_dict({k: v for k, v in state["model"].items()
                                         if not k.startswith(("head.", "norm."))})
         self.facts.update(backbone_weights=f"{path} ({config.get('dataset')}, {state.get('epoch')} epochs)",

@@ -7,7 +7,7 @@ The layout (``--data DIR``)::
 
 Each annotation file is checked once when it is read: the keys of an instances file, a bbox
 that is [x, y, width, height] inside its image, category and image ids that exist, every image
-file present, and every mask the size of its image (an RLE's ``size``, a polygon's points).
+file present, and every mask the size of its image (an RLE's ``size`` and runs, a polygon's points).
 Each problem is a ``TaskError`` of one line naming the file, the annotation and what is wrong.
 
 Training follows the usual Mask R-CNN practice: crowd annotations are left out of the targets,
@@ -30,12 +30,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 from pycocotools import mask as mask_utils
 from torch import Tensor
 from torch.utils.data import Dataset
 
 from attnbench import TaskError
+from tasks.common.image_folder import UnreadableImage, read_image
 
 SPLITS = ("train2017", "val2017")
 LAYOUT = ("expected DIR/annotations/instances_train2017.json, DIR/annotations/instances_val2017.json, "
@@ -147,11 +147,11 @@ def read_split(annotation_file: Path, image_dir: Path) -> CocoSplit:
         if not _is_int(ann["id"]) or ann["id"] in ids:
             raise fail(f"annotation #{i}: id {ann['id']!r} is not an integer used once")
         ids.add(ann["id"])
-        if ann["image_id"] not in images:
+        if not _is_int(ann["image_id"]) or ann["image_id"] not in images:
             raise fail(f"{name}: image_id {ann['image_id']!r} is not among the images")
-        if ann["category_id"] not in categories:
+        if not _is_int(ann["category_id"]) or ann["category_id"] not in categories:
             raise fail(f"{name}: category_id {ann['category_id']!r} is not among the categories ({names})")
-        if ann["iscrowd"] not in (0, 1):
+        if not _is_int(ann["iscrowd"]) or ann["iscrowd"] not in (0, 1):
             raise fail(f"{name}: iscrowd is {ann['iscrowd']!r}, not 0 or 1")
         if not _is_number(ann["area"]) or ann["area"] < 0:
             raise fail(f"{name}: area {ann['area']!r} is not a number >= 0")
@@ -191,6 +191,9 @@ def _check_segmentation(seg: Any, img: dict[str, Any], fail: Callable[[str], Tas
                 raise fail(f"{name}: its uncompressed RLE counts do not add up to {h}×{w} pixels")
         elif not isinstance(counts, str):
             raise fail(f"{name}: RLE segmentation needs 'counts' as a list or a compressed string")
+        elif sum(compressed_counts(counts) or [-1]) != h * w:
+            raise fail(f"{name}: its compressed RLE counts {counts[:20]!r} are not a run-length code of "
+                       f"{h}×{w} pixels")
         return
     if not isinstance(seg, list) or not seg:
         raise fail(f"{name}: segmentation is neither polygons [[x0, y0, …], …] nor an RLE {{size, counts}}")
@@ -205,6 +208,31 @@ def _check_segmentation(seg: Any, img: dict[str, Any], fail: Callable[[str], Tas
             bad = xy[np.argmax((xy[:, 0] > w + s) | (xy[:, 1] > h + s) | (xy < -s).any(1))]
             raise fail(f"{name}: polygon point ({bad[0]:g}, {bad[1]:g}) lies outside its image {img['id']} "
                        f"of {w}×{h} (width×height): a mask of the wrong size?")
+
+
+def compressed_counts(text: str) -> list[int] | None:
+    """The run lengths of a compressed RLE string (COCO's code: 6-bit digits from '0', 5 bits of
+    value each, 0x20 "more follows", 0x10 the sign of the last; from the third run on, each is the
+    difference from the run two before), or None when ``text`` is not such a code or a run is < 0."""
+    counts: list[int] = []
+    value, shift = 0, 0
+    for char in text:
+        digit = ord(char) - 48
+        if not 0 <= digit < 64:
+            return None
+        value |= (digit & 0x1F) << shift
+        shift += 5
+        if digit & 0x20:
+            continue
+        if digit & 0x10:
+            value -= 1 << shift  # negative: sign-extend
+        if len(counts) > 2:
+            value += counts[-2]
+        if value < 0:
+            return None
+        counts.append(value)
+        value, shift = 0, 0
+    return counts if shift == 0 else None
 
 
 def read_layout(root: Path, label: str) -> tuple[CocoSplit, CocoSplit]:
@@ -262,10 +290,9 @@ class CocoInstances(Dataset):
         info = self.split.images[image_id]
         path = self.split.image_dir / info["file_name"]
         try:
-            with Image.open(path) as f:
-                pil = f.convert("RGB")
-        except (OSError, ValueError, SyntaxError) as exc:  # PIL's errors for broken files
-            print(f"warning: skipping undecodable image {path}: {exc}", file=sys.stderr)
+            pil = read_image(path)
+        except UnreadableImage as exc:
+            print(f"warning: skipping undecodable image {exc}", file=sys.stderr)
             return None
         w, h = info["width"], info["height"]
         if pil.size != (w, h):

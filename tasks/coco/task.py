@@ -35,6 +35,7 @@ from torch import Tensor, nn
 from torchvision.models.detection import MaskRCNN
 
 from attnbench import TaskError, register_task
+from attnbench.validate import float_in, int_in
 from tasks.coco import data, embedded
 from tasks.coco.metrics import METRICS, evaluate_all, ground_truth, to_coco_results
 from tasks.coco.model import DETECTORS, backbone_of, build_detector, make_train_step
@@ -49,6 +50,7 @@ from tasks.common.backbone import (
 )
 from tasks.common.distributed import all_reduce, broadcast_object, gather_objects
 from tasks.common.harness import CONTEXT_COLUMNS, COST_COLUMNS, Data, TrainingTask
+from tasks.common.init_from_data import readable_samples
 from tasks.common.trainer import Loss
 
 # Hyper-parameters of the two presets; the command line overrides any of them.
@@ -90,16 +92,17 @@ class Coco(TrainingTask):
 
     @classmethod
     def add_task_arguments(cls, g: argparse._ArgumentGroup) -> None:
-        g.add_argument("--min-size", type=int,
+        g.add_argument("--min-size", type=int_in(32, 4096),
                        help="short side the images are resized to (default: 800 with --data, 128 without)")
-        g.add_argument("--max-size", type=int,
+        g.add_argument("--max-size", type=int_in(32, 8192),
                        help="longest side after resizing (default: 1333 with --data, 128 without)")
         g.add_argument("--detector", choices=list(DETECTORS),
                        help="Mask R-CNN configuration: standard = torchvision's (FPN 256, 2000 proposals), "
                             "light = reduced for small images on a CPU (default: standard with --data, light "
                             "without)")
         add_backbone_arguments(g)
-        g.add_argument("--hflip", type=float, help="horizontal-flip probability in training (default 0.5)")
+        g.add_argument("--hflip", type=float_in(0, 1),
+                       help="horizontal-flip probability in training (default 0.5)")
 
     # ---- what to run ----------------------------------------------------------------------------
 
@@ -153,14 +156,8 @@ class Coco(TrainingTask):
         """A seeded sample of training images as the backbone sees them (normalised, resized, padded
         to a multiple of 32 by the detector's own transform): (B, 3, H, W)."""
         plain = data.CocoInstances(self.train_split, train=False)
-        pick = torch.randperm(len(plain), generator=torch.Generator().manual_seed(self.recipe.seed)).tolist()
-        images = []
-        for i in pick:
-            sample = plain[i]
-            if sample is not None:
-                images.append(sample[0])
-            if len(images) == self.init_samples:
-                break
+        samples = readable_samples(plain, self.init_samples, self.recipe.seed, self.train_split.image_dir)
+        images = [image for image, _ in samples]
         was_training = model.training
         model.transform.eval()  # the fixed test-time size, not a random training one
         try:

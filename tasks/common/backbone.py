@@ -37,6 +37,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from torchvision.ops import StochasticDepth
 
 from attnbench import Mechanism, TaskError, build_mechanism, get_mechanism
+from attnbench.validate import float_in
 
 
 @dataclasses.dataclass(frozen=True)
@@ -196,7 +197,7 @@ def build_backbone(size: str, mechanism: str, num_classes: int, options: Mapping
 
 def add_backbone_arguments(group: Any) -> None:
     """The backbone's own option of ``attnbench run``, for the tasks built on it."""
-    group.add_argument("--drop-path", type=float,
+    group.add_argument("--drop-path", type=float_in(0, 1, hi_open=True),
                        help="stochastic depth of the last block (default: the size's)")
 
 

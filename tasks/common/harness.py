@@ -16,11 +16,14 @@ them, its own options (``add_task_arguments``, ``configure``), a pre-flight mode
 The harness does the rest, once for every task: the command line of the recipe, presets and
 their overrides; mechanism and option checks before any data is read; torchrun's process group
 (``tasks.common.distributed``); seeding; data loaders sharded over processes, with the smoke-run
-limits ``--max-steps``, ``--limit-train`` and ``--limit-val``; the epochs, each a training pass
+limits ``--max-steps``, ``--limit-train`` and ``--limit-val``, and a training-time budget
+(``--time-budget``, for equal-time comparisons: not a limit); the epochs, each a training pass
 (``tasks.common.trainer.Trainer``) and an evaluation when due (``--eval-every``), timed, with an
 EMA evaluation where ``--ema`` is on; peak memory; the history, a checkpoint after every epoch and
-``--resume``; progress and logging from rank 0; ``meta.json``; and one results row whose shared
-columns (what ran, where, how fast, in how much memory, whether it was limited) every task has.
+``--resume`` (the run's settings recorded for it: ``attnbench.run_record``); progress and logging
+from rank 0; ``meta.json``; and one results row whose shared columns (what ran, where, how fast, in
+how much memory, whether it was limited, how it ended) every task has: a run that diverges or runs
+out of memory ends with one line and a row with status ``diverged`` or ``oom`` (exit status 1).
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ import os
 import random
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any, ClassVar
@@ -44,9 +47,31 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 from attnbench import Mechanism, get_mechanism, parse_mechanism_options
-from attnbench.measure import MIB, proc_status_mib, reset_cpu_peak
-from attnbench.results import append_row, local_table, new_run_dir, run_context, write_meta
+from attnbench.interrupt import command_with, keeping
+from attnbench.measure import MIB, is_out_of_memory, proc_status_mib, reset_cpu_peak
+from attnbench.results import (
+    ResultsError,
+    append_row,
+    local_table,
+    new_run_dir,
+    read_table,
+    run_context,
+    table_lock,
+    write_meta,
+)
+from attnbench.run_record import mark_finished, settings_of
 from attnbench.tasks import Task, TaskError, finished_runs
+from attnbench.validate import (
+    MAX_SECONDS,
+    MAX_THREADS,
+    SEED_MAX,
+    existing_dir,
+    existing_path,
+    float_in,
+    int_in,
+    output_dir,
+    output_file,
+)
 from tasks.common import trainer as training
 from tasks.common.distributed import (
     Dist,
@@ -69,8 +94,10 @@ RECIPE_DEFAULTS: dict[str, Any] = dict(
 # Runs of shared columns that every task's table holds, in this order, amid its own columns.
 COST_COLUMNS = ["peak_mem_mib", "train_mem_mib", "wall_s", "batch_size", "world_size", "device", "threads",
                 "amp"]
-CONTEXT_COLUMNS = ["status", "run_dir", "date", "git_commit", "torch", "cpu", "gpu"]
-LIMIT_COLUMNS = ["limited", "max_steps", "limit_train", "limit_val"]  # appended to every table
+CONTEXT_COLUMNS = ["status", "message", "run_dir", "date", "git_commit", "torch", "cpu", "gpu"]
+# appended to every table: the smoke-run limits, and the training-time budget (not a limit: equal time
+# is a fair budget, so it never marks a run `limited`)
+LIMIT_COLUMNS = ["limited", "max_steps", "limit_train", "limit_val", "time_budget"]
 
 
 @dataclasses.dataclass
@@ -248,7 +275,7 @@ class TrainingTask(Task):
         else:
             g = parser.add_argument_group(f"{cls.name} (defaults: preset `{next(iter(cls.presets))}`)")
         if cls.data_help:
-            g.add_argument("--data", type=Path, metavar="DIR",
+            g.add_argument("--data", type=existing_dir.expecting(cls.data_help), metavar="DIR",
                            help=f"{cls.data_help} (default: the embedded data set, written once under "
                                 "$ATTNBENCH_CACHE, else ~/.cache/attnbench)")
         if cls.sizes:
@@ -259,38 +286,49 @@ class TrainingTask(Task):
                            help="data: mechanisms with init_from_data (SeT: k-means anchors and references) "
                                 f"start from the tokens of {cls.init_samples} training {cls.init_unit} "
                                 "(default)")
-        g.add_argument("--eval-every", type=int,
+        g.add_argument("--eval-every", type=int_in(0, 10_000),
                        help=f"evaluate every N epochs, and after the last; 0: after the last only "
                             f"({cls._defaults('eval_every')})")
         t = parser.add_argument_group("training (defaults: the task's preset)")
-        t.add_argument("--epochs", type=int, help="training epochs")
-        t.add_argument("--batch-size", type=int, help="examples per process and step")
-        t.add_argument("--lr", type=float, help="peak learning rate of AdamW (absolute, not scaled)")
-        t.add_argument("--weight-decay", type=float, help="AdamW weight decay on weight matrices")
-        t.add_argument("--warmup-epochs", type=float, help="linear warm-up before the cosine decay")
-        t.add_argument("--min-lr", type=float, help="learning rate at the end of the cosine")
-        t.add_argument("--label-smoothing", type=float, help="label smoothing of the cross-entropy")
-        t.add_argument("--clip-grad", type=float, help="clip the gradient norm to this (0: off)")
-        t.add_argument("--ema", type=float, help="EMA decay of the weights, also evaluated (0: off)")
+        t.add_argument("--epochs", type=int_in(1, 10_000), help="training epochs")
+        t.add_argument("--batch-size", type=int_in(1, 65_536), help="examples per process and step")
+        t.add_argument("--lr", type=float_in(0, 10, lo_open=True),
+                       help="peak learning rate of AdamW (absolute, not scaled)")
+        t.add_argument("--weight-decay", type=float_in(0, 10), help="AdamW weight decay on weight matrices")
+        t.add_argument("--warmup-epochs", type=float_in(0, 10_000),
+                       help="linear warm-up before the cosine decay")
+        t.add_argument("--min-lr", type=float_in(0, 10), help="learning rate at the end of the cosine")
+        t.add_argument("--label-smoothing", type=float_in(0, 1, hi_open=True),
+                       help="label smoothing of the cross-entropy")
+        t.add_argument("--clip-grad", type=float_in(0, 1e6), help="clip the gradient norm to this (0: off)")
+        t.add_argument("--ema", type=float_in(0, 1, hi_open=True),
+                       help="EMA decay of the weights, also evaluated (0: off)")
         t.add_argument("--amp", choices=AMP_CHOICES, default="auto",
                        help="mixed precision: auto = bf16 (or fp16) on CUDA, off on the CPU (default auto)")
-        t.add_argument("--seed", type=int, default=0,
+        t.add_argument("--seed", type=int_in(0, SEED_MAX), default=0,
                        help="seed of initialisation, data order and augmentation")
-        t.add_argument("--workers", type=int, help="data-loading processes per training process")
+        t.add_argument("--workers", type=int_in(0, 64), help="data-loading processes per training process")
         t.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                        help="auto = cuda when available, else cpu (default auto)")
-        t.add_argument("--threads", type=int, help="CPU threads of torch (default: torch's default here)")
-        t.add_argument("--out", type=Path,
+        t.add_argument("--threads", type=int_in(1, MAX_THREADS),
+                       help="CPU threads of torch (default: torch's default here)")
+        t.add_argument("--out", type=output_dir,
                        help="run folder (default: results/runs/<time>-<task>-..., git-ignored)")
-        t.add_argument("--results", type=Path,
+        t.add_argument("--results", type=output_file,
                        help=f"results table to append to (default: results/local/{cls.name}.csv, "
                             "git-ignored; the committed reference tables are in results/reference/)")
-        t.add_argument("--resume", type=Path, metavar="RUN_DIR|CHECKPOINT",
+        t.add_argument("--resume", type=existing_path, metavar="RUN_DIR|CHECKPOINT",
                        help="continue a run from its checkpoint.pt (written after every epoch)")
+        t.add_argument("--time-budget", type=float_in(0, MAX_SECONDS, lo_open=True), metavar="SECONDS",
+                       help="stop training once it has taken this long (training time, evaluations not "
+                            "counted), then evaluate as usual: equal-time comparisons (default: no budget)")
         s = parser.add_argument_group("smoke runs (the row records `limited`; plots leave such runs out)")
-        s.add_argument("--max-steps", type=int, metavar="N", help="stop training after N optimiser steps")
-        s.add_argument("--limit-train", type=int, metavar="N", help="train on the first N examples only")
-        s.add_argument("--limit-val", type=int, metavar="N", help="evaluate on the first N examples only")
+        s.add_argument("--max-steps", type=int_in(1, 10**9), metavar="N",
+                       help="stop training after N optimiser steps")
+        s.add_argument("--limit-train", type=int_in(1, 10**9), metavar="N",
+                       help="train on the first N examples only")
+        s.add_argument("--limit-val", type=int_in(1, 10**9), metavar="N",
+                       help="evaluate on the first N examples only")
 
     @classmethod
     def _defaults(cls, key: str) -> str:
@@ -344,6 +382,14 @@ class TrainingTask(Task):
                             f"got {self.eval_every}")
         self.limits = Limits(args.max_steps, args.limit_train, args.limit_val)
         self.limits.validate()
+        if args.results is not None:  # a table the row cannot join is refused now, not after training
+            try:
+                read_table(Path(args.results))
+            except ResultsError as exc:
+                raise TaskError(f"--results {exc}") from None
+        self.time_budget: float | None = getattr(args, "time_budget", None)
+        if self.time_budget is not None and not self.time_budget > 0:
+            raise TaskError(f"--time-budget must be > 0 seconds, got {self.time_budget}")
         self.size: str | None = self.pick("size") if self.sizes else None
         self.configure(args)
         self.check_model()
@@ -368,8 +414,28 @@ class TrainingTask(Task):
         self.dist = setup_distributed(args.device)
         try:
             return self.train_and_evaluate()
+        except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM: say what is kept, and how to go on
+            raise keeping(exc, self.kept_when_interrupted()) from None
+        except Exception as exc:  # a run that diverged or ran out of memory still gets its row
+            failure = failure_status(exc)
+            if failure is None:
+                raise
         finally:
             teardown_distributed()
+        return self.record_failure(*failure)  # here, once the traceback and its tensors are gone
+
+    def kept_when_interrupted(self) -> str:
+        """What a run stopped before its end leaves, and the command that continues it (one line)."""
+        argv = ["attnbench", *sys.argv[1:]]
+        run_dir = getattr(self, "run_dir", None)
+        saved = getattr(getattr(self, "trainer", None), "saved_epoch", 0)
+        if run_dir is None or not saved:
+            where = f" (its run folder {run_dir})" if run_dir is not None else ""
+            return (f"no epoch had finished, so there is no checkpoint to resume{where}; start again with: "
+                    f"{command_with(argv, {}, [])}")
+        resume = command_with(argv, {"--out": True, "--resume": True}, ["--resume", str(run_dir)])
+        return (f"kept {run_dir} with its checkpoint after epoch {saved}/{self.recipe.epochs}; "
+                f"resume with: {resume}")
 
     @property
     def device(self) -> torch.device:
@@ -398,8 +464,10 @@ class TrainingTask(Task):
             self.run_dir, self.resumed = training.load_checkpoint(args.resume)
         elif args.out is not None:
             self.run_dir = args.out
-        else:  # rank 0's time on every rank
-            self.run_dir = Path(broadcast_object(str(new_run_dir(self.run_name())), dist))
+        else:  # rank 0's name (time, token) on every rank
+            self.run_dir = Path(broadcast_object(str(new_run_dir(self.run_name(), recipe.seed)), dist))
+        self.table = Path(args.results) if args.results is not None else local_table(self.name)
+        self.settings = {**settings_of(args), "results": str(self.table.resolve())}  # for --resume DIR
         seed_everything(recipe.seed)
         self.data = self.load_data()
         model = self.build_model()
@@ -407,7 +475,7 @@ class TrainingTask(Task):
         self.run_config = {"task": self.name, "mechanism": self.mechanism, "size": self.size,
                            "options": self.options, "dataset": self.data.name, **self.config()}
         if self.resumed is not None:
-            training.check_resumable(self.resumed, self.run_config, args.resume)
+            training.check_resumable(self.resumed, self.run_config, recipe, args.resume)
         self.facts: dict[str, Any] = {"mechanism_init": "random"}
         if self.resumed is None:
             self.initialise(model)
@@ -466,13 +534,18 @@ class TrainingTask(Task):
                  f"{dist.device}{limits} -> {self.run_dir}")
         reset_peak_memory(dist.device)
         before = current_memory_mib(dist.device)  # model, data index, loaders: not the training's
-        speed, max_steps = f"{self.unit}_s", self.limits.max_steps
+        speed, max_steps, budget = f"{self.unit}_s", self.limits.max_steps, self.time_budget
+        trained_s = sum(h["train_s"] for h in trainer.history)  # a resumed run's training so far
         metrics: dict[str, Any] = {}
         for epoch in range(trainer.epoch, recipe.epochs):
             set_epoch(self.train_loader, epoch, recipe.seed, dist)
             desc = f"epoch {epoch + 1}/{recipe.epochs}"
-            stats = trainer.train_epoch(self.train_loader, self.loss, desc, max_steps)
-            stopped = max_steps is not None and trainer.steps >= max_steps
+            loader = (self.train_loader if budget is None
+                      else until(self.train_loader, budget - trained_s, dist))
+            stats = trainer.train_epoch(loader, self.loss, desc, max_steps)
+            trained_s += stats.seconds
+            out_of_time = budget is not None and trained_s >= budget
+            stopped = (max_steps is not None and trainer.steps >= max_steps) or out_of_time
             due = (stopped or epoch + 1 == recipe.epochs
                    or (self.eval_every > 0 and (epoch + 1) % self.eval_every == 0))
             metrics = self.timed_evaluation(trainer.model) if due else {}
@@ -490,7 +563,8 @@ class TrainingTask(Task):
             trainer.history.append(entry)
             wall = self.previous_wall + time.perf_counter() - started
             trainer.save(self.run_dir / "checkpoint.pt",
-                         {"config": self.run_config, "wall_s": wall, "facts": self.facts})
+                         {"config": self.run_config, "wall_s": wall, "facts": self.facts,
+                          "settings": self.settings})
             if dist.is_main:
                 append_row(self.run_dir / "history.csv", entry, list(entry))
             scores = (f" | {self.format_scores(metrics)} ({metrics['eval_s']:.0f} s)" if metrics else "")
@@ -499,15 +573,18 @@ class TrainingTask(Task):
             self.log(f"{desc}: train loss {stats.loss:.4f}, {stats.items_per_s:.1f} {self.unit}/s, "
                      f"{stats.seconds:.0f} s{scores}")
             if stopped:
-                self.log(f"stopped after {trainer.steps} optimiser steps (--max-steps {max_steps})")
+                why = f"--time-budget {budget:g} s" if out_of_time else f"--max-steps {max_steps}"
+                self.log(f"stopped after {trainer.steps} optimiser steps ({why})")
                 break
         if not metrics:  # resumed a finished run: evaluate its weights once more
             metrics = self.timed_evaluation(trainer.model)
         row = self.result_row(metrics, self.previous_wall + time.perf_counter() - started)
-        table = Path(args.results) if args.results is not None else local_table(self.name)
+        table = self.table
         if dist.is_main:
-            written = append_row(table, row, list(dict.fromkeys([*(self.columns or row), *LIMIT_COLUMNS])))
-            plots = self.plot(finished_runs(written), table.parent)
+            append_row(table, row, list(dict.fromkeys([*(self.columns or row), *LIMIT_COLUMNS])))
+            mark_finished(self.run_dir, table)  # `--resume` of this folder now answers where its row is
+            with table_lock(table):  # runs sharing the table redraw its plots in turn, each from every row
+                plots = self.plot(finished_runs(read_table(table)), table.parent)
             print(self.summary_line(row, table) + (f"; plot {plots[0]}" if plots else ""))
         barrier(dist)
         return 0
@@ -534,7 +611,7 @@ class TrainingTask(Task):
                     recipe=dataclasses.asdict(self.recipe), eval_every=self.eval_every,
                     limits=dataclasses.asdict(self.limits), world_size=self.dist.world_size, data_path=root,
                     data_description=self.data.description or root, params=self.params,
-                    backend=get_mechanism(self.mechanism).backend(str(self.device)))
+                    backend=get_mechanism(self.mechanism).backend(str(self.device)), settings=self.settings)
         meta.update({**dict(zip(self.counted, (n_train, n_val), strict=True)), **self.facts, **self.meta()})
         write_meta(self.run_dir / "meta.json", meta)
 
@@ -542,7 +619,6 @@ class TrainingTask(Task):
         """One tidy row: what ran, on what, how well, how fast, with the run's context; the
         columns the task declares (``columns``) and the limits."""
         history, speed = self.history, f"{self.unit}_s"
-        ctx = run_context(str(self.device), torch.get_num_threads())
         eval_speed = steady_median(history, f"eval_{speed}")
         row = {
             "task": self.name, "mechanism": self.mechanism, "size": self.size, "dataset": self.data.name,
@@ -556,18 +632,50 @@ class TrainingTask(Task):
             **self.facts,
             "peak_mem_mib": round(max((h["peak_mem_mib"] for h in history), default=math.nan), 1),
             "train_mem_mib": round(max((h["train_mem_mib"] for h in history), default=math.nan), 1),
-            "wall_s": round(wall, 1), "batch_size": self.recipe.batch_size,
-            "world_size": self.dist.world_size,
-            "device": str(self.device), "threads": torch.get_num_threads(), "amp": self.recipe.amp,
-            "options": ";".join(f"{k}={v}" for k, v in sorted(self.options.items())),
-            "backend": get_mechanism(self.mechanism).backend(str(self.device)), "status": "ok",
-            "run_dir": str(self.run_dir), "date": ctx["date"], "git_commit": ctx["git_commit"],
-            "torch": ctx["versions"]["torch"], "cpu": ctx["cpu"], "gpu": ctx["gpu"],
-            **self.row(metrics), **self.limits.columns()}
+            "wall_s": round(wall, 1), **self.row(metrics), **self.outcome_columns("ok")}
+        return self.declared(row)
+
+    def failure_row(self, status: str, message: str) -> dict[str, Any]:
+        """The row of a run that ended without a result (``failure_status``): what ran, how far it
+        got, and why it stopped; its metrics are left empty."""
+        trainer, data = getattr(self, "trainer", None), getattr(self, "data", None)
+        row = {"task": self.name, "mechanism": self.mechanism, "size": self.size,
+               "dataset": data.name if data is not None else None,
+               "epochs": trainer.epoch if trainer is not None else 0, "seed": self.recipe.seed,
+               "params": getattr(self, "params", None), **self.outcome_columns(status, message)}
+        return self.declared(row)
+
+    def outcome_columns(self, status: str, message: str = "") -> dict[str, Any]:
+        """The columns every row has, whatever the outcome: the set-up, where it ran, how it ended."""
+        ctx = run_context(str(self.device), torch.get_num_threads())
+        return {"batch_size": self.recipe.batch_size, "world_size": self.dist.world_size,
+                "device": str(self.device), "threads": torch.get_num_threads(), "amp": self.recipe.amp,
+                "options": ";".join(f"{k}={v}" for k, v in sorted(self.options.items())),
+                "backend": get_mechanism(self.mechanism).backend(str(self.device)), "status": status,
+                "message": message, "run_dir": str(getattr(self, "run_dir", "")), "date": ctx["date"],
+                "git_commit": ctx["git_commit"], "torch": ctx["versions"]["torch"], "cpu": ctx["cpu"],
+                "gpu": ctx["gpu"], **self.limits.columns(), "time_budget": self.time_budget}
+
+    def declared(self, row: dict[str, Any]) -> dict[str, Any]:
+        """``row`` cut to the columns the task declares (``columns``) and the limits."""
         if self.columns is None:
             return row
         keep = {*self.columns, *LIMIT_COLUMNS}
         return {k: v for k, v in row.items() if k in keep}
+
+    def record_failure(self, status: str, message: str) -> int:
+        """Append the row of a run that ended early and say why in one line; exit status 1."""
+        doing = "training or evaluating" if hasattr(self, "trainer") else "building the model"
+        if status == "oom":
+            message = f"out of memory while {doing}: {message}"
+        if self.dist.is_main:
+            table = getattr(self, "table", None) or (
+                Path(self.args.results) if self.args.results is not None else local_table(self.name))
+            row = self.failure_row(status, message)
+            append_row(table, row, list(dict.fromkeys([*(self.columns or row), *LIMIT_COLUMNS])))
+            print(f"attnbench run: error: {message} (status {status}; its row is in {table})",
+                  file=sys.stderr)
+        return 1
 
     def summary_line(self, row: dict[str, Any], table: Path) -> str:
         """The one line a run prints on stdout."""
@@ -581,6 +689,16 @@ class TrainingTask(Task):
 
 
 # ---- helpers ------------------------------------------------------------------------------------
+
+
+def failure_status(exc: BaseException) -> tuple[str, str] | None:
+    """(status, message) of an error that ends a run with a row rather than a traceback: a loss that
+    is not finite (``diverged``), memory run out of while building or in a step (``oom``); else None."""
+    if isinstance(exc, training.Diverged):
+        return "diverged", f"training diverged: {exc}"
+    if is_out_of_memory(exc) and not isinstance(exc, TaskError):
+        return "oom", " ".join(str(exc).split())[:300] or type(exc).__name__
+    return None
 
 
 def millions(count: int) -> str:
@@ -608,6 +726,18 @@ def set_epoch(loader: DataLoader, epoch: int, seed: int, dist: Dist) -> None:
             sampler.set_epoch(epoch)
     if loader.generator is not None:
         loader.generator.manual_seed(seed * 100_003 + epoch * 1009 + dist.rank)
+
+
+def until(loader: Iterable, seconds: float, dist: Dist) -> Iterator:
+    """The batches of ``loader`` until ``seconds`` have passed since the first was asked for, the
+    first always (an epoch trains at least one step); all processes stop at the same batch (the
+    slowest decides)."""
+    start = time.perf_counter()
+    for i, batch in enumerate(loader):
+        (elapsed,) = all_reduce([time.perf_counter() - start], dist, op="max")
+        if i > 0 and elapsed >= seconds:
+            return
+        yield batch
 
 
 def steady_median(history: Sequence[dict[str, Any]], key: str) -> float:

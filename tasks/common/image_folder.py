@@ -4,17 +4,22 @@
 checked with one clear line per problem; the ImageNet normalisation every image task shares.
 
 Undecodable images are skipped and counted, not fatal (choice): a warning names each file,
-the count goes into the results row, and an epoch in which nothing decodes is an error.
+the count goes into the results row, and an epoch in which nothing decodes is an error. An image
+is undecodable for whatever reason PIL fails on it, a decompression bomb included (``read_image``,
+which every image task reads through).
 """
 
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Sequence
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
+from PIL import Image
 from torch.utils.data import default_collate
 from torchvision import datasets
 from torchvision.transforms import InterpolationMode, v2
@@ -23,6 +28,40 @@ from attnbench import TaskError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+# ---- reading one image ---------------------------------------------------------------------
+
+
+class UnreadableImage(ValueError):
+    """An image file that cannot be decoded: ``path: reason``."""
+
+    def __init__(self, path: Path, reason: str) -> None:
+        super().__init__(f"{path}: {reason}")
+        self.path, self.reason = path, reason
+
+
+@contextmanager
+def opened_image(path: Path) -> Iterator[Image.Image]:
+    """``PIL.Image.open(path)``; any failure to read or decode it inside the block is an
+    ``UnreadableImage``. An image over PIL's pixel limit (its DecompressionBombWarning, and the
+    error past twice the limit) is refused too: decoding it could take all the memory there is."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                yield image
+    except UnreadableImage:
+        raise
+    except Exception as exc:  # PIL raises many kinds (OSError, SyntaxError, struct.error, …) for one cause
+        reason = " ".join(str(exc).split()) or type(exc).__name__
+        raise UnreadableImage(path, reason) from None
+
+
+def read_image(path: Path, mode: str | None = "RGB") -> Image.Image:
+    """The image at ``path`` decoded (converted to ``mode``; None: as stored), or ``UnreadableImage``."""
+    with opened_image(path) as image:
+        return image.convert(mode) if mode is not None else image.copy()
 
 
 # ---- the folder layout ---------------------------------------------------------------------
@@ -59,9 +98,9 @@ class SkippingImageFolder(datasets.ImageFolder):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int] | None:
         path, target = self.samples[index]
         try:
-            image = self.loader(path)  # PIL open + convert("RGB"): decodes the whole file
-        except (OSError, ValueError, SyntaxError) as exc:  # PIL's errors for broken files
-            print(f"warning: skipping undecodable image {path}: {exc}", file=sys.stderr)
+            image = read_image(Path(path))  # decodes the whole file
+        except UnreadableImage as exc:
+            print(f"warning: skipping undecodable image {exc}", file=sys.stderr)
             return None
         return (self.transform(image) if self.transform else image), target
 

@@ -7,12 +7,14 @@ calls it for every task (``--mechanism-init data``, the default) on rank 0 befor
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.utils.data import Dataset
 
-from attnbench import Mechanism
+from attnbench import Mechanism, TaskError
 
 
 class _Captured(Exception):
@@ -54,6 +56,22 @@ def init_mechanisms_from_data(model: nn.Module, *inputs: Tensor) -> list[dict[st
     finally:
         model.train(was_training)
     return records
+
+
+def readable_samples(dataset: Dataset, count: int, seed: int, where: Path | str) -> list[Any]:
+    """Up to ``count`` items of ``dataset`` in a seeded random order, leaving out those that fail
+    to load (None); a TaskError when not one loads (every training image in ``where`` unreadable)."""
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed)).tolist()
+    found = []
+    for i in order:
+        if len(found) == count:
+            break
+        item = dataset[i]
+        if item is not None:
+            found.append(item)
+    if not found:
+        raise TaskError(f"no readable training image in {where}")
+    return found
 
 
 def describe_init(records: list[dict[str, Any]]) -> str:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import sys
 import time
 from collections import defaultdict
@@ -26,6 +25,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
+from attnbench.results import replacing
 from attnbench.tasks import TaskError
 from tasks.common.distributed import Dist, all_reduce
 
@@ -34,6 +34,10 @@ AMP_CHOICES = ("auto", "off", "bf16", "fp16")
 # (loss, items): the loss is one Tensor, or named parts that are summed (each part's epoch mean
 # goes into the history: Mask R-CNN's five losses, say); items is how many samples it covers.
 Loss = tuple[Tensor | Mapping[str, Tensor], int]
+
+
+class Diverged(FloatingPointError):
+    """The training loss is no longer finite: the run ends, recorded with status ``diverged``."""
 
 
 @dataclasses.dataclass
@@ -142,6 +146,7 @@ class Trainer:
         self.ema = (AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(recipe.ema), use_buffers=True)
                     if recipe.ema > 0 else None)
         self.epoch = 0  # epochs completed
+        self.saved_epoch = 0  # epochs completed in the checkpoint on disk (0: none yet)
         self.steps = 0  # optimiser steps taken
         self.history: list[dict[str, Any]] = []
 
@@ -163,7 +168,7 @@ class Trainer:
             budget = min(budget, max_steps - self.steps)
         bar = progress(budget, desc, self.dist)
         start = time.perf_counter()
-        for batch in loader:
+        for step, batch in enumerate(loader, start=1):
             if max_steps is not None and self.steps >= max_steps:
                 break
             with self.autocast():
@@ -177,8 +182,8 @@ class Trainer:
                     parts[k] += v.item() * n
                 loss = sum(loss.values())
             if not torch.isfinite(loss):
-                raise FloatingPointError(f"the training loss is {loss.item()} at step {bar.n} of {desc}; "
-                                         "try a lower --lr or --amp off")
+                raise Diverged(f"the training loss is {loss.item()} at step {step} of {desc}; "
+                               "try a lower --lr or --amp off")
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(loss).backward()
             if self.recipe.clip_grad > 0:
@@ -219,12 +224,13 @@ class Trainer:
                 "torch_rng": torch.get_rng_state(), "recipe": dataclasses.asdict(self.recipe), **extra}
 
     def save(self, path: Path, extra: dict[str, Any]) -> None:
-        """Rank 0 writes ``path`` through a temporary file and a rename: never half-written."""
+        """Rank 0 writes ``path`` through a temporary file of its own and a rename: never
+        half-written, and never a temporary file that another run writes too."""
         if not self.dist.is_main:
             return
-        tmp = path.with_name(f".{path.name}.tmp")
-        torch.save(self.state_dict(extra), tmp)
-        os.replace(tmp, path)
+        with replacing(path) as tmp:
+            torch.save(self.state_dict(extra), tmp)
+        self.saved_epoch = self.epoch
 
     def load(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
@@ -234,27 +240,35 @@ class Trainer:
         if self.ema is not None and state.get("ema") is not None:
             self.ema.load_state_dict(state["ema"])
         self.epoch, self.history = state["epoch"], list(state["history"])
+        self.saved_epoch = self.epoch
         self.steps = state.get("steps", self.epoch * self.steps_per_epoch)  # checkpoints before the count
         torch.set_rng_state(state["torch_rng"])
 
 
-def load_checkpoint(path: Path) -> tuple[Path, dict[str, Any]]:
-    """(run folder, checkpoint) from ``--resume RUN_DIR`` or ``--resume RUN_DIR/checkpoint.pt``."""
+def load_checkpoint(path: Path, flag: str = "--resume") -> tuple[Path, dict[str, Any]]:
+    """(run folder, checkpoint) from ``--resume RUN_DIR`` or ``--resume RUN_DIR/checkpoint.pt``;
+    ``flag`` is the option that named it, for the error."""
     file = path / "checkpoint.pt" if path.is_dir() else path
     if not file.is_file():
-        raise TaskError(f"--resume {path}: no checkpoint there (expected a run folder holding checkpoint.pt)")
+        raise TaskError(f"{flag} {path}: no checkpoint there (expected a run folder holding checkpoint.pt)")
     try:
         state = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise TaskError(f"--resume {file}: not a readable attnbench checkpoint "
+        raise TaskError(f"{flag} {file}: not a readable attnbench checkpoint "
                         f"({type(exc).__name__})") from None
+    if not isinstance(state, dict) or not isinstance(state.get("model"), dict):
+        raise TaskError(f"{flag} {file}: not an attnbench checkpoint (no model weights in it)")
     return file.parent, state
 
 
-def check_resumable(state: dict[str, Any], config: dict[str, Any], path: Path) -> None:
-    """The checkpoint must come from the same model and data as this run."""
+def check_resumable(state: dict[str, Any], config: dict[str, Any], recipe: Recipe, path: Path) -> None:
+    """The checkpoint must come from the same model, data and recipe as this run (a checkpoint
+    from before the CLI restored a run's settings by itself may meet other flags)."""
     saved = state.get("config", {})
     differ = [f"{k}: {saved.get(k)!r} there, {v!r} now" for k, v in config.items() if saved.get(k) != v]
+    trained = state.get("recipe", {})
+    differ += [f"--{k.replace('_', '-')}: {trained[k]!r} there, {v!r} now"
+               for k, v in dataclasses.asdict(recipe).items() if k in trained and trained[k] != v]
     if differ:
         raise TaskError(f"--resume {path}: the checkpoint is of another run ({'; '.join(differ)})")
 

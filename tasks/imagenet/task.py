@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from torchvision.transforms import v2
 
 from attnbench import TaskError, get_mechanism, register_task
+from attnbench.validate import float_in, int_in
 from tasks.common import image_folder
 from tasks.common.backbone import (
     SIZES,
@@ -35,6 +36,7 @@ from tasks.common.backbone import (
 )
 from tasks.common.distributed import all_reduce
 from tasks.common.harness import CONTEXT_COLUMNS, COST_COLUMNS, Data, TrainingTask
+from tasks.common.init_from_data import readable_samples
 from tasks.common.trainer import Loss
 from tasks.imagenet import data
 
@@ -71,19 +73,22 @@ class ImageNet(TrainingTask):
 
     @classmethod
     def add_task_arguments(cls, g: argparse._ArgumentGroup) -> None:
-        g.add_argument("--img-size", type=int,
+        g.add_argument("--img-size", type=int_in(16, 4096),
                        help="training and evaluation resolution (default: 224 with --data, 48 without)")
         add_backbone_arguments(g)
         g.add_argument("--tokens", choices=("grid", "sequence"), default="grid",
                        help="grid: mechanisms get grid=(H, W); sequence: tokens as a plain sequence, "
                             "no grid (an ablation; mechanisms that need a grid refuse it)")
-        g.add_argument("--crop-scale", type=float,
+        g.add_argument("--crop-scale", type=float_in(0, 1, lo_open=True),
                        help="smallest area of RandomResizedCrop (0.08 with --data, 0.5 without)")
-        g.add_argument("--hflip", type=float, help="horizontal-flip probability (0.5 with --data, 0 without)")
-        g.add_argument("--randaugment", type=int,
+        g.add_argument("--hflip", type=float_in(0, 1),
+                       help="horizontal-flip probability (0.5 with --data, 0 without)")
+        g.add_argument("--randaugment", type=int_in(0, 30),  # torchvision's 31 magnitude bins
                        help="RandAugment magnitude, 2 ops (9 with --data, 0 = off without)")
-        g.add_argument("--mixup", type=float, help="MixUp alpha (0.8 with --data, 0 = off without)")
-        g.add_argument("--cutmix", type=float, help="CutMix alpha (1.0 with --data, 0 = off without)")
+        g.add_argument("--mixup", type=float_in(0, 10),
+                       help="MixUp alpha (0.8 with --data, 0 = off without)")
+        g.add_argument("--cutmix", type=float_in(0, 10),
+                       help="CutMix alpha (1.0 with --data, 0 = off without)")
 
     @classmethod
     def model_table(cls, sizes: Sequence[str], mechanisms: Sequence[str], **settings: Any) -> list[dict]:
@@ -142,17 +147,10 @@ class ImageNet(TrainingTask):
     def init_inputs(self, model: nn.Module) -> tuple[nn.Module, tuple[Tensor]]:
         """A seeded sample of training images through the evaluation transform: (B, 3, H, W)."""
         train = self.data.train
-        pick = torch.randperm(len(train), generator=torch.Generator().manual_seed(self.recipe.seed))
         plain = image_folder.SkippingImageFolder(Path(train.root), image_folder.eval_transform(self.img_size),
                                                  classes=train.classes)
-        images = []
-        for i in pick.tolist():
-            sample = plain[i]
-            if sample is not None:
-                images.append(sample[0])
-            if len(images) == self.init_samples:
-                break
-        return model, (torch.stack(images),)
+        samples = readable_samples(plain, self.init_samples, self.recipe.seed, train.root)
+        return model, (torch.stack([image for image, _ in samples]),)
 
     def loss(self, net: nn.Module, batch: tuple[Tensor, Tensor, int]) -> Loss:
         """Label-smoothed cross-entropy, after MixUp/CutMix where they are on."""

@@ -34,7 +34,7 @@ def test_the_loader_reads_the_official_layout_and_reduces_the_zero_label(tiny):
 
 
 @pytest.mark.parametrize("damage, message", [
-    ("missing", "no such folder; expected images/{training,validation}/*.jpg and annotations/"),
+    ("missing", "no such folder; expected ADEChallengeData2016 folder: images/{training,validation}/*.jpg"),
     ("no-annotations", "no annotations/validation/ folder in it"),
     ("image-without-annotation", "images/training/ADE_train_00000002.jpg has no annotation in "
                                  "annotations/training/ with the same name"),

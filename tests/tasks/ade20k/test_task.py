@@ -26,18 +26,17 @@ def test_a_tiny_run_trains_evaluates_and_records_a_row(tiny, tmp_path):
     history = pd.read_csv(tmp_path / "run" / "history.csv")
     assert len(history) == 2 and (tmp_path / "run" / "checkpoint.pt").is_file()
     assert list(tmp_path.glob("miou_ade20k_*.png"))
-    # resuming the finished run evaluates it once more and appends a second row
+    # resuming the finished run (its flags repeated, as they may be) runs nothing and adds no row
     assert main(tiny_run_args(tiny, tmp_path, "--epochs", "2", "--aux-weight", "0.4", "--resume",
                               str(tmp_path / "run"), mechanism="set")) == 0
-    table = pd.read_csv(tmp_path / "ade20k.csv")
-    assert len(table) == 2 and table.iloc[1]["miou"] == pytest.approx(row["miou"])
+    assert len(pd.read_csv(tmp_path / "ade20k.csv")) == 1
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--crop-size", "16"], "--crop-size must be >= 32"),
-    (["--aux-weight", "-1"], "--aux-weight must be >= 0"),
+    (["--crop-size", "16"], "argument --crop-size: invalid value '16'; valid: an int in [32, 4096]"),
+    (["--aux-weight", "-1"], "argument --aux-weight: invalid value '-1'; valid: a finite number in [0, 100]"),
     (["--opt", "set.m=16"], "options of set do not apply to --mechanism softmax"),
-    (["--backbone-weights", "/nonexistent/run"], "--backbone-weights /nonexistent/run: no checkpoint there"),
+    (["--backbone-weights", "/nonexistent/run"], "argument --backbone-weights: /nonexistent/run: no such"),
 ])
 def test_bad_options_get_one_clear_line(extra, message, tiny, tmp_path, cli_error):
     assert message in cli_error(tiny_run_args(tiny, tmp_path, *extra))

@@ -13,10 +13,10 @@ from tests.tasks.coco.tiny import tiny_run_args
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--min-size", "16"], "--min-size must be >= 32"),
+    (["--min-size", "16"], "argument --min-size: invalid value '16'; valid: an int in [32, 4096]"),
     (["--max-size", "48"], "--max-size must be >= --min-size (64), got 48"),
-    (["--hflip", "2"], "--hflip must be a probability in [0, 1], got 2.0"),
-    (["--eval-every", "-1"], "--eval-every must be >= 0"),
+    (["--hflip", "2"], "argument --hflip: invalid value '2'; valid: a finite number in [0, 1]"),
+    (["--eval-every", "-1"], "argument --eval-every: invalid value '-1'"),
     (["--detector", "huge"], "argument --detector: invalid choice: 'huge'"),
     (["--opt", "set.m=16"], "options of set do not apply to --mechanism softmax"),
     (["--batch-size", "8"], "fewer than one batch of 8 per process"),
@@ -58,7 +58,7 @@ def test_a_tiny_run_trains_evaluates_and_records_a_tidy_row(finished, tiny):
 
 def test_resume_refuses_a_checkpoint_of_another_run(finished, tiny, tmp_path, cli_error):
     line = cli_error(tiny_run_args(tiny, tmp_path, "--resume", str(finished / "run")))
-    assert "the checkpoint is of another run (mechanism: 'set' there, 'softmax' now)" in line
+    assert "--mechanism softmax given, but the run recorded --mechanism set" in line
 
 
 def test_without_data_the_embedded_set_is_named_in_the_row(tmp_path, monkeypatch):

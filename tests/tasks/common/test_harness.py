@@ -86,10 +86,10 @@ def test_eval_every_sets_the_cadence_and_named_loss_parts_reach_the_history(toy,
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--max-steps", "0"], "--max-steps must be >= 1, got 0"),
-    (["--limit-val", "-3"], "--limit-val must be >= 1, got -3"),
+    (["--max-steps", "0"], "argument --max-steps: invalid value '0'; valid: an int in [1, 1000000000]"),
+    (["--limit-val", "-3"], "argument --limit-val: invalid value '-3'"),
     (["--limit-train", "8"], "fewer than one batch of 16 per process"),
-    (["--eval-every", "-1"], "--eval-every must be >= 0"),
+    (["--eval-every", "-1"], "argument --eval-every: invalid value '-1'; valid: an int in [0, 10000]"),
 ])
 def test_bad_limits_get_one_clear_line(toy, extra, message, tmp_path, cli_error):
     argv = ["run", "--task", Toy.name, "--mechanism", "softmax", "--out", str(tmp_path / "run"),

@@ -96,10 +96,10 @@ def test_resume_continues_exactly_where_the_run_stopped(sentiment, tmp_path, mon
 @pytest.mark.parametrize("extra, message", [
     (["--glue-task", "sst3"], "--glue-task: invalid choice: 'sst3' (choose from 'cola', 'sst2', 'mrpc'"),
     (["--size", "huge"], "argument --size: invalid choice: 'huge'"),
-    (["--max-len", "2"], "--max-len must be >= 4"),
+    (["--max-len", "2"], "argument --max-len: invalid value '2'; valid: an int in [4, 4096]"),
     (["--batch-size", "64"], "fewer than one batch of 64 per process"),
     (["--opt", "set.m=16"], "options of set do not apply to --mechanism softmax"),
-    (["--tokenizer", "/nonexistent/vocab.txt"], "--tokenizer /nonexistent/vocab.txt: no such file"),
+    (["--tokenizer", "/nonexistent/vocab.txt"], "argument --tokenizer: /nonexistent/vocab.txt: no such file"),
     (["--glue-task", "rte"], "no RTE/ folder in it for --glue-task rte (it holds SST-2)"),
     (["--glue-task", "stsb", "--label-smoothing", "0.1"], "GLUE STS-B is a regression"),
     (["--init", "minilm"], "--init minilm fixes the encoder (size minilm) and the tokenizer"),
@@ -114,5 +114,6 @@ def test_other_tasks_need_the_glue_data(tmp_path, cli_error):
 
 
 def test_options_that_need_a_grid_refuse_sequences_before_any_data_is_read(tmp_path, cli_error):
+    (tmp_path / "never-read").mkdir()  # an empty folder: reading it would fail
     argv = run_args(tmp_path / "never-read", tmp_path, "--opt", "set.positional=2d", mechanism="set")
     assert "cannot mix 1-D padded sequences" in cli_error(argv)

@@ -70,7 +70,7 @@ def test_resume_refuses_a_checkpoint_of_another_run(finished, tiny, tmp_path, ca
         main(tiny_run_args(tiny, tmp_path, "--resume", str(finished / "run")))  # softmax now, set there
     assert exc.value.code == 2
     err = capsys.readouterr().err
-    assert "the checkpoint is of another run (mechanism: 'set' there, 'softmax' now)" in err
+    assert "--mechanism softmax given, but the run recorded --mechanism set" in err
 
 
 def test_plot_draws_accuracy_against_flops_and_parameters(finished):
@@ -87,12 +87,12 @@ def test_models_prints_parameters_and_flops_per_mechanism(capsys):
 
 @pytest.mark.parametrize("extra, message", [
     (["--size", "huge"], "argument --size: invalid choice: 'huge'"),
-    (["--epochs", "0"], "--epochs must be >= 1"),
+    (["--epochs", "0"], "argument --epochs: invalid value '0'; valid: an int in [1, 10000]"),
     (["--batch-size", "64"], "fewer than one batch of 64 per process"),
     (["--opt", "set.m=16"], "options of set do not apply to --mechanism softmax"),
     (["--opt", "softmax.window=3"], "unknown option(s) window"),
-    (["--resume", "/nonexistent/run"], "no checkpoint there"),
-    (["--img-size", "8"], "--img-size must be >= 16"),
+    (["--resume", "/nonexistent/run"], "argument --resume: /nonexistent/run: no such file or folder"),
+    (["--img-size", "8"], "argument --img-size: invalid value '8'; valid: an int in [16, 4096]"),
     (["--amp", "fp16", "--device", "cpu"], "--amp fp16 needs CUDA"),
 ])
 def test_bad_options_get_one_clear_line(extra, message, tiny, tmp_path, cli_error):
@@ -115,6 +115,7 @@ def test_a_mechanism_that_cannot_run_here_says_why(tiny, tmp_path, cli_error):
 
 def test_options_that_need_a_grid_refuse_a_sequence_before_any_data_is_read(tmp_path, cli_error):
     options = ("--opt", "set.positional=2d", "--tokens", "sequence")
+    (tmp_path / "never-read").mkdir()  # an empty folder: reading it would fail
     argv = tiny_run_args(tmp_path / "never-read", tmp_path, *options, mechanism="set")
     assert "positional='2d' needs a 2-D grid" in cli_error(argv)
 
