@@ -5,6 +5,7 @@
     L layers (post-norm, as BERT):  x = LN(x + drop(mechanism(x, grid=None, mask=mask)))
                                     x = LN(x + drop(W2 GELU(W1 x)))
     pooling: mean over real tokens (the mask), dropout, Linear -> classes (or 1 score)
+    per_token=True: no pooling; dropout, Linear at every token (or only where ``at`` says)
 
 Sequences are 1-D: every mechanism gets ``grid=None`` and the padding mask, so its output at
 real tokens does not depend on the padding; SeT adds its own 1-D positional prior over the
@@ -29,13 +30,18 @@ from attnbench import Mechanism, build_mechanism
 
 @dataclasses.dataclass(frozen=True)
 class EncoderSize:
-    """Layers, width, heads and feed-forward width of one named encoder size."""
+    """Layers, width, heads and feed-forward width of one named encoder size; ``prenorm`` puts the
+    LayerNorms before the mixer and the FFN (the long-sequence sizes: BERT's post-norm does not
+    learn recall from scratch in a CPU budget), ``conv`` > 0 adds a depthwise convolution of that
+    width over the embeddings (each token sees its neighbours, as in Zoology's baselines)."""
 
     layers: int
     dim: int
     heads: int
     ffn: int
     dropout: float = 0.1
+    prenorm: bool = False
+    conv: int = 0
 
 
 SIZES: dict[str, EncoderSize] = {
@@ -46,32 +52,44 @@ SIZES: dict[str, EncoderSize] = {
     "medium": EncoderSize(8, 512, 8, 2048),  # BERT-Medium
     "base": EncoderSize(12, 768, 12, 3072),  # BERT-Base
     "minilm": EncoderSize(6, 384, 12, 1536),  # all-MiniLM-L6-v2's shape (for --init minilm)
+    # the long-sequence tasks (mqar, listops, seqimage): pre-norm, a short convolution, one head of 64
+    # channels on the CPU; LRA-like widths for the GPU presets
+    "seq-tiny": EncoderSize(2, 64, 1, 256, dropout=0.0, prenorm=True, conv=3),
+    "seq-small": EncoderSize(4, 128, 2, 512, dropout=0.0, prenorm=True, conv=3),
+    "seq-base": EncoderSize(4, 256, 4, 1024, dropout=0.1, prenorm=True, conv=3),
 }
 
 
 class Layer(nn.Module):
-    """One post-norm encoder layer with ``mixer`` as self-attention, on tokens (B, N, C)."""
+    """One encoder layer with ``mixer`` as self-attention, on tokens (B, N, C): post-norm as BERT,
+    or pre-norm."""
 
-    def __init__(self, dim: int, mixer: Mechanism, ffn: int, dropout: float, eps: float) -> None:
+    def __init__(self, dim: int, mixer: Mechanism, ffn: int, dropout: float, eps: float,
+                 prenorm: bool = False) -> None:
         super().__init__()
-        self.mixer = mixer
+        self.mixer, self.prenorm = mixer, prenorm
         self.norm1 = nn.LayerNorm(dim, eps=eps)
         self.ffn = nn.Sequential(nn.Linear(dim, ffn), nn.GELU(), nn.Linear(ffn, dim))
         self.norm2 = nn.LayerNorm(dim, eps=eps)
         self.drop = nn.Dropout(dropout)
 
     def forward(self, x: Tensor, mask: Tensor) -> Tensor:
+        if self.prenorm:
+            x = x + self.drop(self.mixer(self.norm1(x), None, mask=mask))
+            return x + self.drop(self.ffn(self.norm2(x)))
         x = self.norm1(x + self.drop(self.mixer(x, None, mask=mask)))
         return self.norm2(x + self.drop(self.ffn(x)))
 
 
 class TextEncoder(nn.Module):
-    """Token ids to class logits (B, classes) or scores (B, 1), with ``mechanism`` in every layer."""
+    """Token ids to class logits (B, classes) or scores (B, 1), with ``mechanism`` in every layer;
+    ``per_token``: logits at every token instead (MQAR's recall at each query)."""
 
     def __init__(self, size: EncoderSize, mechanism: str, vocab_size: int, num_outputs: int, max_len: int,
-                 options: Mapping[str, Any] | None = None, pad_id: int = 0, eps: float = 1e-12) -> None:
+                 options: Mapping[str, Any] | None = None, pad_id: int = 0, eps: float = 1e-12,
+                 per_token: bool = False) -> None:
         super().__init__()
-        self.size, self.mechanism, self.max_len = size, mechanism, max_len
+        self.size, self.mechanism, self.max_len, self.per_token = size, mechanism, max_len, per_token
         d = size.dim
         self.words = nn.Embedding(vocab_size, d, padding_idx=pad_id)
         self.positions = nn.Embedding(max_len, d)
@@ -80,7 +98,11 @@ class TextEncoder(nn.Module):
         self.drop = nn.Dropout(size.dropout)
         options = dict(options or {})
         mixers = [build_mechanism(mechanism, d, size.heads, **options) for _ in range(size.layers)]
-        self.layers = nn.ModuleList(Layer(d, mixer, size.ffn, size.dropout, eps) for mixer in mixers)
+        self.layers = nn.ModuleList(Layer(d, mixer, size.ffn, size.dropout, eps, size.prenorm)
+                                    for mixer in mixers)
+        # (B, C, N) -> (B, C, N): each channel mixed with its neighbours only
+        self.conv = nn.Conv1d(d, d, size.conv, padding=size.conv // 2, groups=d) if size.conv else None
+        self.final_norm = nn.LayerNorm(d, eps=eps) if size.prenorm else None
         self.head = nn.Linear(d, num_outputs)
         self.apply(_init_weights)
 
@@ -92,13 +114,21 @@ class TextEncoder(nn.Module):
         pos = torch.arange(n, device=ids.device)
         x = self.drop(self.embed_norm(self.words(ids) + self.positions(pos) + self.segments(segments)))
         x = x * mask.unsqueeze(-1)  # padding carries nothing in (the mechanisms ignore it anyway)
+        if self.conv is not None:
+            x = x + (self.conv(x.transpose(1, 2)).transpose(1, 2) * mask.unsqueeze(-1))
         for layer in self.layers:
             x = layer(x, mask)
+        if self.final_norm is not None:
+            x = self.final_norm(x)
         return x * mask.unsqueeze(-1)
 
-    def forward(self, ids: Tensor, segments: Tensor, mask: Tensor) -> Tensor:
-        """ids, segments (B, N) long, mask (B, N) bool -> (B, outputs)."""
+    def forward(self, ids: Tensor, segments: Tensor, mask: Tensor, at: Tensor | None = None) -> Tensor:
+        """ids, segments (B, N) long, mask (B, N) bool -> (B, outputs); per token: (B, N, outputs),
+        or (P, outputs) at the P positions where ``at`` (B, N) bool is True, in row-major order (the
+        head runs only there: a wide head at every one of 16k tokens would not fit)."""
         x = self.features(ids, segments, mask)
+        if self.per_token:
+            return self.head(self.drop(x if at is None else x[at]))
         pooled = x.sum(1) / mask.sum(1, keepdim=True).clamp(min=1).to(x.dtype)  # mean over real tokens
         return self.head(self.drop(pooled))
 
@@ -123,11 +153,13 @@ def _init_weights(module: nn.Module) -> None:
 
 
 def build_encoder(size: str, mechanism: str, vocab_size: int, num_outputs: int, max_len: int,
-                  options: Mapping[str, Any] | None = None, pad_id: int = 0) -> TextEncoder:
+                  options: Mapping[str, Any] | None = None, pad_id: int = 0,
+                  per_token: bool = False) -> TextEncoder:
     """The named size with ``mechanism`` in every layer; unknown names raise KeyError/OptionError."""
     if size not in SIZES:
         raise KeyError(f"unknown encoder size {size!r}; valid choices: {', '.join(SIZES)}")
-    return TextEncoder(SIZES[size], mechanism, vocab_size, num_outputs, max_len, options, pad_id)
+    return TextEncoder(SIZES[size], mechanism, vocab_size, num_outputs, max_len, options, pad_id,
+                       per_token=per_token)
 
 
 def count_parameters(model: nn.Module) -> int:
