@@ -1,0 +1,552 @@
+"""``attnbench scale --task T``: the accuracy sweep, accuracy against sequence length.
+
+One model is trained and evaluated per point (mechanism variant, n, seed), each by the task's own
+``attnbench run --task T --mechanism M --seq-len N --seed S …`` in a process of its own
+(``attnbench.worker.run_isolated``) under the kernel sweep's memory limit and a time limit per
+point: an out-of-memory, a crash or a time-out becomes a row with its status and message, and the
+sweep goes on. Every point of a sweep gets the same budget: the same task arguments (the step
+budget of the task's preset) or, with ``--time-budget``, the same seconds of training.
+
+A sweep folder holds ``accuracy.csv`` (one row per point, appended atomically as each finishes:
+the task's row, the variant, status, message and the sweep's context), ``meta.json`` (the sweep's
+settings; ``--resume`` refuses a folder whose settings differ), ``breaking.csv`` (each variant's
+breaking length: the smallest n at which its mean accuracy over seeds falls more than
+``MARGIN`` points below softmax's, or sdpa's), the plots (``attnbench.accuracy_plots``), and ``points/``: each
+point's run folder and log. The engine sees the task only through the task registry.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import json
+import math
+import shlex
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, TextIO
+
+import pandas as pd
+
+from attnbench import registry
+from attnbench.interrupt import command_with, keeping
+from attnbench.options import Variant, variants
+from attnbench.plots import slug
+from attnbench.results import (
+    aggregate,
+    append_row,
+    format_spread,
+    read_table,
+    run_context,
+    write_meta,
+    write_table,
+)
+from attnbench.sweep import SweepError, parse_mechanisms, parse_seq
+from attnbench.tasks import get_task, sweep_tasks
+from attnbench.worker import cap_address_space, run_isolated
+
+# what a variant's accuracy is judged against: softmax, else sdpa (the same maths, fused), where swept
+BASELINES = ("softmax", "sdpa")
+MARGIN = 10.0  # points of accuracy below the baseline at which a variant counts as broken
+DEFAULT_LIMIT_S = 1800.0  # seconds a point may take (start, training, evaluation) under a step budget
+COLUMNS = ["task", "mechanism", "variant", "options", "seq_len", "seed", "status", "accuracy",
+           "best_accuracy", "chance", "steps", "step_ms", "tokens_s", "peak_mem_mib", "params",
+           "softmax_params", "flops_per_step", "time_budget", "message", "point_s", "device", "threads",
+           "dtype", "git_commit"]
+KEY = ["variant", "seq_len", "seed"]
+# flags of `attnbench run` that the sweep sets itself, with what sets them instead
+RESERVED = {"--task": "--task", "--mechanism": "--mechanism", "--opt": "--opt", "--seq-len": "--seq",
+            "--seed": "--seeds", "--time-budget": "--time-budget", "--device": "--device",
+            "--threads": "--threads", "--results": "--out", "--out": "--out", "--resume": "--resume"}
+# settings a resumed sweep must share with its folder
+SHARED = ("task", "args", "time_budget", "device")
+
+
+@dataclasses.dataclass
+class AccuracyConfig:
+    """One accuracy sweep: what every point trains (task, mechanisms and their option variants,
+    lengths, seeds, task arguments, budget) and the limits it runs under."""
+
+    task: str
+    mechanisms: list[str]
+    seq: list[int]
+    seeds: list[int]
+    args: list[str] = dataclasses.field(default_factory=list)  # task arguments of every run
+    # --opt, parsed with axes=True: a comma list (set.m=16,64) runs each value as a variant of its own
+    options: dict[str, dict[str, str]] = dataclasses.field(default_factory=dict)
+    time_budget: float | None = None  # seconds of training per point; None: the steps ``args`` set
+    limit_s: float = DEFAULT_LIMIT_S  # seconds per point before it is recorded as a time-out
+    memory_limit_mib: float | None = None
+    device: str = "cpu"
+    threads: int = 1
+    load: list[str] = dataclasses.field(default_factory=list)
+
+    def validate(self) -> None:
+        if not self.seeds or min(self.seeds) < 0:
+            raise SweepError(f"--seeds {self.seeds}: expected seeds >= 0, e.g. 0,1,2")
+        if self.time_budget is not None and not self.time_budget > 0:
+            raise SweepError(f"--time-budget must be > 0 seconds, got {self.time_budget:g}")
+        if not self.limit_s > 0:
+            raise SweepError(f"--budget must be > 0 seconds, got {self.limit_s:g}")
+        if self.threads < 1:
+            raise SweepError(f"--threads must be >= 1, got {self.threads}")
+        for item in self.args:
+            flag = item.partition("=")[0]
+            if flag in RESERVED:
+                raise SweepError(f"task argument {item!r}: the sweep sets {flag} for every run; use "
+                                 f"`attnbench scale {RESERVED[flag]}` instead")
+        self.variants()
+
+    def variants(self) -> list[Variant]:
+        return variants(self.mechanisms, self.options)
+
+
+def point_limit(time_budget: float | None) -> float:
+    """Seconds a point may take before it is a time-out: ``DEFAULT_LIMIT_S``, or under a time
+    budget twice the budget and 5 minutes for start-up and evaluation, where that is more."""
+    return DEFAULT_LIMIT_S if time_budget is None else max(DEFAULT_LIMIT_S, 2 * time_budget + 300)
+
+
+def parse_seeds(text: str) -> list[int]:
+    """``0,1,2`` or ``3`` -> seeds in the order given, each once."""
+    try:
+        seeds = list(dict.fromkeys(int(s) for s in text.split(",")))
+    except ValueError:
+        raise SweepError(f"--seeds {text!r}: expected a comma list of seeds, e.g. 0,1,2") from None
+    if min(seeds) < 0:
+        raise SweepError(f"--seeds {text!r}: seeds must be >= 0")
+    return seeds
+
+
+def plan(task: str, device: str, seq: str | None = None, mechanisms: str | None = None,
+         seeds: str | None = None, task_args: Sequence[str] = (), **settings: Any) -> AccuracyConfig:
+    """The sweep of ``task`` on ``device``: its preset for the device, each entry the flag's value
+    where one is given; ``task_args`` come after the preset's (a flag given again wins there)."""
+    cls = get_task(task)
+    reason = cls.unavailable_reason()
+    if reason:
+        raise SweepError(f"task {task!r} is {reason}")
+    if not cls.sweep_presets:
+        raise SweepError(f"task {task!r} has no accuracy sweep (no sweep presets); tasks with one: "
+                         f"{', '.join(sweep_tasks()) or 'none'}")
+    if device not in cls.sweep_presets:
+        raise SweepError(f"task {task!r} has no sweep preset for {device}; presets: "
+                         f"{', '.join(cls.sweep_presets)}")
+    preset = cls.sweep_presets[device]
+    cfg = AccuracyConfig(
+        task=task, device=device,
+        seq=parse_seq(seq) if seq is not None else list(preset["seq"]),
+        mechanisms=parse_mechanisms(mechanisms if mechanisms is not None else ",".join(preset["mechanisms"])),
+        seeds=parse_seeds(seeds) if seeds is not None else list(preset["seeds"]),
+        args=[*preset.get("args", []), *task_args], **settings)
+    cfg.validate()
+    return cfg
+
+
+# ---- points -----------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Point:
+    """One model to train: a mechanism variant at one length with one seed."""
+
+    variant: Variant
+    n: int
+    seed: int
+
+    @property
+    def key(self) -> tuple[str, int, int]:
+        return (self.variant.label, self.n, self.seed)
+
+    @property
+    def name(self) -> str:
+        """Its folder's name under ``points/``: ``set-m-16-n256-seed0``."""
+        return f"{slug(self.variant.label)}-n{self.n}-seed{self.seed}"
+
+
+def points(cfg: AccuracyConfig) -> list[Point]:
+    """Every point, length by length and seed by seed, so that all variants at a length finish
+    together and the table fills from the short end."""
+    return [Point(v, n, seed) for n in cfg.seq for seed in cfg.seeds for v in cfg.variants()]
+
+
+def run_argv(cfg: AccuracyConfig, point: Point, results: Path, out: Path) -> list[str]:
+    """The ``attnbench`` command line of one point."""
+    mech = point.variant.mechanism
+    opts = [a for k, v in point.variant.options.items() for a in ("--opt", f"{mech}.{k}={v}")]
+    budget = ["--time-budget", f"{cfg.time_budget:g}"] if cfg.time_budget is not None else []
+    return ["run", "--task", cfg.task, "--mechanism", mech, *opts, *cfg.args,
+            "--seq-len", str(point.n), "--seed", str(point.seed), *budget, "--device", cfg.device,
+            "--threads", str(cfg.threads), "--results", str(results), "--out", str(out)]
+
+
+def _train_point(config: dict[str, Any]) -> dict[str, Any]:
+    """In the point's own process: ``attnbench run …`` under the memory limit. The row goes to the
+    run's ``--results`` table; an exception becomes a status in ``run_isolated``."""
+    from attnbench import cli
+
+    for spec in config["load"]:  # plug-ins the sweep loaded: the fork server has not seen them
+        registry.load_module(spec)
+    if config["memory_limit_mib"]:
+        cap_address_space(config["memory_limit_mib"])
+    sys.argv = ["attnbench", *config["argv"]]  # what the run's meta.json records as its command
+    try:
+        code = cli.main(config["argv"])
+    except SystemExit as exc:  # a usage error: printed to the point's log
+        code = exc.code
+    if code:
+        return {"status": "error", "message": f"attnbench run exited with status {code}"}
+    return {"status": "ok", "message": ""}
+
+
+def _last_line(log: Path) -> str:
+    """The last line of a point's log that says something (the error, usually)."""
+    lines = [line.strip() for line in log.read_text(errors="replace").splitlines() if line.strip()]
+    return lines[-1] if lines else ""
+
+
+def precision(args: Sequence[str], device: str) -> str:
+    """What the runs compute in, from the task arguments' ``--amp`` (the harness's default: auto)."""
+    amp = "auto"
+    for i, item in enumerate(args):
+        if item == "--amp" and i + 1 < len(args):
+            amp = args[i + 1]
+        elif item.startswith("--amp="):
+            amp = item.partition("=")[2]
+    if amp == "auto":
+        return "float32" if device == "cpu" else "autocast (bf16, else fp16)"
+    return {"off": "float32", "bf16": "bf16 autocast", "fp16": "fp16 autocast"}.get(amp, amp)
+
+
+def context(cfg: AccuracyConfig) -> dict[str, Any]:
+    """The sweep's context, a column each in every row: device, threads, dtype, commit, machine, versions."""
+    ctx = run_context(cfg.device, cfg.threads)
+    return {"device": cfg.device, "threads": cfg.threads, "dtype": precision(cfg.args, cfg.device),
+            "git_commit": ctx["git_commit"], "cpu": ctx["cpu"], "cpu_count": ctx["cpu_count"],
+            "gpu": ctx["gpu"], "cuda": ctx["cuda"], "python": ctx["python"], **ctx["versions"]}
+
+
+def run_point(cfg: AccuracyConfig, point: Point, out: Path, ctx: dict[str, Any]) -> dict[str, Any]:
+    """Train and evaluate one point in a process of its own; its row, failures included."""
+    variant = point.variant
+    base = {"task": cfg.task, "mechanism": variant.mechanism, "variant": variant.label,
+            "options": ";".join(f"{k}={v}" for k, v in sorted(variant.options.items())),
+            "seq_len": point.n, "seed": point.seed, "time_budget": cfg.time_budget}
+    reason = registry.get_mechanism(variant.mechanism).unavailable_reason(cfg.device)
+    if reason:
+        return {**ctx, **base, "status": "unavailable", "message": reason, "point_s": 0.0}
+    folder = out / "points" / point.name
+    if folder.exists():  # an interrupted earlier try: start afresh
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
+    log = folder / "log.txt"
+    start = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="attnbench-point-") as tmp:
+        results = Path(tmp) / f"{cfg.task}.csv"  # the task's plots drawn beside it go with it
+        argv = run_argv(cfg, point, results, folder)
+        log.write_text(f"$ attnbench {shlex.join(argv)}\n")
+        answer = run_isolated(_train_point, {"argv": argv, "load": cfg.load,
+                                             "memory_limit_mib": cfg.memory_limit_mib}, cfg.limit_s, log)
+        table = read_table(results)
+    seconds = round(time.monotonic() - start, 1)
+    (folder / "checkpoint.pt").unlink(missing_ok=True)  # a point is never resumed: the row is what stays
+    ended = len(table) and table.iloc[-1].get("status") in ("diverged", "oom")  # exit 1, and its row
+    if (answer["status"] == "ok" or ended) and len(table):
+        row = {k: v for k, v in table.iloc[-1].items() if not (isinstance(v, float) and math.isnan(v))}
+        return {**ctx, **base, **row, "variant": variant.label, "status": row.get("status", "ok"),
+                "message": row.get("message", ""), "point_s": seconds}
+    message = answer.get("message", "")
+    if answer["status"] == "ok":
+        message = "the run finished without writing a results row"
+    if answer["status"] == "error" and message.startswith("attnbench run exited"):
+        message = f"{_last_line(log)} ({message.removeprefix('attnbench run ')})"
+    return {**ctx, **base, "status": answer["status"], "message": message[:500], "point_s": seconds,
+            "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
+
+
+# ---- the sweep --------------------------------------------------------------------------------
+
+
+class Progress:
+    """One line per finished point, with the time so far and a rough ETA: the points left, each
+    costing what the finished ones at its length did (a length not reached yet: the longest
+    reached, scaled linearly with n)."""
+
+    def __init__(self, todo: list[Point], log: TextIO) -> None:
+        self.todo, self.log = todo, log
+        self.start = time.monotonic()
+        self.seconds: dict[int, list[float]] = {}
+        self.done = 0
+
+    def eta(self) -> float:
+        left = self.todo[self.done:]
+        if not self.seconds:
+            return math.nan
+        longest = max(self.seconds)
+        mean = {n: sum(s) / len(s) for n, s in self.seconds.items()}
+        return sum(mean.get(p.n, mean[longest] * p.n / longest) for p in left)
+
+    def report(self, point: Point, row: dict[str, Any]) -> None:
+        self.done += 1
+        self.seconds.setdefault(point.n, []).append(float(row.get("point_s", 0.0)))
+        elapsed = dt.timedelta(seconds=round(time.monotonic() - self.start))
+        eta = self.eta()
+        left = f"ETA {dt.timedelta(seconds=round(eta))}" if math.isfinite(eta) else "ETA -"
+        print(f"[{self.done}/{len(self.todo)}] {point.variant.label} n={point.n} seed={point.seed}: "
+              f"{describe(row)} | {elapsed} elapsed, {left}", file=self.log, flush=True)
+
+
+def _number(row: dict[str, Any], key: str) -> float:
+    try:
+        return float(row.get(key, math.nan))
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def describe(row: dict[str, Any]) -> str:
+    """A point's result in a few words."""
+    if row["status"] != "ok":
+        return f"{row['status']}: {row.get('message', '')}"[:160]
+    parts = [f"accuracy {_number(row, 'accuracy'):.1f}"]
+    if math.isfinite(_number(row, "best_accuracy")):
+        parts[0] += f" (best {_number(row, 'best_accuracy'):.1f})"
+    units = (("steps", "{:.0f} steps"), ("step_ms", "{:.3g} ms/step"), ("peak_mem_mib", "{:.0f} MiB"))
+    for key, fmt in units:
+        if math.isfinite(_number(row, key)):
+            parts.append(fmt.format(_number(row, key)))
+    return ", ".join(parts) + f", {_number(row, 'point_s'):.0f} s"
+
+
+def _check_resume(cfg: AccuracyConfig, meta_path: Path, out: Path) -> None:
+    """A resumed sweep must train as its folder did: same task, task arguments, budget, device and,
+    for every mechanism in both, the same options."""
+    old = json.loads(meta_path.read_text()).get("sweep", {})
+    mine = dataclasses.asdict(cfg)
+    for key in SHARED:
+        if key in old and old[key] != mine[key]:
+            raise SweepError(f"--resume: {out} was swept with {key}={old[key]!r}, this sweep asks for "
+                             f"{mine[key]!r}; choose another --out")
+    for mech in set(old.get("mechanisms", [])) & set(cfg.mechanisms):
+        before, now = old.get("options", {}).get(mech, {}), cfg.options.get(mech, {})
+        if before != now:
+            raise SweepError(f"--resume: {out} ran {mech} with options {before or 'none'}, this sweep asks "
+                             f"for {now or 'none'}; choose another --out")
+
+
+def run_sweep(cfg: AccuracyConfig, out: Path, resume: bool, argv: list[str],
+              log: TextIO | None = None) -> pd.DataFrame:
+    """Train every point not already in ``out/accuracy.csv``; returns the full table."""
+    log = log or sys.stderr
+    cfg.validate()
+    csv, meta_path = out / "accuracy.csv", out / "meta.json"
+    if csv.exists() and not resume:
+        raise SweepError(f"{out} already holds a sweep; pass --resume to finish it or choose another --out")
+    if resume and meta_path.exists():
+        _check_resume(cfg, meta_path, out)
+    meta = run_context(cfg.device, cfg.threads, argv)
+    meta.update(kind="accuracy", task=cfg.task, dtype=precision(cfg.args, cfg.device),
+                sweep=dataclasses.asdict(cfg))
+    earlier = json.loads(meta_path.read_text()).get("commands", []) if resume and meta_path.exists() else []
+    meta["commands"] = [*earlier, meta["command"]]
+    write_meta(meta_path, meta)
+    done = read_table(csv, COLUMNS)
+    seen = {(str(v), int(n), int(s)) for v, n, s in zip(done.get("variant", []), done.get("seq_len", []),
+                                                         done.get("seed", []), strict=True)}
+    todo = [p for p in points(cfg) if p.key not in seen]
+    if seen:
+        print(f"resuming: {len(seen)} points already in {csv} (failures too: delete a row to run it again), "
+              f"{len(todo)} to go", file=log)
+    ctx = context(cfg)
+    progress = Progress(todo, log)
+    try:
+        for point in todo:
+            row = run_point(cfg, point, out, ctx)
+            append_row(csv, row, COLUMNS)
+            progress.report(point, row)
+    except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM: the point cut short is killed, the rows stay
+        rows = len(read_table(csv, COLUMNS))
+        resume = command_with(argv, {"--out": True, "--resume": False}, ["--out", str(out), "--resume"])
+        raise keeping(exc, f"kept {rows} of {len(seen) + len(todo)} points in {csv}; finish with: "
+                           f"{resume}") from None
+    return read_table(csv, COLUMNS)
+
+
+# ---- what a researcher reads ------------------------------------------------------------------
+
+
+def seed_stats(table: pd.DataFrame) -> pd.DataFrame:
+    """Per variant and n: mean, std and count over distinct seeds of the finished points (the
+    latest row of a seed stands for it) of accuracy, best accuracy, chance, time per step and
+    peak memory."""
+    metrics = [m for m in ("accuracy", "best_accuracy", "chance", "step_ms", "peak_mem_mib")
+               if m in table.columns]
+    ok = table[table["status"] == "ok"] if "status" in table.columns else table
+    return aggregate(ok, metrics, ["mechanism", "variant", "seq_len"])
+
+
+def failures(table: pd.DataFrame) -> pd.DataFrame:
+    """The points that did not finish (unavailable ones are not failures: they never could run)."""
+    return table[~table["status"].isin(["ok", "unavailable"]) & table["status"].notna()]
+
+
+def baseline_of(table: pd.DataFrame) -> str:
+    """The sweep's reference: the first of ``BASELINES`` among its variants."""
+    labels = set(table["variant"].dropna()) if "variant" in table.columns else set()
+    return next((b for b in BASELINES if b in labels), BASELINES[0])
+
+
+def breaking_lengths(table: pd.DataFrame, margin: float = MARGIN,
+                     baseline: str | None = None) -> pd.DataFrame:
+    """Each variant's breaking length: the smallest n at which its mean accuracy over seeds falls
+    more than ``margin`` points below the baseline's at the same n. Lengths where the baseline did
+    not finish cannot be judged (``baseline_missing_n``); failed points are left out of the means
+    and listed (``failed``). ``breaking``: the length; ``none`` when it never breaks where judged;
+    ``n/a: no softmax`` when the baseline finished at none of its lengths, ``n/a: no accuracy``
+    when the variant finished at none (words a CSV reader does not take for missing values).
+    ``baseline``: default ``baseline_of(table)``."""
+    baseline = baseline or baseline_of(table)
+    stats = seed_stats(table)
+    base = stats[stats["variant"] == baseline].set_index("seq_len")["accuracy_mean"]
+    failed = failures(table)
+    labels = [v for v in dict.fromkeys(table["variant"]) if v != baseline]
+    rows = []
+    for label in labels:
+        mine = stats[stats["variant"] == label].sort_values("seq_len")
+        judged, missing, broke = [], [], None
+        for r in mine.itertuples():
+            n = int(r.seq_len)
+            if n not in base.index or not math.isfinite(base[n]):
+                missing.append(n)
+                continue
+            judged.append(n)
+            gap = base[n] - r.accuracy_mean
+            if broke is None and round(gap, 9) > margin:
+                broke = {"breaking_n": n, "accuracy": r.accuracy_mean, "baseline_accuracy": base[n],
+                         "gap": gap, "seeds": r.n_seeds}
+        mine_failed = failed[failed["variant"] == label].sort_values("seq_len")
+        rows.append({
+            "variant": label, "mechanism": table[table["variant"] == label]["mechanism"].iloc[0],
+            "breaking": str(broke["breaking_n"]) if broke else "none" if judged else
+                        f"n/a: no {baseline}" if missing else "n/a: no accuracy",
+            **(broke or {"breaking_n": math.nan, "accuracy": math.nan, "baseline_accuracy": math.nan,
+                         "gap": math.nan, "seeds": math.nan}),
+            "judged_n": ",".join(map(str, judged)), "baseline_missing_n": ",".join(map(str, missing)),
+            "failed": ", ".join(f"n={int(r.seq_len)} seed={int(r.seed)}: {r.status}"
+                                for r in mine_failed.itertuples()),
+            "baseline": baseline, "margin": margin})
+    columns = ["variant", "mechanism", "breaking", "breaking_n", "accuracy", "baseline_accuracy", "gap",
+               "seeds", "judged_n", "baseline_missing_n", "failed", "baseline", "margin"]
+    return pd.DataFrame(rows, columns=columns).astype({"breaking_n": "Int64", "seeds": "Int64"})
+
+
+def accuracy_grid(table: pd.DataFrame) -> pd.DataFrame:
+    """Variants by n: mean ± std of accuracy over seeds with their n, or what stopped the points."""
+    stats = seed_stats(table)
+    failed = failures(table)
+    cells: dict[str, dict[int, str]] = {}
+    for label in dict.fromkeys(table["variant"]):
+        row = cells.setdefault(label, {})
+        for n in sorted(table["seq_len"].dropna().unique()):
+            mine = stats[(stats["variant"] == label) & (stats["seq_len"] == n)]
+            bad = failed[(failed["variant"] == label) & (failed["seq_len"] == n)]["status"]
+            text = (format_spread(mine["accuracy_mean"].iloc[0], mine["accuracy_std"].iloc[0],
+                                  int(mine["n_seeds"].iloc[0])) if len(mine) else "-")
+            if len(bad):
+                text += f" [{', '.join(f'{k} x{c}' for k, c in bad.value_counts().items())}]"
+            row[int(n)] = text
+    grid = pd.DataFrame.from_dict(cells, orient="index")
+    grid.index.name = "variant"
+    return grid
+
+
+@dataclasses.dataclass
+class Finished:
+    """What ``finish`` wrote: the breaking lengths, and the files (``breaking.csv`` and the plots)."""
+
+    breaking: pd.DataFrame
+    paths: list[Path]
+
+
+def finish(out: Path, log: TextIO | None = None) -> Finished:
+    """Write ``breaking.csv`` and the plots of a sweep folder."""
+    from attnbench.accuracy_plots import accuracy_sweep_plots
+
+    table = read_table(out / "accuracy.csv")
+    if table.empty:
+        raise SweepError(f"{out / 'accuracy.csv'} holds no points")
+    breaking = breaking_lengths(table)
+    write_table(out / "breaking.csv", breaking)
+    meta = json.loads((out / "meta.json").read_text()) if (out / "meta.json").exists() else {}
+    paths = accuracy_sweep_plots(table, breaking, out, meta)
+    print(f"wrote {out / 'accuracy.csv'}, {out / 'breaking.csv'} and {len(paths)} plot files",
+          file=log or sys.stderr)
+    return Finished(breaking, [out / "breaking.csv", *paths])
+
+
+def _text(column: pd.Series) -> pd.Series:
+    """A column as the console shows it: "-" where empty."""
+    return column.map(lambda v: "-" if pd.isna(v) or str(v) == "" else str(v))
+
+
+def summary(out: Path) -> str:
+    """The console summary: accuracy per variant and n, then the breaking lengths."""
+    table = read_table(out / "accuracy.csv")
+    breaking = read_table(out / "breaking.csv")
+    baseline = str(breaking["baseline"].iloc[0]) if len(breaking) else baseline_of(table)
+    with pd.option_context("display.width", 250, "display.max_columns", 30, "display.max_colwidth", 60):
+        parts = [f"accuracy (%) per variant and n: mean ± std over seeds (n = seeds); [failures]\n"
+                 f"{accuracy_grid(table).to_string()}"]
+        if len(breaking):
+            shown = pd.DataFrame({
+                "variant": breaking["variant"], "breaking length": breaking["breaking"],
+                f"accuracy there vs {baseline}": [
+                    f"{a:.1f} vs {b:.1f}" if math.isfinite(a) else "-"
+                    for a, b in zip(breaking["accuracy"], breaking["baseline_accuracy"], strict=True)],
+                "judged at n": _text(breaking["judged_n"]),
+                f"no {baseline} at n": _text(breaking["baseline_missing_n"]),
+                "did not finish": _text(breaking["failed"])})
+            parts.append(f"breaking length: the smallest n at which a variant's mean accuracy falls more "
+                         f"than {MARGIN:g} points below {baseline}'s at the same n\n"
+                         f"{shown.to_string(index=False)}")
+        else:
+            parts.append(f"no breaking lengths: nothing but {baseline} in this sweep")
+    return "\n\n".join(parts)
+
+
+def compare(out: Path, other: Path) -> pd.DataFrame:
+    """Accuracy of this sweep against a saved one, point by point (variant, n, seed); written to
+    ``compare.csv``."""
+    mine, theirs = read_table(out / "accuracy.csv"), read_table(other / "accuracy.csv")
+    if theirs.empty:
+        raise SweepError(f"--compare {other}: no accuracy.csv there")
+    keep = [*KEY, "status", "accuracy", "step_ms", "peak_mem_mib"]
+    mine = mine.drop_duplicates(KEY, keep="last").reindex(columns=keep)
+    theirs = theirs.drop_duplicates(KEY, keep="last").reindex(columns=keep)
+    both = mine.merge(theirs, on=KEY, how="outer", suffixes=("", "_before"))
+    both = both.sort_values(["seq_len", "variant", "seed"])
+    both["accuracy_change"] = both["accuracy"] - both["accuracy_before"]
+    both["time_ratio"] = both["step_ms"] / both["step_ms_before"]
+    both["memory_ratio"] = both["peak_mem_mib"] / both["peak_mem_mib_before"]
+    result = both[[*KEY, "status", "status_before", "accuracy", "accuracy_before", "accuracy_change",
+                   "time_ratio", "memory_ratio"]].reset_index(drop=True)
+    write_table(out / "compare.csv", result)
+    return result
+
+
+def compare_text(result: pd.DataFrame, other: Path, out: Path) -> str:
+    """The comparison as the console shows it: one line per point."""
+    shown = result.copy()
+    for c in ("status", "status_before"):
+        shown[c] = shown[c].fillna("not run")
+    for c in ("accuracy", "accuracy_before"):
+        shown[c] = shown[c].map(lambda v: f"{v:.1f}" if pd.notna(v) else "-")
+    shown["accuracy_change"] = shown["accuracy_change"].map(lambda v: f"{v:+.1f}" if pd.notna(v) else "-")
+    for c in ("time_ratio", "memory_ratio"):
+        shown[c] = shown[c].map(lambda v: f"{v:.2f}x" if pd.notna(v) else "-")
+    with pd.option_context("display.width", 250, "display.max_rows", 10_000):
+        return (f"compared with {other}: accuracy here minus there, point by point -> {out / 'compare.csv'}\n"
+                f"{shown.to_string(index=False)}")

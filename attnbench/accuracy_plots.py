@@ -1,0 +1,209 @@
+"""The accuracy sweep's plots (``attnbench scale --task``), in the project's conventions
+(``attnbench.plots``): accuracy against n per mechanism variant, and at each n accuracy against
+its cost (time per training step, peak memory) with the Pareto front.
+
+Means are over distinct seeds (``accuracy.seed_stats``), error bars their standard deviation where
+there are two seeds or more; points that did not finish are marked by kind where they failed.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+from matplotlib import ticker, transforms
+from matplotlib.lines import Line2D
+
+from attnbench import plots
+from attnbench.accuracy import MARGIN, baseline_of, failures, seed_stats
+from attnbench.plots import (
+    cost_axis,
+    dodge,
+    failure_handles,
+    label_lines,
+    marker_kwargs,
+    ordered,
+    plain,
+    rank_variants,
+    save_figure,
+    score_limits,
+    seeds_text,
+    side_legend,
+    style,
+    ticks_at,
+    wrap,
+)
+
+FRONTIER_COLUMNS = 4  # panels per row of a frontier figure: one per n
+FRONT = {"color": "0.45", "lw": 1.2, "ls": "-", "marker": "o", "ms": 14, "mfc": "none", "mec": "0.6"}
+
+
+def title(meta: dict[str, Any]) -> str:
+    """What the sweep trained, at what budget, where."""
+    sweep = meta.get("sweep", {})
+    budget = (f"{sweep['time_budget']:g} s of training per point" if sweep.get("time_budget")
+              else "equal optimiser steps per point")
+    machine = ", ".join(str(v) for v in (meta.get("cpu"), meta.get("gpu")) if v)
+    count = sweep.get("threads")
+    threads = f"{count} thread{'s' if count != 1 else ''}" if sweep.get("device") == "cpu" else ""
+    where = ", ".join(p for p in (machine, sweep.get("device"), threads, meta.get("dtype")) if p)
+    return f"{sweep.get('task', meta.get('task', 'task'))}, {budget}" + (f"; {where}" if where else "")
+
+
+def pareto_front(costs: list[float], scores: list[float]) -> list[int]:
+    """Indices of the points no other point beats on both cost (lower) and score (higher), in
+    order of cost: each costs more than the one before and scores higher."""
+    order = sorted(range(len(costs)), key=lambda i: (costs[i], -scores[i]))
+    front, best = [], -math.inf
+    for i in order:
+        if math.isfinite(costs[i]) and math.isfinite(scores[i]) and scores[i] > best:
+            front.append(i)
+            best = scores[i]
+    return front
+
+
+def _chance(stats: pd.DataFrame) -> pd.Series:
+    """Chance accuracy (%) per n, where the task records it."""
+    if "chance_mean" not in stats.columns:
+        return pd.Series(dtype=float)
+    return stats.groupby("seq_len")["chance_mean"].mean().dropna()
+
+
+def _score_limits(stats: pd.DataFrame) -> tuple[float, float]:
+    """The accuracy axis, always from chance (a mechanism that collapses to it is the finding), a
+    little wider than the points so that the chance line and 100 % stay clear of the frame."""
+    chance = _chance(stats)
+    lo, hi = score_limits(stats["accuracy_mean"], stats["accuracy_std"].where(stats["n_seeds"] > 1),
+                          floor=float(chance.min()) if len(chance) else 0.0)
+    pad = 0.03 * (hi - lo)
+    return lo - pad, hi + pad
+
+
+def _as_series(rows: pd.DataFrame) -> pd.DataFrame:
+    """Rows with each variant as a ``mechanism`` of its own, as ``attnbench.plots`` draws series."""
+    return rows.assign(mechanism=rows["variant"])
+
+
+def _breaking_note(label: str, breaking: pd.DataFrame, baseline: str) -> str:
+    if label == baseline:
+        return "baseline"
+    mine = breaking[breaking["variant"] == label]
+    if mine.empty:
+        return ""
+    text = str(mine["breaking"].iloc[0])
+    if text == "none":
+        return "never breaks"
+    return text if text.startswith("n/a") else f"breaks at n = {text}"
+
+
+def accuracy_against_n(table: pd.DataFrame, breaking: pd.DataFrame, heading: str) -> plt.Figure | None:
+    """Mean accuracy over seeds against n per variant (error bars: std over seeds), the chance
+    level, and above the panel the points that did not finish."""
+    stats = seed_stats(table)
+    if stats.empty:
+        return None
+    failed = _as_series(failures(table))
+    baseline = str(breaking["baseline"].iloc[0]) if len(breaking) else baseline_of(table)
+    fig, (ax,), (strip,) = plots._figure(failed["mechanism"].nunique(), 1, 10, 5.2)
+    handles = []
+    for label in ordered(stats["variant"]):
+        rows = stats[stats["variant"] == label].sort_values("seq_len")
+        s = style(label)
+        spread = rows["accuracy_std"].where(rows["n_seeds"] > 1)
+        note = _breaking_note(label, breaking, baseline)
+        container = ax.errorbar(rows["seq_len"], rows["accuracy_mean"], yerr=spread.fillna(0.0), capsize=3,
+                                ls=s.linestyle, lw=s.linewidth * 0.8, ecolor=s.colour, clip_on=False,
+                                **marker_kwargs(label, 6))
+        container.set_label(f"{label} ({seeds_text(rows['n_seeds'])}{'; ' + note if note else ''})")
+        handles.append(container)
+    chance = _chance(stats)
+    if len(chance):
+        ax.plot(chance.index, chance.values, color="0.4", ls=":", lw=1.2, marker="")
+        handles.append(Line2D([], [], color="0.4", ls=":", lw=1.2, label="chance"))
+    ax.set_ylim(*_score_limits(stats))
+    ax.set_xscale("log", base=2)
+    ticks_at(ax.xaxis, table["seq_len"].dropna().unique())
+    ax.yaxis.set_major_formatter(ticker.FuncFormatter(plain))
+    ax.set_xlabel("sequence length n (tokens)")
+    ax.set_ylabel("accuracy (%)")
+    ax.grid(True, which="major", alpha=0.3)
+    plots._draw_failures(strip, failed, "seq_len")
+    handles += failure_handles(failed)
+    side_legend(ax, handles, fontsize=7.5,
+                title=f"mean ± std over seeds; breaking:\nover {MARGIN:g} points below {baseline}")
+    fig.suptitle(wrap(f"Accuracy against sequence length: {heading}", fig, 10, 0.75), fontsize=10)
+    return fig
+
+
+def frontier(table: pd.DataFrame, cost: str, xlabel: str, heading: str) -> plt.Figure | None:
+    """At each n, a panel of accuracy (mean over seeds) against ``cost`` per variant, the Pareto
+    front (no other point cheaper and better) drawn through the points on it."""
+    stats = seed_stats(table)
+    if stats.empty or f"{cost}_mean" not in stats.columns or not stats[f"{cost}_mean"].notna().any():
+        return None
+    failed = failures(table)
+    lengths = sorted(int(n) for n in stats["seq_len"].unique())
+    ncols = min(FRONTIER_COLUMNS, len(lengths))
+    nrows = math.ceil(len(lengths) / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(3.3 * ncols + 3.0, 3.1 * nrows + 0.9), sharey=True,
+                             squeeze=False, layout="constrained")
+    limits = _score_limits(stats)
+    labels = ordered(stats["variant"])
+    dodged = False
+    for ax, n in zip(axes.flat, lengths, strict=False):
+        here = stats[(stats["seq_len"] == n) & stats[f"{cost}_mean"].notna()].reset_index(drop=True)
+        x, y = here[f"{cost}_mean"], here["accuracy_mean"]
+        cost_axis(ax, x)
+        log = ax.get_xscale() == "log"
+        where = np.log(x) if log else x
+        x_span = float(where.max() - where.min()) or 1.0
+        shift = dodge(list(zip(where, y, strict=True)), x_span, limits[1] - limits[0])
+        dodged |= any(shift)
+        front = pareto_front(list(x), list(y))
+        ax.plot(x.iloc[front], y.iloc[front], **{**FRONT, "marker": ""}, drawstyle="steps-post", zorder=0)
+        for i in [i for label in ordered(here["variant"]) for i in here.index[here["variant"] == label]]:
+            r = here.loc[i]
+            err = r["accuracy_std"] if r["n_seeds"] > 1 and math.isfinite(r["accuracy_std"]) else 0.0
+            moved = transforms.offset_copy(ax.transData, fig=fig, x=shift[i], units="points")
+            if i in front:  # the ring moves with its marker
+                ax.plot([x[i]], [y[i]], **{**FRONT, "ls": ""}, transform=moved, clip_on=False, zorder=1)
+            ax.errorbar([x[i]], [y[i]], yerr=[err], capsize=3, ls="", ecolor=style(r["variant"]).colour,
+                        clip_on=False, transform=moved, **marker_kwargs(r["variant"], 7))
+        missing = sorted(set(failed[failed["seq_len"] == n]["variant"]))
+        ax.set_title(f"n = {n}" + (f"\n{label_lines('not finished: ' + ', '.join(missing), 34)}" if missing
+                                    else ""), fontsize=8.5)
+        ax.set_xlabel(xlabel, fontsize=8)
+        ax.grid(True, alpha=0.3)
+    for ax in list(axes.flat)[len(lengths):]:
+        ax.set_visible(False)
+    for row in axes:
+        row[0].set_ylabel("accuracy (%)")
+    axes[0][0].set_ylim(*limits)
+    axes[0][0].yaxis.set_major_formatter(ticker.FuncFormatter(plain))
+    handles = [plots.mechanism_handle(label, line=False) for label in labels]
+    handles.append(Line2D([], [], **FRONT, label="Pareto front"))
+    legend_title = "mean over seeds\n(bars: std)"
+    if dodged:
+        legend_title += "\n(markers at one point:\nset apart, left to right)"
+    side_legend(axes[0][ncols - 1], handles, fontsize=7.5, title=legend_title)
+    fig.suptitle(wrap(f"Accuracy against {xlabel.split(' (')[0]} at each n: {heading}", fig, 10, 0.8),
+                 fontsize=10)
+    return fig
+
+
+def accuracy_sweep_plots(table: pd.DataFrame, breaking: pd.DataFrame, out: Path,
+                         meta: dict[str, Any]) -> list[Path]:
+    """``accuracy_n``, ``frontier_time`` and ``frontier_memory`` (PNG and SVG) in ``out``."""
+    rank_variants(table["variant"].dropna())
+    heading = title(meta)
+    written: list[Path] = []
+    for stem, fig in (("accuracy_n", accuracy_against_n(table, breaking, heading)),
+                      ("frontier_time", frontier(table, "step_ms", "time per training step (ms)", heading)),
+                      ("frontier_memory", frontier(table, "peak_mem_mib", "peak memory (MiB)", heading))):
+        if fig is not None:
+            written += save_figure(fig, out, stem)
+    return written

@@ -1,0 +1,330 @@
+"""The accuracy sweep (``attnbench scale --task``): option variants, breaking lengths, the Pareto
+front, points trained in processes of their own (failures as rows), resume, compare and plots.
+
+A fake task stands in for training: its accuracy is a known function of mechanism, n and seed
+(softmax 100 %, linear 100 % below n = 32 and 60 + seed from there), so the tables can be checked
+exactly. Nothing here asserts a time.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import textwrap
+
+import matplotlib.pyplot as plt
+import pandas as pd
+import pytest
+
+from attnbench import OptionError, registry, tasks
+from attnbench.accuracy import breaking_lengths
+from attnbench.accuracy_plots import accuracy_against_n, frontier, pareto_front
+from attnbench.cli import main
+from attnbench.options import parse_mechanism_options, split_label, variants
+from attnbench.plots import layout_problems
+from attnbench.sweep import SweepConfig, finish, run_sweep
+
+FAKE = textwrap.dedent('''
+    """A fake sequence task and faulty mechanisms, for the accuracy sweep's tests."""
+    import time
+    from pathlib import Path
+    import torch
+    from torch import nn
+    from attnbench import Flops, Mechanism, Task, build_mechanism, register_mechanism, register_task
+    from attnbench.results import append_row
+
+    class _Base(Mechanism):
+        complexity = "linear"
+        def __init__(self, dim, num_heads, options=None):
+            super().__init__(dim, num_heads, options)
+            self.proj = nn.Linear(dim, dim)
+        def flops(self, batch, n, grid=None):
+            return Flops(matmul=2 * batch * n * self.dim * self.dim)
+
+    @register_mechanism
+    class Hog(_Base):
+        name = "fake_hog"
+        def mix(self, x, grid):  # 3 GiB, never touched: fails only under the sweep's memory limit
+            return self.proj(x) + torch.empty(3 * 2**30, dtype=torch.uint8)[:1].float()
+
+    @register_mechanism
+    class Sleepy(_Base):
+        name = "fake_sleepy"
+        def mix(self, x, grid):
+            time.sleep(120)
+            return self.proj(x)
+
+    @register_task
+    class FakeRecall(Task):
+        name, summary = "fake_recall", "a fake sequence task (tests)"
+        sweep_presets = {device: {"seq": [16, 32], "mechanisms": ["softmax", "linear"], "seeds": [0, 1],
+                                  "args": ["--steps", "3"]} for device in ("cpu", "cuda")}
+
+        @classmethod
+        def add_arguments(cls, parser):
+            for flag, kind in (("--seq-len", int), ("--seed", int), ("--steps", int), ("--threads", int),
+                               ("--time-budget", float), ("--results", Path), ("--out", Path),
+                               ("--resume", Path)):
+                parser.add_argument(flag, type=kind)
+            parser.add_argument("--device", default="cpu")
+
+        def run(self, args):
+            options = args.mechanism_options.get(args.mechanism, {})
+            mixer = build_mechanism(args.mechanism, 8, 2, **options)
+            with torch.no_grad():
+                mixer(torch.randn(1, args.seq_len, 8))
+            broken = args.mechanism == "linear" and args.seq_len >= 32
+            accuracy = 60.0 + args.seed if broken else 100.0
+            args.out.mkdir(parents=True, exist_ok=True)
+            (args.out / "checkpoint.pt").write_text("weights")
+            cost = 4 if args.mechanism == "softmax" else 1
+            row = {"task": self.name, "mechanism": args.mechanism,
+                   "options": ";".join(f"{k}={v}" for k, v in sorted(options.items())),
+                   "seq_len": args.seq_len, "seed": args.seed, "accuracy": accuracy,
+                   "best_accuracy": accuracy + 0.5, "chance": 25.0, "steps": args.steps,
+                   "step_ms": 0.1 * cost * args.seq_len, "peak_mem_mib": 2.0 * cost * args.seq_len,
+                   "params": sum(p.numel() for p in mixer.parameters()), "time_budget": args.time_budget,
+                   "status": "ok"}
+            append_row(args.results, row, list(row))
+            print("fake_recall: done")
+            return 0
+''')
+
+
+@pytest.fixture
+def fake(tmp_path):
+    """The fake task and mechanisms, loaded here and (through --load) in every point's process."""
+    path = tmp_path / "fake_sweep_task.py"
+    path.write_text(FAKE)
+    registry.load_module(str(path))
+    yield str(path)
+    tasks._TASKS.pop("fake_recall", None)
+    for name in ("fake_hog", "fake_sleepy"):
+        registry._REGISTRY.pop(name, None)
+
+
+# ---- variants ---------------------------------------------------------------------------------
+
+def test_swept_options_become_labelled_variants():
+    options = parse_mechanism_options(["set.m=16,64", "set.iters=5"], axes=True)
+    found = variants(["softmax", "set"], options)
+    assert [v.label for v in found] == ["softmax", "set[m=16]", "set[m=64]"]  # a single value is no axis
+    assert [v.options for v in found] == [{}, {"m": "16", "iters": "5"}, {"m": "64", "iters": "5"}]
+    product = variants(["set"], parse_mechanism_options(["set.m=16,64", "set.iters=5,10"], axes=True))
+    assert [v.label for v in product] == ["set[m=16,iters=5]", "set[m=16,iters=10]", "set[m=64,iters=5]",
+                                          "set[m=64,iters=10]"]
+    assert split_label("set[m=16,iters=5]") == ("set", {"m": "16", "iters": "5"})
+    assert split_label("softmax") == ("softmax", {})
+    assert parse_mechanism_options(["set.m=32"]) == {"set": {"m": "32"}}  # run: as before
+
+
+@pytest.mark.parametrize("items, axes, message", [
+    (["set.m=16,64"], False, "one value per option here"),
+    (["set.m=16,0"], True, "set.m"),  # each value checked alone
+    (["set.m=16,"], True, "an empty value"),
+])
+def test_bad_option_axes_are_refused(items, axes, message):
+    with pytest.raises(OptionError, match=message):
+        parse_mechanism_options(items, axes=axes)
+
+
+def test_options_of_a_mechanism_not_swept_are_refused():
+    with pytest.raises(OptionError, match="set is not among the mechanisms swept"):
+        variants(["softmax"], {"set": {"m": "16,64"}})
+
+
+def test_the_kernel_sweep_measures_each_variant(tmp_path):
+    out = tmp_path / "kernel"
+    cfg = SweepConfig(mechanisms=["softmax", "set"], seq=[16], modes=["fwd"], heads=2, head_dim=8,
+                      options={"set": {"m": "4,8"}}, min_run_time=0.01, rounds=1, retries=0,
+                      memory_limit_mib=2048)
+    table = run_sweep(cfg, out, resume=False, argv=["test"])
+    assert list(table["variant"]) == ["softmax", "set[m=4]", "set[m=8]"]
+    assert list(table["mechanism"]) == ["softmax", "set", "set"] and set(table["status"]) == {"ok"}
+    assert [json.loads(o) for o in table["options"]] == [{}, {"m": "4"}, {"m": "8"}]
+    fits = finish(out, fit_min_n=0)
+    assert set(fits["mechanism"]) == {"softmax", "set[m=4]", "set[m=8]"}  # one series each
+    assert (out / "time_fwd.png").stat().st_size > 0
+
+
+# ---- breaking lengths and the Pareto front ----------------------------------------------------
+
+def rows(variant, n, *accuracies, status="ok", first_seed=0):
+    return [{"variant": variant, "mechanism": variant, "seq_len": n, "seed": first_seed + i,
+             "accuracy": a if status == "ok" else math.nan, "status": status}
+            for i, a in enumerate(accuracies)]
+
+
+def synthetic():
+    return pd.DataFrame([
+        *rows("softmax", 64, 99, 98), *rows("softmax", 128, 97, 97),
+        *rows("softmax", 256, 0, 0, status="oom"),
+        *rows("softmax", 512, 90), *rows("softmax", 512, 0, status="timeout", first_seed=1),
+        # exactly 10 points below is not more than 10: it breaks at 512 (10.1 below)
+        *rows("tie", 64, 88.5, 88.5), *rows("tie", 128, 87, 87), *rows("tie", 512, 79.9),
+        # seed 0 at 128 ran twice: the latest run stands for it, and it is one seed, not two
+        *rows("early", 64, 80, 81), *rows("early", 128, 10), *rows("early", 128, 97, 97),
+        *rows("never", 64, 99), *rows("never", 512, 95),
+        *rows("failing", 64, 99), *rows("failing", 128, 0, 0, status="oom"),
+        *rows("unjudged", 256, 50),  # only where softmax ran out of memory
+    ])
+
+
+def test_breaking_length_is_the_first_n_more_than_10_points_below_softmax():
+    table = breaking_lengths(synthetic()).set_index("variant")
+    assert "softmax" not in table.index
+    assert table.loc["tie", "breaking"] == "512" and table.loc["tie", "breaking_n"] == 512
+    assert table.loc["tie", "gap"] == pytest.approx(10.1) and table.loc["tie", "judged_n"] == "64,128,512"
+    assert table.loc["early", "breaking"] == "64" and table.loc["early", "seeds"] == 2
+    assert table.loc["early", "baseline_accuracy"] == pytest.approx(98.5)
+    assert table.loc["never", "breaking"] == "none" and pd.isna(table.loc["never", "breaking_n"])
+    assert table.loc["failing", "breaking"] == "none" and table.loc["failing", "judged_n"] == "64"
+    assert table.loc["failing", "failed"] == "n=128 seed=0: oom, n=128 seed=1: oom"
+    assert table.loc["unjudged", "breaking"] == "n/a: no softmax"
+    assert table.loc["unjudged", "baseline_missing_n"] == "256"
+
+
+def test_without_softmax_sdpa_is_the_baseline_and_without_either_nothing_is_judged():
+    table = synthetic()
+    fused = breaking_lengths(table.replace({"variant": {"softmax": "sdpa"}}))
+    assert set(fused["baseline"]) == {"sdpa"}
+    assert list(fused["breaking"]) == ["512", "64", "none", "none", "n/a: no sdpa"]
+    alone = breaking_lengths(table[table["variant"] != "softmax"])
+    assert set(alone["breaking"]) == {"n/a: no softmax"}
+
+
+def test_pareto_front():
+    assert pareto_front([1.0, 2.0, 3.0, 4.0], [50.0, 40.0, 70.0, 70.0]) == [0, 2]
+    assert pareto_front([3.0, 1.0, math.nan], [90.0, 90.0, 99.0]) == [1]  # a tie in score: the cheaper
+
+
+# ---- the sweep ----------------------------------------------------------------------------------
+
+def test_accuracy_sweep_end_to_end_with_resume_and_compare(fake, tmp_path, capsys):
+    out = tmp_path / "sweep"
+    argv = ["scale", "--task", "fake_recall", "--load", fake, "--threads", "1", "--memory-limit", "2048"]
+    assert main([*argv, "--out", str(out)]) == 0  # the preset: 2 mechanisms x 2 lengths x 2 seeds
+    captured = capsys.readouterr()
+    table = pd.read_csv(out / "accuracy.csv")
+    assert len(table) == 8 and set(table["status"]) == {"ok"}
+    assert set(zip(table["variant"], table["seq_len"], table["seed"], strict=True)) == {
+        (m, n, s) for m in ("softmax", "linear") for n in (16, 32) for s in (0, 1)}
+    assert (table["steps"] == 3).all()  # the preset's task arguments reached every run
+    for column in ("device", "threads", "dtype", "git_commit", "torch", "point_s", "message", "chance"):
+        assert column in table.columns
+    assert (table["device"] == "cpu").all() and (table["dtype"] == "float32").all()
+    breaking = pd.read_csv(out / "breaking.csv").set_index("variant")
+    assert breaking.loc["linear", "breaking"] == 32 and breaking.loc["linear", "accuracy"] == 60.5
+    assert "[8/8] linear n=32 seed=1: accuracy 61.0" in captured.err and "ETA" in captured.err
+    assert "breaking length" in captured.out and "60.5 ± 0.7 (n = 2)" in captured.out
+    point = out / "points" / "linear-n32-seed1"
+    assert "$ attnbench run --task fake_recall --mechanism linear --steps 3 --seq-len 32 --seed 1" in \
+        (point / "log.txt").read_text()
+    assert not (point / "checkpoint.pt").exists()  # a point is never resumed
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["kind"] == "accuracy" and meta["sweep"]["args"] == ["--steps", "3"]
+    for stem in ("accuracy_n", "frontier_time", "frontier_memory"):
+        assert (out / f"{stem}.png").stat().st_size > 0 and (out / f"{stem}.svg").exists()
+
+    saved = tmp_path / "saved"
+    shutil.copytree(out, saved)
+    older = pd.read_csv(saved / "accuracy.csv")
+    older.loc[older["variant"] == "linear", "accuracy"] -= 5
+    older.to_csv(saved / "accuracy.csv", index=False)
+
+    with pytest.raises(SystemExit, match="2"):  # the folder holds a sweep: --resume, or another --out
+        main([*argv, "--out", str(out)])
+    for extra, message in (([ "--", "--steps", "5"], "was swept with args="),
+                           (["--opt", "linear.eps=1e-3"], "ran linear with options none")):
+        with pytest.raises(SystemExit):
+            main([*argv, "--out", str(out), "--resume", *extra])
+        assert message in capsys.readouterr().err
+    assert main([*argv, "--out", str(out), "--resume", "--seeds", "0,1,2", "--mechanism", "softmax",
+                 "--compare", str(saved)]) == 0
+    captured = capsys.readouterr()
+    assert "resuming: 8 points already" in captured.err and "[2/2] softmax n=32 seed=2" in captured.err
+    again = pd.read_csv(out / "accuracy.csv")
+    assert len(again) == 10
+    pd.testing.assert_frame_equal(again.iloc[:8], table)  # kept, not trained again
+    assert "accuracy here minus there" in captured.out
+    change = pd.read_csv(out / "compare.csv").dropna(subset=["accuracy_change"])
+    assert set(change[change["variant"] == "linear"]["accuracy_change"]) == {5.0}
+    assert set(change[change["variant"] == "softmax"]["accuracy_change"]) == {0.0}
+
+    assert main(["plot", str(out)]) == 0
+    drawn = capsys.readouterr().out
+    assert str(out / "accuracy_n.png") in drawn and str(out / "breaking.csv") in drawn
+
+
+def test_failed_points_are_rows_and_the_sweep_goes_on(fake, tmp_path, capsys):
+    out = tmp_path / "faults"
+    assert main(["scale", "--task", "fake_recall", "--load", fake, "--mechanism",
+                 "softmax,fake_hog,fake_sleepy,xformers,linear", "--opt", "linear.eps=1e-6,1e-3",
+                 "--seq", "16", "--seeds", "0", "--budget", "8", "--memory-limit", "1024", "--threads", "1",
+                 "--out", str(out)]) == 0
+    table = pd.read_csv(out / "accuracy.csv").set_index("variant")
+    assert list(table.index) == ["softmax", "fake_hog", "fake_sleepy", "xformers", "linear[eps=1e-6]",
+                                 "linear[eps=1e-3]"]
+    status = table["status"].to_dict()
+    assert status == {"softmax": "ok", "fake_hog": "oom", "fake_sleepy": "timeout", "xformers": "unavailable",
+                      "linear[eps=1e-6]": "ok", "linear[eps=1e-3]": "ok"}
+    assert "allocate" in table.loc["fake_hog", "message"]
+    assert "exceeded" in table.loc["fake_sleepy", "message"]
+    assert table.loc["linear[eps=1e-3]", "options"] == "eps=1e-3"
+    assert table.loc["linear[eps=1e-3]", "mechanism"] == "linear"
+    breaking = pd.read_csv(out / "breaking.csv").set_index("variant")
+    assert breaking.loc["fake_hog", "breaking"] == "n/a: no accuracy"
+    assert breaking.loc["fake_hog", "failed"] == "n=16 seed=0: oom"
+    assert "did not finish" in capsys.readouterr().out
+    rows = pd.read_csv(out / "accuracy.csv")
+    for fig in (accuracy_against_n(rows, breaking.reset_index(), "a test"),
+                frontier(rows, "step_ms", "time per training step (ms)", "a test")):
+        assert layout_problems(fig) == []
+        plt.close(fig)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["scale", "--task", "imagenet"], "'imagenet' has no accuracy sweep (no sweep presets); tasks with one:"),
+    (["scale", "--task", "nope"], "unknown task 'nope'; valid choices"),
+    (["scale", "--seeds", "0,1"], "--seeds is for the accuracy sweep: add --task"),
+    (["scale", "--task", "fake_recall", "--heads", "8"], "--heads: for the kernel sweep"),
+    (["scale", "--task", "fake_recall", "--seeds", "a"], "--seeds 'a': expected a comma list"),
+    (["scale", "--task", "fake_recall", "--", "--seed", "3"], "the sweep sets --seed for every run"),
+    (["scale", "--task", "fake_recall", "--mechanism", "linear", "--opt", "softmax.qkv_bias=true"],
+     "softmax is not among the mechanisms swept"),
+    (["scale", "--task", "fake_recall", "--resume"], "--resume needs --out"),
+])
+def test_accuracy_sweep_usage_errors(fake, argv, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main([*argv[:1], "--load", fake, *argv[1:]])
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_mqar_end_to_end_in_a_few_steps(tmp_path, capsys):
+    """The real thing, cut short: two mechanisms, two tiny lengths, smoke-run limits passed through."""
+    if "mqar" not in tasks.task_names():
+        pytest.skip("tasks/mqar is not there")
+    out = tmp_path / "mqar"
+    assert main(["scale", "--task", "mqar", "--mechanism", "softmax,linear", "--seq", "64,128",
+                 "--seeds", "0", "--threads", "1", "--out", str(out),
+                 "--", "--max-steps", "2", "--limit-train", "32", "--limit-val", "16",
+                 "--batch-size", "16"]) == 0
+    table = pd.read_csv(out / "accuracy.csv")
+    assert len(table) == 4 and set(table["status"]) == {"ok"}, table[["variant", "seq_len", "message"]]
+    assert table["accuracy"].between(0, 100).all() and (table["chance"] > 0).all()
+    assert set(pd.read_csv(out / "breaking.csv")["variant"]) == {"linear"}
+    assert "breaking length" in capsys.readouterr().out
+
+
+def test_variants_keep_their_mechanisms_marker_and_colour_family_and_are_told_apart():
+    from attnbench.plots import ordered, rank_variants, style
+
+    labels = ["set[m=256]", "set[m=16]", "set[m=64]", "softmax"]
+    rank_variants(labels)
+    assert ordered(labels) == ["set[m=16]", "set[m=64]", "set[m=256]", "softmax"]  # by value, not text
+    styles = [style(label) for label in ordered(labels)[:3]]
+    assert styles[0] == style("set")  # the first looks like the mechanism itself
+    assert {s.marker for s in styles} == {style("set").marker}
+    assert len({(s.colour, s.linestyle) for s in styles}) == 3
