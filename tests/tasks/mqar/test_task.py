@@ -40,7 +40,7 @@ def test_the_sweep_presets_name_registered_mechanisms_and_lengths_that_fit():
     presets = get_task("mqar").sweep_presets
     assert set(presets) == {"cpu", "cuda"}
     assert presets["cpu"]["mechanisms"] == ["softmax", "set", "linear", "performer", "nystromformer"]
-    assert presets["cpu"]["seq"] == [32, 64, 96, 128] and max(presets["cuda"]["seq"]) == 16384
+    assert presets["cpu"]["seq"] == [64, 96, 128, 160] and max(presets["cuda"]["seq"]) == 16384
     for preset in presets.values():
         assert isinstance(preset["args"], list) and preset["seeds"]
 
