@@ -24,7 +24,6 @@ import math
 import shlex
 import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -245,13 +244,18 @@ def run_point(cfg: AccuracyConfig, point: Point, out: Path, ctx: dict[str, Any])
     folder.mkdir(parents=True)
     log = folder / "log.txt"
     start = time.monotonic()
-    with tempfile.TemporaryDirectory(prefix="attnbench-point-") as tmp:
-        results = Path(tmp) / f"{cfg.task}.csv"  # the task's plots drawn beside it go with it
+    # the run's own table, in the point's folder (not /tmp: a killed sweep leaves nothing outside its
+    # folder); removed with the task's plots drawn beside it once the row is read
+    scratch = folder / ".table"
+    try:
+        results = scratch / f"{cfg.task}.csv"
         argv = run_argv(cfg, point, results, folder)
         log.write_text(f"$ attnbench {shlex.join(argv)}\n")
         answer = run_isolated(_train_point, {"argv": argv, "load": cfg.load,
                                              "memory_limit_mib": cfg.memory_limit_mib}, cfg.limit_s, log)
         table = read_table(results)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     seconds = round(time.monotonic() - start, 1)
     (folder / "checkpoint.pt").unlink(missing_ok=True)  # a point is never resumed: the row is what stays
     ended = len(table) and table.iloc[-1].get("status") in ("diverged", "oom")  # exit 1, and its row
