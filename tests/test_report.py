@@ -54,7 +54,8 @@ def test_the_page_holds_every_part_and_needs_no_network(page):
     images = re.findall(r'<img [^>]*src="data:image/png;base64,', text)
     assert len(images) >= 9  # the sweep's three, each task's, each probe's
     for needle in ("AMD EPYC", "threads", "float32", "torch", "time_exponent", "Resolution probe",
-                   "seeds (n)", "± ", "(n = 3)", "No accuracy sweep"):
+                   "seeds (n)", "± ", "(n = 3)", "Breaking lengths", "Accuracy against length",
+                   "accuracy-mqar-cpu", "accuracy-listops-cpu"):
         assert needle in text, needle
 
 
