@@ -49,6 +49,13 @@ enough for the kernel entries that underflowed to carry less than the rounding e
 not, that plan is recomputed in the log domain (logsumexp: robust at any ε and scale, the same
 iterates). ``tol > 0`` adds a check per iteration, the price of stopping early.
 
+Fused passes (``sinkhorn``): on the CPU, in float32 or float64, the iterations run in C
+(``set_sinkhorn.c``, compiled on first use by ``attnbench.native``): one pass over K's rows
+computes a row's product with v, its new u and its share of Kᵀu while the row is in cache, so an
+iteration reads K once rather than twice (the 2L matrix–vector products are memory-bound). Same
+iterates as the PyTorch loop (float64 to 1e-12); "auto" falls back to that loop where the C
+kernel cannot be built, on GPUs, under a torch dispatch mode and with ``tol > 0``.
+
 Backward: ``backward="recompute"`` gives the scaling iterations a custom backward that runs the
 reverse iterations as matrix–vector products with the saved K and forms the gradient of K as one
 (n, 2L) × (2L, m) product; "unroll" lets autograd record every step. Either way only K is kept
@@ -68,17 +75,21 @@ real tokens by their rank among real tokens, so padding changes nothing at real 
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import functools
 import math
 import time
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
+from attnbench import native
 from attnbench.mechanism import (
     Flops,
     Grid,
@@ -117,6 +128,9 @@ class SeTOptions:
     readout: Literal["roundtrip", "asymmetric"] = "roundtrip"
     # recompute: custom backward through the Sinkhorn iterations; unroll: plain autograd
     backward: Literal["recompute", "unroll"] = "recompute"
+    # fused: Sinkhorn's iterations as C passes reading K once each (CPU, float32/64; auto: where
+    # they can run, else torch); torch: PyTorch matrix-vector products, two reads of K each
+    sinkhorn: Literal["auto", "fused", "torch"] = "auto"
     qkv_bias: bool = True
 
     def __post_init__(self) -> None:
@@ -130,6 +144,8 @@ class SeTOptions:
                 f"set.readout must be roundtrip or asymmetric; got {self.readout!r}")
         require(self.backward in ("recompute", "unroll"),
                 f"set.backward must be recompute or unroll; got {self.backward!r}")
+        require(self.sinkhorn in ("auto", "fused", "torch"),
+                f"set.sinkhorn must be auto, fused or torch; got {self.sinkhorn!r}")
         require(self.positional != "2d" or math.isqrt(self.m) ** 2 == self.m,
                 f"set.positional=2d puts the references on a √m × √m grid: m must be a perfect "
                 f"square, got m={self.m}")
@@ -271,6 +287,83 @@ def _scaling_iterations(first: Tensor, alpha: Tensor | float, beta: Tensor | flo
     return xs, ys, ps, qs
 
 
+# ---- Sinkhorn, scaling domain, fused C passes ----------------------------------------------
+#
+# The same iterates as ``_scaling_iterations``, with each iteration one read of K instead of two:
+# set_sinkhorn.c passes over K's rows once, taking each row's dot product with the scaling of the
+# other side, the row's new scaling, and its share of the column sums, while the row is in cache.
+
+
+_SOURCE = Path(__file__).with_name("set_sinkhorn.c")
+
+
+def native_sinkhorn() -> ctypes.CDLL:
+    """The compiled fused passes (``attnbench.native``), argument types set; NativeUnavailable if not."""
+    lib = native.load(_SOURCE)
+    if not getattr(lib, "typed", False):
+        ptr, size, flag = ctypes.c_void_p, ctypes.c_long, ctypes.c_int
+        for fn, real in ((lib.sinkhorn_f32, ctypes.c_float), (lib.sinkhorn_f64, ctypes.c_double)):
+            fn.argtypes = [ptr, size, size, size, flag, ptr, size, real, real, ptr, size, ptr, ptr, ptr, ptr,
+                           ptr, flag]
+            fn.restype = None
+        lib.typed = True
+    return lib
+
+
+def native_reason(device: str, dtype: torch.dtype) -> str | None:
+    """Why the fused passes cannot run for ``device`` and ``dtype`` (None: they can). Under a
+    dispatch mode (a FLOP counter, fake tensors while tracing) every op must go through PyTorch."""
+    if is_in_torch_dispatch_mode():
+        return "a torch dispatch mode is active (it must see every operation)"
+    if device != "cpu":
+        return f"the fused Sinkhorn runs on the CPU, not {device}"
+    if dtype not in (torch.float32, torch.float64):
+        return f"the fused Sinkhorn takes float32 or float64, not {dtype}"
+    try:
+        native_sinkhorn()
+    except native.NativeUnavailable as e:
+        return str(e)
+    return None
+
+
+def _native_iterations(kernel: Tensor, rows_first: bool, alpha: Tensor | float, beta: Tensor | float,
+                       y0: Tensor, iters: int) -> tuple[list[Tensor], ...]:
+    """``_scaling_iterations`` on A = K (rows first) or Kᵀ, for K (b, n, m) contiguous on the CPU:
+    one call of set_sinkhorn.c, L passes over K's rows (L + 1 for columns first: the first is half)."""
+    lib = native_sinkhorn()
+    b, n, m = kernel.shape
+    run = lib.sinkhorn_f32 if kernel.dtype == torch.float32 else lib.sinkhorn_f64
+    threads = torch.get_num_threads()
+    dots, scales = kernel.new_empty(iters, b, n), kernel.new_empty(iters, b, n)
+    sums, cols = kernel.new_empty(iters + 1, b, m), kernel.new_empty(iters + 1, b, m)
+    scratch = kernel.new_empty(threads, b, m)
+    row_marg, col_marg = (alpha, beta) if rows_first else (beta, alpha)
+    assert not isinstance(col_marg, Tensor), "the column marginal is 1/m for every plan"
+    y0 = y0.contiguous()
+    if rows_first:
+        cols[0] = y0
+    if isinstance(row_marg, Tensor):
+        row_marg = row_marg.contiguous()
+        marg: tuple[Any, ...] = (row_marg.data_ptr(), n, 0.0)
+    else:
+        marg = (None, 0, float(row_marg))
+    run(kernel.data_ptr(), b, n, m, int(rows_first), *marg, float(col_marg), y0.data_ptr(), iters,
+        dots.data_ptr(), scales.data_ptr(), sums.data_ptr(), cols.data_ptr(), scratch.data_ptr(), threads)
+    if rows_first:  # x_t, y_0…y_L, A y, Aᵀ x
+        return list(scales), list(cols), list(dots), list(sums[:iters])
+    return list(cols[:iters]), [y0, *scales], list(sums[:iters]), list(dots)
+
+
+def _iterations(kernel: Tensor, rows_first: bool, alpha: Tensor | float, beta: Tensor | float,
+                y0: Tensor, iters: int, tol: float, fused: bool) -> tuple[list[Tensor], ...]:
+    """The scaling iterations on K (b, n, m): the fused C passes when ``fused`` (no autograd
+    through them, no early stop), else PyTorch's matrix–vector products."""
+    recorded = torch.is_grad_enabled() and kernel.requires_grad
+    if fused and tol == 0 and kernel.is_contiguous() and not recorded:
+        return _native_iterations(kernel, rows_first, alpha, beta, y0, iters)
+    return _scaling_iterations(kernel if rows_first else kernel.mT, alpha, beta, y0, iters, tol)
+
+
 def _in_range(x: Tensor, ys: list[Tensor], beta: Tensor | float, cols: int) -> Tensor:
     """True (a 0-dim tensor, no host sync) when the scaling iterates can be trusted.
 
@@ -301,10 +394,9 @@ class _ScalingSinkhorn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, kernel: Tensor, rows_first: bool, alpha: Tensor | float, beta: Tensor | float,
-                y0: Tensor, iters: int, tol: float) -> tuple[Tensor, Tensor, Tensor]:
-        first = kernel if rows_first else kernel.mT
-        xs, ys, ps, qs = _scaling_iterations(first, alpha, beta, y0, iters, tol)
-        ok = _in_range(xs[-1], ys, beta, first.shape[-1])
+                y0: Tensor, iters: int, tol: float, fused: bool) -> tuple[Tensor, Tensor, Tensor]:
+        xs, ys, ps, qs = _iterations(kernel, rows_first, alpha, beta, y0, iters, tol, fused)
+        ok = _in_range(xs[-1], ys, beta, kernel.shape[-1 if rows_first else -2])
         ctx.save_for_backward(kernel, *xs, *ys, *ps, *qs)
         ctx.rows_first, ctx.steps = rows_first, len(xs)
         ctx.mark_non_differentiable(ok)
@@ -332,7 +424,7 @@ class _ScalingSinkhorn(torch.autograd.Function):
             gx = torch.zeros_like(gx)
         lhs, rhs = torch.stack(left, -1), torch.stack(right, -1)  # (b, r, 2L), (b, c, 2L)
         grad = torch.bmm(lhs, rhs.mT) if ctx.rows_first else torch.bmm(rhs, lhs.mT)
-        return grad, None, None, None, None, None, None
+        return grad, None, None, None, None, None, None, None
 
 
 # ---- Sinkhorn, log domain (the fallback) ---------------------------------------------------
@@ -497,12 +589,13 @@ class SeTAttention(Mechanism):
     masking = "native"
     flops_formula = (
         "matmul: 2·B·N·C²·(3 | 4 asym.) projections + per plan (×2 asym.) 2·B·H·N·(d·k + k·m) "
-        "kernel embedding and scores + 4·L·B·H·N·m Sinkhorn (2L matrix–vector products with K: "
-        "memory-bound, each reads the (N, m) kernel once) + 4·B·H·N·m·(d | d+1 renormalised) "
-        "aggregation and read-out + 2·H·(k²·d + k³ + k²·m) whitening and fold; elementwise, one per "
+        "kernel embedding and scores + 4·L·B·H·N·m Sinkhorn (2L matrix–vector products with K, "
+        "memory-bound; on the CPU fused in pairs, L passes that each read the (N, m) kernel once) + "
+        "4·B·H·N·m·(d | d+1 renormalised) aggregation and read-out + 2·H·(k²·d + k³ + k²·m) "
+        "whitening and fold; elementwise, one per "
         "element and pass: per plan B·H·[N·m·(3 + 1 for M ⊙ S or log M + 1 for K ⊙ M): max, shift, "
         "the one exp, the prior + 3·N·k + N·d embedding + 4·L·(N + m) scalings + 6·L·(m | N) range "
-        "check] + B·H·N·d·(3 | 4 renormalised) read-out")
+        "check] + B·H·N·d·(2 | 4 renormalised) read-out")
 
     def __init__(self, dim: int, num_heads: int, options: SeTOptions | None = None) -> None:
         super().__init__(dim, num_heads, options)
@@ -516,7 +609,19 @@ class SeTAttention(Mechanism):
 
     @classmethod
     def backend(cls, device: str = "cpu", dtype: torch.dtype = torch.float32) -> str:
-        return "eager PyTorch (scaling-domain Sinkhorn, log-domain fallback)"
+        why = native_reason(device, torch.promote_types(dtype, torch.float32))
+        if why is None:
+            return "eager PyTorch, Sinkhorn in fused C passes (scaling domain, log-domain fallback)"
+        return f"eager PyTorch (scaling-domain Sinkhorn, log-domain fallback; not fused: {why})"
+
+    def _fused(self, device: str, dtype: torch.dtype) -> bool:
+        """Whether the Sinkhorn iterations run as fused C passes (``sinkhorn`` option)."""
+        if self.options.sinkhorn == "torch":
+            return False
+        why = native_reason(device, dtype)
+        if why is not None and self.options.sinkhorn == "fused":
+            raise ValueError(f"set: sinkhorn='fused' cannot run here: {why} (use sinkhorn='auto' or 'torch')")
+        return why is None
 
     # -- pieces, each (B, H, n, ·) ------------------------------------------------------
     def whitening(self, dtype: torch.dtype) -> Tensor:
@@ -583,6 +688,7 @@ class SeTAttention(Mechanism):
         fold = self.whitening(dtype) @ self.references.to(dtype).transpose(-2, -1) / o.eps
         pre, post = self._prior(n, grid, like, mask)
         rows_first = o.order == "rows-then-columns"
+        fused = self._fused(x.device.type, dtype)
         if mask is None:
             a: Tensor | float = 1.0 / n
         else:  # rows 1/(real tokens), 0 at padding: (B·H, n)
@@ -611,11 +717,10 @@ class SeTAttention(Mechanism):
             kernel = g.sub_(shift).exp_()
             flat = kernel.view(b * h, n, o.m)
             if o.backward == "recompute" and torch.is_grad_enabled() and kernel.requires_grad:
-                sx, sy, ok = _ScalingSinkhorn.apply(flat, rows_first, alpha, beta, y0, o.iters, o.tol)
+                sx, sy, ok = _ScalingSinkhorn.apply(flat, rows_first, alpha, beta, y0, o.iters, o.tol, fused)
             else:  # no autograd, or autograd through every step (unroll)
-                first = flat if rows_first else flat.mT
-                xs, ys, _, _ = _scaling_iterations(first, alpha, beta, y0, o.iters, o.tol)
-                sx, sy, ok = xs[-1], ys[-1], _in_range(xs[-1], ys, beta, first.shape[-1])
+                xs, ys, _, _ = _iterations(flat, rows_first, alpha, beta, y0, o.iters, o.tol, fused)
+                sx, sy, ok = xs[-1], ys[-1], _in_range(xs[-1], ys, beta, o.m if rows_first else n)
             u, v = (sx, sy) if rows_first else (sy, sx)  # the scalings of the side first, second
             plans.append(_Plan(kernel, u.view(b, h, n), v.view(b, h, o.m), ok, post, logits))
 
@@ -669,10 +774,10 @@ class SeTAttention(Mechanism):
 
     def transport(self, x: Tensor, grid: Grid | None, mask: Tensor | None) -> Tensor:
         """Aggregate the tokens onto the references and read them back; ``mask`` (B, n): padding."""
-        return self.proj(merge_heads(self._transport(x, grid, mask)).to(x.dtype))
+        return self.proj(self._transport(x, grid, mask).to(x.dtype))
 
     def _transport(self, x: Tensor, grid: Grid | None, mask: Tensor | None) -> Tensor:
-        """The heads' outputs (B, H, n, d); every (n, m) tensor is released on return."""
+        """The heads' outputs, merged (B, n, H·d); every (n, m) tensor is released on return."""
         m, d = self.options.m, self.head_dim
         cast = self._autocast_state(x)
         # tokens per sequence: n, or each sequence's real tokens (B, 1, 1, 1)
@@ -700,11 +805,14 @@ class SeTAttention(Mechanism):
             u, v = read.u.unsqueeze(-1), read.v.unsqueeze(-1)
             if self.options.renormalise:  # O_i = Σ_j P_ij R_j / Σ_j P_ij: u cancels
                 sums = self._product(read, kernel, torch.cat([v * refs, v], -1), False)  # (B, H, n, d + 1)
-                out = sums[..., :d] / sums[..., d:].clamp(min=tiny)
-            else:  # O = n P R = n · u ⊙ K (v ⊙ R)
-                out = self._product(read, kernel, v * refs, False)  # (B, H, n, d)
-                out = (n * u) * out if grad else out.mul_(n * u)
-        return out
+                return merge_heads(sums[..., :d] / sums[..., d:].clamp(min=tiny))
+            # O = n P R = n · u ⊙ K (v ⊙ R)
+            out = self._product(read, kernel, v * refs, False)  # (B, H, n, d)
+            if grad:
+                return merge_heads((n * u) * out)
+            merged = out.new_empty(out.shape[0], out.shape[2], self.num_heads, d)  # (B, n, H, d)
+            torch.mul(out, n * u, out=merged.transpose(1, 2))  # the scaling and the head merge in one pass
+            return merged.view(merged.shape[0], merged.shape[1], -1)
 
     # -- looking inside -------------------------------------------------------------------
     def _dense(self, plan: _Plan, with_prior: bool = True) -> Tensor:
@@ -751,7 +859,9 @@ class SeTAttention(Mechanism):
         # the range check of the scaling updated second (m long, or n for columns-then-rows)
         second = m if o.order == "rows-then-columns" else n
         per_plan_elementwise = n * m * passes + 3 * n * k + n * d + 4 * iters * (n + m) + 6 * iters * second
-        readout = n * d * (4 if o.renormalise else 3)  # u ⊙ V, n u ⊙ O or the division, head merge
+        # u ⊙ V, then n u ⊙ O written in the merged layout (with autograd and renormalised: the
+        # product or the division, then the head merge)
+        readout = n * d * (4 if o.renormalise else 2)
         return Flops(matmul=proj + setup + plans * per_plan + transport,
                      elementwise=batch * h * (plans * per_plan_elementwise + readout))
 

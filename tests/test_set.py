@@ -676,3 +676,89 @@ def test_init_from_data_needs_enough_tokens():
     m = build_mechanism("set", 16, 2, m=64)
     with pytest.raises(OptionError, match="need at least max\\(anchors, m\\)=64 tokens, got 10"):
         m.init_from_data(torch.randn(1, 10, 16))
+
+
+# ---- the fused C Sinkhorn (set_sinkhorn.c) against the PyTorch loop -----------------------
+
+WHY_NOT_FUSED = set_module.native_reason("cpu", torch.float32)
+needs_fused = pytest.mark.skipif(WHY_NOT_FUSED is not None, reason=f"fused Sinkhorn: {WHY_NOT_FUSED}")
+
+
+@needs_fused
+@pytest.mark.parametrize("rows_first", [True, False], ids=["rows-first", "columns-first"])
+@pytest.mark.parametrize("n, iters, per_row",
+                         [(1, 1, False), (7, 10, False), (301, 3, True), (4097, 10, True)])
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_fused_iterations_are_the_pytorch_iterates(rows_first, n, iters, per_row, threads):
+    torch.manual_seed(n)
+    b, m = 3, 5
+    kernel = torch.rand(b, n, m, dtype=torch.float64) + 0.01
+    a: torch.Tensor | float = 1.0 / n
+    y0 = torch.ones(b, m if rows_first else n, dtype=torch.float64)
+    if per_row:  # padding rows with marginal 0, as a mask gives
+        real = torch.rand(b, n) > 0.3
+        real[:, 0] = True
+        a = (real / real.sum(-1, keepdim=True)).double()
+        if not rows_first:
+            y0 = (a > 0).double()
+    alpha, beta = (a, 1.0 / m) if rows_first else (1.0 / m, a)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        fused = set_module._native_iterations(kernel, rows_first, alpha, beta, y0, iters)
+    finally:
+        torch.set_num_threads(before)
+    plain = set_module._scaling_iterations(kernel if rows_first else kernel.mT, alpha, beta, y0, iters, 0.0)
+    for name, got, want in zip(("x", "y", "Ay", "Aᵀx"), fused, plain, strict=True):
+        assert len(got) == len(want), name
+        for t, (g, w) in enumerate(zip(got, want, strict=True)):
+            torch.testing.assert_close(g, w, rtol=1e-12, atol=0, msg=f"{name}[{t}]")
+
+
+@needs_fused
+@pytest.mark.parametrize("options", [{}, {"order": "columns-then-rows"},
+                                     {"prior": "plan", "renormalise": True},
+                                     {"readout": "asymmetric"}, {"positional": "none"}])
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
+def test_fused_and_pytorch_sinkhorn_give_the_same_outputs_and_gradients(options, dtype, tol):
+    torch.manual_seed(0)
+    fused = build_mechanism("set", 32, 4, m=16, anchors=8, sinkhorn="fused", **options).to(dtype)
+    plain = build_mechanism("set", 32, 4, m=16, anchors=8, sinkhorn="torch", **options).to(dtype)
+    plain.load_state_dict(fused.state_dict())
+    x = torch.randn(3, 203, 32, dtype=dtype)
+    mask = torch.ones(3, 203, dtype=torch.bool)
+    mask[1, 150:] = False
+    for kwargs in ({}, {"mask": mask}):
+        xf, xp = x.clone().requires_grad_(), x.clone().requires_grad_()
+        yf, yp = fused(xf, **kwargs), plain(xp, **kwargs)
+        torch.testing.assert_close(yf, yp, rtol=tol, atol=tol * yp.abs().max().item())
+        yf.square().sum().backward()
+        yp.square().sum().backward()
+        torch.testing.assert_close(xf.grad, xp.grad, rtol=tol, atol=tol * xp.grad.abs().max().item())
+        with torch.no_grad():
+            without_grad = fused(x, **kwargs)
+        torch.testing.assert_close(without_grad, yp.detach(), rtol=tol, atol=tol * yp.abs().max().item())
+
+
+def test_fused_sinkhorn_that_cannot_run_is_a_clear_error_and_auto_falls_back(monkeypatch):
+    monkeypatch.setattr(set_module, "native_reason", lambda device, dtype: "no C compiler found (set CC)")
+    x = torch.randn(1, 20, 32)
+    with pytest.raises(ValueError, match="sinkhorn='fused' cannot run here: no C compiler.*'torch'"):
+        build_mechanism("set", 32, 4, sinkhorn="fused")(x)
+    auto, plain = build_mechanism("set", 32, 4), build_mechanism("set", 32, 4, sinkhorn="torch")
+    plain.load_state_dict(auto.state_dict())
+    torch.testing.assert_close(auto(x), plain(x))
+    assert "not fused: no C compiler" in set_module.SeTAttention.backend("cpu")
+
+
+@needs_fused
+def test_the_fused_path_is_taken_by_default_on_the_cpu(monkeypatch):
+    calls = []
+    real = set_module._native_iterations
+    monkeypatch.setattr(set_module, "_native_iterations", lambda *a: calls.append(1) or real(*a))
+    m = build_mechanism("set", 32, 4)
+    with torch.no_grad():
+        m(torch.randn(1, 20, 32))
+    m(torch.randn(1, 20, 32)).sum().backward()
+    assert len(calls) == 2
+    assert "fused C passes" in set_module.SeTAttention.backend("cpu")
