@@ -312,9 +312,12 @@ def native_sinkhorn() -> ctypes.CDLL:
 
 def native_reason(device: str, dtype: torch.dtype) -> str | None:
     """Why the fused passes cannot run for ``device`` and ``dtype`` (None: they can). Under a
-    dispatch mode (a FLOP counter, fake tensors while tracing) every op must go through PyTorch."""
+    dispatch mode (a FLOP counter, fake tensors) and while torch.compile traces, every operation
+    must go through PyTorch."""
     if is_in_torch_dispatch_mode():
         return "a torch dispatch mode is active (it must see every operation)"
+    if torch.compiler.is_compiling():
+        return "torch.compile is tracing (a compiled graph takes PyTorch operations only)"
     if device != "cpu":
         return f"the fused Sinkhorn runs on the CPU, not {device}"
     if dtype not in (torch.float32, torch.float64):

@@ -762,3 +762,12 @@ def test_the_fused_path_is_taken_by_default_on_the_cpu(monkeypatch):
     m(torch.randn(1, 20, 32)).sum().backward()
     assert len(calls) == 2
     assert "fused C passes" in set_module.SeTAttention.backend("cpu")
+
+
+def test_torch_compile_traces_the_pytorch_loop_and_matches_eager():
+    """While torch.compile traces, the C kernel is left out (a graph takes PyTorch operations only)."""
+    torch.manual_seed(0)
+    m = build_mechanism("set", 32, 4, m=16, anchors=8)
+    x = torch.randn(1, 40, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.compile(m)(x), m(x))
