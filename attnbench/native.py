@@ -16,7 +16,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-FLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fPIC", "-shared")
+FLAGS = ("-O3", "-march=native", "-funroll-loops", "-fopenmp", "-fno-math-errno", "-fPIC", "-shared")
 LIBS = ("-lm",)
 
 

@@ -304,7 +304,7 @@ def native_sinkhorn() -> ctypes.CDLL:
         ptr, size, flag = ctypes.c_void_p, ctypes.c_long, ctypes.c_int
         for fn, real in ((lib.sinkhorn_f32, ctypes.c_float), (lib.sinkhorn_f64, ctypes.c_double)):
             fn.argtypes = [ptr, size, size, size, flag, ptr, size, real, real, ptr, size, ptr, ptr, ptr, ptr,
-                           ptr, flag]
+                           flag, ptr, size, ptr, flag]
             fn.restype = None
         lib.typed = True
     return lib
@@ -330,9 +330,12 @@ def native_reason(device: str, dtype: torch.dtype) -> str | None:
 
 
 def _native_iterations(kernel: Tensor, rows_first: bool, alpha: Tensor | float, beta: Tensor | float,
-                       y0: Tensor, iters: int) -> tuple[list[Tensor], ...]:
+                       y0: Tensor, iters: int, fold: bool = False, post: Tensor | None = None
+                       ) -> tuple[list[Tensor], ...]:
     """``_scaling_iterations`` on A = K (rows first) or Kᵀ, for K (b, n, m) contiguous on the CPU:
-    one call of set_sinkhorn.c, L passes over K's rows (L + 1 for columns first: the first is half)."""
+    one call of set_sinkhorn.c, L passes over K's rows (L + 1 for columns first: the first is half).
+    With ``fold`` the last pass leaves diag(u) K ⊙ M in ``kernel`` (M = ``post``, (n, m) or
+    (B, 1, n, m), if given; u the row scaling)."""
     lib = native_sinkhorn()
     b, n, m = kernel.shape
     run = lib.sinkhorn_f32 if kernel.dtype == torch.float32 else lib.sinkhorn_f64
@@ -350,19 +353,30 @@ def _native_iterations(kernel: Tensor, rows_first: bool, alpha: Tensor | float, 
         marg: tuple[Any, ...] = (row_marg.data_ptr(), n, 0.0)
     else:
         marg = (None, 0, float(row_marg))
+    post_heads = 0
+    if post is not None:
+        post_heads = 0 if post.dim() == 2 else b // post.shape[0]
+        post = post.to(kernel.dtype).contiguous()
     run(kernel.data_ptr(), b, n, m, int(rows_first), *marg, float(col_marg), y0.data_ptr(), iters,
-        dots.data_ptr(), scales.data_ptr(), sums.data_ptr(), cols.data_ptr(), scratch.data_ptr(), threads)
+        dots.data_ptr(), scales.data_ptr(), sums.data_ptr(), cols.data_ptr(), int(fold),
+        None if post is None else post.data_ptr(), post_heads, scratch.data_ptr(), threads)
     if rows_first:  # x_t, y_0…y_L, A y, Aᵀ x
         return list(scales), list(cols), list(dots), list(sums[:iters])
     return list(cols[:iters]), [y0, *scales], list(sums[:iters]), list(dots)
 
 
+def _can_fuse(kernel: Tensor, tol: float, fused: bool) -> bool:
+    """Whether the scaling iterations on K run as the fused C passes: asked for (``fused``), no
+    autograd through them, no early stop."""
+    recorded = torch.is_grad_enabled() and kernel.requires_grad
+    return fused and tol == 0 and kernel.is_contiguous() and not recorded
+
+
 def _iterations(kernel: Tensor, rows_first: bool, alpha: Tensor | float, beta: Tensor | float,
                 y0: Tensor, iters: int, tol: float, fused: bool) -> tuple[list[Tensor], ...]:
-    """The scaling iterations on K (b, n, m): the fused C passes when ``fused`` (no autograd
-    through them, no early stop), else PyTorch's matrix–vector products."""
-    recorded = torch.is_grad_enabled() and kernel.requires_grad
-    if fused and tol == 0 and kernel.is_contiguous() and not recorded:
+    """The scaling iterations on K (b, n, m): the fused C passes where ``_can_fuse``, else
+    PyTorch's matrix–vector products."""
+    if _can_fuse(kernel, tol, fused):
         return _native_iterations(kernel, rows_first, alpha, beta, y0, iters)
     return _scaling_iterations(kernel if rows_first else kernel.mT, alpha, beta, y0, iters, tol)
 
@@ -580,6 +594,7 @@ class _Plan:
     ok: Tensor  # 0-dim bool: the scaling iterates are trustworthy
     post: Tensor | None  # M, (n, m) or (B, 1, n, m), when the plan is multiplied by it after Sinkhorn
     logits: Callable[[], Tensor]  # recomputes the logits G, for the log-domain fallback
+    folded: bool = False  # ``kernel`` holds diag(u) K (⊙ M): the read-out's kernel, u folded in
     shared: dict[str, Any] = dataclasses.field(default_factory=dict)  # for ``_PriorProduct``
 
 
@@ -678,11 +693,12 @@ class SeTAttention(Mechanism):
         return (value if o.prior == "similarity-and-plan" else None), value
 
     def _sinkhorn(self, x: Tensor, parts: list[int], grid: Grid | None, mask: Tensor | None,
-                  cast: tuple[bool, torch.dtype]) -> list[_Plan]:
+                  cast: tuple[bool, torch.dtype], fold_readout: bool = False) -> list[_Plan]:
         """The transport plan of the alignment features of each of ``parts`` (``_project``), in
         the scaling domain, with one host check for all of them and a log-domain recomputation
         of any whose scalings left the floating-point range. ``mask`` (B, n): padding. Only the
-        kernel K of each plan is kept: features and embedding are released once used."""
+        kernel K of each plan is kept: features and embedding are released once used. Without
+        autograd, ``fold_readout`` lets the fused passes leave diag(u) K ⊙ M in K for the read-out."""
         o: SeTOptions = self.options
         dtype = torch.promote_types(x.dtype, torch.float32)
         (b, n), h = x.shape[:2], self.num_heads
@@ -719,13 +735,18 @@ class SeTAttention(Mechanism):
                         -2, keepdim=True)
             kernel = g.sub_(shift).exp_()
             flat = kernel.view(b * h, n, o.m)
+            folded = False
             if o.backward == "recompute" and torch.is_grad_enabled() and kernel.requires_grad:
                 sx, sy, ok = _ScalingSinkhorn.apply(flat, rows_first, alpha, beta, y0, o.iters, o.tol, fused)
+            elif _can_fuse(flat, o.tol, fused) and fold_readout:  # no autograd: K becomes u ⊙ K ⊙ M
+                xs, ys, _, _ = _native_iterations(flat, rows_first, alpha, beta, y0, o.iters, True, post)
+                sx, sy, ok = xs[-1], ys[-1], _in_range(xs[-1], ys, beta, o.m if rows_first else n)
+                folded = True
             else:  # no autograd, or autograd through every step (unroll)
                 xs, ys, _, _ = _iterations(flat, rows_first, alpha, beta, y0, o.iters, o.tol, fused)
                 sx, sy, ok = xs[-1], ys[-1], _in_range(xs[-1], ys, beta, o.m if rows_first else n)
             u, v = (sx, sy) if rows_first else (sy, sx)  # the scalings of the side first, second
-            plans.append(_Plan(kernel, u.view(b, h, n), v.view(b, h, o.m), ok, post, logits))
+            plans.append(_Plan(kernel, u.view(b, h, n), v.view(b, h, o.m), ok, post, logits, folded))
 
         if not bool(torch.stack([p.ok for p in plans]).all()):  # the forward's one host sync
             for p in plans:
@@ -733,6 +754,7 @@ class SeTAttention(Mechanism):
                     p.kernel = log_sinkhorn_plan(p.logits(), o.iters, o.tol, o.backward == "recompute",
                                                  mask, rows_first)
                     p.u, p.v = torch.ones_like(p.u), torch.ones_like(p.v)
+                    p.folded = False
         return plans
 
     @staticmethod
@@ -740,7 +762,7 @@ class SeTAttention(Mechanism):
         """K ⊙ M when the plan is multiplied by the prior after Sinkhorn, else K. Without
         autograd it overwrites K (nothing needs K any more); with autograd it is a temporary
         that the backward recomputes (``_PriorProduct``), so only K is kept."""
-        if plan.post is None:
+        if plan.post is None or plan.folded:
             return plan.kernel
         if not torch.is_grad_enabled():
             return plan.kernel.mul_(plan.post)
@@ -790,7 +812,9 @@ class SeTAttention(Mechanism):
         # the transport runs in float32 even under fp16/bf16 autocast: exp needs the range
         with torch.autocast(x.device.type, enabled=False):
             asym = self.options.readout == "asymmetric"
-            plans = self._sinkhorn(x, [0, 2] if asym else [0], grid, mask, cast)
+            # without autograd the fused passes fold u (and M) into K: P' = diag(u) K ⊙ M
+            plans = self._sinkhorn(x, [0, 2] if asym else [0], grid, mask, cast,
+                                   fold_readout=not (grad or self.options.renormalise))
             agg, read = plans[0], plans[-1]
             kernel = self._readout_kernel(agg)
             tiny = torch.finfo(kernel.dtype).tiny
@@ -799,8 +823,9 @@ class SeTAttention(Mechanism):
             if self.options.renormalise:  # R_j = Σ_i P_ij V_i / Σ_i P_ij: v cancels
                 sums = self._product(agg, kernel, torch.cat([u * values, u], -1), True)  # (B, H, m, d + 1)
                 refs = sums[..., :d] / sums[..., d:].clamp(min=tiny)
-            else:  # R = m Pᵀ V = m · v ⊙ Kᵀ (u ⊙ V); without autograd, in V's own buffer
-                values = u * values if grad else values.mul_(u)
+            else:  # R = m Pᵀ V = m · v ⊙ Kᵀ (u ⊙ V) = m · v ⊙ P'ᵀ V; without autograd, in V's buffer
+                if not agg.folded:
+                    values = u * values if grad else values.mul_(u)
                 refs = (m * v) * self._product(agg, kernel, values, True)  # (B, H, m, d)
             del values
             if read is not agg:
@@ -809,13 +834,13 @@ class SeTAttention(Mechanism):
             if self.options.renormalise:  # O_i = Σ_j P_ij R_j / Σ_j P_ij: u cancels
                 sums = self._product(read, kernel, torch.cat([v * refs, v], -1), False)  # (B, H, n, d + 1)
                 return merge_heads(sums[..., :d] / sums[..., d:].clamp(min=tiny))
-            # O = n P R = n · u ⊙ K (v ⊙ R)
+            # O = n P R = n · u ⊙ K (v ⊙ R) = P' (n · v ⊙ R)
+            if read.folded:  # written straight into the merged layout (B, n, H, d)
+                merged = kernel.new_empty(x.shape[0], x.shape[1], self.num_heads, d)
+                torch.matmul(kernel, (n * v) * refs, out=merged.transpose(1, 2))
+                return merged.view(x.shape[0], x.shape[1], -1)
             out = self._product(read, kernel, v * refs, False)  # (B, H, n, d)
-            if grad:
-                return merge_heads((n * u) * out)
-            merged = out.new_empty(out.shape[0], out.shape[2], self.num_heads, d)  # (B, n, H, d)
-            torch.mul(out, n * u, out=merged.transpose(1, 2))  # the scaling and the head merge in one pass
-            return merged.view(merged.shape[0], merged.shape[1], -1)
+            return merge_heads((n * u) * out if grad else out.mul_(n * u))
 
     # -- looking inside -------------------------------------------------------------------
     def _dense(self, plan: _Plan, with_prior: bool = True) -> Tensor:
