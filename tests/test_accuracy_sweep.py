@@ -12,6 +12,7 @@ import json
 import math
 import shutil
 import textwrap
+from pathlib import Path
 
 import matplotlib.pyplot as plt
 import pandas as pd
@@ -25,35 +26,13 @@ from attnbench.options import parse_mechanism_options, split_label, variants
 from attnbench.plots import layout_problems
 from attnbench.sweep import SweepConfig, finish, run_sweep
 
+FAULTY = str(Path(__file__).with_name("faulty_mechanisms.py"))  # loaded with --load, never imported
 FAKE = textwrap.dedent('''
-    """A fake sequence task and faulty mechanisms, for the accuracy sweep's tests."""
-    import time
+    """A fake sequence task, for the accuracy sweep's tests."""
     from pathlib import Path
     import torch
-    from torch import nn
-    from attnbench import Flops, Mechanism, Task, build_mechanism, register_mechanism, register_task
+    from attnbench import Task, build_mechanism, register_task
     from attnbench.results import append_row
-
-    class _Base(Mechanism):
-        complexity = "linear"
-        def __init__(self, dim, num_heads, options=None):
-            super().__init__(dim, num_heads, options)
-            self.proj = nn.Linear(dim, dim)
-        def flops(self, batch, n, grid=None):
-            return Flops(matmul=2 * batch * n * self.dim * self.dim)
-
-    @register_mechanism
-    class Hog(_Base):
-        name = "fake_hog"
-        def mix(self, x, grid):  # 3 GiB, never touched: fails only under the sweep's memory limit
-            return self.proj(x) + torch.empty(3 * 2**30, dtype=torch.uint8)[:1].float()
-
-    @register_mechanism
-    class Sleepy(_Base):
-        name = "fake_sleepy"
-        def mix(self, x, grid):
-            time.sleep(120)
-            return self.proj(x)
 
     @register_task
     class FakeRecall(Task):
@@ -94,14 +73,17 @@ FAKE = textwrap.dedent('''
 
 @pytest.fixture
 def fake(tmp_path):
-    """The fake task and mechanisms, loaded here and (through --load) in every point's process."""
+    """``--load`` arguments for the fake task and the faulty mechanisms, loaded here and (through
+    --load) in every point's process."""
     path = tmp_path / "fake_sweep_task.py"
     path.write_text(FAKE)
     registry.load_module(str(path))
-    yield str(path)
+    registry.load_module(FAULTY)
+    yield ["--load", str(path), "--load", FAULTY]
     tasks._TASKS.pop("fake_recall", None)
-    for name in ("fake_hog", "fake_sleepy"):
-        registry._REGISTRY.pop(name, None)
+    for name, cls in list(registry._REGISTRY.items()):
+        if cls.__module__ == "faulty_mechanisms":
+            registry._REGISTRY.pop(name)
 
 
 # ---- variants ---------------------------------------------------------------------------------
@@ -203,7 +185,7 @@ def test_pareto_front():
 
 def test_accuracy_sweep_end_to_end_with_resume_and_compare(fake, tmp_path, capsys):
     out = tmp_path / "sweep"
-    argv = ["scale", "--task", "fake_recall", "--load", fake, "--threads", "1", "--memory-limit", "2048"]
+    argv = ["scale", "--task", "fake_recall", *fake, "--threads", "1", "--memory-limit", "2048"]
     assert main([*argv, "--out", str(out)]) == 0  # the preset: 2 mechanisms x 2 lengths x 2 seeds
     captured = capsys.readouterr()
     table = pd.read_csv(out / "accuracy.csv")
@@ -259,7 +241,7 @@ def test_accuracy_sweep_end_to_end_with_resume_and_compare(fake, tmp_path, capsy
 
 def test_failed_points_are_rows_and_the_sweep_goes_on(fake, tmp_path, capsys):
     out = tmp_path / "faults"
-    assert main(["scale", "--task", "fake_recall", "--load", fake, "--mechanism",
+    assert main(["scale", "--task", "fake_recall", *fake, "--mechanism",
                  "softmax,fake_hog,fake_sleepy,xformers,linear", "--opt", "linear.eps=1e-6,1e-3",
                  "--seq", "16", "--seeds", "0", "--budget", "8", "--memory-limit", "1024", "--threads", "1",
                  "--out", str(out)]) == 0
@@ -297,7 +279,7 @@ def test_failed_points_are_rows_and_the_sweep_goes_on(fake, tmp_path, capsys):
 ])
 def test_accuracy_sweep_usage_errors(fake, argv, message, capsys):
     with pytest.raises(SystemExit) as exc:
-        main([*argv[:1], "--load", fake, *argv[1:]])
+        main([*argv[:1], *fake, *argv[1:]])
     assert exc.value.code == 2
     assert message in capsys.readouterr().err
 

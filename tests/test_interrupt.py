@@ -15,7 +15,6 @@ import shlex
 import signal
 import subprocess
 import sys
-import textwrap
 import threading
 import time
 from pathlib import Path
@@ -28,31 +27,10 @@ from attnbench.interrupt import Interrupted, command_with, interrupts
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"),
                                 reason="reads /proc; pidfds are Linux's")
 
-# A mechanism that measures at once at n = 16 and, at n >= 32, writes its pid to MARKER and
+# `sleepy_from_32` measures at once at n = 16 and, at n >= 32, writes its pid to $SLEEPY_MARKER and
 # sleeps: a sweep over 16,32 is then mid-configuration, in a worker, for as long as a test needs.
 # SLEEPY_S=0 in the environment lets a resumed sweep finish.
-SLEEPY = textwrap.dedent('''
-    import os
-    import time
-    from pathlib import Path
-    from torch import nn
-    from attnbench import Flops, Mechanism, register_mechanism
-
-    @register_mechanism
-    class Sleepy(Mechanism):
-        name = "sleepy_from_32"
-        complexity = "linear"
-        def __init__(self, dim, num_heads, options=None):
-            super().__init__(dim, num_heads, options)
-            self.proj = nn.Linear(dim, dim)
-        def flops(self, batch, n, grid=None):
-            return Flops(matmul=2 * batch * n * self.dim * self.dim)
-        def mix(self, x, grid):
-            if x.shape[1] >= 32 and float(os.environ.get("SLEEPY_S", "300")) > 0:
-                Path(MARKER).write_text(str(os.getpid()))
-                time.sleep(float(os.environ.get("SLEEPY_S", "300")))
-            return self.proj(x)
-''')
+FAULTY = str(Path(__file__).with_name("faulty_mechanisms.py"))
 WAIT_S = 240  # for a line or a file, before a test gives up: a loaded CI machine is slow, never this slow
 
 
@@ -103,6 +81,17 @@ def group(pgid: int) -> set[int]:
     return pids
 
 
+def interrupted_line(command: Command, status: int) -> str:
+    """The one line an interrupted command ends with, once it has ended with ``status`` and
+    printed no traceback."""
+    code, lines = command.finish()
+    assert code == status
+    assert not any("Traceback" in line for line in lines), "\n".join(lines)
+    said = [line for line in lines if ": interrupted (" in line]
+    assert len(said) == 1 and said[0] == lines[-1], "\n".join(lines[-30:])
+    return said[0]
+
+
 def wait_until_gone(pgid: int) -> set[int]:
     end = time.monotonic() + WAIT_S
     while (left := group(pgid)) and time.monotonic() < end:
@@ -114,12 +103,11 @@ def wait_until_gone(pgid: int) -> set[int]:
 def sweep(tmp_path):
     """A ``scale`` sweep of the sleepy mechanism over n = 16, 32, with a private temporary folder;
     started by ``sweep()``, which returns it once its worker sleeps at n = 32."""
-    plugin, marker, tmp = tmp_path / "sleepy.py", tmp_path / "asleep", tmp_path / "tmp"
-    plugin.write_text(f"MARKER = {str(marker)!r}\n{SLEEPY}")
+    marker, tmp = tmp_path / "asleep", tmp_path / "tmp"
     tmp.mkdir()
-    env = {**os.environ, "TMPDIR": str(tmp), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "TMPDIR": str(tmp), "OMP_NUM_THREADS": "1", "SLEEPY_MARKER": str(marker)}
     out = tmp_path / "sweep"
-    args = ["scale", "--load", str(plugin), "--mechanism", "sleepy_from_32", "--seq", "16,32", "--heads", "2",
+    args = ["scale", "--load", FAULTY, "--mechanism", "sleepy_from_32", "--seq", "16,32", "--heads", "2",
             "--head-dim", "8", "--threads", "1", "--min-time", "0.01", "--rounds", "1", "--retries", "0",
             "--budget", "600", "--out", str(out)]
 
@@ -156,14 +144,10 @@ def test_an_interrupted_sweep_says_what_it_kept_and_how_to_resume(sweep, signum,
         os.killpg(pgid, signum)
     else:  # `kill PID`
         command.process.send_signal(signum)
-    code, lines = command.finish()
-    assert code == status
-    assert not any("Traceback" in line for line in lines), "\n".join(lines)
-    said = [line for line in lines if ": interrupted (" in line]
-    assert len(said) == 1 and said[0] == lines[-1]
+    said = interrupted_line(command, status)
     kept = re.fullmatch(r"attnbench scale: interrupted \((\S+)\); kept 1 of 2 rows in (\S+); "
-                        r"finish with: (.+)", said[0])
-    assert kept, said[0]
+                        r"finish with: (.+)", said)
+    assert kept, said
     assert kept[1] == ("Ctrl-C" if signum == signal.SIGINT else "SIGTERM")
     assert Path(kept[2]) == command.out / "scale.csv"
     assert wait_until_gone(pgid) == set()
@@ -192,10 +176,7 @@ def test_ctrl_c_while_the_fork_server_starts_prints_no_traceback(sweep):
 
     command.wait_for(fork_server_started, "the fork server")
     os.killpg(command.process.pid, signal.SIGINT)  # while it imports torch and the mechanisms
-    code, lines = command.finish()
-    assert code == 130
-    assert not any("Traceback" in line for line in lines), "\n".join(lines)
-    assert [line for line in lines if ": interrupted (" in line] == lines[-1:]
+    interrupted_line(command, 130)
     assert wait_until_gone(command.process.pid) == set()
 
 
@@ -208,14 +189,10 @@ def test_ctrl_c_ends_a_training_run_with_its_checkpoint_and_the_resume_command(t
                       env, tmp_path)
     command.wait_for(lambda: any(line.startswith("epoch 1/1000:") for line in command.lines), "first epoch")
     os.killpg(command.process.pid, signal.SIGINT)  # Ctrl-C in a terminal
-    code, lines = command.finish()
-    assert code == 130
-    assert not any("Traceback" in line for line in lines), "\n".join(lines)
-    said = [line for line in lines if ": interrupted (" in line]
-    assert len(said) == 1 and said[0] == lines[-1]
+    said = interrupted_line(command, 130)
     kept = re.fullmatch(r"attnbench run: interrupted \(Ctrl-C\); kept (\S+) with its checkpoint after epoch "
-                        r"(\d+)/1000; resume with: (.+)", said[0])
-    assert kept, said[0]
+                        r"(\d+)/1000; resume with: (.+)", said)
+    assert kept, said
     assert Path(kept[1]) == out and int(kept[2]) >= 1
     resume = shlex.split(kept[3])
     assert resume[-2:] == ["--resume", str(out)] and "--out" not in resume

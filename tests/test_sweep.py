@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -18,49 +19,7 @@ from attnbench.cli import main
 from attnbench.fit import crossover, fit_exponent, fit_power_law, fit_table, label
 from attnbench.sweep import COLUMNS, SweepConfig, SweepError, compare, finish, parse_seq, run_sweep, summary
 
-FAULTY = textwrap.dedent('''
-    """Mechanisms that fail on purpose, to test that a sweep records failures and goes on."""
-    import time
-    import torch
-    from torch import nn
-    from attnbench import Flops, Mechanism, register_mechanism
-
-    class _Base(Mechanism):
-        complexity = "linear"
-        def __init__(self, dim, num_heads, options=None):
-            super().__init__(dim, num_heads, options)
-            self.proj = nn.Linear(dim, dim)
-        def flops(self, batch, n, grid=None):
-            return Flops(matmul=2 * batch * n * self.dim * self.dim)
-
-    @register_mechanism
-    class Boom(_Base):
-        name = "faulty_boom"
-        def mix(self, x, grid):
-            raise RuntimeError("boom at n=%d" % x.shape[1])
-
-    @register_mechanism
-    class Hog(_Base):
-        name = "faulty_hog"
-        def mix(self, x, grid):  # asks for 4 TiB: the sweep's memory cap turns this into an error
-            return self.proj(x) + torch.ones(2**40, dtype=torch.float32).sum()
-
-    @register_mechanism
-    class Sleepy(_Base):
-        name = "faulty_sleepy"
-        def mix(self, x, grid):
-            time.sleep(60)
-            return self.proj(x)
-
-    @register_mechanism
-    class Uncompilable(_Base):
-        name = "faulty_uncompilable"
-        def mix(self, x, grid):  # runs eagerly; under torch.compile the graph break is an error
-            with torch._dynamo.error_on_graph_break(True):
-                y = self.proj(x)
-                torch._dynamo.graph_break()
-                return y
-''')
+FAULTY = str(Path(__file__).with_name("faulty_mechanisms.py"))  # loaded with --load, never imported
 
 # Mechanisms whose cost is known exactly: a busy wait of BASE_S * (n / 256) ** power seconds,
 # whatever the machine. `hog_n` makes the quadratic one start busy processes (three per core,
@@ -118,13 +77,12 @@ KNOWN = textwrap.dedent('''
 
 
 @pytest.fixture
-def faulty(tmp_path):
-    path = tmp_path / "faulty_mechanisms.py"
-    path.write_text(FAULTY)
-    registry.load_module(str(path))
-    yield str(path)
-    for name in ("faulty_boom", "faulty_hog", "faulty_sleepy", "faulty_uncompilable"):
-        registry._REGISTRY.pop(name, None)
+def faulty():
+    registry.load_module(FAULTY)
+    yield FAULTY
+    for name, cls in list(registry._REGISTRY.items()):
+        if cls.__module__ == "faulty_mechanisms":
+            registry._REGISTRY.pop(name)
 
 
 @pytest.fixture

@@ -7,42 +7,24 @@ import math
 
 import pandas as pd
 import pytest
-import torch
 from torch import nn
 
-from attnbench import build_mechanism, tasks
+from attnbench import tasks
 from attnbench.cli import main
 from attnbench.tasks import finished_runs
-from tasks.common.harness import Data, TrainingTask
+from tests.tasks.common.toy import Toy as RecordToy
 
 
-class Toy(TrainingTask):
-    """Is the mean of the tokens positive? Its loss comes in two named parts."""
+class Toy(RecordToy):
+    """The resume tests' toy with twice the examples, and its loss in two named parts."""
 
-    name, summary, metrics, headline = "toy-harness", "a toy for the harness tests", ("accuracy",), "accuracy"
-    presets = {"embedded": dict(epochs=2, batch_size=16, lr=3e-3)}
-
-    def load_data(self) -> Data:
-        x = torch.randn(256, 8, 4, generator=torch.Generator().manual_seed(0))
-        pairs = torch.utils.data.TensorDataset(x, (x.mean((1, 2)) > 0).long())
-        return Data("toy tokens", train=pairs, val=pairs)
-
-    def build_model(self) -> nn.Module:
-        mixer = build_mechanism(self.mechanism, 4, 1, **self.options)
-        return nn.Sequential(mixer, nn.Flatten(), nn.Linear(32, 2))
+    name, summary = "toy-harness", "a toy for the harness tests"
+    examples = 256
 
     def loss(self, net, batch):
         x, y = batch
         logits = net(x)
         return {"ce": nn.functional.cross_entropy(logits, y), "l2": 1e-3 * logits.pow(2).mean()}, len(y)
-
-    def evaluate(self, model):
-        hits = n = 0
-        for batch in self.val_loader:
-            x, y = self.to_device(batch)
-            hits, n = hits + (model(x).argmax(1) == y).sum().item(), n + len(y)
-        hits, n = self.reduce(hits, n)
-        return {"accuracy": 100 * hits / n, "items": n}
 
 
 @pytest.fixture
