@@ -222,6 +222,20 @@ def _draw_failures(strip: plt.Axes | None, failed: pd.DataFrame, x: str) -> None
     strip.set_title("did not finish (no measurement)", fontsize=8, loc="left")
 
 
+def log_log_panel(ax: plt.Axes, strip: plt.Axes | None, failed: pd.DataFrame, tried: pd.DataFrame, x: str,
+                  xlabel: str, ylabel: str) -> None:
+    """A cost-against-size panel finished: log-log (base 2 along ``x``, a tick at every ``x`` tried),
+    plain tick numbers, labels and grid, and the ``failed`` rows marked on the strip above it."""
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ticks_at(ax.xaxis, tried[x].unique())
+    ax.yaxis.set_major_formatter(ticker.FuncFormatter(plain))
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(True, which="major", alpha=0.3)
+    _draw_failures(strip, failed, x)
+
+
 def failure_handles(failed: pd.DataFrame) -> list[Line2D]:
     statuses = [s for s in FAILURES if s in set(failed["status"])]
     statuses += sorted(set(failed["status"]) - set(FAILURES))
@@ -650,14 +664,7 @@ def _against_n(rows: pd.DataFrame, fits: pd.DataFrame, column: str, prefix: str,
                             alpha=0.2, lw=0)
     ns = np.sort(ok["n"].unique())
     _reference_slopes(ax, ns, float(ok[ok["n"] == ns[0]][column].median()))
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    ticks_at(ax.xaxis, rows["n"].unique())
-    ax.yaxis.set_major_formatter(ticker.FuncFormatter(plain))
-    ax.set_xlabel("sequence length n (tokens)")
-    ax.set_ylabel(unit)
-    ax.grid(True, which="major", alpha=0.3)
-    _draw_failures(strip, failed, "n")
+    log_log_panel(ax, strip, failed, rows, "n", "sequence length n (tokens)", unit)
     handles, _ = ax.get_legend_handles_labels()
     if column == "time_ms_median":
         handles.append(Patch(fc="0.6", alpha=0.35, label="quartiles of the timed runs") if band else
@@ -903,14 +910,7 @@ def resolution_plots(table: pd.DataFrame, out: Path, title: str, limit_mib: floa
         if column == "peak_mem_mib" and limit_mib:
             ax.axhline(limit_mib, color="0.3", ls="--", lw=1,
                        label=f"memory limit {limit_mib / 1024:.1f} GiB")
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ticks_at(ax.xaxis, table["side"].unique())
-        ax.yaxis.set_major_formatter(ticker.FuncFormatter(plain))
-        ax.set_xlabel("image side (pixels)")
-        ax.set_ylabel(unit)
-        ax.grid(True, which="major", alpha=0.3)
-        _draw_failures(strip, failed, "side")
+        log_log_panel(ax, strip, failed, table, "side", "image side (pixels)", unit)
     handles, _ = axes[0].get_legend_handles_labels()
     side_legend(axes[-1], handles + failure_handles(failed), fontsize=8)
     fig.suptitle(wrap(title, fig, 10, 0.8), fontsize=10)

@@ -241,11 +241,19 @@ def _fit_min_n(folder: Path, given: int | None) -> int:
 
 def sweep_section(folder: Path, tmp: Path, fit_min_n: int | None, index: int) -> Section:
     from attnbench.fit import fit_table, ratio_table
-    from attnbench.sweep import MEASURED, ROUND_COLUMNS, fit_summary, machine_summary, ratio_summary
+    from attnbench.sweep import (
+        MEASURED,
+        ROUND_COLUMNS,
+        by_variant,
+        fit_summary,
+        machine_summary,
+        ratio_summary,
+    )
 
     meta = _meta(folder)
-    table = read_table(folder / "scale.csv", required=MEASURED)
-    rounds = read_table(folder / "rounds.csv", ROUND_COLUMNS)
+    # a series, a fit and a row per variant (set[m=16], set[m=64]), as `attnbench scale` draws them
+    table = by_variant(read_table(folder / "scale.csv", required=MEASURED))
+    rounds = by_variant(read_table(folder / "rounds.csv", ROUND_COLUMNS))
     min_n = _fit_min_n(folder, fit_min_n)
     fits = fit_table(table, min_n)
     ratios = ratio_table(rounds)

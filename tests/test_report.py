@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 
 from attnbench.cli import main
-from attnbench.report import build, render_html, seed_table
+from attnbench.report import Table, Text, build, render_html, seed_table
 from tests.test_plots import committed_results
 
 CHROMIUM = next((shutil.which(n) for n in ("chromium", "chromium-browser") if shutil.which(n)), None)
@@ -139,3 +139,37 @@ def test_no_results_is_one_clear_line(tmp_path, capsys):
         main(["report", str(tmp_path), "--out", str(tmp_path / "r.html")])
     assert exc.value.code == 2
     assert "no results in" in capsys.readouterr().err
+
+
+def two_variant_sweep(folder: Path) -> Path:
+    """A kernel sweep of softmax and SeT at two m (``--opt set.m=16,64``): scale.csv and rounds.csv."""
+    folder.mkdir()
+    times = {"softmax": 1.0, "set[m=16]": 2.0, "set[m=64]": 4.0}  # ms at n = 1024, each ∝ n
+    scale, rounds = [], []
+    for variant, ms in times.items():
+        mechanism = variant.split("[")[0]
+        for n in (1024, 2048, 4096):
+            t = ms * n / 1024
+            scale.append({"mechanism": mechanism, "variant": variant, "n": n, "mode": "fwd", "status": "ok",
+                          "time_ms_median": t, "peak_mem_mib": t, "options": "{}", "message": ""})
+            rounds += [{"mechanism": mechanism, "variant": variant, "n": n, "mode": "fwd", "pass": p,
+                        "attempt": 0, "round": p, "time_ms_median": t, "runs": 8, "machine_gflops": 400.0,
+                        "machine_gbs": 50.0, "slowdown": 1.0, "disturbed": False, "kept": True}
+                       for p in range(3)]
+    pd.DataFrame(scale).to_csv(folder / "scale.csv", index=False)
+    pd.DataFrame(rounds).to_csv(folder / "rounds.csv", index=False)
+    return folder
+
+
+def test_each_variant_of_a_sweep_is_its_own_series(tmp_path):
+    two_variant_sweep(tmp_path / "scale-variants")
+    report = build([tmp_path])
+    sweep = next(s for s in report.sections if s.title.startswith("Kernel sweep:"))
+    tables = [b.frame for b in sweep.blocks if isinstance(b, Table)]
+    fits = next(t for t in tables if "time_exponent" in t.columns)
+    assert sorted(fits["mechanism"]) == ["set[m=16]", "set[m=64]", "softmax"]
+    assert set(fits["time_exponent"]) == {"1.00"}
+    same_rounds = next(t for t in tables if 1024 in t.columns)  # time against softmax, per n
+    assert same_rounds.set_index("mechanism")[1024].to_dict() == {"set[m=16]": "2x [2, 2]",
+                                                                 "set[m=64]": "4x [4, 4]"}
+    assert any(isinstance(b, Text) and b.text.startswith("3 mechanisms") for b in sweep.blocks)

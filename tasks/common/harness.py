@@ -321,7 +321,8 @@ class TrainingTask(Task):
                        help="continue a run from its checkpoint.pt (written after every epoch)")
         t.add_argument("--time-budget", type=float_in(0, MAX_SECONDS, lo_open=True), metavar="SECONDS",
                        help="stop training once it has taken this long (training time, evaluations not "
-                            "counted), then evaluate as usual: equal-time comparisons (default: no budget)")
+                            "counted), then evaluate as usual: equal-time comparisons; the warm-up and "
+                            "the cosine decay follow the training time (default: no budget)")
         s = parser.add_argument_group("smoke runs (the row records `limited`; plots leave such runs out)")
         s.add_argument("--max-steps", type=int_in(1, 10**9), metavar="N",
                        help="stop training after N optimiser steps")
@@ -487,7 +488,7 @@ class TrainingTask(Task):
         self.val_loader = ({k: self.make_eval_loader(v, self.data.collate) for k, v in self.val_sets.items()}
                            if isinstance(self.val_sets, Mapping) else
                            self.make_eval_loader(self.val_sets, self.data.collate))
-        self.trainer = Trainer(model, recipe, dist, len(self.train_loader))
+        self.trainer = Trainer(model, recipe, dist, len(self.train_loader), self.time_budget)
         torch.manual_seed(recipe.seed * 7919 + dist.rank)  # dropout, stochastic depth… differ per rank
         self.previous_wall = 0.0
         if self.resumed is not None:

@@ -1,10 +1,11 @@
 """The optimisation around one model, in the shape of torchvision's reference scripts.
 
 AdamW with weight decay on weight matrices only, linear warm-up then cosine decay (per
-step), gradient clipping, mixed precision where the device supports it, an optional EMA of the
-weights, DistributedDataParallel under ``torchrun``, one training epoch at a time (optionally
-stopped after a number of optimiser steps), and checkpoints that hold everything a resumed run
-needs to continue exactly. ``tasks.common.harness`` runs the epochs around it.
+step; under a time budget, along the training time: ``scheduled_lr``), gradient clipping, mixed
+precision where the device supports it, an optional EMA of the weights, DistributedDataParallel
+under ``torchrun``, one training epoch at a time (optionally stopped after a number of optimiser
+steps), and checkpoints that hold everything a resumed run needs to continue exactly.
+``tasks.common.harness`` runs the epochs around it.
 """
 
 from __future__ import annotations
@@ -120,10 +121,25 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
             {"params": [p for p in params if id(p) not in decay], "weight_decay": 0.0}]
 
 
+WARMUP_START = 1e-3  # the warm-up ramps the learning rate up from this fraction of the peak
+
+
+def scheduled_lr(progress: float, peak: float, floor: float, warmup: float) -> float:
+    """The learning rate ``progress`` (0 to 1) through training: a linear ramp from
+    ``WARMUP_START`` × ``peak`` over the first ``warmup`` (a fraction) of it, then cosine decay
+    from ``peak`` to ``floor`` at the end."""
+    progress = min(max(progress, 0.0), 1.0)
+    if progress < warmup:
+        return peak * (WARMUP_START + (1 - WARMUP_START) * progress / warmup)
+    decayed = (progress - warmup) / (1 - warmup) if warmup < 1 else 1.0
+    return floor + (peak - floor) * (1 + math.cos(math.pi * decayed)) / 2
+
+
 class Trainer:
     """Optimiser, schedule, precision, EMA, DDP and checkpoints around one model."""
 
-    def __init__(self, model: nn.Module, recipe: Recipe, dist: Dist, steps_per_epoch: int) -> None:
+    def __init__(self, model: nn.Module, recipe: Recipe, dist: Dist, steps_per_epoch: int,
+                 time_budget: float | None = None) -> None:
         self.recipe, self.dist = recipe, dist
         self.model = model.to(dist.device)
         self.net: nn.Module = model
@@ -132,15 +148,10 @@ class Trainer:
             self.net = DistributedDataParallel(self.model, device_ids=ids)
         self.optimizer = torch.optim.AdamW(param_groups(self.model, recipe.weight_decay), lr=recipe.lr)
         self.steps_per_epoch = steps_per_epoch
-        total = recipe.epochs * steps_per_epoch
-        warmup = min(total - 1, round(recipe.warmup_epochs * steps_per_epoch))
-        cosine = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=max(1, total - warmup),
-                                                            eta_min=recipe.min_lr)
-        if warmup > 0:
-            ramp = torch.optim.lr_scheduler.LinearLR(self.optimizer, start_factor=1e-3, total_iters=warmup)
-            self.scheduler = torch.optim.lr_scheduler.SequentialLR(self.optimizer, [ramp, cosine], [warmup])
-        else:
-            self.scheduler = cosine
+        self.total_steps = max(1, recipe.epochs * steps_per_epoch)  # the steps the schedule is planned for
+        warmup_steps = min(self.total_steps - 1, round(recipe.warmup_epochs * steps_per_epoch))
+        self.warmup = warmup_steps / self.total_steps  # the share of the schedule that warms up
+        self.time_budget = time_budget  # seconds of training; the schedule then follows the time
         self.autocast_dtype = amp_dtype(recipe.amp, dist.device)
         self.scaler = torch.amp.GradScaler(dist.device.type, enabled=self.autocast_dtype == torch.float16)
         self.ema = (AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(recipe.ema), use_buffers=True)
@@ -148,7 +159,9 @@ class Trainer:
         self.epoch = 0  # epochs completed
         self.saved_epoch = 0  # epochs completed in the checkpoint on disk (0: none yet)
         self.steps = 0  # optimiser steps taken
+        self.trained_s = 0.0  # training seconds of the epochs done (the slowest process's)
         self.history: list[dict[str, Any]] = []
+        self.set_lr(self.schedule_progress(0.0))
 
     def autocast(self) -> AbstractContextManager:
         if self.autocast_dtype is None:
@@ -191,8 +204,8 @@ class Trainer:
                 nn.utils.clip_grad_norm_(self.model.parameters(), self.recipe.clip_grad)
             self.scaler.step(self.optimizer)
             self.scaler.update()
-            self.scheduler.step()
             self.steps += 1
+            self.set_lr(self.schedule_progress(self.trained_s + self.elapsed(start)))
             if self.ema is not None:
                 self.ema.update_parameters(self.model)
             total_loss += loss.item() * n
@@ -207,6 +220,7 @@ class Trainer:
         total_loss, items, skipped, *sums = all_reduce([total_loss, items, skipped, *map(parts.get, names)],
                                                        self.dist)
         (seconds,) = all_reduce([seconds], self.dist, op="max")
+        self.trained_s += seconds
         if items == 0:
             raise TaskError(f"{desc}: no training sample could be decoded ({int(skipped)} skipped)")
         return EpochStats(total_loss / items, int(items), seconds, int(skipped), self.lr(),
@@ -215,10 +229,32 @@ class Trainer:
     def lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]
 
+    def schedule_progress(self, trained_s: float) -> float:
+        """How far through its training the run is, as the schedule reads it: the optimiser steps
+        over those planned, or under a time budget the training seconds over the budget where that
+        is further (so the decay ends as the budget, or the epochs, run out)."""
+        done = self.steps / self.total_steps
+        if self.time_budget is not None:
+            done = max(done, trained_s / self.time_budget)
+        return done
+
+    def elapsed(self, start: float) -> float:
+        """Seconds since ``start`` this epoch, the slowest process's under a time budget (every
+        process then sets the same learning rate); 0 without one (the schedule counts steps)."""
+        if self.time_budget is None:
+            return 0.0
+        (seconds,) = all_reduce([time.perf_counter() - start], self.dist, op="max")
+        return seconds
+
+    def set_lr(self, progress: float) -> None:
+        lr = scheduled_lr(progress, self.recipe.lr, self.recipe.min_lr, self.warmup)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
     # -- checkpoints ----------------------------------------------------------------------------
     def state_dict(self, extra: dict[str, Any]) -> dict[str, Any]:
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
+                "scaler": self.scaler.state_dict(),
                 "ema": self.ema.state_dict() if self.ema is not None else None,
                 "epoch": self.epoch, "steps": self.steps, "history": self.history,
                 "torch_rng": torch.get_rng_state(), "recipe": dataclasses.asdict(self.recipe), **extra}
@@ -235,13 +271,14 @@ class Trainer:
     def load(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         if self.ema is not None and state.get("ema") is not None:
             self.ema.load_state_dict(state["ema"])
         self.epoch, self.history = state["epoch"], list(state["history"])
         self.saved_epoch = self.epoch
         self.steps = state.get("steps", self.epoch * self.steps_per_epoch)  # checkpoints before the count
+        self.trained_s = sum(h.get("train_s", 0.0) for h in self.history)
+        self.set_lr(self.schedule_progress(self.trained_s))  # the schedule is a function of steps and time
         torch.set_rng_state(state["torch_rng"])
 
 
