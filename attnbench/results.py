@@ -201,30 +201,35 @@ def write_meta(path: Path, meta: dict[str, Any]) -> None:
 # ---- seeds, not repeats ------------------------------------------------------------------------
 
 # The columns of a task table that set up the experiment: rows that differ in any of them are
-# different experiments, never seeds of one. First what the harness writes for every task, then
-# what the built-in tasks add (a plug-in task with settings of its own passes them as ``extra``).
-# What a run measured (metrics, speed, memory, FLOPs) and where it ran (date, commit, CPU, threads,
-# backend) are not configuration; nor is the seed, which ``aggregate`` counts.
+# different experiments, never seeds of one. Every run records these, whatever its task; a task adds
+# its own settings by declaring them (``config_columns``, a class attribute of the task: image side,
+# sequence length, …). What a run measured (metrics, speed, memory, FLOPs) and where it ran (date,
+# commit, CPU, threads, backend) are not configuration; nor is the seed, which ``aggregate`` counts.
 SHARED_CONFIG_COLUMNS: tuple[str, ...] = (
     "task", "dataset", "mechanism", "size", "epochs", "options", "mechanism_init", "batch_size",
-    "world_size", "device", "amp", "limited", "max_steps", "limit_train", "limit_val",
-    "train_examples", "val_examples", "train_images", "val_images", "dev_examples")
-TASK_CONFIG_COLUMNS: tuple[str, ...] = (
-    "num_classes", "img_size", "tokens",  # imagenet (and coco: img_size, num_classes)
-    "detector", "max_size",  # coco
-    "crop_size", "iters", "eval_mode", "head", "head_channels", "aux_weight", "backbone_weights",  # ade20k
-    "glue_task", "max_len", "init", "tokenizer", "vocab_size",  # glue
-    "seq_len", "time_budget", "dropout", "test_examples",  # the sequence tasks (mqar, listops, seqimage)
-    "kv_pairs", "gap_power", "filler", "max_depth", "max_args", "side")
+    "world_size", "device", "amp", "limited", "max_steps", "limit_train", "limit_val", "time_budget",
+    "train_examples", "val_examples")
 SEED_COLUMN = "seed"
 _MISSING = "<none>"
 
 
-def config_columns(table: pd.DataFrame, extra: Sequence[str] = ()) -> list[str]:
-    """The configuration columns of a task results table: those of ``SHARED_CONFIG_COLUMNS``,
-    ``TASK_CONFIG_COLUMNS`` and ``extra`` that ``table`` has, in that order. Pass the result to
-    ``aggregate`` as ``config``."""
-    wanted = [*SHARED_CONFIG_COLUMNS, *TASK_CONFIG_COLUMNS, *extra]
+def task_config_columns(name: str) -> tuple[str, ...]:
+    """The settings columns that task ``name`` declares (its ``config_columns``); none for a task
+    that is not installed here."""
+    from attnbench.tasks import UnknownTaskError, get_task
+
+    try:
+        return tuple(get_task(name).config_columns)
+    except UnknownTaskError:
+        return ()
+
+
+def config_columns(table: pd.DataFrame) -> list[str]:
+    """The configuration columns of a task results table that ``table`` has: ``SHARED_CONFIG_COLUMNS``,
+    then those declared by each task in its ``task`` column, in order of appearance. Pass the
+    result to ``aggregate`` as ``config``."""
+    names = table["task"].dropna().astype(str).unique() if "task" in table.columns else []
+    wanted = [*SHARED_CONFIG_COLUMNS, *(c for name in names for c in task_config_columns(name))]
     return [c for c in dict.fromkeys(wanted) if c in table.columns]
 
 

@@ -46,6 +46,9 @@ class Task:
     name: ClassVar[str]
     summary: ClassVar[str] = ""
     sizes: ClassVar[Sequence[str]] = ()  # model sizes (``--size``), if the task has several
+    # the columns of its results rows that set up an experiment (image side, sequence length, …):
+    # rows that differ in one are different experiments, never seeds of one (``results.config_columns``)
+    config_columns: ClassVar[tuple[str, ...]] = ()
 
     @classmethod
     def unavailable_reason(cls) -> str | None:

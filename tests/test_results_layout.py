@@ -20,7 +20,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from attnbench import results
+from attnbench import results, tasks
 from attnbench.results import aggregate, config_columns, format_spread
 from attnbench.sweep import default_out_dir
 from tests.test_readme import readme_commands
@@ -174,11 +174,41 @@ def test_config_columns_are_the_settings_not_the_measurements():
         assert setting in columns
     for measured in ("seed", "top1", "gflops", "wall_s", "status", "date"):
         assert measured not in columns
-    assert config_columns(table.assign(heads=4), extra=["heads"])[-1] == "heads"  # a plug-in's own setting
+    assert "heads" not in config_columns(table.assign(heads=4))  # imagenet declares no such setting
     empty = aggregate(table[table["status"] == "none"], ["top1"])
     assert empty.empty and {"n_seeds", "n_repeats", "top1_mean", "top1_std", "top1_n"} <= set(empty.columns)
     with pytest.raises(ValueError, match="no column 'glue_task'"):
         aggregate(table, ["top1"], [*columns, "glue_task"])
+
+
+class PluginTask(tasks.Task):
+    """A third-party task with a setting of its own, declared on the task alone: the engine is untouched."""
+
+    name = "plugin-heads"
+    config_columns = ("heads",)
+
+
+@pytest.fixture
+def plugin_task():
+    tasks.register_task(PluginTask)
+    yield PluginTask.name
+    tasks._TASKS.pop(PluginTask.name, None)
+
+
+def test_a_plugin_task_declares_its_own_configuration_columns(plugin_task):
+    table = _table().iloc[:3].assign(task=plugin_task, heads=[4, 4, 8])
+    assert config_columns(table)[-1] == "heads"
+    stats = aggregate(table, ["top1"])
+    assert sorted(stats["n_seeds"]) == [1, 2] and set(stats["heads"]) == {4, 8}  # never seeds of one
+    assert "heads" not in config_columns(table.assign(task="not-installed"))  # what no task here declares
+
+
+@pytest.mark.parametrize("name", ["imagenet", "coco", "ade20k", "glue", "mqar", "listops", "seqimage"])
+def test_each_built_in_task_declares_settings_its_table_holds(name):
+    task = tasks.get_task(name)
+    assert task.config_columns and [c for c in task.config_columns if c not in task.columns] == []
+    table = pd.DataFrame([dict.fromkeys(task.columns)]).assign(task=name)
+    assert config_columns(table)[-len(task.config_columns):] == list(task.config_columns)
 
 
 def test_aggregate_of_the_committed_imagenet_table_backs_the_readme():

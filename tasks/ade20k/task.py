@@ -70,6 +70,8 @@ class ADE20K(TrainingTask):
     summary = ("semantic segmentation, UperNet on the SeTformer backbone (ADEChallengeData2016 layout, or "
                "embedded skimage composites)")
     presets, columns, sizes = PRESETS, COLUMNS, list(SIZES)
+    config_columns = ("train_images", "val_images", "num_classes", "crop_size", "iters", "eval_mode", "head",
+                      "head_channels", "aux_weight", "backbone_weights")
     metrics, headline, unit = ("miou", "aacc", "macc"), "miou", "img"
     counted = ("train_images", "val_images")
     data_help = ("ADEChallengeData2016 folder: images/{training,validation}/*.jpg and "

@@ -80,6 +80,7 @@ class Coco(TrainingTask):
     name = "coco"
     summary = "detection and instance segmentation, Mask R-CNN on the SeTformer backbone (COCO layout)"
     presets, columns, sizes = PRESETS, COLUMNS, list(SIZES)
+    config_columns = ("train_images", "val_images", "num_classes", "img_size", "detector", "max_size")
     metrics, headline, unit = (*METRIC_COLUMNS, "cocoeval_s"), "box_AP", "img"
     counted = ("train_images", "val_images")
     data_help = ("COCO 2017 layout: annotations/instances_{train,val}2017.json, train2017/*.jpg, "

@@ -7,7 +7,8 @@ hyper-parameters and seeds for every mechanism; only the mechanism changes. A su
 
     load_data() -> Data(name, train, val=test, …)   items (ids (N,) long, mask (N,) bool, target),
                                                     as tuples or dicts with those keys (``SequenceSet``
-                                                    holds them as tensors); N = ``self.seq_len``
+                                                    holds them as tensors, ``sequence_data`` builds
+                                                    both splits); N = ``self.seq_len``
     vocab_size, num_classes                         set in ``configure`` or ``load_data``
     per_token (ClassVar)                            False: one class id per sequence; True: a label
                                                     per position (N,), ``IGNORE`` (-100) where none
@@ -30,8 +31,10 @@ from __future__ import annotations
 import argparse
 import math
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset, default_collate
@@ -39,11 +42,13 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from attnbench import TaskError, get_mechanism
 from attnbench.validate import float_in, int_in
-from tasks.common.harness import CONTEXT_COLUMNS, COST_COLUMNS, TrainingTask
+from tasks.common.harness import CONTEXT_COLUMNS, COST_COLUMNS, Data, TrainingTask
 from tasks.common.text_encoder import SIZES, build_encoder, count_parameters
 from tasks.common.trainer import Loss
 
 IGNORE = -100  # a position without a label (cross-entropy's ignore_index)
+Array = Tensor | np.ndarray
+Split = tuple[Array, Array | None, Array]  # one split for ``SequenceSet``: ids, mask (or None), targets
 PARAMS_TOLERANCE = 0.10  # LRA: a mechanism's model may have at most ~10 % more parameters than softmax's
 
 
@@ -58,10 +63,12 @@ def sequence_columns(*own: str) -> list[str]:
 
 class SequenceSet(Dataset):
     """Sequences held as tensors: ids (S, N), mask (S, N) bool or None (every token real), targets
-    (S,) or (S, N); kept in the integer type given (int32 or narrower: 16k-token sets stay small) and
-    handed out as long."""
+    (S,) or (S, N), given as tensors or numpy arrays (shared, not copied); kept in the integer type
+    given (int32 or narrower: 16k-token sets stay small) and handed out as long."""
 
-    def __init__(self, ids: Tensor, mask: Tensor | None, targets: Tensor) -> None:
+    def __init__(self, ids: Array, mask: Array | None, targets: Array) -> None:
+        ids, targets = torch.as_tensor(ids), torch.as_tensor(targets)
+        mask = None if mask is None else torch.as_tensor(mask)
         shapes_agree = mask is None or mask.shape == ids.shape
         if ids.dim() != 2 or not shapes_agree or targets.shape[0] != ids.shape[0]:
             raise ValueError(f"SequenceSet: ids and mask must both be (S, N) and targets (S,) or (S, N); got "
@@ -106,6 +113,9 @@ class SequenceTask(TrainingTask):
     metrics, headline, unit = ("test_loss", "accuracy"), "accuracy", "seq"
     counted = ("train_examples", "test_examples")
     columns: ClassVar[list[str] | None] = sequence_columns()
+    # the row's settings (``attnbench.results.config_columns``); each task adds its own after these
+    config_columns: ClassVar[tuple[str, ...]] = ("num_classes", "vocab_size", "seq_len", "dropout",
+                                                 "test_examples")
     init_samples, init_unit = 16, "sequences"
     per_token: ClassVar[bool] = False
     pad_id: ClassVar[int] = 0
@@ -135,6 +145,12 @@ class SequenceTask(TrainingTask):
             raise TaskError(f"--seq-len must be >= 2, got {self.seq_len}")
         dropout = args.dropout if args.dropout is not None else self.preset.get("dropout")
         self.dropout: float = SIZES[self.size].dropout if dropout is None else dropout
+
+    def sequence_data(self, name: str, train: Split, test: Split, root: Path | None = None,
+                      description: str = "") -> Data:
+        """The task's ``Data``: the train and test splits, each given as (ids, mask, targets), as
+        ``SequenceSet``s."""
+        return Data(name, SequenceSet(*train), SequenceSet(*test), root=root, description=description)
 
     def check_model(self) -> None:
         ids = torch.ones(2, 8, dtype=torch.long)

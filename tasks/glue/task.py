@@ -69,6 +69,7 @@ class Glue(TrainingTask):
     summary = "GLUE text classification/regression on a BERT-layout encoder (GLUE layout, or embedded " \
               "Rotten Tomatoes in the SST-2 layout)"
     presets, columns, sizes = PRESETS, COLUMNS, list(SIZES)
+    config_columns = ("dev_examples", "glue_task", "max_len", "init", "tokenizer", "vocab_size")
     metrics, headline, unit = ("dev_loss", "score", *METRIC_COLUMNS), "score", "seq"
     counted = ("train_examples", "dev_examples")
     data_help = "the GLUE distribution folder holding CoLA/, SST-2/, … with train.tsv and dev.tsv"

@@ -66,6 +66,7 @@ class ImageNet(TrainingTask):
     name = "imagenet"
     summary = "image classification on the SeTformer backbone (ImageNet layout, or embedded MNIST-5k)"
     presets, columns, sizes = PRESETS, COLUMNS, list(SIZES)
+    config_columns = ("train_images", "val_images", "num_classes", "img_size", "tokens")
     metrics, headline, unit = ("val_loss", "top1", "top5"), "top1", "img"
     counted = ("train_images", "val_images")
     data_help = "ImageNet-layout folder: train/<class>/*.JPEG and val/<class>/*.JPEG"

@@ -55,6 +55,7 @@ class ListOps(SequenceTask):
               "--seq-len (or LRA's files)"
     presets, sweep_presets = PRESETS, SWEEP_PRESETS
     columns = sequence_columns("max_depth", "max_args", "truncated")
+    config_columns = (*SequenceTask.config_columns, "max_depth", "max_args")
     data_help = data.LAYOUT
     vocab_size, num_classes = len(VOCAB), NUM_CLASSES
 

@@ -18,12 +18,10 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-import torch
-
 from attnbench import TaskError, register_task
 from attnbench.validate import float_in, int_in
 from tasks.common.harness import Data
-from tasks.common.sequence import SequenceSet, SequenceTask, sequence_columns
+from tasks.common.sequence import SequenceTask, sequence_columns
 from tasks.mqar import data
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -55,6 +53,7 @@ class Mqar(SequenceTask):
                "length")
     presets, sweep_presets = PRESETS, SWEEP_PRESETS
     columns = sequence_columns("kv_pairs", "gap_power", "filler")
+    config_columns = (*SequenceTask.config_columns, "kv_pairs", "gap_power", "filler")
     per_token = True
 
     @classmethod
@@ -101,14 +100,13 @@ class Mqar(SequenceTask):
         (train_ids, train_labels), (test_ids, test_labels) = data.splits(
             self.layout, self.examples["train"], self.examples["test"], self.recipe.seed, self.gap_power,
             self.filler)
-        train = SequenceSet(torch.from_numpy(train_ids), None, torch.from_numpy(train_labels))  # full length
-        test = SequenceSet(torch.from_numpy(test_ids), None, torch.from_numpy(test_labels))
         layout = self.layout
-        return Data("mqar", train, test,
-                    description=f"MQAR generated from seed {self.recipe.seed}: {len(train)} train / "
-                                f"{len(test)} test sequences of {layout.seq_len} tokens, {layout.kv_pairs} "
-                                f"key-value pairs, vocabulary {layout.vocab}, gap power {self.gap_power}, "
-                                f"{self.filler} filler")
+        return self.sequence_data(  # full length: no mask
+            "mqar", (train_ids, None, train_labels), (test_ids, None, test_labels),
+            description=f"MQAR generated from seed {self.recipe.seed}: {len(train_ids)} train / "
+                        f"{len(test_ids)} test sequences of {layout.seq_len} tokens, {layout.kv_pairs} "
+                        f"key-value pairs, vocabulary {layout.vocab}, gap power {self.gap_power}, "
+                        f"{self.filler} filler")
 
     def config(self) -> dict[str, Any]:
         return {**super().config(), "kv_pairs": self.layout.kv_pairs, "gap_power": self.gap_power,

@@ -18,7 +18,7 @@ from typing import Any
 from attnbench import TaskError, register_task
 from tasks.common import mnist5k
 from tasks.common.harness import Data
-from tasks.common.sequence import SequenceSet, SequenceTask, sequence_columns
+from tasks.common.sequence import SequenceTask, sequence_columns
 from tasks.seqimage import data
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -48,6 +48,7 @@ class SeqImage(SequenceTask):
                "CIFAR-10 in grayscale")
     presets, sweep_presets = PRESETS, SWEEP_PRESETS
     columns = sequence_columns("side")
+    config_columns = (*SequenceTask.config_columns, "side")
     data_help = "a folder holding cifar-10-batches-py/ (CIFAR-10's python version), read in grayscale"
     vocab_size, num_classes = data.LEVELS + 1, 10  # token 0 pads
 
@@ -69,14 +70,11 @@ class SeqImage(SequenceTask):
             (train, test), name = data.cifar10(root), "cifar10-gray"
             source = f"CIFAR-10 from {root.resolve().name}/{data.CIFAR_FOLDER}, grayscale (ITU-R 601 luma)"
         native = train[0].shape[1]
-        sets = []
-        for images, labels in (train, test):
-            ids = data.tokens(images, self.side)
-            sets.append(SequenceSet(ids, None, labels))  # every pixel a real token
         resized = "" if native == self.side else f", resized from {native}² to {self.side}²"
-        return Data(name, sets[0], sets[1], root=root,
-                    description=f"{source}: {len(sets[0])} train / {len(sets[1])} test images as "
-                                f"{self.seq_len} pixel tokens{resized}")
+        return self.sequence_data(  # every pixel a real token: no mask
+            name, *((data.tokens(images, self.side), None, labels) for images, labels in (train, test)),
+            root=root, description=f"{source}: {len(train[0])} train / {len(test[0])} test images as "
+                                   f"{self.seq_len} pixel tokens{resized}")
 
     def config(self) -> dict[str, Any]:
         return {**super().config(), "side": self.side}

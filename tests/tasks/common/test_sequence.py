@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -59,6 +60,18 @@ def test_sequence_sets_hand_out_long_ids_and_a_full_mask_when_none_is_kept():
     assert item[0].tolist() == [3, 4, 5] and item[1].all() and item[2].tolist() == [0, 0, -100]
     with pytest.raises(ValueError, match="ids and mask must both be"):
         SequenceSet(ids, torch.ones(2, 4, dtype=torch.bool), torch.zeros(2))
+
+
+def test_sequence_data_builds_both_splits_from_arrays_or_tensors():
+    ids = np.arange(6, dtype=np.int32).reshape(2, 3)
+    targets = torch.tensor([1, 2])
+    test = (torch.from_numpy(ids[:1]), ids[:1] > 0, targets[:1])
+    data = Toy().sequence_data("toy", (ids, None, targets), test, description="two and one")
+    assert (data.name, len(data.train), len(data.val), data.description) == ("toy", 2, 1, "two and one")
+    assert data.train[1][0].tolist() == [3, 4, 5] and data.train[1][1].all()
+    assert data.val[0][1].tolist() == [False, True, True] and data.val[0][2].item() == 1
+    ids[1, 0] = 9  # a numpy split is shared, not copied
+    assert data.train[1][0].tolist() == [9, 4, 5]
 
 
 class Toy(SequenceTask):
