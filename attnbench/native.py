@@ -38,16 +38,6 @@ def compiler() -> str | None:
     return next((shutil.which(n) for n in names if shutil.which(n)), None)
 
 
-def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
-
-
 @functools.cache
 def load(source: Path) -> ctypes.CDLL:
     """The shared library built from the C file ``source``, compiled on first use (-march=native:
@@ -63,9 +53,11 @@ def load(source: Path) -> ctypes.CDLL:
         version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError) as e:
         raise NativeUnavailable(f"{cc} --version failed: {e}") from None
+    from attnbench.results import cpu_model  # (pandas with it: imported on first use only)
+
     text = Path(source).read_bytes()
     key = hashlib.sha256(b"\0".join([text, version.encode(), " ".join(FLAGS + LIBS).encode(),
-                                     _cpu().encode(), platform.machine().encode()])).hexdigest()[:16]
+                                     cpu_model().encode(), platform.machine().encode()])).hexdigest()[:16]
     target = cache_dir() / f"{Path(source).stem}-{key}.so"
     if not target.exists():
         _compile(cc, Path(source), target)
