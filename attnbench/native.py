@@ -1,8 +1,8 @@
 """Small C kernels for mechanisms, where eager PyTorch leaves a memory-bound loop at twice the
 floor: compiled once per machine with the system C compiler and OpenMP, cached, loaded with
-ctypes. The library binds to the OpenMP runtime torch has already loaded (the same soname), so
-its threads are torch's threads. Without a compiler ``load`` says why, and the caller falls back
-to its PyTorch path."""
+ctypes. Where torch ships GNU OpenMP (its pip wheels: torch/lib/libgomp.so.1) the library binds
+to that runtime, already loaded under the same soname, so its threads are torch's threads.
+Without a compiler ``load`` says why, and the caller falls back to its PyTorch path."""
 
 from __future__ import annotations
 
@@ -35,36 +35,46 @@ def cache_dir() -> Path:
 def compiler() -> str | None:
     """$CC, else the first of cc, gcc, clang on the PATH."""
     names = [os.environ["CC"]] if os.environ.get("CC") else ["cc", "gcc", "clang"]
-    return next((shutil.which(n) for n in names if shutil.which(n)), None)
+    return next(filter(None, map(shutil.which, names)), None)
+
+
+def load(source: Path) -> ctypes.CDLL:
+    """The shared library built from the C file ``source``, compiled on first use. Raises
+    NativeUnavailable with the reason; a failure is remembered too (no second build per process)."""
+    lib = _build(Path(source))
+    if isinstance(lib, str):
+        raise NativeUnavailable(lib)
+    return lib
 
 
 @functools.cache
-def load(source: Path) -> ctypes.CDLL:
-    """The shared library built from the C file ``source``, compiled on first use (-march=native:
-    the cache key holds the compiler, the flags and the CPU). Raises NativeUnavailable."""
+def _build(source: Path) -> ctypes.CDLL | str:
+    """``load``'s outcome, once per process: the library, or why there is none. The cache key
+    holds the source, the compiler, the flags and what -march=native resolves to on this CPU."""
     if os.environ.get("ATTNBENCH_NATIVE", "1") == "0":
-        raise NativeUnavailable("native kernels are switched off (ATTNBENCH_NATIVE=0)")
+        return "native kernels are switched off (ATTNBENCH_NATIVE=0)"
     if platform.system() != "Linux":
-        raise NativeUnavailable(f"native kernels are built on Linux only, not {platform.system()}")
+        return f"native kernels are built on Linux only, not {platform.system()}"
     cc = compiler()
     if cc is None:
-        raise NativeUnavailable("no C compiler found (set CC, or install gcc)")
+        return "no C compiler found (set CC, or install gcc)"
     try:
         version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
+        target_flags = subprocess.run([cc, "-march=native", "-Q", "--help=target"], capture_output=True,
+                                      text=True, timeout=30).stdout  # gcc: the CPU's features; else ""
     except (OSError, subprocess.SubprocessError) as e:
-        raise NativeUnavailable(f"{cc} --version failed: {e}") from None
-    from attnbench.results import cpu_model  # (pandas with it: imported on first use only)
-
-    text = Path(source).read_bytes()
-    key = hashlib.sha256(b"\0".join([text, version.encode(), " ".join(FLAGS + LIBS).encode(),
-                                     cpu_model().encode(), platform.machine().encode()])).hexdigest()[:16]
-    target = cache_dir() / f"{Path(source).stem}-{key}.so"
-    if not target.exists():
-        _compile(cc, Path(source), target)
+        return f"{cc} --version failed: {e}"
+    key = hashlib.sha256(b"\0".join([source.read_bytes(), version.encode(), target_flags.encode(),
+                                     " ".join(FLAGS + LIBS).encode(), platform.machine().encode()]))
+    target = cache_dir() / f"{source.stem}-{key.hexdigest()[:16]}.so"
     try:
+        if not target.exists():
+            _compile(cc, source, target)
         return ctypes.CDLL(str(target))
+    except NativeUnavailable as e:
+        return str(e)
     except OSError as e:
-        raise NativeUnavailable(f"cannot load {target}: {e}") from None
+        return f"cannot load {target}: {e}"
 
 
 def _compile(cc: str, source: Path, target: Path) -> None:

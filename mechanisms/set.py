@@ -54,7 +54,8 @@ Fused passes (``sinkhorn``): on the CPU, in float32 or float64, the iterations r
 computes a row's product with v, its new u and its share of Kᵀu while the row is in cache, so an
 iteration reads K once rather than twice (the 2L matrix–vector products are memory-bound). Same
 iterates as the PyTorch loop (float64 to 1e-12); "auto" falls back to that loop where the C
-kernel cannot be built, on GPUs, under a torch dispatch mode and with ``tol > 0``.
+kernel cannot be built, on GPUs, in other dtypes, with ``tol > 0``, under autograd with
+``backward="unroll"``, and while torch.compile or a torch dispatch mode traces (``traced``).
 
 Backward: ``backward="recompute"`` gives the scaling iterations a custom backward that runs the
 reverse iterations as matrix–vector products with the saved K and forms the gradient of K as one
@@ -128,8 +129,9 @@ class SeTOptions:
     readout: Literal["roundtrip", "asymmetric"] = "roundtrip"
     # recompute: custom backward through the Sinkhorn iterations; unroll: plain autograd
     backward: Literal["recompute", "unroll"] = "recompute"
-    # fused: Sinkhorn's iterations as C passes reading K once each (CPU, float32/64; auto: where
-    # they can run, else torch); torch: PyTorch matrix-vector products, two reads of K each
+    # fused: Sinkhorn's iterations as C passes reading K once each (CPU, float32/64, tol = 0; with
+    # autograd only under backward=recompute); auto: those where they can run, else torch;
+    # torch: PyTorch matrix-vector products, two reads of K each
     sinkhorn: Literal["auto", "fused", "torch"] = "auto"
     qkv_bias: bool = True
 
@@ -146,6 +148,9 @@ class SeTOptions:
                 f"set.backward must be recompute or unroll; got {self.backward!r}")
         require(self.sinkhorn in ("auto", "fused", "torch"),
                 f"set.sinkhorn must be auto, fused or torch; got {self.sinkhorn!r}")
+        require(self.sinkhorn != "fused" or self.tol == 0,
+                f"set.sinkhorn=fused runs every iteration (no early stop): it needs tol=0, "
+                f"got tol={self.tol}")
         require(self.positional != "2d" or math.isqrt(self.m) ** 2 == self.m,
                 f"set.positional=2d puts the references on a √m × √m grid: m must be a perfect "
                 f"square, got m={self.m}")
@@ -310,14 +315,14 @@ def native_sinkhorn() -> ctypes.CDLL:
     return lib
 
 
+def traced() -> bool:
+    """True while torch.compile traces or a torch dispatch mode (a FLOP counter, fake tensors) is
+    active: every operation must then go through PyTorch, so the fused passes stand aside."""
+    return torch.compiler.is_compiling() or is_in_torch_dispatch_mode()
+
+
 def native_reason(device: str, dtype: torch.dtype) -> str | None:
-    """Why the fused passes cannot run for ``device`` and ``dtype`` (None: they can). Under a
-    dispatch mode (a FLOP counter, fake tensors) and while torch.compile traces, every operation
-    must go through PyTorch."""
-    if is_in_torch_dispatch_mode():
-        return "a torch dispatch mode is active (it must see every operation)"
-    if torch.compiler.is_compiling():
-        return "torch.compile is tracing (a compiled graph takes PyTorch operations only)"
+    """Why the fused passes cannot run for ``device`` and ``dtype`` (None: they can)."""
     if device != "cpu":
         return f"the fused Sinkhorn runs on the CPU, not {device}"
     if dtype not in (torch.float32, torch.float64):
@@ -336,6 +341,12 @@ def _native_iterations(kernel: Tensor, rows_first: bool, alpha: Tensor | float, 
     one call of set_sinkhorn.c, L passes over K's rows (L + 1 for columns first: the first is half).
     With ``fold`` the last pass leaves diag(u) K ⊙ M in ``kernel`` (M = ``post``, (n, m) or
     (B, 1, n, m), if given; u the row scaling)."""
+    row_marg, col_marg = (alpha, beta) if rows_first else (beta, alpha)
+    if not (kernel.device.type == "cpu" and kernel.dtype in (torch.float32, torch.float64)
+            and kernel.is_contiguous() and not isinstance(col_marg, Tensor)):
+        raise ValueError(f"set: the fused Sinkhorn takes a contiguous float32/float64 CPU kernel and one "
+                         f"column marginal; got {kernel.dtype} on {kernel.device}, contiguous: "
+                         f"{kernel.is_contiguous()}")
     lib = native_sinkhorn()
     b, n, m = kernel.shape
     run = lib.sinkhorn_f32 if kernel.dtype == torch.float32 else lib.sinkhorn_f64
@@ -343,13 +354,11 @@ def _native_iterations(kernel: Tensor, rows_first: bool, alpha: Tensor | float, 
     dots, scales = kernel.new_empty(iters, b, n), kernel.new_empty(iters, b, n)
     sums, cols = kernel.new_empty(iters + 1, b, m), kernel.new_empty(iters + 1, b, m)
     scratch = kernel.new_empty(threads, b, m)
-    row_marg, col_marg = (alpha, beta) if rows_first else (beta, alpha)
-    assert not isinstance(col_marg, Tensor), "the column marginal is 1/m for every plan"
-    y0 = y0.contiguous()
+    y0 = y0.to(kernel.dtype).contiguous()  # everything C reads: the kernel's dtype, contiguous
     if rows_first:
         cols[0] = y0
     if isinstance(row_marg, Tensor):
-        row_marg = row_marg.contiguous()
+        row_marg = row_marg.to(kernel.dtype).contiguous()
         marg: tuple[Any, ...] = (row_marg.data_ptr(), n, 0.0)
     else:
         marg = (None, 0, float(row_marg))
@@ -633,8 +642,9 @@ class SeTAttention(Mechanism):
         return f"eager PyTorch (scaling-domain Sinkhorn, log-domain fallback; not fused: {why})"
 
     def _fused(self, device: str, dtype: torch.dtype) -> bool:
-        """Whether the Sinkhorn iterations run as fused C passes (``sinkhorn`` option)."""
-        if self.options.sinkhorn == "torch":
+        """Whether the Sinkhorn iterations run as fused C passes (``sinkhorn`` option); while
+        tracing (``traced``) never, for "fused" too."""
+        if self.options.sinkhorn == "torch" or traced():
             return False
         why = native_reason(device, dtype)
         if why is not None and self.options.sinkhorn == "fused":
@@ -835,10 +845,12 @@ class SeTAttention(Mechanism):
                 sums = self._product(read, kernel, torch.cat([v * refs, v], -1), False)  # (B, H, n, d + 1)
                 return merge_heads(sums[..., :d] / sums[..., d:].clamp(min=tiny))
             # O = n P R = n · u ⊙ K (v ⊙ R) = P' (n · v ⊙ R)
-            if read.folded:  # written straight into the merged layout (B, n, H, d)
-                merged = kernel.new_empty(x.shape[0], x.shape[1], self.num_heads, d)
+            if read.folded and x.shape[0] == 1:  # one sequence: straight into the merged layout (n, H, d)
+                merged = kernel.new_empty(1, x.shape[1], self.num_heads, d)
                 torch.matmul(kernel, (n * v) * refs, out=merged.transpose(1, 2))
-                return merged.view(x.shape[0], x.shape[1], -1)
+                return merged.view(1, x.shape[1], -1)
+            if read.folded:  # (with B > 1 matmul's out= could not be a view: it would copy anyway)
+                return merge_heads(kernel @ ((n * v) * refs))
             out = self._product(read, kernel, v * refs, False)  # (B, H, n, d)
             return merge_heads((n * u) * out if grad else out.mul_(n * u))
 
@@ -887,8 +899,10 @@ class SeTAttention(Mechanism):
         # the range check of the scaling updated second (m long, or n for columns-then-rows)
         second = m if o.order == "rows-then-columns" else n
         per_plan_elementwise = n * m * passes + 3 * n * k + n * d + 4 * iters * (n + m) + 6 * iters * second
-        # u ⊙ V, then n u ⊙ O written in the merged layout (with autograd and renormalised: the
-        # product or the division, then the head merge)
+        # the PyTorch read-out without autograd: u ⊙ V, then n u ⊙ O written in the merged layout
+        # (renormalised: the concatenations, the division and the merge; with autograd one pass
+        # more, the merge; where the fused passes fold u and M into K, none: the fold rides on
+        # the K ⊙ M pass)
         readout = n * d * (4 if o.renormalise else 2)
         return Flops(matmul=proj + setup + plans * per_plan + transport,
                      elementwise=batch * h * (plans * per_plan_elementwise + readout))

@@ -774,3 +774,16 @@ def test_torch_compile_traces_the_pytorch_loop_and_matches_eager():
     x = torch.randn(1, 40, 32)
     with torch.no_grad():
         torch.testing.assert_close(torch.compile(m)(x), m(x))
+
+
+def test_fused_stands_aside_while_tracing_and_needs_tol_0():
+    """Under a FLOP counter (a dispatch mode) even sinkhorn='fused' runs PyTorch's loop, which the
+    counter sees; an early stop cannot be fused."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    m = build_mechanism("set", 32, 4, m=16, anchors=8, sinkhorn="fused")
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        m(torch.randn(2, 50, 32))
+    assert counter.get_total_flops() == m.flops(2, 50).matmul
+    with pytest.raises(OptionError, match="set.sinkhorn=fused runs every iteration.*tol=0"):
+        build_mechanism("set", 32, 4, sinkhorn="fused", tol=1e-3)
