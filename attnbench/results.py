@@ -21,6 +21,7 @@ import platform
 import secrets
 import subprocess
 import sys
+import warnings
 from collections.abc import Iterator, Sequence
 from importlib import metadata
 from pathlib import Path
@@ -214,13 +215,16 @@ _MISSING = "<none>"
 
 
 def task_config_columns(name: str) -> tuple[str, ...]:
-    """The settings columns that task ``name`` declares (its ``config_columns``); none for a task
-    that is not installed here."""
+    """The settings columns that task ``name`` declares (its ``config_columns``); none, with a
+    warning, for a task that is not installed here (its rows then group by the shared settings)."""
     from attnbench.tasks import UnknownTaskError, get_task
 
     try:
         return tuple(get_task(name).config_columns)
     except UnknownTaskError:
+        warnings.warn(f"task {name!r} is not installed here (a plug-in: load it with --load), so its own "
+                      "settings columns are unknown: its rows are grouped by the shared settings only",
+                      stacklevel=2)
         return ()
 
 
