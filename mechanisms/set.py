@@ -302,16 +302,16 @@ def _scaling_iterations(first: Tensor, alpha: Tensor | float, beta: Tensor | flo
 _SOURCE = Path(__file__).with_name("set_sinkhorn.c")
 
 
+@functools.cache
 def native_sinkhorn() -> ctypes.CDLL:
-    """The compiled fused passes (``attnbench.native``), argument types set; NativeUnavailable if not."""
+    """The compiled fused passes (``attnbench.native``), argument types set (the C signature, in
+    order); NativeUnavailable if not."""
     lib = native.load(_SOURCE)
-    if not getattr(lib, "typed", False):
-        ptr, size, flag = ctypes.c_void_p, ctypes.c_long, ctypes.c_int
-        for fn, real in ((lib.sinkhorn_f32, ctypes.c_float), (lib.sinkhorn_f64, ctypes.c_double)):
-            fn.argtypes = [ptr, size, size, size, flag, ptr, size, real, real, ptr, size, ptr, ptr, ptr, ptr,
-                           flag, ptr, size, ptr, flag]
-            fn.restype = None
-        lib.typed = True
+    ptr, size, flag = ctypes.c_void_p, ctypes.c_long, ctypes.c_int
+    for fn, real in ((lib.sinkhorn_f32, ctypes.c_float), (lib.sinkhorn_f64, ctypes.c_double)):
+        fn.argtypes = [ptr, size, size, size, flag, ptr, size, real, real, ptr, size, ptr, ptr, ptr, ptr,
+                       flag, ptr, size, ptr, flag]
+        fn.restype = None
     return lib
 
 

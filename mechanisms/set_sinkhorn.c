@@ -21,8 +21,9 @@
  *
  * Threads (OpenMP, the runtime torch itself uses) split the rows of every plan; each adds its rows'
  * shares into its own column sums in ``scratch`` (threads × b × m), and these are summed between
- * passes. (Taking the plans one at a time, all iterations of one before the next, measured slower.) Rows are taken four at a time, so that four dot products and their divisions are in flight
- * at once and the column sums are loaded and stored once per four rows.
+ * passes (taking the plans one at a time, all iterations of one before the next, measured
+ * slower). Rows are taken four at a time, so that four dot products and their divisions are in
+ * flight at once and the column sums are loaded and stored once per four rows.
  */
 #include <omp.h>
 #include <string.h>
