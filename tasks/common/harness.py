@@ -536,16 +536,14 @@ class TrainingTask(Task):
         reset_peak_memory(dist.device)
         before = current_memory_mib(dist.device)  # model, data index, loaders: not the training's
         speed, max_steps, budget = f"{self.unit}_s", self.limits.max_steps, self.time_budget
-        trained_s = sum(h["train_s"] for h in trainer.history)  # a resumed run's training so far
         metrics: dict[str, Any] = {}
         for epoch in range(trainer.epoch, recipe.epochs):
             set_epoch(self.train_loader, epoch, recipe.seed, dist)
             desc = f"epoch {epoch + 1}/{recipe.epochs}"
             loader = (self.train_loader if budget is None
-                      else until(self.train_loader, budget - trained_s, dist))
+                      else until(self.train_loader, budget - trainer.trained_s, dist))
             stats = trainer.train_epoch(loader, self.loss, desc, max_steps)
-            trained_s += stats.seconds
-            out_of_time = budget is not None and trained_s >= budget
+            out_of_time = budget is not None and trainer.trained_s >= budget  # a resumed run's too
             stopped = (max_steps is not None and trainer.steps >= max_steps) or out_of_time
             due = (stopped or epoch + 1 == recipe.epochs
                    or (self.eval_every > 0 and (epoch + 1) % self.eval_every == 0))

@@ -240,7 +240,8 @@ class Trainer:
 
     def elapsed(self, start: float) -> float:
         """Seconds since ``start`` this epoch, the slowest process's under a time budget (every
-        process then sets the same learning rate); 0 without one (the schedule counts steps)."""
+        process then sets the same learning rate: one small all-reduce per step under DDP); 0
+        without one (the schedule counts steps)."""
         if self.time_budget is None:
             return 0.0
         (seconds,) = all_reduce([time.perf_counter() - start], self.dist, op="max")
