@@ -22,7 +22,7 @@ from attnbench.interrupt import Interrupted, interrupts
 from attnbench.options import parse_mechanism_options
 from attnbench.probe import default_threads
 from attnbench.registry import OptionError, UnknownMechanismError
-from attnbench.resolution import ProbeConfig, ResolutionError, probe
+from attnbench.resolution import ProbeConfig, ResolutionError, probe, recorded_probe
 from attnbench.results import RESULTS, ResultsError, new_run_dir, read_meta, read_table
 from attnbench.run_record import finished_table, resumed_argv, run_folder
 from attnbench.sweep import (
@@ -239,6 +239,9 @@ def build_parser(task: str | None = None) -> argparse.ArgumentParser:
     _add_opt_argument(p)
     p.add_argument("--out", type=output_dir, default=None,
                    help="output folder (default: a new timestamped folder under results/runs/, git-ignored)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the probe in --out: sides already in its resolution.csv are not measured "
+                        "again (the settings must match; the memory limit defaults to the recorded one)")
     p.add_argument("--load", action="append", default=[], metavar="MODULE",
                    help="import a module or .py file that registers extra tasks or mechanisms (repeatable)")
     p.set_defaults(func=cmd_resolution)
@@ -554,10 +557,15 @@ def cmd_resolution(args: argparse.Namespace) -> int:
                          f"valid choices: {', '.join(probed) or 'none'}")
     device = _device(args.device)
     task = get_task(args.task)
+    if args.resume and args.out is None:
+        raise UsageError("--resume continues the probe in --out: give --out FOLDER")
+    memory = args.memory_limit
+    if args.resume and memory is None and (args.out / "resolution.csv").exists():  # the limit it ran under
+        memory = recorded_probe(args.out).get("memory_limit_mib")
     cfg = ProbeConfig(
         task=args.task, mechanisms=parse_mechanisms(args.mechanism), size=args.size,
         start=args.start_side or task.train_side, max_side=args.max_side, granularity=args.granularity,
-        memory_limit_mib=_memory_limit(args.memory_limit) if device == "cpu" else None, budget=args.budget,
+        memory_limit_mib=_memory_limit(memory) if device == "cpu" else None, budget=args.budget,
         threads=args.threads or torch.get_num_threads(), device=device,
         options=parse_mechanism_options(args.opt),
         load=[str(Path(s).resolve()) if s.endswith(".py") else s for s in args.load])
@@ -566,7 +574,7 @@ def cmd_resolution(args: argparse.Namespace) -> int:
     print(f"attnbench resolution: {args.task}, {len(cfg.mechanisms)} mechanisms from {cfg.start} px on "
           f"{device} ({cfg.threads} threads), limit {limit}, {cfg.budget:g} s per side -> {out}",
           file=sys.stderr)
-    probe(cfg, out, ["attnbench", *sys.argv[1:]])
+    probe(cfg, out, ["attnbench", *sys.argv[1:]], resume=args.resume)
     summary = pd.read_csv(out / "summary.csv")
     with pd.option_context("display.width", 200, "display.max_columns", 20, "display.max_colwidth", 60):
         shown = summary.drop(columns=["task", "memory_limit_mib", "budget_s", "max_side"])

@@ -22,7 +22,15 @@ import pandas as pd
 
 from attnbench import registry
 from attnbench.interrupt import command_with, keeping
-from attnbench.results import append_row, read_table, run_context, write_meta, write_table
+from attnbench.results import (
+    ResultsError,
+    append_row,
+    read_meta,
+    read_table,
+    run_context,
+    write_meta,
+    write_table,
+)
 from attnbench.worker import run_isolated
 
 COLUMNS = ["task", "mechanism", "size", "side", "images", "status", "message", "step_ms", "img_s",
@@ -138,20 +146,48 @@ def sides_to_try(cfg: ProbeConfig, outcome: dict[int, bool]) -> int | None:
     return mid if largest < mid < smallest_bad else None
 
 
-def probe(cfg: ProbeConfig, out: Path, argv: list[str], log=None) -> pd.DataFrame:
-    """Probe every mechanism; rows land in ``out/resolution.csv`` as they are measured."""
+# what must match for ``--resume`` to continue a probe: all but the mechanisms (more may be added)
+RESUME_KEYS = ("task", "size", "start", "max_side", "granularity", "memory_limit_mib", "budget", "threads",
+               "device", "options", "min_run_time")
+
+
+def recorded_probe(out: Path) -> dict[str, Any]:
+    """The probe settings of the folder ``out`` (its meta.json), for ``--resume``."""
+    try:
+        return dict(read_meta(out / "meta.json")["probe"])
+    except (ResultsError, KeyError, TypeError) as e:
+        raise ResolutionError(f"cannot resume {out}: its meta.json holds no probe ({e})") from None
+
+
+def probe(cfg: ProbeConfig, out: Path, argv: list[str], log=None, resume: bool = False) -> pd.DataFrame:
+    """Probe every mechanism; rows land in ``out/resolution.csv`` as they are measured. With
+    ``resume`` the sides already in it are not measured again: the search picks up where it stopped."""
     log = log or sys.stderr
     cfg.validate()
     out.mkdir(parents=True, exist_ok=True)
     csv = out / "resolution.csv"
+    done = pd.DataFrame(columns=COLUMNS)
+    if csv.exists() and not resume:
+        raise ResolutionError(f"{out} already holds a probe; choose another --out, or continue it with "
+                              "--resume")
     if csv.exists():
-        raise ResolutionError(f"{out} already holds a probe; choose another --out")
+        before = recorded_probe(out)
+        differ = [k for k in RESUME_KEYS if before.get(k) != dataclasses.asdict(cfg)[k]]
+        if differ:
+            raise ResolutionError(f"cannot resume {out}: it was probed with other settings ("
+                                  + ", ".join(f"{k} {before.get(k)!r}, not {dataclasses.asdict(cfg)[k]!r}"
+                                              for k in differ) + ")")
+        done = read_table(csv, COLUMNS)
+        print(f"resuming: {len(done)} sides already in {csv}", file=log)
     meta = run_context(cfg.device, cfg.threads, argv)
     meta["probe"] = dataclasses.asdict(cfg)
     write_meta(out / "meta.json", meta)
     try:
         for mechanism in cfg.mechanisms:
-            outcome: dict[int, bool] = {}
+            tried = done[done["mechanism"] == mechanism]
+            if (tried["status"] == "unavailable").any():
+                continue
+            outcome: dict[int, bool] = {int(r.side): r.status == "ok" for r in tried.itertuples()}
             while (side := sides_to_try(cfg, outcome)) is not None:
                 print(f"{mechanism} at {side}x{side} ...", end="", file=log, flush=True)
                 row = try_side(cfg, mechanism, side, out / "worker.log")
@@ -163,12 +199,12 @@ def probe(cfg: ProbeConfig, out: Path, argv: list[str], log=None) -> pd.DataFram
                 append_row(csv, row, COLUMNS)
                 if row["status"] == "unavailable":
                     break
-    except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM: the rows so far stay; a probe has no --resume
+    except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM: the rows so far stay, and --resume goes on
         print(file=log)  # end the line of the side cut short
         rows = len(read_table(csv, COLUMNS))
-        again = command_with(argv, {"--out": True}, [])
-        raise keeping(exc, f"kept {rows} rows in {csv}, without summary or plot (an unfinished probe cannot "
-                           f"be resumed); probe again with: {again}") from None
+        again = command_with(argv, {"--out": True, "--resume": False}, ["--out", str(out), "--resume"])
+        raise keeping(exc, f"kept {rows} rows in {csv}, without summary or plot; resume with: "
+                           f"{again}") from None
     table = read_table(csv, COLUMNS)
     write_table(out / "summary.csv", summarise(table, cfg))
     from attnbench.plots import resolution_plots

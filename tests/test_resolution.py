@@ -108,3 +108,36 @@ def test_dense_tasks_offer_a_training_step(task):
     step, images = cls.train_step("softmax", 64, "micro", {}, "cpu")
     assert images == 2
     step()  # one forward, backward and optimiser step at 64 px
+
+
+def test_resume_measures_only_the_sides_not_yet_in_the_table(fake_task, tmp_path, monkeypatch):
+    """An interrupted probe keeps its rows; --resume replays the search from them, measuring only
+    what is missing, and ends with the table a probe in one go gives."""
+    out = tmp_path / "probe"
+    full = probe(config(fake_task), out, ["test"])
+    csv = out / "resolution.csv"
+    kept = pd.read_csv(csv).iloc[:3]  # as if stopped after 64, 128 and 256 px
+    kept.to_csv(csv, index=False)
+    (out / "summary.csv").unlink()
+    measured = []
+    import attnbench.resolution as resolution
+
+    real = resolution.try_side
+    monkeypatch.setattr(resolution, "try_side",
+                        lambda cfg, name, side, log: measured.append(side) or real(cfg, name, side, log))
+    table = probe(config(fake_task), out, ["test"], resume=True)
+    assert measured == [512, 384, 320, 288]
+    assert list(table["side"]) == list(full["side"]) and list(table["status"]) == list(full["status"])
+    assert pd.read_csv(out / "summary.csv").iloc[0]["largest_side"] == 256
+
+
+def test_resume_refuses_other_settings_and_needs_out(fake_task, tmp_path, capsys):
+    out = tmp_path / "probe"
+    probe(config(fake_task, max_side=128), out, ["test"])
+    with pytest.raises(ResolutionError, match="already holds a probe.*--resume"):
+        probe(config(fake_task, max_side=128), out, ["test"])
+    with pytest.raises(ResolutionError, match=r"other settings \(granularity 32, not 64\)"):
+        probe(config(fake_task, max_side=128, granularity=64), out, ["test"], resume=True)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["resolution", "--task", "fake-dense", "--resume"])
+    assert exit_info.value.code == 2 and "give --out" in capsys.readouterr().err
