@@ -52,8 +52,20 @@ Split = tuple[Array, Array | None, Array]  # one split for ``SequenceSet``: ids,
 PARAMS_TOLERANCE = 0.10  # LRA: a mechanism's model may have at most ~10 % more parameters than softmax's
 
 
+# the settings every sequence task's row holds (``attnbench.results.config_columns``)
+SETTINGS = ("num_classes", "vocab_size", "seq_len", "dropout", "test_examples")
+
+
+def sequence_table(settings: tuple[str, ...] = (), measured: tuple[str, ...] = ()
+                   ) -> tuple[list[str], tuple[str, ...]]:
+    """A task's (``columns``, ``config_columns``), its own ``settings`` named once: they are
+    configuration, ``measured`` columns (counts of what the data held) are not; both come after
+    ``seq_len``."""
+    return sequence_columns(*settings, *measured), (*SETTINGS, *settings)
+
+
 def sequence_columns(*own: str) -> list[str]:
-    """The results table's columns, with the task's own settings (``own``) after ``seq_len``."""
+    """The results table's columns, with the task's own columns (``own``) after ``seq_len``."""
     return ["task", "mechanism", "size", "dataset", "seq_len", *own, "dropout", "epochs", "seed", "accuracy",
             "best_accuracy", "chance", "test_loss", "steps", "step_ms", "tokens_s", "params",
             "softmax_params", "flops_per_step", "train_seq_s", "eval_seq_s", *COST_COLUMNS, "time_budget",
@@ -112,10 +124,7 @@ class SequenceTask(TrainingTask):
     sizes = list(SIZES)
     metrics, headline, unit = ("test_loss", "accuracy"), "accuracy", "seq"
     counted = ("train_examples", "test_examples")
-    columns: ClassVar[list[str] | None] = sequence_columns()
-    # the row's settings (``attnbench.results.config_columns``); each task adds its own after these
-    config_columns: ClassVar[tuple[str, ...]] = ("num_classes", "vocab_size", "seq_len", "dropout",
-                                                 "test_examples")
+    columns, config_columns = sequence_table()  # a task with settings of its own: sequence_table(those)
     init_samples, init_unit = 16, "sequences"
     per_token: ClassVar[bool] = False
     pad_id: ClassVar[int] = 0

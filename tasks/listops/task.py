@@ -22,7 +22,7 @@ import numpy as np
 from attnbench import TaskError, register_task
 from attnbench.validate import SEED_MAX, int_in
 from tasks.common.harness import Data
-from tasks.common.sequence import SequenceTask, sequence_columns
+from tasks.common.sequence import SequenceTask, sequence_table
 from tasks.listops import data, embedded
 from tasks.listops.generator import NUM_CLASSES, VOCAB, check_limits
 
@@ -54,8 +54,7 @@ class ListOps(SequenceTask):
     summary = "ListOps (LRA): the value of nested MAX/MIN/MED/SM expressions, 10 classes, generated to " \
               "--seq-len (or LRA's files)"
     presets, sweep_presets = PRESETS, SWEEP_PRESETS
-    columns = sequence_columns("max_depth", "max_args", "truncated")
-    config_columns = (*SequenceTask.config_columns, "max_depth", "max_args")
+    columns, config_columns = sequence_table(("max_depth", "max_args"), measured=("truncated",))
     data_help = data.LAYOUT
     vocab_size, num_classes = len(VOCAB), NUM_CLASSES
 

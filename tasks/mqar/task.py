@@ -21,7 +21,7 @@ from typing import Any
 from attnbench import TaskError, register_task
 from attnbench.validate import float_in, int_in
 from tasks.common.harness import Data
-from tasks.common.sequence import SequenceTask, sequence_columns
+from tasks.common.sequence import SequenceTask, sequence_table
 from tasks.mqar import data
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -52,8 +52,7 @@ class Mqar(SequenceTask):
     summary = ("multi-query associative recall (Zoology), bidirectional: generated key-value recall at any "
                "length")
     presets, sweep_presets = PRESETS, SWEEP_PRESETS
-    columns = sequence_columns("kv_pairs", "gap_power", "filler")
-    config_columns = (*SequenceTask.config_columns, "kv_pairs", "gap_power", "filler")
+    columns, config_columns = sequence_table(("kv_pairs", "gap_power", "filler"))
     per_token = True
 
     @classmethod

@@ -18,7 +18,7 @@ from typing import Any
 from attnbench import TaskError, register_task
 from tasks.common import mnist5k
 from tasks.common.harness import Data
-from tasks.common.sequence import SequenceTask, sequence_columns
+from tasks.common.sequence import SequenceTask, sequence_table
 from tasks.seqimage import data
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -47,8 +47,7 @@ class SeqImage(SequenceTask):
     summary = ("pixel-level image classification as a 1-D token sequence (LRA Image): embedded MNIST-5k, or "
                "CIFAR-10 in grayscale")
     presets, sweep_presets = PRESETS, SWEEP_PRESETS
-    columns = sequence_columns("side")
-    config_columns = (*SequenceTask.config_columns, "side")
+    columns, config_columns = sequence_table(("side",))
     data_help = "a folder holding cifar-10-batches-py/ (CIFAR-10's python version), read in grayscale"
     vocab_size, num_classes = data.LEVELS + 1, 10  # token 0 pads
 
