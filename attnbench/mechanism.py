@@ -132,11 +132,14 @@ class Mechanism(nn.Module):
             raise ValueError(f"{self.name}: needs a 2-D grid=(H, W) for its tokens; got grid=None")
         if mask is None:
             return self.mix(x, grid)
-        self._check_mask(x, grid, mask)
+        if self._check_mask(x, grid, mask):  # no padding at all (a batch of full sequences): plain mix
+            return self.mix(x, grid)
         out = self.mix_padded(x, mask) if self.masking == "native" else self._mix_per_length(x, mask)
         return out.masked_fill(~mask.unsqueeze(-1), 0)
 
-    def _check_mask(self, x: Tensor, grid: Grid | None, mask: Tensor) -> None:
+    def _check_mask(self, x: Tensor, grid: Grid | None, mask: Tensor) -> bool:
+        """A one-line error for a mask that does not fit ``x``; True when every token is real
+        (the one host read, for both)."""
         if grid is not None:
             raise ValueError(f"{self.name}: padding masks are for sequences (grid=None); got grid={grid}")
         if mask.dtype != torch.bool or tuple(mask.shape) != tuple(x.shape[:2]):
@@ -144,9 +147,11 @@ class Mechanism(nn.Module):
                              f" (True at real tokens), got {mask.dtype} {tuple(mask.shape)}")
         if mask.device != x.device:
             raise ValueError(f"{self.name}: mask is on {mask.device}, x on {x.device}")
-        if not bool(mask.any(-1).all()):
+        some, every = torch.stack([mask.any(-1).all(), mask.all()]).tolist()
+        if not some:
             raise ValueError(f"{self.name}: every sequence needs at least one real token (a mask row "
                              "is all False)")
+        return every
 
     def _mix_per_length(self, x: Tensor, mask: Tensor) -> Tensor:
         """``mix`` on the real tokens of each group of equally long sequences; zeros at padding."""

@@ -166,6 +166,17 @@ def test_padding_does_not_change_real_tokens(name, junk):
         torch.testing.assert_close(y[row, mask[row]], alone, rtol=tol, atol=tol)
 
 
+def test_a_mask_without_padding_runs_the_plain_mix(name, monkeypatch):
+    """All tokens real (a batch of full sequences): the unpadded path, not the padding machinery."""
+    dtype, _ = exact_dtype(name)
+    m = build(name, dtype=dtype).eval()
+    x = torch.randn(3, PAD_N, DIM, dtype=dtype)
+    expected = m(x)
+    monkeypatch.setattr(m, "mix_padded", lambda *a: pytest.fail("mix_padded on a mask with no padding"))
+    monkeypatch.setattr(m, "_mix_per_length", lambda *a: pytest.fail("per-length on a mask with no padding"))
+    torch.testing.assert_close(m(x, mask=torch.ones(3, PAD_N, dtype=torch.bool)), expected)
+
+
 def test_padding_gets_no_gradient_and_real_gradients_are_unchanged(name):
     dtype, tol = exact_dtype(name)
     m = build(name, dtype=dtype).eval()
