@@ -151,6 +151,9 @@ class SeTOptions:
         require(self.sinkhorn != "fused" or self.tol == 0,
                 f"set.sinkhorn=fused runs every iteration (no early stop): it needs tol=0, "
                 f"got tol={self.tol}")
+        require(self.sinkhorn != "fused" or self.backward == "recompute",
+                "set.sinkhorn=fused needs backward=recompute (unroll records every PyTorch step); "
+                f"got backward={self.backward!r}")
         require(self.positional != "2d" or math.isqrt(self.m) ** 2 == self.m,
                 f"set.positional=2d puts the references on a √m × √m grid: m must be a perfect "
                 f"square, got m={self.m}")
@@ -341,12 +344,7 @@ def _native_iterations(kernel: Tensor, rows_first: bool, alpha: Tensor | float, 
     one call of set_sinkhorn.c, L passes over K's rows (L + 1 for columns first: the first is half).
     With ``fold`` the last pass leaves diag(u) K ⊙ M in ``kernel`` (M = ``post``, (n, m) or
     (B, 1, n, m), if given; u the row scaling)."""
-    row_marg, col_marg = (alpha, beta) if rows_first else (beta, alpha)
-    if not (kernel.device.type == "cpu" and kernel.dtype in (torch.float32, torch.float64)
-            and kernel.is_contiguous() and not isinstance(col_marg, Tensor)):
-        raise ValueError(f"set: the fused Sinkhorn takes a contiguous float32/float64 CPU kernel and one "
-                         f"column marginal; got {kernel.dtype} on {kernel.device}, contiguous: "
-                         f"{kernel.is_contiguous()}")
+    row_marg, col_marg = (alpha, beta) if rows_first else (beta, alpha)  # columns: 1/m, one value
     lib = native_sinkhorn()
     b, n, m = kernel.shape
     run = lib.sinkhorn_f32 if kernel.dtype == torch.float32 else lib.sinkhorn_f64
@@ -382,12 +380,14 @@ def _can_fuse(kernel: Tensor, tol: float, fused: bool) -> bool:
 
 
 def _iterations(kernel: Tensor, rows_first: bool, alpha: Tensor | float, beta: Tensor | float,
-                y0: Tensor, iters: int, tol: float, fused: bool) -> tuple[list[Tensor], ...]:
-    """The scaling iterations on K (b, n, m): the fused C passes where ``_can_fuse``, else
-    PyTorch's matrix–vector products."""
+                y0: Tensor, iters: int, tol: float, fused: bool, fold: bool = False,
+                post: Tensor | None = None) -> tuple[tuple[list[Tensor], ...], bool]:
+    """The scaling iterations on K (b, n, m): the fused C passes where ``_can_fuse`` (which, with
+    ``fold``, leave diag(u) K ⊙ ``post`` in K), else PyTorch's matrix–vector products. Returns the
+    iterates and whether K was folded."""
     if _can_fuse(kernel, tol, fused):
-        return _native_iterations(kernel, rows_first, alpha, beta, y0, iters)
-    return _scaling_iterations(kernel if rows_first else kernel.mT, alpha, beta, y0, iters, tol)
+        return _native_iterations(kernel, rows_first, alpha, beta, y0, iters, fold, post), fold
+    return _scaling_iterations(kernel if rows_first else kernel.mT, alpha, beta, y0, iters, tol), False
 
 
 def _in_range(x: Tensor, ys: list[Tensor], beta: Tensor | float, cols: int) -> Tensor:
@@ -421,7 +421,7 @@ class _ScalingSinkhorn(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, kernel: Tensor, rows_first: bool, alpha: Tensor | float, beta: Tensor | float,
                 y0: Tensor, iters: int, tol: float, fused: bool) -> tuple[Tensor, Tensor, Tensor]:
-        xs, ys, ps, qs = _iterations(kernel, rows_first, alpha, beta, y0, iters, tol, fused)
+        (xs, ys, ps, qs), _ = _iterations(kernel, rows_first, alpha, beta, y0, iters, tol, fused)
         ok = _in_range(xs[-1], ys, beta, kernel.shape[-1 if rows_first else -2])
         ctx.save_for_backward(kernel, *xs, *ys, *ps, *qs)
         ctx.rows_first, ctx.steps = rows_first, len(xs)
@@ -748,12 +748,9 @@ class SeTAttention(Mechanism):
             folded = False
             if o.backward == "recompute" and torch.is_grad_enabled() and kernel.requires_grad:
                 sx, sy, ok = _ScalingSinkhorn.apply(flat, rows_first, alpha, beta, y0, o.iters, o.tol, fused)
-            elif _can_fuse(flat, o.tol, fused) and fold_readout:  # no autograd: K becomes u ⊙ K ⊙ M
-                xs, ys, _, _ = _native_iterations(flat, rows_first, alpha, beta, y0, o.iters, True, post)
-                sx, sy, ok = xs[-1], ys[-1], _in_range(xs[-1], ys, beta, o.m if rows_first else n)
-                folded = True
-            else:  # no autograd, or autograd through every step (unroll)
-                xs, ys, _, _ = _iterations(flat, rows_first, alpha, beta, y0, o.iters, o.tol, fused)
+            else:  # no autograd (the fused passes may fold u ⊙ M into K), or autograd through every step
+                (xs, ys, _, _), folded = _iterations(flat, rows_first, alpha, beta, y0, o.iters, o.tol, fused,
+                                                     fold_readout, post)
                 sx, sy, ok = xs[-1], ys[-1], _in_range(xs[-1], ys, beta, o.m if rows_first else n)
             u, v = (sx, sy) if rows_first else (sy, sx)  # the scalings of the side first, second
             plans.append(_Plan(kernel, u.view(b, h, n), v.view(b, h, o.m), ok, post, logits, folded))

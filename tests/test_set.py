@@ -787,3 +787,5 @@ def test_fused_stands_aside_while_tracing_and_needs_tol_0():
     assert counter.get_total_flops() == m.flops(2, 50).matmul
     with pytest.raises(OptionError, match="set.sinkhorn=fused runs every iteration.*tol=0"):
         build_mechanism("set", 32, 4, sinkhorn="fused", tol=1e-3)
+    with pytest.raises(OptionError, match="set.sinkhorn=fused needs backward=recompute"):
+        build_mechanism("set", 32, 4, sinkhorn="fused", backward="unroll")
