@@ -235,13 +235,3 @@ def test_every_command_reaches_its_work_and_stops_there(command, task, places, s
     status, _, err = run_case(argv)
     assert status == (0 if command == "list" else "started work"), err
 
-
-def test_the_table_covers_every_option_of_every_command(places):
-    """An option added to any parser is in the table without a change here."""
-    for command, task in commands():
-        parser = subparsers(cli.build_parser(task))[command]
-        tried = {word.partition("=")[0] for argv in cases(command, task, places) for word in argv}
-        for action in parser._actions:
-            if action.option_strings and not isinstance(action, (argparse._HelpAction,
-                                                                 argparse._VersionAction)):
-                assert action.option_strings[-1] in tried, (command, task, action.option_strings)

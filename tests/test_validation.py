@@ -194,10 +194,12 @@ def test_each_example_of_the_issue_is_one_line(argv, message, capsys):
     assert line.startswith(f"attnbench {argv[0]}: error: ") and message in line
 
 
-def test_version():
+def test_version(capsys):
+    import attnbench
+
     with pytest.raises(SystemExit) as exc:
         main(["--version"])
-    assert exc.value.code == 0
+    assert exc.value.code == 0 and attnbench.__version__ in capsys.readouterr().out
 
 
 def test_an_output_path_that_is_a_file_or_unwritable_is_refused_before_work(tmp_path, capsys):

@@ -58,7 +58,7 @@ class Mqar(SequenceTask):
     @classmethod
     def add_task_arguments(cls, g: argparse._ArgumentGroup) -> None:
         super().add_task_arguments(g)
-        g.add_argument("--vocab", type=int_in(4, 2**18),
+        g.add_argument("--vocab", type=int_in(6, 2**18),
                        help=f"vocabulary: pad, blank, then keys and values half and half "
                             f"({cls._defaults('vocab')})")
         g.add_argument("--kv-pairs", type=int_in(1, 65536),

@@ -7,7 +7,7 @@ import json
 import pandas as pd
 import pytest
 
-from attnbench import get_task
+from attnbench import get_mechanism, get_task
 from attnbench.cli import main
 from tests.tasks.common.test_sequence import CONTRACT
 
@@ -37,12 +37,20 @@ def test_a_smoke_run_records_the_contract_row(tmp_path):
 
 
 def test_the_sweep_presets_name_registered_mechanisms_and_lengths_that_fit():
+    from tasks.mqar.data import Layout
+    from tasks.mqar.task import PRESETS
+
     presets = get_task("mqar").sweep_presets
     assert set(presets) == {"cpu", "cuda"}
-    assert presets["cpu"]["mechanisms"] == ["softmax", "set", "linear", "performer", "nystromformer"]
-    assert presets["cpu"]["seq"] == [64, 96, 128, 160] and max(presets["cuda"]["seq"]) == 16384
-    for preset in presets.values():
-        assert isinstance(preset["args"], list) and preset["seeds"]
+    embedded = PRESETS["embedded"]
+    for kind, preset in presets.items():
+        assert isinstance(preset["args"], list) and preset["seeds"], kind
+        for name in preset["mechanisms"]:
+            get_mechanism(name)  # unknown names raise
+        args = preset["args"]
+        vocab = int(args[args.index("--vocab") + 1]) if "--vocab" in args else embedded["vocab"]
+        for n in preset["seq"]:
+            assert Layout(vocab, n, max(1, n // embedded["kv_divisor"])).problem() is None, (kind, n)
 
 
 @pytest.mark.parametrize("extra, message", [
