@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-import json
 import math
 import shlex
 import shutil
@@ -39,6 +38,7 @@ from attnbench.results import (
     aggregate,
     append_row,
     format_spread,
+    read_meta,
     read_table,
     run_context,
     write_meta,
@@ -57,6 +57,7 @@ COLUMNS = ["task", "mechanism", "variant", "options", "seq_len", "seed", "status
            "softmax_params", "flops_per_step", "time_budget", "message", "point_s", "device", "threads",
            "dtype", "git_commit"]
 KEY = ["variant", "seq_len", "seed"]
+REQUIRED = [*KEY, "mechanism", "status", "accuracy"]  # what a folder's accuracy.csv must hold to be read
 # flags of `attnbench run` that the sweep sets itself, with what sets them instead
 RESERVED = {"--task": "--task", "--mechanism": "--mechanism", "--opt": "--opt", "--seq-len": "--seq",
             "--seed": "--seeds", "--time-budget": "--time-budget", "--device": "--device",
@@ -328,7 +329,7 @@ def describe(row: dict[str, Any]) -> str:
 def _check_resume(cfg: AccuracyConfig, meta_path: Path, out: Path) -> None:
     """A resumed sweep must train as its folder did: same task, task arguments, budget, device and,
     for every mechanism in both, the same options."""
-    old = json.loads(meta_path.read_text()).get("sweep", {})
+    old = read_meta(meta_path).get("sweep", {})
     mine = dataclasses.asdict(cfg)
     for key in SHARED:
         if key in old and old[key] != mine[key]:
@@ -349,15 +350,18 @@ def run_sweep(cfg: AccuracyConfig, out: Path, resume: bool, argv: list[str],
     csv, meta_path = out / "accuracy.csv", out / "meta.json"
     if csv.exists() and not resume:
         raise SweepError(f"{out} already holds a sweep; pass --resume to finish it or choose another --out")
+    recorded = read_meta(meta_path)
+    if recorded.get("kind", "accuracy") != "accuracy":  # a kernel sweep's folder, say: keep its meta.json
+        raise SweepError(f"{out} holds a {recorded['kind']} run, not an accuracy sweep; choose another --out")
     if resume and meta_path.exists():
         _check_resume(cfg, meta_path, out)
     meta = run_context(cfg.device, cfg.threads, argv)
     meta.update(kind="accuracy", task=cfg.task, dtype=precision(cfg.args, cfg.device),
                 sweep=dataclasses.asdict(cfg))
-    earlier = json.loads(meta_path.read_text()).get("commands", []) if resume and meta_path.exists() else []
+    earlier = recorded.get("commands", []) if resume else []
     meta["commands"] = [*earlier, meta["command"]]
     write_meta(meta_path, meta)
-    done = read_table(csv, COLUMNS)
+    done = read_table(csv, COLUMNS, required=REQUIRED if csv.exists() else ())
     seen = {(str(v), int(n), int(s)) for v, n, s in zip(done.get("variant", []), done.get("seq_len", []),
                                                          done.get("seed", []), strict=True)}
     todo = [p for p in points(cfg) if p.key not in seen]
@@ -479,12 +483,12 @@ def finish(out: Path, log: TextIO | None = None) -> Finished:
     """Write ``breaking.csv`` and the plots of a sweep folder."""
     from attnbench.accuracy_plots import accuracy_sweep_plots
 
-    table = read_table(out / "accuracy.csv")
+    table = read_table(out / "accuracy.csv", required=REQUIRED)
     if table.empty:
         raise SweepError(f"{out / 'accuracy.csv'} holds no points")
     breaking = breaking_lengths(table)
     write_table(out / "breaking.csv", breaking)
-    meta = json.loads((out / "meta.json").read_text()) if (out / "meta.json").exists() else {}
+    meta = read_meta(out / "meta.json")
     paths = accuracy_sweep_plots(table, breaking, out, meta)
     print(f"wrote {out / 'accuracy.csv'}, {out / 'breaking.csv'} and {len(paths)} plot files",
           file=log or sys.stderr)
@@ -524,7 +528,7 @@ def summary(out: Path) -> str:
 def compare(out: Path, other: Path) -> pd.DataFrame:
     """Accuracy of this sweep against a saved one, point by point (variant, n, seed); written to
     ``compare.csv``."""
-    mine, theirs = read_table(out / "accuracy.csv"), read_table(other / "accuracy.csv")
+    mine, theirs = read_table(out / "accuracy.csv"), read_table(other / "accuracy.csv", required=REQUIRED)
     if theirs.empty:
         raise SweepError(f"--compare {other}: no accuracy.csv there")
     keep = [*KEY, "status", "accuracy", "step_ms", "peak_mem_mib"]

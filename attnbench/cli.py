@@ -522,6 +522,9 @@ def _accuracy_sweep(args: argparse.Namespace) -> int:
         load=[str(Path(s).resolve()) if s.endswith(".py") else s for s in args.load])
     if args.compare is not None and not (args.compare / "accuracy.csv").is_file():
         raise UsageError(f"--compare {args.compare}: no accuracy.csv there (a folder of `scale --task`)")
+    if (args.compare is not None
+            and read_table(args.compare / "accuracy.csv", required=accuracy.REQUIRED).empty):
+        raise UsageError(f"--compare {args.compare}: its accuracy.csv holds no points")  # now, not after
     if args.resume and args.out is None:
         raise UsageError("--resume needs --out pointing at the sweep to finish")
     if args.threads is None:  # once the request is known to be sound: this looks at the machine for a while

@@ -309,3 +309,27 @@ def test_variants_keep_their_mechanisms_marker_and_colour_family_and_are_told_ap
     assert styles[0] == style("set")  # the first looks like the mechanism itself
     assert {s.marker for s in styles} == {style("set").marker}
     assert len({(s.colour, s.linestyle) for s in styles}) == 3
+
+
+def test_damaged_or_foreign_folders_are_one_line_errors(tmp_path, fake, capsys):
+    """A damaged meta.json or accuracy.csv on --resume, a kernel sweep's folder as --out, and a
+    --compare folder whose table is not an accuracy sweep's: one line each, before any training."""
+    def fails(argv, message):
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        err = capsys.readouterr().err.strip()
+        assert exit_info.value.code == 2 and message in err and "Traceback" not in err, err
+
+    base = ["scale", "--task", "fake_recall", "--mechanism", "softmax", "--seq", "8", *fake]
+    damaged = tmp_path / "damaged"
+    damaged.mkdir()
+    (damaged / "meta.json").write_text("{not json")
+    (damaged / "accuracy.csv").write_text("variant,seq_len\nsoftmax,8\n")
+    fails([*base, "--out", str(damaged), "--resume"], "not readable JSON")
+    (damaged / "meta.json").write_text("{}")
+    fails([*base, "--out", str(damaged), "--resume"], "no column seed")
+    kernel = tmp_path / "kernel"
+    kernel.mkdir()
+    (kernel / "meta.json").write_text('{"kind": "scale"}')
+    fails([*base, "--out", str(kernel)], "holds a scale run, not an accuracy sweep")
+    fails([*base, "--out", str(tmp_path / "new"), "--compare", str(damaged)], "no column seed")
