@@ -158,7 +158,11 @@ class SequenceTask(TrainingTask):
     def sequence_data(self, name: str, train: Split, test: Split, root: Path | None = None,
                       description: str = "") -> Data:
         """The task's ``Data``: the train and test splits, each given as (ids, mask, targets), as
-        ``SequenceSet``s."""
+        ``SequenceSet``s. An empty split is a TaskError now, not a division by zero after training."""
+        for split, (ids, _, _) in (("train", train), ("test", test)):
+            if len(ids) == 0:
+                raise TaskError(f"{self.name}: the {split} split of {name} holds no sequences (too few "
+                                f"distinct sequences at these settings: raise the vocabulary or --seq-len)")
         return Data(name, SequenceSet(*train), SequenceSet(*test), root=root, description=description)
 
     def check_model(self) -> None:

@@ -47,12 +47,15 @@ def read_split(path: Path, seq_len: int) -> tuple[Expressions, int]:
     """(expressions, how many were cut to ``seq_len``) of one LRA file."""
     if not path.is_file():
         raise TaskError(f"{path}: not found; --data expects {LAYOUT}")
-    with path.open(newline="", encoding="utf-8") as f:
-        reader = csv.reader(f, delimiter="\t")
-        header = next(reader, None)
-        if header is None or header[:2] != ["Source", "Target"]:
-            raise TaskError(f"{path}: the header must be Source<TAB>Target, got {header}")
-        rows = [(i, row) for i, row in enumerate(reader, start=2) if row]
+    try:
+        with path.open(newline="", encoding="utf-8") as f:
+            reader = csv.reader(f, delimiter="\t")
+            header = next(reader, None)
+            if header is None or header[:2] != ["Source", "Target"]:
+                raise TaskError(f"{path}: the header must be Source<TAB>Target, got {header}")
+            rows = [(i, row) for i, row in enumerate(reader, start=2) if row]
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise TaskError(f"{path}: not an LRA ListOps TSV file ({' '.join(str(exc).split())[:120]})") from None
     if not rows:
         raise TaskError(f"{path}: no expressions")
     tokens = np.zeros((len(rows), seq_len), dtype=np.uint8)

@@ -162,3 +162,15 @@ def test_more_parameters_than_softmax_are_warned_about(toys, tmp_path, monkeypat
 def test_bad_options_get_one_clear_line(toys, extra, message, tmp_path, cli_error):
     argv = ["run", "--task", Toy.name, "--mechanism", "softmax", "--out", str(tmp_path / "run"), *extra]
     assert message in cli_error(argv)
+
+
+def test_an_empty_split_is_a_task_error_before_training():
+    """(MQAR's test split can lose every sequence to the train/test de-duplication at tiny settings.)"""
+    from types import SimpleNamespace
+
+    from attnbench import TaskError
+
+    full = (torch.ones(4, 6, dtype=torch.long), None, torch.zeros(4, dtype=torch.long))
+    empty = (torch.ones(0, 6, dtype=torch.long), None, torch.zeros(0, dtype=torch.long))
+    with pytest.raises(TaskError, match="the test split of tiny holds no sequences"):
+        sequence.SequenceTask.sequence_data(SimpleNamespace(name="toy"), "tiny", full, empty)

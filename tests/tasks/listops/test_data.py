@@ -49,3 +49,10 @@ def test_a_missing_file_names_the_layout(tmp_path):
     (tmp_path / "lra").mkdir()
     with pytest.raises(TaskError, match="basic_train.tsv: not found; --data expects"):
         data.read_lra(tmp_path / "lra", 16)
+
+
+def test_a_file_that_is_not_utf8_text_is_one_clear_error(tmp_path):
+    root = write_lra(tmp_path / "lra", train="Source\tTarget\n[MAX 2 3 ]\t3\n")
+    (root / "basic_train.tsv").write_bytes(b"Source\tTarget\n\xff\xfe[MAX 2 3 ]\t3\n")
+    with pytest.raises(TaskError, match="basic_train.tsv: not an LRA ListOps TSV file"):
+        data.read_lra(root, 16)
