@@ -9,6 +9,12 @@ at a sequence's real tokens is then exactly the mechanism applied to those token
 order, as if the padding were not there (no value, gradient or position leaks from it), and
 the output at padding is zero. A mechanism honours the mask natively or, by default, runs each
 group of equally long sequences without their padding (``masking`` says which).
+
+Causal: ``forward(x, causal=True)`` makes the output at position t depend on tokens 0..t only
+(values and gradients). Causality is defined on 1-D sequences (``grid=None``). A mechanism
+supports it by writing ``mix_causal``; one that has no sound causal form leaves it out and says
+why in ``no_causal_reason``, and ``causal=True`` is then refused with that reason. With padding,
+the causal form runs on each sequence's real tokens alone, as the padding contract says.
 """
 
 from __future__ import annotations
@@ -79,6 +85,9 @@ class Mechanism(nn.Module):
     # native: mix_padded masks inside the batched computation; per-length: the base class runs
     # the real tokens of each group of equally long sequences through mix, without padding
     masking: ClassVar[Masking] = "per-length"
+    # why the mechanism has no causal form (shown by `list` and in refused rows); a mechanism
+    # that writes mix_causal supports causal=True and leaves this empty
+    no_causal_reason: ClassVar[str] = "declares no causal form (it does not define mix_causal)"
 
     def __init__(self, dim: int, num_heads: int, options: Any = None) -> None:
         super().__init__()
@@ -112,17 +121,28 @@ class Mechanism(nn.Module):
         return None
 
     @classmethod
+    def causal_problem(cls) -> str | None:
+        """Why ``causal=True`` is refused, or None when the mechanism has a causal form."""
+        if cls.mix_causal is not Mechanism.mix_causal:
+            return None
+        return cls.no_causal_reason
+
+    @classmethod
     def backend(cls, device: str = "cpu", dtype: torch.dtype = torch.float32) -> str:
         """Which implementation actually runs on ``device`` for ``dtype`` (recorded with results)."""
         return "eager PyTorch"
 
     # ---- the contract -----------------------------------------------------------------------
-    def forward(self, x: Tensor, grid: Grid | None = None, mask: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, grid: Grid | None = None, mask: Tensor | None = None,
+                causal: bool = False) -> Tensor:
         """Mix tokens ``x: (B, N, C)``; ``grid=(H, W)`` for image tokens; ``mask: (B, N)`` bool,
-        True at real tokens, for padded sequences. Returns ``(B, N, C)``, zero at padding."""
+        True at real tokens, for padded sequences; ``causal`` for left-to-right sequences.
+        Returns ``(B, N, C)``, zero at padding."""
         if x.dim() != 3 or x.shape[-1] != self.dim:
             raise ValueError(f"{self.name}: expected x of shape (B, N, C={self.dim}), "
                              f"got {tuple(x.shape)}")
+        if causal:
+            return self._forward_causal(x, grid, mask)
         if grid is not None:
             if len(grid) != 2 or grid[0] * grid[1] != x.shape[1]:
                 raise ValueError(f"{self.name}: grid {tuple(grid)} does not match N={x.shape[1]} "
@@ -136,6 +156,19 @@ class Mechanism(nn.Module):
             return self.mix(x, grid)
         out = self.mix_padded(x, mask) if self.masking == "native" else self._mix_per_length(x, mask)
         return out.masked_fill(~mask.unsqueeze(-1), 0)
+
+    def _forward_causal(self, x: Tensor, grid: Grid | None, mask: Tensor | None) -> Tensor:
+        """The causal branch of ``forward``: refused with the reason where there is no causal
+        form; padded batches run each group of equal lengths without padding."""
+        problem = self.causal_problem()
+        if problem is not None:
+            raise OptionError(f"{self.name}: causal=True is not supported: {problem}")
+        if grid is not None:
+            raise ValueError(f"{self.name}: causal attention is defined on 1-D sequences (grid=None); "
+                             f"got grid={tuple(grid)}")
+        if mask is None or self._check_mask(x, None, mask):
+            return self.mix_causal(x)
+        return self._mix_per_length(x, mask, causal=True).masked_fill(~mask.unsqueeze(-1), 0)
 
     def _check_mask(self, x: Tensor, grid: Grid | None, mask: Tensor) -> bool:
         """A one-line error for a mask that does not fit ``x``; True when every token is real
@@ -153,8 +186,9 @@ class Mechanism(nn.Module):
                              "is all False)")
         return every
 
-    def _mix_per_length(self, x: Tensor, mask: Tensor) -> Tensor:
-        """``mix`` on the real tokens of each group of equally long sequences; zeros at padding."""
+    def _mix_per_length(self, x: Tensor, mask: Tensor, causal: bool = False) -> Tensor:
+        """``mix`` (``mix_causal`` when causal) on the real tokens of each group of equally long
+        sequences; zeros at padding."""
         b, n, c = x.shape
         lengths = mask.sum(-1)  # (B,)
         flat = x.new_zeros(b * n, c)
@@ -163,11 +197,17 @@ class Mechanism(nn.Module):
             keep = mask[rows]  # (R, N), `length` True per row
             real = x[rows][keep].view(len(rows), length, c)  # (R, L, C), padding removed, order kept
             where = (rows[:, None] * n + torch.arange(n, device=x.device))[keep]  # flat token indices
-            flat = flat.index_copy(0, where, self.mix(real, None).reshape(-1, c))
+            mixed = self.mix_causal(real) if causal else self.mix(real, None)
+            flat = flat.index_copy(0, where, mixed.reshape(-1, c))
         return flat.view(b, n, c)
 
     def mix(self, x: Tensor, grid: Grid | None) -> Tensor:
         """The mechanism itself, on validated input."""
+        raise NotImplementedError
+
+    def mix_causal(self, x: Tensor) -> Tensor:
+        """The causal form on validated sequences ``x: (B, N, C)`` (no padding): the output at t
+        depends on ``x[:, :t + 1]`` only. Mechanisms without one leave this out."""
         raise NotImplementedError
 
     def mix_padded(self, x: Tensor, mask: Tensor) -> Tensor:
