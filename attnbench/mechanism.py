@@ -15,6 +15,11 @@ Causal: ``forward(x, causal=True)`` makes the output at position t depend on tok
 supports it by writing ``mix_causal``; one that has no sound causal form leaves it out and says
 why in ``no_causal_reason``, and ``causal=True`` is then refused with that reason. With padding,
 the causal form runs on each sequence's real tokens alone, as the padding contract says.
+
+Decoding: a causal mechanism may also generate incrementally: ``prefill`` runs the causal form
+over a prompt and returns a cache (a KV cache, a recurrent state, a rolling window), and ``step``
+mixes one more token per sequence against it. Prefill and steps reproduce the parallel causal
+forward at every position. A mechanism without them says why in ``no_decode_reason``.
 """
 
 from __future__ import annotations
@@ -88,6 +93,7 @@ class Mechanism(nn.Module):
     # why the mechanism has no causal form (shown by `list` and in refused rows); a mechanism
     # that writes mix_causal supports causal=True and leaves this empty
     no_causal_reason: ClassVar[str] = "declares no causal form (it does not define mix_causal)"
+    no_decode_reason: ClassVar[str] = "declares no incremental decoding (it does not define prefill and step)"
 
     def __init__(self, dim: int, num_heads: int, options: Any = None) -> None:
         super().__init__()
@@ -126,6 +132,16 @@ class Mechanism(nn.Module):
         if cls.mix_causal is not Mechanism.mix_causal:
             return None
         return cls.no_causal_reason
+
+    @classmethod
+    def decode_problem(cls) -> str | None:
+        """Why incremental decoding is refused, or None when ``prefill`` and ``step`` exist."""
+        causal = cls.causal_problem()
+        if causal is not None:
+            return f"no causal form: {causal}"
+        if cls.prefill is Mechanism.prefill or cls.step is Mechanism.step:
+            return cls.no_decode_reason
+        return None
 
     @classmethod
     def backend(cls, device: str = "cpu", dtype: torch.dtype = torch.float32) -> str:
@@ -210,6 +226,21 @@ class Mechanism(nn.Module):
         depends on ``x[:, :t + 1]`` only. Mechanisms without one leave this out."""
         raise NotImplementedError
 
+    def prefill(self, x: Tensor, capacity: int, mask: Tensor | None = None) -> tuple[Tensor, DecodeCache]:
+        """The causal form over prompts ``x: (B, N, C)`` (``mask: (B, N)``, True at real tokens, for
+        right-padded prompts) and a cache with room for ``capacity >= N`` tokens in all, so that
+        ``step`` never reallocates. Returns ``(output (B, N, C), cache)``."""
+        raise NotImplementedError
+
+    def step(self, x: Tensor, cache: DecodeCache) -> Tensor:
+        """One new token per sequence ``x: (B, 1, C)`` after what ``cache`` holds; returns its output
+        ``(B, 1, C)`` and advances the cache (a padded prompt's next token follows its real ones)."""
+        raise NotImplementedError
+
+    def cache_bytes(self, batch: int, n: int, dtype: torch.dtype) -> int:
+        """Bytes of the cache after ``n`` tokens of ``batch`` sequences, by formula."""
+        raise NotImplementedError
+
     def mix_padded(self, x: Tensor, mask: Tensor) -> Tensor:
         """Native masking (``masking = "native"``): sequences ``x: (B, N, C)`` with ``mask: (B, N)``;
         the output at real tokens must equal ``mix`` of those tokens alone."""
@@ -221,6 +252,28 @@ class Mechanism(nn.Module):
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, heads={self.num_heads}, options={self.options}"
+
+
+class DecodeCache:
+    """What ``step`` reads and advances. ``snapshot``/``restore`` put it back as it was (the decode
+    sweep times many steps at one context length); ``tensors`` are what it holds, for its bytes."""
+
+    def snapshot(self) -> Any:
+        raise NotImplementedError
+
+    def restore(self, snapshot: Any) -> None:
+        raise NotImplementedError
+
+    def tensors(self) -> list[Tensor]:
+        raise NotImplementedError
+
+    def nbytes(self) -> int:
+        """Bytes the cache holds (each storage counted once): the measured cache memory."""
+        seen: dict[int, int] = {}
+        for t in self.tensors():
+            storage = t.untyped_storage()
+            seen[storage.data_ptr()] = storage.nbytes()
+        return sum(seen.values())
 
 
 def split_heads(x: Tensor, num_heads: int) -> Tensor:
