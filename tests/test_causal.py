@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from attnbench import Flops, Mechanism, OptionError, build_mechanism, get_mechanism, registry
@@ -263,6 +264,32 @@ def test_performer_causal_output_at_t_is_the_plain_performer_on_the_prefix():
     y = m(x, causal=True)
     for t in range(10):
         torch.testing.assert_close(y[:, t], m(x[:, :t + 1])[:, t], rtol=1e-10, atol=1e-10)
+
+
+class LargestTensor(TorchDispatchMode):
+    """Records the most elements any op's output holds (the peak intermediate, in elements)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+@pytest.mark.parametrize("name, options", [("linear", {"chunk": 16}),
+                                           ("performer", {"chunk": 16, "features": 16})])
+def test_chunked_causal_forms_never_hold_an_n_by_n_tensor(name, options):
+    """Forward and backward at N = 1024: no tensor comes near one head's N × N scores."""
+    m = build_mechanism(name, DIM, HEADS, **options)
+    x = torch.randn(1, 1024, DIM, requires_grad=True)
+    with LargestTensor() as seen:
+        m(x, causal=True).sum().backward()
+    assert seen.largest <= 1024 * 1024 // 8, seen.largest
 
 
 def test_chunk_sizes_are_validated():
