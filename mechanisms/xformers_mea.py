@@ -12,6 +12,9 @@ which the wheel records in ``xformers/cpp_lib.json`` (``{"version": {"torch": "2
 (installed torch, required torch, and the command that installs a matching set) even on a machine
 where xformers would only print its load warning; the same facts are parsed out of xformers' own
 load-failure text when the file is missing.
+
+The causal form passes xformers' ``LowerTriangularMask`` bias: its kernels then skip the key tiles
+above the diagonal.
 """
 
 from __future__ import annotations
@@ -199,13 +202,29 @@ class XFormersAttention(SoftmaxAttention):
         op = fmha._dispatch_fw(fmha.Inputs(query=q, key=q, value=q), needs_gradient=False)
         return f"xformers {xformers.__version__}: {op.NAME}"
 
+    flops_formula = ("8·B·N·C² (projections) + 4·B·P·C (QKᵀ, AV over P query-key pairs per head); "
+                     "elementwise 5·B·H·P. P = N², and N(N+1)/2 causal (its kernels skip the tiles "
+                     "above the diagonal; the masked part of diagonal tiles is not counted)")
+
     def mix(self, x: Tensor, grid: Grid | None) -> Tensor:
+        return self._attention(x, causal=False)
+
+    def mix_causal(self, x: Tensor) -> Tensor:
+        return self._attention(x, causal=True)
+
+    def _attention(self, x: Tensor, causal: bool) -> Tensor:
+        """memory_efficient_attention on (B, N, H, d) projections; ``causal``: keys after the query
+        masked by its lower-triangular bias."""
         reason = self.unavailable_reason(x.device.type)
         if reason:
             raise RuntimeError(f"{self.name}: {reason}")
-        from xformers.ops import memory_efficient_attention
+        from xformers.ops import LowerTriangularMask, memory_efficient_attention
 
         b, n, c = x.shape
         q, k, v = self.qkv(x).view(b, n, 3, self.num_heads, self.head_dim).unbind(2)  # (B, N, H, d)
-        out = memory_efficient_attention(q, k, v)  # (B, N, H, d), scale 1/√d
+        bias = LowerTriangularMask() if causal else None
+        out = memory_efficient_attention(q, k, v, attn_bias=bias)  # (B, N, H, d), scale 1/√d
         return self.proj(out.reshape(b, n, c))
+
+    def score_pairs(self, n: int, causal: bool) -> int:
+        return n * (n + 1) // 2 if causal else n * n
