@@ -178,7 +178,7 @@ class RecurrentMixer(Mechanism):
         why = fla_kernels.fla_problem(cls.fla_kernel, device, dtype)
         if why is None:
             return f"{fla_kernels.describe(cls.fla_kernel)} (projections, convolutions and norms in PyTorch)"
-        form = f"chunked PyTorch ({cls.torch_form}; a loop over chunks of `chunk` tokens)"
+        form = f"chunked PyTorch ({cls.torch_form}; chunks of `chunk` tokens)"
         if torch.device(device).type == "cpu":
             return form
         return f"{form}; fla's kernel not used: {why}"

@@ -56,7 +56,7 @@ class RetNet(RecurrentMixer):
     summary = "RetNet retention: fixed per-head decay, rotary q/k, gated RMSNorm (fla's layer)"
     Options = RetNetOptions
     fla_kernel = "retention"
-    torch_form = "scalar-decay form of mechanisms/chunked.py"
+    torch_form = "scalar-decay form of mechanisms/chunked.py, a loop over chunks"
     flops_formula = ("2·B·N·C²·(2·ek + 3·ev) (projections) + s·B·H·N'·2·(c·dk + c·dv + 2·dk·dv) "
                      "(chunked retention; s = 2 scans when bidirectional, N' = N padded to the chunk c); "
                      "elementwise ≈ s·(B·N·C·(6·ek + 8·ev) + B·H·N'·(3c + 4dk + 2dv))")
