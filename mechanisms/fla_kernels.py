@@ -21,7 +21,7 @@ import torch
 #: The fla release range attnbench is written against (the kernels' keyword arguments change
 #: between minor releases); pyproject's test extra pins the same range.
 REQUIREMENT = "fla-core>=0.6,<0.7"
-FIX = f"pip install '{REQUIREMENT}' (scripts/setup.sh installs it with the test tools)"
+FIX = f"pip install '{REQUIREMENT}'"
 
 #: kernel name -> (module, function) in fla
 KERNELS: dict[str, tuple[str, str]] = {
@@ -74,7 +74,8 @@ def fla_problem(name: str, device: str | torch.device, dtype: torch.dtype) -> st
     if not torch.cuda.is_available():
         return "CUDA is not available on this machine"
     if installed_version() is None:
-        return f"flash-linear-attention is not installed; fix: `{FIX}`"
+        return (f"flash-linear-attention is not installed; fix: `{FIX}` (scripts/setup.sh installs it with "
+                "the test tools)")
     return import_problem(name)
 
 

@@ -32,7 +32,7 @@ class GLAOptions(RecurrentOptions):
     expand_v: float = option(1.0, 0.0625, 8)  # value and output-gate channels per model channel
     gate_rank: int = option(16, 1, 1024)  # rank of the decay gate's projection (fla: 16)
     gate_normalizer: float = option(16, 1, 1024)  # the log-gate is logsigmoid(·) / this (fla: 16)
-    sub_chunk: int = option(16, 1, 4096)  # tokens per sub-chunk of the PyTorch form; divides chunk
+    sub_chunk: int = option(16, 1, 4096)  # tokens per sub-chunk of the PyTorch form: divides chunk, or ≥ it
     conv: int = option(0, 0, 16)  # taps of the short convolutions on q, k, v; 0: none (fla's default)
     eps: float = option(1e-5, 0, 1e-2)  # of the per-head RMSNorm
 
@@ -52,8 +52,8 @@ class GatedLinearAttention(RecurrentMixer):
     def __init__(self, dim: int, num_heads: int, options: GLAOptions | None = None) -> None:
         super().__init__(dim, num_heads, options)
         o = self.options
-        require(o.chunk % o.sub_chunk == 0,
-                f"{self.name}: sub_chunk={o.sub_chunk} must divide chunk={o.chunk}")
+        require(o.chunk % min(o.sub_chunk, o.chunk) == 0,
+                f"{self.name}: sub_chunk={o.sub_chunk} must divide chunk={o.chunk} (or be at least chunk)")
         self.key_dim = expanded(dim, o.expand_k, num_heads, self.name, "expand_k")
         self.value_dim = expanded(dim, o.expand_v, num_heads, self.name, "expand_v")
         self.dk, self.dv = self.key_dim // num_heads, self.value_dim // num_heads
