@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from attnbench.mechanism import Flops, Grid, option
 from attnbench.registry import register_mechanism
 from mechanisms import chunked, fla_kernels
-from mechanisms.recurrent import RecurrentMixer, RecurrentOptions, expanded, mamba_time_steps
+from mechanisms.recurrent import RecurrentMixer, RecurrentOptions, expanded, mamba_time_steps, rms_norm
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,7 +91,7 @@ class Mamba2(RecurrentMixer):
             y = chunked.decay_attention(*(t.transpose(1, 2) for t in (q, k, v, log_decay)), scale=1.0,
                                         chunk=self.options.chunk).transpose(1, 2)
         y = (y + self.D[:, None] * x).flatten(2) * F.silu(z)  # (B, N, E·C): skip, then the gate
-        return y * torch.rsqrt(y.square().mean(-1, keepdim=True) + self.options.eps) * self.norm_weight
+        return rms_norm(y, self.norm_weight, self.options.eps)
 
     def flops(self, batch: int, n: int, grid: Grid | None = None) -> Flops:
         o, c = self.options, self.dim

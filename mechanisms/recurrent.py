@@ -81,7 +81,8 @@ class ShortConv(nn.Module):
 
 class GatedRMSNorm(nn.Module):
     """RMSNorm over the last ``width`` channels with a learned scale, times SiLU(gate): fla's
-    FusedRMSNormGated (norm before the gate; per head when given (..., H, d))."""
+    FusedRMSNormGated (norm before the gate; per head when given (..., H, d)); computed in at least
+    float32, as fla's kernel does (a half-precision 1/√mean overflows in the backward pass)."""
 
     def __init__(self, width: int, eps: float) -> None:
         super().__init__()
@@ -89,13 +90,21 @@ class GatedRMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(width))
 
     def forward(self, x: Tensor, gate: Tensor) -> Tensor:
-        normed = x * torch.rsqrt(x.square().mean(-1, keepdim=True) + self.eps)
-        return normed * self.weight * F.silu(gate)
+        return rms_norm(x, self.weight, self.eps, gate)
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float, gate: Tensor | None = None) -> Tensor:
+    """x / √(mean(x²) + eps) · weight over the last axis (times SiLU(gate) when given), in at least
+    float32, returned in x's dtype."""
+    work = torch.promote_types(x.dtype, torch.float32)
+    y = x.to(work) * torch.rsqrt(x.to(work).square().mean(-1, keepdim=True) + eps) * weight.to(work)
+    return (y if gate is None else y * F.silu(gate.to(work))).to(x.dtype)
 
 
 def l2_normalize(x: Tensor, eps: float = 1e-6) -> Tensor:
-    """x / sqrt(‖x‖² + eps) over the last axis (fla's l2norm)."""
-    return x * torch.rsqrt(x.square().sum(-1, keepdim=True) + eps)
+    """x / sqrt(‖x‖² + eps) over the last axis (fla's l2norm), in at least float32."""
+    work = torch.promote_types(x.dtype, torch.float32)
+    return (x.to(work) * torch.rsqrt(x.to(work).square().sum(-1, keepdim=True) + eps)).to(x.dtype)
 
 
 def inverse_softplus(x: Tensor) -> Tensor:
