@@ -34,6 +34,7 @@ from attnbench import OptionError, build_mechanism, get_mechanism
 from mechanisms import chunked, fla_kernels
 from tasks.common.sequence import PARAMS_TOLERANCE
 from tasks.common.text_encoder import SIZES, build_encoder, count_parameters
+from tests.tasks.glue.tiny import needs_minilm
 
 F64 = torch.float64
 PEERS = ["retnet", "gla", "gated_deltanet", "mamba2", "based"]
@@ -577,3 +578,19 @@ def test_fla_kernels_match_the_pytorch_form_on_cuda(name):
         (g_theirs,) = torch.autograd.grad((theirs * weight).sum(), x)
         torch.testing.assert_close(theirs, ours, rtol=2e-3, atol=2e-3)
         torch.testing.assert_close(g_theirs, g_ours, rtol=5e-3, atol=5e-3)
+
+
+# ---- starting from all-MiniLM-L6-v2 (--init minilm) ------------------------------------------------
+@needs_minilm
+@pytest.mark.parametrize("name", PEERS)
+def test_minilm_init_leaves_the_recurrences_random_and_says_so(name):
+    """BERT's attention maps onto no projection of theirs; Mamba2's in_proj (2·C + 2·S + H outputs,
+    whose floor division by C is 2) is not taken for a stacked key/value projection."""
+    from tasks.common.text_encoder import init_from_minilm, minilm_folder
+
+    model = build_encoder("minilm", name, 30522, 2, 32)
+    before = {k: v.clone() for k, v in model.layers[0].mixer.state_dict().items()}
+    note = init_from_minilm(model, minilm_folder())
+    assert note.startswith("minilm (attention random (no qkv/in_proj/proj); random: ")
+    for key, value in model.layers[0].mixer.state_dict().items():
+        assert torch.equal(value, before[key]), key
