@@ -4,8 +4,11 @@ the recall-throughput tradeoff"), as flash-linear-attention's BasedLinearAttenti
 q and k are projected to f = ``feature_dim`` channels per head (16, Based's choice) and mapped by
 the second-order Taylor expansion of exp,
 
-    φ(x) = [1, x / f^¼, (x ⊗ x) / (√2 · √f)]      (1 + f + f² features),
+    φ(x) = [1, x / f^¼, x_i² / √(2f) (i), x_i x_j / √f (i < j)]     (1 + f + f(f+1)/2 features),
     φ(q)·φ(k) = 1 + q·k/√f + (q·k)² / (2f),
+
+the products x_i x_j taken once per pair, as fla's TaylorFeatureMap (153 features at f = 16, not
+the 273 of the full outer product),
 
 then causal linear attention with its normaliser, per head:
 
@@ -22,7 +25,6 @@ elsewhere, with the normaliser as one more value channel.
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import torch
 from torch import Tensor, nn
@@ -41,11 +43,19 @@ class BasedOptions(RecurrentOptions):
     feature_dim: int = option(16, 1, 64)  # f: query/key channels per head before the Taylor map
 
 
+def feature_count(f: int) -> int:
+    """1 + f + f(f+1)/2: the Taylor features of f channels."""
+    return 1 + f + f * (f + 1) // 2
+
+
 def taylor_features(x: Tensor) -> Tensor:
-    """φ(x) = [1, x/f^¼, vec(x xᵀ)/(√2·√f)] on (..., f): (..., 1 + f + f²)."""
+    """φ(x) = [1, x/f^¼, x_i²/√(2f), x_i x_j/√f (i < j)] on (..., f): (..., 1 + f + f(f+1)/2)."""
     f = x.shape[-1]
-    outer = (x.unsqueeze(-1) * x.unsqueeze(-2)).flatten(-2)  # (..., f²)
-    return torch.cat([torch.ones_like(x[..., :1]), x * f**-0.25, outer / math.sqrt(2 * f)], dim=-1)
+    rows, cols = torch.triu_indices(f, f, device=x.device)  # each pair i ≤ j once
+    weight = torch.full(rows.shape, f**-0.5, dtype=x.dtype, device=x.device)
+    weight = weight.masked_fill(rows == cols, (2 * f) ** -0.5)  # x_i² / √(2f), x_i x_j / √f
+    second = x[..., rows] * x[..., cols] * weight  # (..., f(f+1)/2)
+    return torch.cat([torch.ones_like(x[..., :1]), x * f**-0.25, second], dim=-1)
 
 
 @register_mechanism
@@ -54,10 +64,10 @@ class Based(RecurrentMixer):
     summary = "Based: 2nd-order Taylor feature map linear attention, normalised (fla's layer)"
     Options = BasedOptions
     fla_kernel = "based"
-    torch_form = ("no-decay form of mechanisms/chunked.py on 1 + f + f² Taylor features, the states by a "
-                  "cumulative sum over chunks")
+    torch_form = ("no-decay form of mechanisms/chunked.py on 1 + f + f(f+1)/2 Taylor features, the states "
+                  "by a cumulative sum over chunks")
     flops_formula = ("2·B·N·C·(2·H·f + 2·C) (projections) + s·B·H·N'·2·(c·F + c·(d+1) + 2·F·(d+1)) "
-                     "(chunked linear attention on F = 1 + f + f² features, the normaliser as a value "
+                     "(chunked linear attention on F = 1 + f + f(f+1)/2 features, the normaliser as a value "
                      "channel; s = 2 scans when bidirectional, N' = N padded to the chunk c); elementwise "
                      "≈ s·B·H·N'·(3c + 4F + 2d + 6)")
 
@@ -93,7 +103,7 @@ class Based(RecurrentMixer):
 
     def flops(self, batch: int, n: int, grid: Grid | None = None) -> Flops:
         f, c = self.options.feature_dim, self.dim
-        features = 1 + f + f * f
+        features = feature_count(f)
         matmul, elementwise = chunked.decay_attention_flops(n, features, self.head_dim + 1,
                                                             self.options.chunk)
         scans = self.scans()
