@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import importlib
 import importlib.metadata
+import re
 import warnings
 from collections.abc import Callable
 
@@ -21,6 +22,7 @@ import torch
 #: The fla release range attnbench is written against (the kernels' keyword arguments change
 #: between minor releases); pyproject's test extra pins the same range.
 REQUIREMENT = "fla-core>=0.6,<0.7"
+RELEASES = ((0, 6), (0, 7))  # the same range: at least the first, below the second
 FIX = f"pip install '{REQUIREMENT}'"
 
 #: kernel name -> (module, function) in fla
@@ -40,6 +42,21 @@ def installed_version() -> str | None:
         return importlib.metadata.version("fla-core")
     except importlib.metadata.PackageNotFoundError:
         return None
+
+
+def static_problem(version: str | None = None) -> str | None:
+    """What the installed files alone say against fla's kernels (not installed, or a release outside
+    the range), without importing fla; None when nothing does. ``version``: the installed one."""
+    version = installed_version() if version is None else version
+    if version is None:
+        return (f"flash-linear-attention is not installed; fix: `{FIX}` (scripts/setup.sh installs it with "
+                "the test tools)")
+    found = re.match(r"\s*(\d+)\.(\d+)", version)
+    if found is None or not RELEASES[0] <= (int(found[1]), int(found[2])) < RELEASES[1]:
+        wanted = REQUIREMENT.removeprefix("fla-core")
+        return (f"fla-core {version} is installed, attnbench calls the kernels of {wanted} (their arguments "
+                f"change between releases); fix: `{FIX}`")
+    return None
 
 
 def _one_line(exc: BaseException) -> str:
@@ -73,10 +90,7 @@ def fla_problem(name: str, device: str | torch.device, dtype: torch.dtype) -> st
         return f"fla's kernels take float32, float16 or bfloat16, not {str(dtype).removeprefix('torch.')}"
     if not torch.cuda.is_available():
         return "CUDA is not available on this machine"
-    if installed_version() is None:
-        return (f"flash-linear-attention is not installed; fix: `{FIX}` (scripts/setup.sh installs it with "
-                "the test tools)")
-    return import_problem(name)
+    return static_problem() or import_problem(name)
 
 
 def kernel(name: str) -> Callable:

@@ -188,6 +188,7 @@ class RecurrentMixer(Mechanism):
         if why is None:
             return f"{fla_kernels.describe(cls.fla_kernel)} (projections, convolutions and norms in PyTorch)"
         form = f"chunked PyTorch ({cls.torch_form}; chunks of `chunk` tokens)"
-        if torch.device(device).type == "cpu":
-            return form
-        return f"{form}; fla's kernel not used: {why}"
+        if torch.device(device).type == "cuda":
+            return f"{form}; fla's kernel not used: {why}"
+        static = fla_kernels.static_problem()  # what a CUDA machine with this install would also hit
+        return f"{form}; on CUDA too: {static}" if static else form

@@ -531,6 +531,17 @@ def test_fla_problems_name_the_fix(monkeypatch):
     assert backend.startswith("chunked PyTorch (") and backend.endswith(f"fla's kernel not used: {why}")
 
 
+def test_an_fla_release_outside_the_range_is_named_on_every_device(monkeypatch):
+    assert fla_kernels.static_problem("0.6.0") is None and fla_kernels.static_problem("0.6.3.dev1") is None
+    for version in ("0.5.2", "0.7.0", "1.0"):
+        assert fla_kernels.static_problem(version) == (
+            f"fla-core {version} is installed, attnbench calls the kernels of >=0.6,<0.7 (their arguments "
+            "change between releases); fix: `pip install 'fla-core>=0.6,<0.7'`")
+    monkeypatch.setattr(fla_kernels, "installed_version", lambda: "0.5.2")
+    backend = get_mechanism("retnet").backend("cpu")
+    assert backend.endswith(f"; on CUDA too: {fla_kernels.static_problem('0.5.2')}")
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks what a machine without a GPU reports")
 def test_fla_here_imports_but_finds_no_gpu_backend():
     fla_kernels.import_problem.cache_clear()
