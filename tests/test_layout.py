@@ -99,11 +99,29 @@ def test_no_file_name_stands_in_for_a_folder():
     assert not underscored, f"group by folders, not by filename prefixes: {underscored}"
 
 
+def registers_a_mechanism(path: Path) -> bool:
+    """Whether a module decorates a class with ``register_mechanism`` (else it holds shared helpers)."""
+    return any(isinstance(node, ast.ClassDef) and any(
+        getattr(d, "id", getattr(d, "attr", None)) == "register_mechanism" for d in node.decorator_list)
+        for node in ast.walk(ast.parse(path.read_text(), str(path))))
+
+
 @needs_toml
 def test_every_built_in_mechanism_module_is_an_entry_point():
+    """Each module that registers a mechanism is an entry point; modules of shared helpers (kernels
+    that several mechanisms import) are not."""
     declared = set(ENTRY_POINTS["attnbench.mechanisms"].values())
-    on_disk = {module_name(p) for p in modules("mechanisms") if p.name != "__init__.py"}
+    on_disk = {module_name(p) for p in modules("mechanisms")
+               if p.name != "__init__.py" and registers_a_mechanism(p)}
     assert declared == on_disk, "pyproject.toml's attnbench.mechanisms entry points and mechanisms/ differ"
+
+
+def test_the_registration_parser_sees_what_it_must(tmp_path):
+    probe = tmp_path / "probe.py"
+    probe.write_text("@register_mechanism\nclass A:\n    pass\n")
+    helper = tmp_path / "helper.py"
+    helper.write_text("def register_mechanism_like():\n    pass\n")
+    assert registers_a_mechanism(probe) and not registers_a_mechanism(helper)
 
 
 @needs_toml

@@ -226,8 +226,9 @@ def init_from_minilm(model: TextEncoder, folder: Path) -> str:
         _copy_norm(layer.norm1, w, bert + "attention.output.LayerNorm")
         _copy_norm(layer.norm2, w, bert + "output.LayerNorm")
         for name, module in layer.mixer.named_children():
-            parts = _ATTENTION_MAPS.get((name, module.out_features // model.size.dim)) if isinstance(
-                module, nn.Linear) else None
+            linear = isinstance(module, nn.Linear)
+            whole, rest = divmod(module.out_features, model.size.dim) if linear else (0, 1)
+            parts = _ATTENTION_MAPS.get((name, whole)) if rest == 0 else None  # Mamba2's in_proj: no
             if parts is None:
                 missed.add(name)
                 continue

@@ -1,0 +1,112 @@
+"""Based's linear attention (Arora et al., 2024, "Simple linear attention language models balance
+the recall-throughput tradeoff"), as flash-linear-attention's BasedLinearAttention layer.
+
+q and k are projected to f = ``feature_dim`` channels per head (16, Based's choice) and mapped by
+the second-order Taylor expansion of exp,
+
+    φ(x) = [1, x / f^¼, x_i² / √(2f) (i), x_i x_j / √f (i < j)]     (1 + f + f(f+1)/2 features),
+    φ(q)·φ(k) = 1 + q·k/√f + (q·k)² / (2f),
+
+the products x_i x_j taken once per pair, as fla's TaylorFeatureMap (153 features at f = 16, not
+the 273 of the full outer product),
+
+then causal linear attention with its normaliser, per head:
+
+    o_t = Σ_{s≤t} (φ(q_t)·φ(k_s)) v_s / (Σ_{s≤t} φ(q_t)·φ(k_s) + 10⁻⁶),    out = W_o o.
+
+v and the output have C channels; no gate, norm or convolution, as fla's layer. The Taylor kernel is
+positive (1 + s + s²/2 > 0), so the normaliser never vanishes. Based's sliding-window softmax
+attention companion (its small local window layers) is not part of this mechanism: ``based`` is the
+linear-attention half alone. Kernels: fla's ``fused_chunk_based`` on CUDA (feature_dim ≤ 16, the
+kernel's limit), the chunked no-decay form of ``mechanisms.chunked`` on the Taylor features
+elsewhere, with the normaliser as one more value channel.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import Tensor, nn
+
+from attnbench.mechanism import Flops, Grid, option
+from attnbench.registry import register_mechanism
+from mechanisms import chunked, fla_kernels
+from mechanisms.recurrent import RecurrentMixer, RecurrentOptions
+
+EPS = 1e-6  # added to the normaliser, as fla's kernel and reference do
+FLA_MAX_FEATURES = 16  # fused_chunk_based's limit on the feature dimension
+
+
+@dataclasses.dataclass(frozen=True)
+class BasedOptions(RecurrentOptions):
+    feature_dim: int = option(16, 1, 64)  # f: query/key channels per head before the Taylor map
+
+
+def feature_count(f: int) -> int:
+    """1 + f + f(f+1)/2: the Taylor features of f channels."""
+    return 1 + f + f * (f + 1) // 2
+
+
+def taylor_features(x: Tensor) -> Tensor:
+    """φ(x) = [1, x/f^¼, x_i²/√(2f), x_i x_j/√f (i < j)] on (..., f): (..., 1 + f + f(f+1)/2)."""
+    f = x.shape[-1]
+    rows, cols = torch.triu_indices(f, f, device=x.device)  # each pair i ≤ j once
+    weight = torch.full(rows.shape, f**-0.5, dtype=x.dtype, device=x.device)
+    weight = weight.masked_fill(rows == cols, (2 * f) ** -0.5)  # x_i² / √(2f), x_i x_j / √f
+    second = x[..., rows] * x[..., cols] * weight  # (..., f(f+1)/2)
+    return torch.cat([torch.ones_like(x[..., :1]), x * f**-0.25, second], dim=-1)
+
+
+@register_mechanism
+class Based(RecurrentMixer):
+    name = "based"
+    summary = "Based: 2nd-order Taylor feature map linear attention, normalised (fla's layer)"
+    Options = BasedOptions
+    fla_kernel = "based"
+    torch_form = ("no-decay form of mechanisms/chunked.py on 1 + f + f(f+1)/2 Taylor features, the states "
+                  "by a cumulative sum over chunks")
+    flops_formula = ("2·B·N·C·(2·H·f + 2·C) (projections) + s·B·H·N'·2·(c·F + c·(d+1) + 2·F·(d+1)) "
+                     "(chunked linear attention on F = 1 + f + f(f+1)/2 features, the normaliser as a value "
+                     "channel; s = 2 scans when bidirectional, N' = N padded to the chunk c); elementwise "
+                     "≈ s·B·H·N'·(3c + 4F + 2d + 6)")
+
+    def __init__(self, dim: int, num_heads: int, options: BasedOptions | None = None) -> None:
+        super().__init__(dim, num_heads, options)
+        f = self.options.feature_dim
+        self.q_proj = nn.Linear(dim, num_heads * f, bias=False)
+        self.k_proj = nn.Linear(dim, num_heads * f, bias=False)
+        self.v_proj = nn.Linear(dim, dim, bias=False)
+        self.o_proj = nn.Linear(dim, dim, bias=False)
+
+    def fla_limit(self) -> str | None:
+        f = self.options.feature_dim
+        if f > FLA_MAX_FEATURES:
+            return f"fla's fused_chunk_based takes feature_dim <= {FLA_MAX_FEATURES}, not {f}"
+        return None
+
+    def project(self, x: Tensor) -> tuple[Tensor, ...]:
+        return self.q_proj(x), self.k_proj(x), self.v_proj(x)
+
+    def scan(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        b, n, _ = q.shape
+        h, f = self.num_heads, self.options.feature_dim
+        q, k, v = q.view(b, n, h, f), k.view(b, n, h, f), v.view(b, n, h, self.head_dim)
+        if self.use_fla(q):
+            return fla_kernels.kernel("based")(q, k, v, scale=f**-0.5, use_norm=True).flatten(2)
+        phi_q, phi_k = taylor_features(q.transpose(1, 2)), taylor_features(k.transpose(1, 2))  # (B, H, N, F)
+        v = v.transpose(1, 2)
+        ones = torch.ones_like(v[..., :1])
+        sums = chunked.decay_attention(phi_q, phi_k, torch.cat([v, ones], -1), chunk=self.options.chunk)
+        out = sums[..., :-1] / (sums[..., -1:] + EPS)  # (B, H, N, d)
+        return out.transpose(1, 2).flatten(2)
+
+    def flops(self, batch: int, n: int, grid: Grid | None = None, causal: bool = False) -> Flops:
+        f, c = self.options.feature_dim, self.dim
+        features = feature_count(f)
+        matmul, elementwise = chunked.decay_attention_flops(n, features, self.head_dim + 1,
+                                                            self.options.chunk)
+        scans = self.scans(causal)
+        projections = 2 * batch * n * c * (2 * self.num_heads * f + 2 * c)
+        return Flops(matmul=projections + scans * batch * self.num_heads * matmul,
+                     elementwise=scans * batch * self.num_heads * (elementwise + 6 * n))

@@ -1,0 +1,109 @@
+"""Gated DeltaNet (Yang, Kautz and Hatamizadeh, 2025, "Gated Delta Networks: Improving Mamba2 with
+Delta Rule"), as flash-linear-attention's GatedDeltaNet layer.
+
+Per head a (dk × dv) state written by the delta rule and decayed by Mamba2's scalar gate:
+
+    q, k, v = SiLU(ShortConv(x W_q)), … (causal depthwise, 4 taps), q and k L2-normalised per head
+    β_t = σ(x_t W_β),   g_t = −exp(A_log) · softplus(x_t W_a + dt_bias)     (one each per head)
+    S_t = exp(g_t) (I − β_t k_t k_tᵀ) S_{t-1} + β_t k_t v_tᵀ,   o_t = S_tᵀ q_t / √dk
+    out = W_o [RMSNorm_head(o) ⊙ SiLU(x W_g)]
+
+A = exp(A_log) starts uniform in (0, 16) and softplus(dt_bias) log-uniform in [0.001, 0.1], as fla's
+layer. fla's layer sizes heads of 256 key channels and values twice as wide (about 6·C² weights);
+here q, k have C·expand_k channels and v, the output gate C·expand_v (0.5 and 1: about softmax's
+4·C²). Kernels: fla's ``chunk_gated_delta_rule`` on CUDA, the chunked delta rule of
+``mechanisms.chunked`` (its WY/UT form) elsewhere.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from attnbench.mechanism import Flops, Grid, option
+from attnbench.registry import register_mechanism
+from mechanisms import chunked, fla_kernels
+from mechanisms.recurrent import (
+    GatedRMSNorm,
+    RecurrentMixer,
+    RecurrentOptions,
+    ShortConv,
+    expanded,
+    l2_normalize,
+    mamba_time_steps,
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class GatedDeltaNetOptions(RecurrentOptions):
+    expand_k: float = option(0.5, 0.0625, 8)  # query/key channels per model channel
+    expand_v: float = option(1.0, 0.0625, 8)  # value and output-gate channels per model channel
+    conv: int = option(4, 0, 16)  # taps of the short convolutions on q, k, v (fla: 4); 0: SiLU only
+    eps: float = option(1e-5, 0, 1e-2)  # of the per-head RMSNorm
+
+
+@register_mechanism
+class GatedDeltaNet(RecurrentMixer):
+    name = "gated_deltanet"
+    summary = "Gated DeltaNet: the delta rule with Mamba2's decay, short convs, gated RMSNorm (fla's layer)"
+    Options = GatedDeltaNetOptions
+    fla_kernel = "gated_delta_rule"
+    torch_form = "delta rule in WY/UT form of mechanisms/chunked.py, a loop over chunks"
+    flops_formula = ("2·B·N·C·(C·(2·ek + 3·ev) + 2·H) (projections) + s·2·B·N·taps·C·(2·ek + ev) (short "
+                     "convs) + s·B·H·N'·(2c·(3·dk + 2·dv) + 6·dk·dv) (chunked delta rule; s = 2 scans when "
+                     "bidirectional, N' = N padded to the chunk c); elementwise ≈ s·(B·N·C·(10·ek + 8·ev) "
+                     "+ B·H·N'·(c²/3 + 4c + 4dk + 2dv))")
+
+    def __init__(self, dim: int, num_heads: int, options: GatedDeltaNetOptions | None = None) -> None:
+        super().__init__(dim, num_heads, options)
+        o = self.options
+        self.key_dim = expanded(dim, o.expand_k, num_heads, self.name, "expand_k")
+        self.value_dim = expanded(dim, o.expand_v, num_heads, self.name, "expand_v")
+        self.dk, self.dv = self.key_dim // num_heads, self.value_dim // num_heads
+        self.q_proj = nn.Linear(dim, self.key_dim, bias=False)
+        self.k_proj = nn.Linear(dim, self.key_dim, bias=False)
+        self.v_proj = nn.Linear(dim, self.value_dim, bias=False)
+        self.a_proj = nn.Linear(dim, num_heads, bias=False)  # the decay's time step
+        self.b_proj = nn.Linear(dim, num_heads, bias=False)  # the writing strength β
+        self.A_log = nn.Parameter(torch.empty(num_heads).uniform_(0, 16).log())
+        self.dt_bias = nn.Parameter(mamba_time_steps(num_heads))
+        self.g_proj = nn.Linear(dim, self.value_dim, bias=False)
+        self.convs = nn.ModuleList(ShortConv(width, o.conv) for width in (self.key_dim, self.key_dim,
+                                                                         self.value_dim)) if o.conv else None
+        self.norm = GatedRMSNorm(self.dv, o.eps)
+        self.o_proj = nn.Linear(self.value_dim, dim, bias=False)
+
+    def project(self, x: Tensor) -> tuple[Tensor, ...]:
+        return self.q_proj(x), self.k_proj(x), self.v_proj(x), self.a_proj(x), self.b_proj(x), self.g_proj(x)
+
+    def scan(self, q: Tensor, k: Tensor, v: Tensor, a: Tensor, b_logit: Tensor, gate: Tensor) -> Tensor:
+        if self.convs is not None:
+            q, k, v = (conv(t) for conv, t in zip(self.convs, (q, k, v), strict=True))
+        else:
+            q, k, v = F.silu(q), F.silu(k), F.silu(v)
+        b, n, _ = q.shape
+        h = self.num_heads
+        q, k = l2_normalize(q.view(b, n, h, self.dk)), l2_normalize(k.view(b, n, h, self.dk))
+        v = v.view(b, n, h, self.dv)
+        beta = torch.sigmoid(b_logit)  # (B, N, H)
+        log_decay = -self.A_log.exp() * F.softplus(a + self.dt_bias)  # (B, N, H), ≤ 0
+        scale = self.dk**-0.5
+        if self.use_fla(q):
+            out, _ = fla_kernels.kernel("gated_delta_rule")(q, k, v, log_decay, beta, scale=scale)
+        else:
+            out = chunked.delta_rule(*(t.transpose(1, 2) for t in (q, k, v, beta, log_decay)), scale=scale,
+                                     chunk=self.options.chunk).transpose(1, 2)
+        return self.norm(out, gate.view(b, n, h, self.dv)).flatten(2)
+
+    def flops(self, batch: int, n: int, grid: Grid | None = None, causal: bool = False) -> Flops:
+        o, c = self.options, self.dim
+        matmul, elementwise = chunked.delta_rule_flops(n, self.dk, self.dv, o.chunk)
+        scans = self.scans(causal)
+        projections = 2 * batch * n * c * (2 * self.key_dim + 3 * self.value_dim + 2 * self.num_heads)
+        convs = 2 * scans * batch * n * o.conv * (2 * self.key_dim + self.value_dim)
+        return Flops(matmul=projections + convs + scans * batch * self.num_heads * matmul,
+                     elementwise=scans * (batch * self.num_heads * elementwise
+                                          + batch * n * (8 * self.value_dim + 10 * self.key_dim)))

@@ -1,0 +1,99 @@
+"""Gated linear attention (Yang et al., 2024, "Gated Linear Attention Transformers with
+Hardware-Efficient Training"), as flash-linear-attention's GatedLinearAttention layer.
+
+Per head a (dk × dv) state with a data-dependent decay for each key channel:
+
+    α_t = exp(logsigmoid(x_t W_α1 W_α2 + b_α) / 16)        (a rank-16 gate, fla's normaliser 16)
+    S_t = diag(α_t) S_{t-1} + k_t v_tᵀ,   o_t = S_tᵀ q_t / √dk
+    out = W_o [RMSNorm_head(o) ⊙ SiLU(x W_g)]
+
+q, k have C·expand_k channels, v and the output gate C·expand_v: fla's defaults (0.5, 1), about
+softmax's 4·C² weights. No short convolution by default (``conv=0``, as fla's default). Kernels:
+fla's ``chunk_gla`` on CUDA, the chunked per-channel-decay form of ``mechanisms.chunked``
+(sub-chunks of ``sub_chunk`` tokens inside each chunk) elsewhere.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from attnbench.mechanism import Flops, Grid, option, require
+from attnbench.registry import register_mechanism
+from mechanisms import chunked, fla_kernels
+from mechanisms.recurrent import GatedRMSNorm, RecurrentMixer, RecurrentOptions, ShortConv, expanded
+
+
+@dataclasses.dataclass(frozen=True)
+class GLAOptions(RecurrentOptions):
+    expand_k: float = option(0.5, 0.0625, 8)  # query/key (and gate) channels per model channel
+    expand_v: float = option(1.0, 0.0625, 8)  # value and output-gate channels per model channel
+    gate_rank: int = option(16, 1, 1024)  # rank of the decay gate's projection (fla: 16)
+    gate_normalizer: float = option(16, 1, 1024)  # the log-gate is logsigmoid(·) / this (fla: 16)
+    sub_chunk: int = option(16, 1, 4096)  # tokens per sub-chunk of the PyTorch form: divides chunk, or ≥ it
+    conv: int = option(0, 0, 16)  # taps of the short convolutions on q, k, v; 0: none (fla's default)
+    eps: float = option(1e-5, 0, 1e-2)  # of the per-head RMSNorm
+
+
+@register_mechanism
+class GatedLinearAttention(RecurrentMixer):
+    name = "gla"
+    summary = "gated linear attention: data-dependent per-channel decay, gated RMSNorm (fla's layer)"
+    Options = GLAOptions
+    fla_kernel = "gla"
+    torch_form = "per-channel-decay form of mechanisms/chunked.py, a loop over chunks"
+    flops_formula = ("2·B·N·C·(C·(2·ek + 3·ev) + r·(1 + ek)) (projections, rank-r gate) + "
+                     "s·B·H·N'·2·(c·dk + c·dv + 2·dk·dv) (chunked GLA; s = 2 scans when bidirectional, "
+                     "N' = N padded to the chunk c); elementwise ≈ s·(B·N·C·(6·ek + 8·ev) + "
+                     "B·H·N'·(3c + 4dk + 2dv + 4·sub·dk + 3c·dk))")
+
+    def __init__(self, dim: int, num_heads: int, options: GLAOptions | None = None) -> None:
+        super().__init__(dim, num_heads, options)
+        o = self.options
+        require(o.chunk % min(o.sub_chunk, o.chunk) == 0,
+                f"{self.name}: sub_chunk={o.sub_chunk} must divide chunk={o.chunk} (or be at least chunk)")
+        self.key_dim = expanded(dim, o.expand_k, num_heads, self.name, "expand_k")
+        self.value_dim = expanded(dim, o.expand_v, num_heads, self.name, "expand_v")
+        self.dk, self.dv = self.key_dim // num_heads, self.value_dim // num_heads
+        self.q_proj = nn.Linear(dim, self.key_dim, bias=False)
+        self.k_proj = nn.Linear(dim, self.key_dim, bias=False)
+        self.v_proj = nn.Linear(dim, self.value_dim, bias=False)
+        self.g_proj = nn.Linear(dim, self.value_dim, bias=False)
+        self.gk_proj = nn.Sequential(nn.Linear(dim, o.gate_rank, bias=False),
+                                     nn.Linear(o.gate_rank, self.key_dim, bias=True))
+        self.convs = nn.ModuleList(ShortConv(width, o.conv) for width in (self.key_dim, self.key_dim,
+                                                                         self.value_dim)) if o.conv else None
+        self.norm = GatedRMSNorm(self.dv, o.eps)
+        self.o_proj = nn.Linear(self.value_dim, dim, bias=False)
+
+    def project(self, x: Tensor) -> tuple[Tensor, ...]:
+        return self.q_proj(x), self.k_proj(x), self.v_proj(x), self.gk_proj(x), self.g_proj(x)
+
+    def scan(self, q: Tensor, k: Tensor, v: Tensor, gk: Tensor, gate: Tensor) -> Tensor:
+        if self.convs is not None:
+            q, k, v = (conv(t) for conv, t in zip(self.convs, (q, k, v), strict=True))
+        b, n, _ = q.shape
+        h, o = self.num_heads, self.options
+        q, k, v = q.view(b, n, h, self.dk), k.view(b, n, h, self.dk), v.view(b, n, h, self.dv)
+        log_decay = (F.logsigmoid(gk) / o.gate_normalizer).view(b, n, h, self.dk)  # ≤ 0
+        scale = self.dk**-0.5
+        if self.use_fla(q):
+            out, _ = fla_kernels.kernel("gla")(q, k, v, log_decay, scale=scale)  # (B, N, H, dv)
+        else:
+            out = chunked.decay_attention(*(t.transpose(1, 2) for t in (q, k, v, log_decay)), scale=scale,
+                                          chunk=o.chunk, sub_chunk=o.sub_chunk).transpose(1, 2)
+        return self.norm(out, gate.view(b, n, h, self.dv)).flatten(2)
+
+    def flops(self, batch: int, n: int, grid: Grid | None = None, causal: bool = False) -> Flops:
+        o, c = self.options, self.dim
+        matmul, elementwise = chunked.decay_attention_flops(n, self.dk, self.dv, o.chunk, per_channel=True,
+                                                            sub_chunk=o.sub_chunk)
+        scans = self.scans(causal)
+        projections = 2 * batch * n * (c * (2 * self.key_dim + 3 * self.value_dim)
+                                       + o.gate_rank * (c + self.key_dim))
+        convs = 2 * scans * batch * n * o.conv * (2 * self.key_dim + self.value_dim)
+        return Flops(matmul=projections + convs + scans * batch * self.num_heads * matmul,
+                     elementwise=scans * (batch * self.num_heads * elementwise
+                                          + batch * n * (8 * self.value_dim + 6 * self.key_dim)))
