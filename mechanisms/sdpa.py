@@ -22,8 +22,9 @@ class SDPAttention(SoftmaxAttention):
     summary = "softmax attention via F.scaled_dot_product_attention (fused kernels)"
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Tensor:
+        """q (B, H, N, d), k and v (B, H_kv, N, d): PyTorch shares each key/value head over its group."""
         keys = None if mask is None else mask[:, None, None, :]  # bool: True = may be attended
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=keys)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=keys, enable_gqa=k.shape[1] != q.shape[1])
 
     @classmethod
     def backend(cls, device: str = "cpu", dtype: torch.dtype = torch.float32) -> str:

@@ -206,6 +206,19 @@ class XFormersAttention(SoftmaxAttention):
         from xformers.ops import memory_efficient_attention
 
         b, n, c = x.shape
-        q, k, v = self.qkv(x).view(b, n, 3, self.num_heads, self.head_dim).unbind(2)  # (B, N, H, d)
-        out = memory_efficient_attention(q, k, v)  # (B, N, H, d), scale 1/√d
+        q, k, v = (t.transpose(1, 2) for t in self.qkv_heads(x))  # (B, N, H or H_kv, d)
+        out = memory_efficient_attention(*grouped(q, k, v))  # scale 1/√d
         return self.proj(out.reshape(b, n, c))
+
+
+def grouped(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """xformers' layouts of q (B, N, H, d) and k, v (B, M, H_kv, d): as they are for H_kv = H, else
+    its grouped (B, N, H_kv, H / H_kv, d) layout with each key/value head broadcast (stride 0)
+    over its group, as xformers takes grouped-query attention."""
+    b, n, h, d = q.shape
+    kv_heads = k.shape[2]
+    if kv_heads == h:
+        return q, k, v
+    group = h // kv_heads
+    k, v = (t[:, :, :, None].expand(b, t.shape[1], kv_heads, group, d) for t in (k, v))
+    return q.reshape(b, n, kv_heads, group, d), k, v
