@@ -13,6 +13,7 @@ import dataclasses
 import torch
 from torch import Tensor, nn
 
+from attnbench.decoding import KVCache, check_token, prompt_lengths, zero_padding
 from attnbench.mechanism import (
     Flops,
     Grid,
@@ -87,6 +88,31 @@ class SoftmaxAttention(Mechanism):
     def projection_flops(self, batch: int, n: int) -> int:
         """FLOPs of the q, k, v and output projections (k and v to H_kv heads)."""
         return 2 * batch * n * self.dim * (2 * self.dim + 2 * self.kv_heads * self.head_dim)
+
+    # ---- incremental decoding: a key/value cache of H_kv heads, allocated once ------------------
+    def prefill(self, x: Tensor, capacity: int, mask: Tensor | None = None,
+                outputs: bool = True) -> tuple[Tensor | None, KVCache]:
+        lengths = prompt_lengths(self, x, capacity, mask)
+        q, k, v = self.qkv_heads(x)  # q (B, H, N, d); k, v (B, H_kv, N, d)
+        out = None
+        if outputs:  # right padding comes after every real query: the causal form never reads it
+            out = zero_padding(self.proj(merge_heads(self.attend_causal(q, k, v))), mask)
+        return out, KVCache(k, v, lengths, capacity)
+
+    def step(self, x: Tensor, cache: KVCache) -> Tensor:
+        """The new token attends to every token held (all in its past): ``attend`` against the cache,
+        each key/value head read once by its group of query heads (no repeat)."""
+        check_token(self, x, cache)
+        q, k, v = self.qkv_heads(x)  # q (B, H, 1, d); k, v (B, H_kv, 1, d)
+        cache.append(k, v)
+        keys, values, held = cache.view()  # (B, H_kv, L, d) each; (B, L) or None
+        b, h, _, d = q.shape
+        grouped = q.reshape(b, self.kv_heads, h // self.kv_heads, d)  # a group's queries as a sequence
+        return self.proj(merge_heads(self.attend(grouped, keys, values, held).reshape(b, h, 1, d)))
+
+    def cache_bytes(self, batch: int, n: int, dtype: torch.dtype) -> int:
+        """Keys and values: 2·B·H_kv·n·d elements."""
+        return 2 * batch * self.kv_heads * n * self.head_dim * dtype.itemsize
 
     def flops(self, batch: int, n: int, grid: Grid | None = None) -> Flops:
         core = 2 * 2 * batch * n * n * self.dim  # QKᵀ and AV over all heads
