@@ -21,11 +21,14 @@ import torch
 from torch import Tensor
 
 from attnbench.mechanism import DecodeCache, Mechanism
+from attnbench.registry import OptionError
 
 
 def prompt_lengths(module: Mechanism, x: Tensor, capacity: int, mask: Tensor | None) -> list[int]:
     """Check a prompt ``x: (B, N, C)`` for ``prefill`` (``mask``: right padding only; room for
-    ``capacity >= N`` tokens) and return each sequence's number of real tokens (one host read)."""
+    ``capacity >= N`` tokens) and return each sequence's number of real tokens (one host read).
+    A mechanism that refuses decoding (one that inherits a prefill it cannot use) says why."""
+    refuse_unless_decoding(module)
     if x.dim() != 3 or x.shape[-1] != module.dim:
         raise ValueError(f"{module.name}: expected a prompt x of shape (B, N, C={module.dim}), "
                          f"got {tuple(x.shape)}")
@@ -45,8 +48,19 @@ def prompt_lengths(module: Mechanism, x: Tensor, capacity: int, mask: Tensor | N
     return lengths
 
 
+def refuse_unless_decoding(module: Mechanism) -> None:
+    """``OptionError`` with the mechanism's reason where it does not decode."""
+    problem = module.decode_problem()
+    if problem is not None:
+        raise OptionError(f"{module.name}: incremental decoding is not supported: {problem}")
+
+
 def check_token(module: Mechanism, x: Tensor, cache: DecodeCache) -> None:
     """One new token per sequence of the cache: ``x: (B, 1, C)``."""
+    if not isinstance(cache, DecodeCache):
+        refuse_unless_decoding(module)
+        raise TypeError(f"{module.name}: step takes the cache that prefill returned, "
+                        f"got {type(cache).__name__}")
     batch = cache.batch
     if x.dim() != 3 or x.shape[0] != batch or x.shape[1] != 1 or x.shape[-1] != module.dim:
         raise ValueError(f"{module.name}: step takes one token per sequence, x of shape "

@@ -13,6 +13,13 @@ group of equally long sequences without their padding (``masking`` says which).
 Causal: ``forward(x, causal=True)`` makes the output at position t depend on tokens 0..t only
 (values and gradients). Causality is defined on 1-D sequences (``grid=None``). A mechanism
 supports it by writing ``mix_causal``; one that has no sound causal form leaves it out and says
+why in ``no_causal_reason``, and ``causal=True`` is then refused with that reason. Of the two, the
+one declared nearer in the class hierarchy decides, so a subclass of a causal mechanism refuses by
+setting ``no_causal_reason`` alone. With padding, the causal form runs on each sequence's real
+tokens alone, as the padding contract says. ``flops(..., causal=True)`` counts the causal form as
+it runs: half the score products only where its kernel skips the masked half.
+
+
 why in ``no_causal_reason``, and ``causal=True`` is then refused with that reason. With padding,
 the causal form runs on each sequence's real tokens alone, as the padding contract says.
 
@@ -27,6 +34,7 @@ the nearer of ``prefill`` and ``no_decode_reason`` in the class hierarchy decide
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -130,9 +138,13 @@ class Mechanism(nn.Module):
 
     @classmethod
     def causal_problem(cls) -> str | None:
-        """Why ``causal=True`` is refused, or None when the mechanism has a causal form."""
-        if cls.mix_causal is not Mechanism.mix_causal:
-            return None
+        """Why ``causal=True`` is refused, or None when the mechanism has a causal form: the nearer
+        declaration in the class hierarchy decides, a ``mix_causal`` or a ``no_causal_reason``."""
+        for klass in cls.__mro__:
+            if "mix_causal" in vars(klass) and klass is not Mechanism:
+                return None
+            if "no_causal_reason" in vars(klass):
+                return klass.no_causal_reason
         return cls.no_causal_reason
 
     @classmethod
@@ -256,12 +268,29 @@ class Mechanism(nn.Module):
         the output at real tokens must equal ``mix`` of those tokens alone."""
         raise NotImplementedError
 
-    def flops(self, batch: int, n: int, grid: Grid | None = None) -> Flops:
-        """Analytic FLOPs of one forward pass on ``batch`` sequences of ``n`` tokens."""
+    def flops(self, batch: int, n: int, grid: Grid | None = None, causal: bool = False) -> Flops:
+        """Analytic FLOPs of one forward pass on ``batch`` sequences of ``n`` tokens; ``causal``:
+        of the causal form, as its kernel performs it."""
         raise NotImplementedError
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, heads={self.num_heads}, options={self.options}"
+
+
+def count_flops(module: Mechanism, batch: int, n: int, grid: Grid | None = None,
+                causal: bool = False) -> Flops | None:
+    """``module.flops`` of the forward that runs; None for a causal forward whose ``flops`` takes
+    no ``causal`` (a plug-in written before it): its causal count is not declared. A mechanism
+    that refuses causal is refused here too (``OptionError`` with its reason)."""
+    if not causal:
+        return module.flops(batch, n, grid)
+    problem = module.causal_problem()
+    if problem is not None:
+        raise OptionError(f"{module.name}: causal=True is not supported: {problem}")
+    parameters = inspect.signature(module.flops).parameters.values()
+    if not any(p.name == "causal" or p.kind is p.VAR_KEYWORD for p in parameters):
+        return None
+    return module.flops(batch, n, grid, causal=True)
 
 
 class DecodeCache:

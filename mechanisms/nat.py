@@ -16,6 +16,11 @@ Design choices, each a line:
   attended in float32 and cast back; and PyTorch has no Flex backward on the CPU. When
   gradients are needed on the CPU, the same neighbourhoods run as a dense masked
   ``scaled_dot_product_attention`` instead (also O(N²) memory, any float dtype).
+* Causal (sequences): natten's causal neighbourhoods (``na1d(is_causal=True)``): query i sees
+  itself and the kernel − 1 keys before it in its dilation group (fewer near the start; the window
+  is not shifted into the future). The small-input clamping above depends on N, as it does
+  without causal. A kernel as long as the sequence is plain causal attention, which natten hands
+  to its FMHA, whose Flex backend has no causal mask: that case runs as causal SDPA instead.
 * Head dims: natten's Flex backend (the CPU's only path without gradients) takes a power of two
   from 8 to 512, so any other head dim is refused when the mechanism is built, on every device:
   a model that trains (masked SDPA) must also evaluate.
@@ -68,18 +73,34 @@ class NATOptions:
         require(isinstance(self.qkv_bias, bool), f"nat.qkv_bias must be True or False, got {self.qkv_bias!r}")
 
 
-def neighbourhood_mask(size: int, kernel: int, dilation: int, device: torch.device) -> Tensor:
+def neighbourhood_mask(size: int, kernel: int, dilation: int, device: torch.device,
+                       causal: bool = False) -> Tensor:
     """(size, size) bool along one axis: is key j one of query i's ``kernel`` neighbours?
 
     Neighbours share i's dilation group (position mod dilation); within the group the window
-    is centred on i and shifted inward at the borders, as natten does.
+    is centred on i and shifted inward at the borders, as natten does; ``causal``: the window
+    ends at i (the ``kernel`` ranks up to i's, fewer at the start), as natten's is_causal does.
     """
     pos = torch.arange(size, device=device)
     group, rank = pos % dilation, pos // dilation  # dilation group, and place within it
-    group_size = (size - 1 - group) // dilation + 1
-    start = torch.minimum((rank - kernel // 2).clamp(min=0), group_size - kernel)  # (size,)
-    inside = (rank[None, :] >= start[:, None]) & (rank[None, :] < start[:, None] + kernel)
+    if causal:
+        start = rank - kernel + 1  # (size,): may be negative at the start of a group
+        inside = (rank[None, :] >= start[:, None]) & (rank[None, :] <= rank[:, None])
+    else:
+        group_size = (size - 1 - group) // dilation + 1
+        start = torch.minimum((rank - kernel // 2).clamp(min=0), group_size - kernel)  # (size,)
+        inside = (rank[None, :] >= start[:, None]) & (rank[None, :] < start[:, None] + kernel)
     return inside & (group[:, None] == group[None, :])
+
+
+def causal_pairs(size: int, kernel: int, dilation: int) -> int:
+    """Query-key pairs of the causal neighbourhoods along one axis: Σ min(rank + 1, kernel)."""
+    total = 0
+    for group in range(min(dilation, size)):
+        g = (size - 1 - group) // dilation + 1  # tokens in this dilation group
+        full = max(0, g - kernel)  # ranks that see a whole kernel
+        total += full * kernel + (g - full) * (g - full + 1) // 2
+    return total
 
 
 @register_mechanism
@@ -90,7 +111,8 @@ class NeighbourhoodAttention(Mechanism):
     complexity = "local"
     dtypes = (torch.float32, torch.float16, torch.bfloat16)  # what natten runs natively
     flops_formula = ("8·B·N·C² (projections) + 4·B·N·K·C (QKᵀ, AV over K = kernel^d neighbours); "
-                     "elementwise 5·B·H·N·K")
+                     "elementwise 5·B·H·N·K; causal: the pairs of the causal neighbourhoods instead of "
+                     "N·K (min(rank + 1, kernel) keys per query)")
     # FlopCounterMode cannot see natten's fused CUDA kernels, and the CPU Flex path fails inside
     # it (torch 2.14) or would count the dense N² product: the formula above is the count.
     flops_countable = False
@@ -142,20 +164,29 @@ class NeighbourhoodAttention(Mechanism):
         return shape, kernel, dilation
 
     def mix(self, x: Tensor, grid: Grid | None) -> Tensor:
+        return self._attention(x, grid, causal=False)
+
+    def mix_causal(self, x: Tensor) -> Tensor:
+        return self._attention(x, None, causal=True)
+
+    def _attention(self, x: Tensor, grid: Grid | None, causal: bool) -> Tensor:
         b, n, c = x.shape
         shape, kernel, dilation = self.layout(grid, n)
         qkv = self.qkv(x).view(b, *shape, 3, self.num_heads, self.head_dim)
         q, k, v = qkv.unbind(-3)  # each (B, *shape, H, d): natten's heads-last layout
         if not shape:
             out = v  # a single token attends to itself alone
+        elif causal and kernel == shape:  # the whole prefix: causal attention (see the notes)
+            heads_first = [t.transpose(1, 2) for t in (q, k, v)]  # (B, H, N, d)
+            out = F.scaled_dot_product_attention(*heads_first, is_causal=True).transpose(1, 2)
         elif q.requires_grad and q.device.type == "cpu":
-            out = self.masked_attention(q, k, v, kernel, dilation)
+            out = self.masked_attention(q, k, v, kernel, dilation, causal)
         else:
-            out = self.natten_attention(q, k, v, kernel, dilation)
+            out = self.natten_attention(q, k, v, kernel, dilation, causal)
         return self.proj(out.reshape(b, n, c))
 
-    def natten_attention(self, q: Tensor, k: Tensor, v: Tensor,
-                         kernel: tuple[int, ...], dilation: tuple[int, ...]) -> Tensor:
+    def natten_attention(self, q: Tensor, k: Tensor, v: Tensor, kernel: tuple[int, ...],
+                         dilation: tuple[int, ...], causal: bool = False) -> Tensor:
         """natten.na1d / na2d on (B, *shape, H, d); float64 goes through float32."""
         dtype = q.dtype
         work = torch.float32 if dtype == torch.float64 else dtype
@@ -165,26 +196,30 @@ class NeighbourhoodAttention(Mechanism):
             warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
             warnings.filterwarnings("ignore", message="return_lse is deprecated")
             try:
-                out = na(q, k, v, kernel_size=kernel, dilation=dilation)
+                out = na(q, k, v, kernel_size=kernel, dilation=dilation, is_causal=causal)
             except NotImplementedError as exc:  # natten only says "no suitable backend"
                 can_run_flex_attention(q, k, v, torch_compile=False, raise_error=True)  # raises the why
                 raise ValueError(f"{self.name}: natten cannot run this input: {exc}") from exc
         return out.to(dtype)
 
     @staticmethod
-    def masked_attention(q: Tensor, k: Tensor, v: Tensor,
-                         kernel: tuple[int, ...], dilation: tuple[int, ...]) -> Tensor:
+    def masked_attention(q: Tensor, k: Tensor, v: Tensor, kernel: tuple[int, ...],
+                         dilation: tuple[int, ...], causal: bool = False) -> Tensor:
         """The same neighbourhoods as dense masked SDPA, for autograd on the CPU."""
         b, *shape, h, d = q.shape
         axes = zip(shape, kernel, dilation, strict=True)
-        masks = [neighbourhood_mask(size, kk, dd, q.device) for size, kk, dd in axes]  # (size, size) each
+        masks = [neighbourhood_mask(size, kk, dd, q.device, causal) for size, kk, dd in axes]  # (size, size)
         mask = masks[0] if len(masks) == 1 else (masks[0][:, None, :, None] & masks[1][None, :, None, :])
         mask = mask.reshape(math.prod(shape), math.prod(shape))  # (N, N)
         q, k, v = (t.reshape(b, -1, h, d).transpose(1, 2) for t in (q, k, v))  # (B, H, N, d)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return out.transpose(1, 2)  # (B, N, H, d)
 
-    def flops(self, batch: int, n: int, grid: Grid | None = None) -> Flops:
-        window = batch * n * math.prod(self.layout(grid, n)[1])  # per head: query-neighbour pairs
+    def flops(self, batch: int, n: int, grid: Grid | None = None, causal: bool = False) -> Flops:
+        shape, kernel, dilation = self.layout(grid, n)
+        if causal and shape:  # a sequence: one axis
+            window = batch * causal_pairs(shape[0], kernel[0], dilation[0])
+        else:
+            window = batch * n * math.prod(kernel)  # per head: query-neighbour pairs
         return Flops(matmul=projection_flops(batch, n, self.dim, 4) + 4 * window * self.dim,
                      elementwise=5 * self.num_heads * window)

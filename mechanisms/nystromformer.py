@@ -85,6 +85,8 @@ def iterative_pinv(a: Tensor, iters: int) -> Tensor:
 @register_mechanism
 class NystromAttention(SoftmaxAttention):
     name = "nystromformer"
+    no_causal_reason = ("its landmarks are segment means over all tokens, so every output mixes in "
+                        "future ones; the paper defines no causal form")
     summary = "Nyström approximation of softmax with segment-mean landmarks (Xiong et al. 2021)"
     Options = NystromOptions
     complexity = "linear"
@@ -151,7 +153,7 @@ class NystromAttention(SoftmaxAttention):
         y = self.proj(merge_heads(out))  # (B, N, C), compacted
         return torch.empty_like(y).scatter(1, where, y)  # each token back in its place
 
-    def flops(self, batch: int, n: int, grid: Grid | None = None) -> Flops:
+    def flops(self, batch: int, n: int, grid: Grid | None = None, causal: bool = False) -> Flops:
         m, h, c = self.options.landmarks, self.num_heads, self.dim
         conv = 2 * batch * n * c * self.options.conv_kernel
         if n <= m:

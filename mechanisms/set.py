@@ -610,6 +610,8 @@ class _Plan:
 @register_mechanism
 class SeTAttention(Mechanism):
     name = "set"
+    no_causal_reason = ("SeT's transport plan is computed over all tokens at once; the paper defines "
+                        "no causal SeT")
     summary = "Self-optimal Transport: entropic OT to m learned references (SeTformer)"
     Options = SeTOptions
     complexity = "linear"
@@ -881,7 +883,7 @@ class SeTAttention(Mechanism):
         return n * self.options.m * read @ agg.mT
 
     # -- cost -------------------------------------------------------------------------------
-    def flops(self, batch: int, n: int, grid: Grid | None = None) -> Flops:
+    def flops(self, batch: int, n: int, grid: Grid | None = None, causal: bool = False) -> Flops:
         o: SeTOptions = self.options
         h, d, k, m, iters = self.num_heads, self.head_dim, o.anchors, o.m, o.iters
         plans = 2 if o.readout == "asymmetric" else 1

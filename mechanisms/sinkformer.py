@@ -28,6 +28,8 @@ class SinkformerOptions(SoftmaxOptions):
 @register_mechanism
 class SinkformerAttention(SoftmaxAttention):
     name = "sinkformer"
+    no_causal_reason = ("Sinkhorn's doubly-stochastic normalisation scales every key's column over all "
+                        "queries, so each output depends on future tokens")
     summary = "Sinkhorn-normalised (doubly stochastic) softmax attention (Sander et al. 2022)"
     Options = SinkformerOptions
     complexity = "quadratic"
@@ -53,7 +55,7 @@ class SinkformerAttention(SoftmaxAttention):
     def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Tensor:
         return self.weights(q, k, mask) @ v
 
-    def flops(self, batch: int, n: int, grid: Grid | None = None) -> Flops:
+    def flops(self, batch: int, n: int, grid: Grid | None = None, causal: bool = False) -> Flops:
         core = 2 * 2 * batch * n * n * self.dim  # QKᵀ and AV over all heads
         return Flops(matmul=projection_flops(batch, n, self.dim, 4) + core,
                      elementwise=(5 * self.options.iters + 1) * batch * self.num_heads * n * n)

@@ -1,9 +1,11 @@
 """Softmax dot-product attention (DPSA) written as plain math: the reference of the suite.
 
-Attention(Q, K, V) = softmax(Q Kᵀ / √d) V per head (Vaswani et al., 2017). With ``kv_heads``
-H_kv < H, keys and values are projected to H_kv heads, each shared by a group of H / H_kv query
-heads (grouped-query attention, Ainslie et al., 2023; H_kv = 1 is multi-query, Shazeer, 2019):
-query head h reads key/value head h // (H / H_kv).
+Attention(Q, K, V) = softmax(Q Kᵀ / √d) V per head (Vaswani et al., 2017). The causal form masks
+the future out of the dense (N, N) scores: it computes every score and discards the masked half.
+With ``kv_heads`` H_kv < H, keys and values are projected to H_kv heads, each shared by a group of
+H / H_kv query heads (grouped-query attention, Ainslie et al., 2023; H_kv = 1 is multi-query,
+Shazeer, 2019): query head h reads key/value head h // (H / H_kv). Decoding keeps the keys and
+values of the H_kv heads in a cache allocated once (``attnbench.decoding.KVCache``).
 """
 
 from __future__ import annotations
@@ -49,7 +51,8 @@ class SoftmaxAttention(Mechanism):
     Options = GroupedQueryOptions
     complexity = "quadratic"
     flops_formula = ("(4 + 4·H_kv/H)·B·N·C² (projections; 8·B·N·C² with H_kv = H) + 4·B·N²·C (QKᵀ, AV); "
-                     "elementwise 5·B·H·N²")
+                     "elementwise 5·B·H·N²; causal: the same (every score is computed, the future half "
+                     "masked)")
     masking = "native"
 
     def __init__(self, dim: int, num_heads: int, options: SoftmaxOptions | None = None) -> None:
@@ -77,9 +80,21 @@ class SoftmaxAttention(Mechanism):
             scores = scores.masked_fill(~mask[:, None, None, :], float("-inf"))
         return torch.softmax(scores, dim=-1) @ v
 
+    def attend_causal(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """softmax(q kᵀ / √d) v on q (B, H, N, d) and k, v (B, H_kv, N, d), key j > query i masked out."""
+        k, v = repeat_kv(k, q.shape[1]), repeat_kv(v, q.shape[1])
+        n = q.shape[-2]
+        future = torch.ones(n, n, dtype=torch.bool, device=q.device).triu(1)  # (N, N): j > i
+        scores = (q * self.head_dim**-0.5) @ k.transpose(-2, -1)  # (B, H, N, N)
+        return torch.softmax(scores.masked_fill(future, float("-inf")), dim=-1) @ v
+
     def mix(self, x: Tensor, grid: Grid | None) -> Tensor:
         q, k, v = self.qkv_heads(x)
         return self.proj(merge_heads(self.attend(q, k, v)))
+
+    def mix_causal(self, x: Tensor) -> Tensor:
+        q, k, v = self.qkv_heads(x)
+        return self.proj(merge_heads(self.attend_causal(q, k, v)))
 
     def mix_padded(self, x: Tensor, mask: Tensor) -> Tensor:
         q, k, v = self.qkv_heads(x)
@@ -114,10 +129,15 @@ class SoftmaxAttention(Mechanism):
         """Keys and values: 2·B·H_kv·n·d elements."""
         return 2 * batch * self.kv_heads * n * self.head_dim * dtype.itemsize
 
-    def flops(self, batch: int, n: int, grid: Grid | None = None) -> Flops:
-        core = 2 * 2 * batch * n * n * self.dim  # QKᵀ and AV over all heads
-        return Flops(matmul=self.projection_flops(batch, n) + core,
-                     elementwise=5 * batch * self.num_heads * n * n)
+    def score_pairs(self, n: int, causal: bool) -> int:
+        """Query-key pairs whose score the kernel computes, per sequence and head: all N², causal
+        or not, for the dense form."""
+        return n * n
+
+    def flops(self, batch: int, n: int, grid: Grid | None = None, causal: bool = False) -> Flops:
+        pairs = batch * self.score_pairs(n, causal)
+        core = 2 * 2 * pairs * self.dim  # QKᵀ and AV over all heads
+        return Flops(matmul=self.projection_flops(batch, n) + core, elementwise=5 * self.num_heads * pairs)
 
 
 def repeat_kv(x: Tensor, heads: int) -> Tensor:

@@ -14,6 +14,12 @@ Design choices, each a line:
   attention here, so no output depends on how much padding there is.
 * Sequences (``grid=None``) are a 1×N grid: 1-D windows of ``window`` tokens, biased by the
   2w−1 entries of the table's centre row (relative row offset 0).
+* Causal (sequences only): each token attends to itself and the earlier tokens of its own
+  window, under the same partition, shift and bias: the causal restriction of the window, so
+  nothing crosses a window boundary that did not before and nothing comes from the future. In
+  the shifted partition the wrapped-around window's two parts stay apart as before, each in its
+  own order; a token at a window's start sees itself alone. Every score of a window is still
+  computed (the future ones masked), so the FLOPs are those of the non-causal form.
 * Bias between tokens at (r₁, c₁) and (r₂, c₂) of one window, per head:
   ``bias_table[(r₁ − r₂ + w − 1)·(2w − 1) + (c₁ − c₂ + w − 1)]``.
 """
@@ -76,7 +82,8 @@ class SwinAttention(Mechanism):
     Options = SwinOptions
     complexity = "local"
     flops_formula = ("8·B·N·C² (projections) + 4·B·Np·T·C (QKᵀ, AV in windows of T = w² tokens, "
-                     "Np = tokens after padding); elementwise 5·B·H·Np·T")
+                     "Np = tokens after padding); elementwise 5·B·H·Np·T; causal: the same (whole "
+                     "windows computed, the future masked)")
 
     def __init__(self, dim: int, num_heads: int, options: SwinOptions | None = None) -> None:
         super().__init__(dim, num_heads, options)
@@ -116,6 +123,14 @@ class SwinAttention(Mechanism):
         return (region[:, :, None] == region[:, None, :]) & real[:, None, :]
 
     def mix(self, x: Tensor, grid: Grid | None) -> Tensor:
+        return self._windows(x, grid, causal=False)
+
+    def mix_causal(self, x: Tensor) -> Tensor:
+        return self._windows(x, None, causal=True)
+
+    def _windows(self, x: Tensor, grid: Grid | None, causal: bool) -> Tensor:
+        """Attention within the windows of the (shifted) partition; ``causal`` (a 1×N grid): keys
+        after the query within its window masked out."""
         b, n, c = x.shape
         (h, w), (hp, wp), (wh, ww), (sh, sw) = self.layout(grid, n)
         t = wh * ww  # tokens per window
@@ -126,8 +141,10 @@ class SwinAttention(Mechanism):
         q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each (B·nW, heads, T, d)
 
         scores = (q * self.head_dim**-0.5) @ k.transpose(-2, -1) + self.relative_bias(wh, ww)
-        if sh or sw or (hp, wp) != (h, w):
-            allowed = self.allowed((h, w), (hp, wp), (wh, ww), (sh, sw), x.device)
+        if sh or sw or (hp, wp) != (h, w) or causal:
+            allowed = self.allowed((h, w), (hp, wp), (wh, ww), (sh, sw), x.device)  # (nW, T, T)
+            if causal:  # window order is sequence order within each part (one row: wh = 1)
+                allowed = allowed & torch.ones(t, t, dtype=torch.bool, device=x.device).tril()
             # Fully masked rows (padding queries) become uniform, not NaN; they are cropped below.
             scores = scores.view(b, -1, self.num_heads, t, t).masked_fill(
                 ~allowed[:, None], torch.finfo(scores.dtype).min).view(-1, self.num_heads, t, t)
@@ -138,7 +155,7 @@ class SwinAttention(Mechanism):
             out = torch.roll(out, shifts=(sh, sw), dims=(1, 2))
         return self.proj(out[:, :h, :w].reshape(b, n, c))
 
-    def flops(self, batch: int, n: int, grid: Grid | None = None) -> Flops:
+    def flops(self, batch: int, n: int, grid: Grid | None = None, causal: bool = False) -> Flops:
         _, (hp, wp), (wh, ww), _ = self.layout(grid, n)
         window_scores = batch * hp * wp * wh * ww  # per head: every token scores every token of its window
         return Flops(matmul=projection_flops(batch, n, self.dim, 4) + 4 * window_scores * self.dim,

@@ -12,6 +12,9 @@ which the wheel records in ``xformers/cpp_lib.json`` (``{"version": {"torch": "2
 (installed torch, required torch, and the command that installs a matching set) even on a machine
 where xformers would only print its load warning; the same facts are parsed out of xformers' own
 load-failure text when the file is missing.
+
+The causal form passes xformers' ``LowerTriangularMask`` bias: its kernels then skip the key tiles
+above the diagonal.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from attnbench.decoding import KVCache, check_token, prompt_lengths, zero_padding
 from attnbench.mechanism import Grid
 from attnbench.registry import register_mechanism
 from mechanisms.softmax import SoftmaxAttention
@@ -199,16 +203,73 @@ class XFormersAttention(SoftmaxAttention):
         op = fmha._dispatch_fw(fmha.Inputs(query=q, key=q, value=q), needs_gradient=False)
         return f"xformers {xformers.__version__}: {op.NAME}"
 
+    flops_formula = ("8·B·N·C² (projections) + 4·B·P·C (QKᵀ, AV over P query-key pairs per head); "
+                     "elementwise 5·B·H·P. P = N², and N(N+1)/2 causal (its kernels skip the tiles "
+                     "above the diagonal; the masked part of diagonal tiles is not counted)")
+
     def mix(self, x: Tensor, grid: Grid | None) -> Tensor:
+        return self._attention(x, causal=False)
+
+    def mix_causal(self, x: Tensor) -> Tensor:
+        return self._attention(x, causal=True)
+
+    def _attention(self, x: Tensor, causal: bool) -> Tensor:
+        """memory_efficient_attention on (B, N, H, d) projections; ``causal``: keys after the query
+        masked by its lower-triangular bias."""
         reason = self.unavailable_reason(x.device.type)
         if reason:
             raise RuntimeError(f"{self.name}: {reason}")
-        from xformers.ops import memory_efficient_attention
+        from xformers.ops import LowerTriangularMask, memory_efficient_attention
 
         b, n, c = x.shape
         q, k, v = (t.transpose(1, 2) for t in self.qkv_heads(x))  # (B, N, H or H_kv, d)
-        out = memory_efficient_attention(*grouped(q, k, v))  # scale 1/√d
+        bias = LowerTriangularMask() if causal else None
+        out = memory_efficient_attention(*grouped(q, k, v), attn_bias=bias)  # scale 1/√d
         return self.proj(out.reshape(b, n, c))
+
+    def score_pairs(self, n: int, causal: bool) -> int:
+        return n * (n + 1) // 2 if causal else n * n
+
+    # ---- incremental decoding: a key/value cache in xformers' (B, N, H_kv, d) layout ------------
+    def prefill(self, x: Tensor, capacity: int, mask: Tensor | None = None,
+                outputs: bool = True) -> tuple[Tensor | None, KVCache]:
+        lengths = prompt_lengths(self, x, capacity, mask)
+        reason = self.unavailable_reason(x.device.type)
+        if reason:
+            raise RuntimeError(f"{self.name}: {reason}")
+        from xformers.ops import LowerTriangularMask, memory_efficient_attention
+
+        b, n, c = x.shape
+        q, k, v = (t.transpose(1, 2) for t in self.qkv_heads(x))  # (B, N, H or H_kv, d)
+        out = None
+        if outputs:  # right padding comes after every real query: the causal form never reads it
+            attended = memory_efficient_attention(*grouped(q, k, v), attn_bias=LowerTriangularMask())
+            out = zero_padding(self.proj(attended.reshape(b, n, c)), mask)
+        return out, KVCache(k, v, lengths, capacity, token_dim=1)
+
+    def step(self, x: Tensor, cache: KVCache) -> Tensor:
+        """The new token against every token held; sequences of a padded batch that hold as many
+        tokens attend together (xformers takes no per-sequence key lengths without a bias)."""
+        check_token(self, x, cache)
+        from xformers.ops import memory_efficient_attention
+
+        b, _, c = x.shape
+        q, k, v = (t.transpose(1, 2) for t in self.qkv_heads(x))  # (B, 1, H or H_kv, d)
+        cache.append(k, v)
+        keys, values, held = cache.view()  # (B, L, H_kv, d) each
+        if held is None:
+            return self.proj(memory_efficient_attention(*grouped(q, keys, values)).reshape(b, 1, c))
+        out = x.new_empty(b, 1, c)
+        lengths = cache.positions.lengths
+        for length in sorted(set(lengths)):
+            rows = torch.tensor([i for i, n in enumerate(lengths) if n == length], device=x.device)
+            group = grouped(q[rows], keys[rows, :length], values[rows, :length])
+            out[rows] = memory_efficient_attention(*group).reshape(len(rows), 1, c)
+        return self.proj(out)
+
+    def cache_bytes(self, batch: int, n: int, dtype: torch.dtype) -> int:
+        """Keys and values: 2·B·H_kv·n·d elements."""
+        return 2 * batch * self.kv_heads * n * self.head_dim * dtype.itemsize
 
 
 def grouped(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:

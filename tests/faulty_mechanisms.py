@@ -108,3 +108,41 @@ class Uncompilable(_Base):
             y = self.proj(x)
             torch._dynamo.graph_break()
             return y
+
+
+class _Prefix(_Base):
+    """A causal mean: the output at t is the projected mean of tokens 0..t (sound on its own)."""
+
+    def mix(self, x, grid):
+        return self.proj(x.mean(1, keepdim=True).expand_as(x))
+
+    def prefix_mean(self, x):
+        count = torch.arange(1, x.shape[1] + 1, dtype=x.dtype, device=x.device)[:, None]
+        return x.cumsum(1) / count  # (B, N, C)
+
+    @staticmethod
+    def next_token(x):
+        """x shifted one place back: position t holds token t + 1 (zero at the end)."""
+        return torch.nn.functional.pad(x[:, 1:], (0, 0, 0, 1))
+
+
+@register_mechanism
+class PlantedLeak(_Prefix):
+    """The causal mean plus the next token: one future token leaks into every output."""
+
+    name = "faulty_leak"
+
+    def mix_causal(self, x):
+        return self.proj(self.prefix_mean(x) + 0.1 * self.next_token(x))
+
+
+@register_mechanism
+class PlantedGradientLeak(_Prefix):
+    """The causal mean whose values are sound but whose gradient reaches the next token
+    (``next - next.detach()`` is zero, its derivative is not): only the gradient check sees it."""
+
+    name = "faulty_gradient_leak"
+
+    def mix_causal(self, x):
+        ahead = self.next_token(x)
+        return self.proj(self.prefix_mean(x) + (ahead - ahead.detach()))

@@ -55,8 +55,9 @@ def repeated_heads(gqa, mha) -> None:
 @each
 @pytest.mark.parametrize("kv_heads", [1, 2])
 def test_grouped_query_heads_equal_multi_head_attention_with_repeated_heads(name, kv_heads):
-    """Values and input gradients, plain and padded: H_kv key/value heads shared over groups are the
-    H-head mechanism whose key/value heads repeat; parameter gradients are the repeats' summed."""
+    """Values and input gradients, plain and padded, causal where there is a causal form: H_kv
+    key/value heads shared over groups are the H-head mechanism whose key/value heads repeat;
+    parameter gradients are the repeats' summed."""
     dtype, tol = exact_dtype(name)
     torch.manual_seed(0)
     gqa = build_mechanism(name, DIM, HEADS, kv_heads=kv_heads).to(dtype)
@@ -64,9 +65,10 @@ def test_grouped_query_heads_equal_multi_head_attention_with_repeated_heads(name
     assert gqa.qkv.weight.shape == (DIM + 2 * kv_heads * DIM // HEADS, DIM)  # K, V projected to H_kv heads
     repeated_heads(gqa, mha)
     x, mask = padded_batch(dtype)
-    for m in (None, mask):
+    causal = get_mechanism(name).causal_problem() is None
+    for m, is_causal in [(None, False), (mask, False)] + [(None, True), (mask, True)] * causal:
         a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
-        ya, yb = gqa(a, mask=m), mha(b, mask=m)
+        ya, yb = gqa(a, mask=m, causal=is_causal), mha(b, mask=m, causal=is_causal)
         torch.testing.assert_close(ya, yb, rtol=tol, atol=tol)
         weight = torch.randn_like(ya)
         (ya * weight).sum().backward()
