@@ -21,6 +21,20 @@ def test_list_shows_the_baselines_as_available(capsys):
         assert " yes " in line
 
 
+def test_list_shows_causal_support_and_the_reason_where_there_is_none(capsys):
+    assert main(["list"]) == 0
+    table = capsys.readouterr().out.split("\n\n")[0].splitlines()[1:]  # the mechanisms' table
+    column = table[0].split().index("causal")
+    causal = {ln.split()[0]: ln.split()[column] for ln in table[1:] if ln.split()[0] in
+              ("softmax", "linear", "swin", "set", "sinkformer", "nystromformer")}
+    assert causal == {"softmax": "yes", "linear": "yes", "swin": "yes", "set": "no", "sinkformer": "no",
+                      "nystromformer": "no"}
+    assert main(["list", "--mechanism", "set"]) == 0
+    assert "causal:      no: SeT's transport plan is computed over all tokens" in capsys.readouterr().out
+    assert main(["list", "--mechanism", "performer"]) == 0
+    assert "causal:      yes" in capsys.readouterr().out
+
+
 def test_list_one_mechanism_shows_its_options(capsys):
     assert main(["list", "--mechanism", "softmax"]) == 0
     out = capsys.readouterr().out
