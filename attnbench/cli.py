@@ -294,12 +294,13 @@ def cmd_list(args: argparse.Namespace) -> int:
         reason = cls.unavailable_reason(args.device)
         rows.append((name, cls.complexity, "2-D" if cls.needs_grid else "any",
                      "yes" if cls.causal_problem() is None else "no",
+                     "yes" if cls.decode_problem() is None else "no",
                      "yes" if reason is None else "no", reason or cls.summary))
         backends.append((name, cls.backend(args.device) if reason is None else "-"))
     for name, why in registry.broken_plugins().items():
-        rows.append((name, "?", "?", "?", "no", f"plug-in failed to load: {why}"))
-    print(f"Mechanisms (device: {args.device}; causal: `list --mechanism NAME` says why not)")
-    _print_table(("name", "complexity", "tokens", "causal", "available", "notes"), rows)
+        rows.append((name, "?", "?", "?", "?", "no", f"plug-in failed to load: {why}"))
+    print(f"Mechanisms (device: {args.device}; causal, decode: `list --mechanism NAME` says why not)")
+    _print_table(("name", "complexity", "tokens", "causal", "decode", "available", "notes"), rows)
     print(f"\nBackends that run on {args.device}")
     _print_table(("name", "backend"), backends)
     print()
@@ -330,6 +331,8 @@ def _show_mechanism(name: str, device: str) -> int:
     print(f"  padding:     {padding}")
     causal = cls.causal_problem()
     print(f"  causal:      {'yes' if causal is None else 'no: ' + causal}")
+    decode = cls.decode_problem()
+    print(f"  decode:      {'yes' if decode is None else 'no: ' + decode}")
     print(f"  devices:     {', '.join(cls.devices)}")
     print(f"  dtypes:      {', '.join(str(d).removeprefix('torch.') for d in cls.dtypes)}")
     print(f"  FLOPs (fwd): {cls.flops_formula}")
