@@ -171,6 +171,9 @@ def build_parser(task: str | None = None) -> argparse.ArgumentParser:
                    help="forward only (no autograd), forward and backward, or both (default fwd)")
     p.add_argument("--layout", default="1d", choices=["1d", "2d"],
                    help="tokens as a sequence, or as a square image grid (square n only)")
+    p.add_argument("--causal", action="store_true",
+                   help="each mechanism's causal form (token t sees tokens 0..t; sequences only); one "
+                        "without a causal form is recorded as unavailable with the reason")
     _add_opt_argument(p, axes=True)
     p.add_argument("--threads", type=int_in(1, MAX_THREADS), default=None,
                    help="CPU threads (default: torch's default here, less the cores busy when the "
@@ -462,7 +465,7 @@ def cmd_scale(args: argparse.Namespace) -> int:
         mechanisms=parse_mechanisms(args.mechanism or "all"), seq=parse_seq(args.seq or "256..16384"),
         modes=["fwd", "fwd+bwd"] if args.mode == "both" else [args.mode], batch=args.batch,
         heads=args.heads, head_dim=args.head_dim, dtype=args.dtype, device=device,
-        threads=threads, layout=args.layout,
+        threads=threads, layout=args.layout, causal=args.causal,
         options=parse_mechanism_options(args.opt, axes=True), budget=args.budget or 120.0,
         min_run_time=args.min_time,
         memory_limit_mib=limit if device == "cpu" else None,
@@ -481,7 +484,8 @@ def cmd_scale(args: argparse.Namespace) -> int:
     out = args.out or default_out_dir(RESULTS)
     print(f"attnbench scale: {_count_variants(cfg.mechanisms, cfg.variants())} x {len(cfg.seq)} lengths x "
           f"{len(cfg.modes)} modes on {device} ({cfg.threads} threads, "
-          f"{'compiled' if cfg.compile else 'eager'}, {cfg.rounds} interleaved rounds) -> {out}",
+          f"{'compiled' if cfg.compile else 'eager'}{', causal' if cfg.causal else ''}, "
+          f"{cfg.rounds} interleaved rounds) -> {out}",
           file=sys.stderr)
     run_sweep(cfg, out, args.resume, ["attnbench", *sys.argv[1:]])
     fits = finish(out, args.fit_min_n)
@@ -504,8 +508,8 @@ def _count_variants(mechanisms: Sequence[str], variants: Sequence[object]) -> st
 
 
 # flags of the kernel sweep that the accuracy sweep (``scale --task``) has no use for
-KERNEL_ONLY = ("batch", "heads", "head_dim", "dtype", "mode", "layout", "min_time", "compile", "rounds",
-               "retries", "max_slowdown", "max_spread", "fit_min_n")
+KERNEL_ONLY = ("batch", "heads", "head_dim", "dtype", "mode", "layout", "causal", "min_time", "compile",
+               "rounds", "retries", "max_slowdown", "max_spread", "fit_min_n")
 
 
 def _accuracy_sweep(args: argparse.Namespace) -> int:

@@ -31,12 +31,15 @@ class Timing:
 
 
 def make_step(module: torch.nn.Module, x: torch.Tensor, grid: tuple[int, int] | None,
-              mode: str) -> Callable[[], None]:
-    """The callable to measure: a forward pass without autograd, or forward and backward."""
+              mode: str, causal: bool = False) -> Callable[[], None]:
+    """The callable to measure: a forward pass without autograd, or forward and backward;
+    ``causal``: of the mechanism's causal form."""
+    extra = {"causal": True} if causal else {}  # a plain call stays as it was
+
     if mode == "fwd":
         def forward() -> None:
             with torch.no_grad():
-                module(x, grid)
+                module(x, grid, **extra)
         return forward
     if mode == "fwd+bwd":
         x = x.detach().requires_grad_()
@@ -45,7 +48,7 @@ def make_step(module: torch.nn.Module, x: torch.Tensor, grid: tuple[int, int] | 
         def forward_backward() -> None:
             module.zero_grad(set_to_none=True)
             x.grad = None
-            module(x, grid).backward(grad)
+            module(x, grid, **extra).backward(grad)
         return forward_backward
     raise ValueError(f"unknown mode {mode!r}; valid choices: fwd, fwd+bwd")
 

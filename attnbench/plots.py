@@ -1000,7 +1000,8 @@ def sweep_title(meta: dict[str, Any]) -> str:
     if sweep:
         title += (f", {sweep.get('device')}, {sweep.get('threads')} threads, B={sweep.get('batch')}, "
                   f"H={sweep.get('heads')}, d={sweep.get('head_dim')}, {sweep.get('dtype')}"
-                  f"{', compiled' if sweep.get('compile') else ''}")
+                  f"{', compiled' if sweep.get('compile') else ''}"
+                  f"{', causal' if sweep.get('causal') else ''}")
     return title
 
 

@@ -268,7 +268,8 @@ def sweep_section(folder: Path, tmp: Path, fit_min_n: int | None, index: int) ->
         facts.append(f"B = {sweep.get('batch')}, H = {sweep.get('heads')}, d = {sweep.get('head_dim')}, "
                      f"{sweep.get('dtype')}, {sweep.get('layout', '1d')} layout, {sweep.get('device')}, "
                      f"{sweep.get('threads')} threads, budget {sweep.get('budget')} s per configuration"
-                     f"{', compiled' if sweep.get('compile') else ', eager'}")
+                     f"{', compiled' if sweep.get('compile') else ', eager'}"
+                     f"{', causal' if sweep.get('causal') else ''}")
     section.blocks.append(Text("; ".join(facts) + ". Exponents fitted over n ≥ " + str(min_n)
                                + " (least squares on log-log, 95 % t interval)."))
     captions = {}

@@ -11,7 +11,8 @@ Memory is a separate step after the timing. Rows (failures included) are appende
 ``scale.csv`` and rounds to ``rounds.csv`` as each n finishes; at the end come the fit table,
 the same-round ratios (``ratios.csv``) and the plots. Mechanism options given as lists
 (``--opt set.m=16,64``) are variants (``set[m=16]``), each measured, fitted and drawn as a
-mechanism of its own (the ``variant`` column).
+mechanism of its own (the ``variant`` column). ``causal`` runs every mechanism's causal form; one
+without a causal form is a row ``unavailable`` with its reason, and the sweep goes on.
 """
 
 from __future__ import annotations
@@ -51,9 +52,9 @@ from attnbench.results import (
 from attnbench.worker import STALL_ENV, Configuration, ProbeHandler, Session
 
 COLUMNS = ["mechanism", "variant", "n", "mode", "batch", "heads", "head_dim", "dtype", "device", "threads",
-           "layout", "options", "backend", "compiled", "time_ms_median", "time_ms_iqr", "time_ms_q1",
-           "time_ms_q3", "runs", "rounds", "attempts", "spread", "noisy", "peak_mem_mib", "flops",
-           "flops_matmul", "gflops", "floor_ms", "floor_fraction", "machine_gflops", "machine_gbs",
+           "layout", "causal", "options", "backend", "compiled", "time_ms_median", "time_ms_iqr",
+           "time_ms_q1", "time_ms_q3", "runs", "rounds", "attempts", "spread", "noisy", "peak_mem_mib",
+           "flops", "flops_matmul", "gflops", "floor_ms", "floor_fraction", "machine_gflops", "machine_gbs",
            "machine_slowdown", "compile_s", "params", "status", "message"]
 ROUND_COLUMNS = ["mechanism", "variant", "n", "mode", "pass", "attempt", "round", "time_ms_median", "runs",
                  "machine_gflops", "machine_gbs", "slowdown", "disturbed", "kept"]
@@ -119,6 +120,7 @@ class SweepConfig:
     device: str = "cpu"
     threads: int = 1
     layout: str = "1d"
+    causal: bool = False  # every mechanism's causal form (1-D sequences only)
     # --opt, parsed with axes=True: a comma list (set.m=16,64) runs each value as a variant of its own
     options: dict[str, dict[str, str]] = dataclasses.field(default_factory=dict)
     budget: float = 120.0
@@ -142,6 +144,8 @@ class SweepConfig:
                             ("--max-spread", self.max_spread)):
             if not value > 0:
                 raise SweepError(f"{name} must be > 0, got {value}")
+        if self.causal and self.layout != "1d":
+            raise SweepError("--causal: causal attention is defined on sequences; use --layout 1d")
         if self.dtype not in ("float32", "float16", "bfloat16", "float64"):
             raise SweepError(f"--dtype {self.dtype!r}; valid choices: float32, float16, bfloat16, float64")
         self.variants()  # options of a mechanism not swept, or a bad combination: refused now
@@ -192,13 +196,16 @@ def by_variant(table: pd.DataFrame) -> pd.DataFrame:
 
 def _row(cfg: SweepConfig, job: dict[str, Any], **measured: Any) -> dict[str, Any]:
     return {**job, "batch": cfg.batch, "heads": cfg.heads, "head_dim": cfg.head_dim, "dtype": cfg.dtype,
-            "device": cfg.device, "threads": cfg.threads, "layout": cfg.layout,
+            "device": cfg.device, "threads": cfg.threads, "layout": cfg.layout, "causal": cfg.causal,
             "options": json.dumps(_options(cfg, job), sort_keys=True), "compiled": cfg.compile, **measured}
 
 
 def _unavailable(cfg: SweepConfig, job: dict[str, Any]) -> str | None:
     """Why this configuration cannot run here, or None."""
     cls = registry.get_mechanism(job["mechanism"])
+    causal = cls.causal_problem() if cfg.causal else None
+    if causal is not None:
+        return f"causal=True is not supported: {causal}"
     reason = cls.unavailable_reason(cfg.device)
     grid = _grid(job["n"], cfg.layout)
     if reason is None and cfg.layout == "2d" and grid is None:
@@ -212,7 +219,7 @@ def _payload(cfg: SweepConfig, job: dict[str, Any]) -> dict[str, Any]:
     """What the worker needs to build the configuration."""
     return {**job, "batch": cfg.batch, "heads": cfg.heads, "head_dim": cfg.head_dim, "dtype": cfg.dtype,
             "device": cfg.device, "threads": cfg.threads, "grid": _grid(job["n"], cfg.layout),
-            "options": _options(cfg, job), "memory_limit_mib": cfg.memory_limit_mib,
+            "causal": cfg.causal, "options": _options(cfg, job), "memory_limit_mib": cfg.memory_limit_mib,
             "load": cfg.load, "compile": cfg.compile, "stall": os.environ.get(STALL_ENV, "")}
 
 
@@ -403,7 +410,7 @@ def _finished_row(cfg: SweepConfig, live: Live) -> dict[str, Any]:
         "floor_ms": floor, "floor_fraction": floor / stats["time_ms_median"],
         "machine_gflops": machine.gflops, "machine_gbs": machine.gbs,
         "machine_slowdown": max(slowdowns, default=math.nan), "compile_s": compile_s,
-        "message": _message(cfg, live)}
+        "message": "; ".join(filter(None, (live.setup.get("message", ""), _message(cfg, live))))}
     return _row(cfg, live.job, **measured)
 
 
@@ -479,7 +486,9 @@ def _format_result(row: dict[str, Any]) -> str:
 # What every row of one sweep folder shares, by the flag that sets it.
 _SHARED = {"batch": "--batch", "heads": "--heads", "head_dim": "--head-dim", "dtype": "--dtype",
            "device": "--device", "layout": "--layout", "threads": "--threads", "compile": "--compile",
-           "modes": "--mode"}
+           "modes": "--mode", "causal": "--causal"}
+# what a folder written before a setting existed was measured with
+_SHARED_BEFORE = {"causal": False}
 
 
 def _check_resume(cfg: SweepConfig, meta_path: Path, out: Path) -> None:
@@ -488,8 +497,9 @@ def _check_resume(cfg: SweepConfig, meta_path: Path, out: Path) -> None:
     old = read_meta(meta_path).get("sweep", {})
     for key, option in _SHARED.items():
         now = json.loads(json.dumps(getattr(cfg, key)))  # as meta.json holds it: lists, not tuples
-        if key in old and old[key] != now:
-            raise SweepError(f"--resume: {out} was measured with {option} {_shown(old[key])}, this sweep "
+        before = old.get(key, _SHARED_BEFORE.get(key, now)) if old else now
+        if before != now:
+            raise SweepError(f"--resume: {out} was measured with {option} {_shown(before)}, this sweep "
                              f"asks for {_shown(now)}; resume with the same {option} or choose another --out")
     done = with_variants(read_table(out / "scale.csv", COLUMNS))
     if "options" not in done.columns:
@@ -702,7 +712,9 @@ def compare(out: Path, other: Path, threshold: float = 0.10) -> pd.DataFrame:
     if theirs.empty:
         raise SweepError(f"--compare {other}: no scale.csv there")
     mine["noisy"], theirs["noisy"] = flag(mine, "noisy"), flag(theirs, "noisy")
-    keys = KEY + ["batch", "heads", "head_dim", "dtype", "device"]
+    for table in (mine, theirs):  # tables from before the column were measured without causal
+        table["causal"] = flag(table, "causal")
+    keys = KEY + ["batch", "heads", "head_dim", "dtype", "device", "causal"]
     both = mine.merge(theirs, on=keys, suffixes=("", "_before"))
     both = both[(both["status"] == "ok") & (both["status_before"] == "ok")]
     result = both[keys].copy()

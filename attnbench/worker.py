@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import math
 import multiprocessing
 import multiprocessing.forkserver
 import multiprocessing.resource_tracker
@@ -147,7 +148,7 @@ class Configuration:
             module = torch.compile(module, dynamic=False)
         dim = config["heads"] * config["head_dim"]
         x = torch.randn(config["batch"], config["n"], dim, device=self.device, dtype=dtype)
-        self.step = make_step(module, x, grid, config["mode"])
+        self.step = make_step(module, x, grid, config["mode"], bool(config.get("causal")))
         self.timer = benchmark.Timer(stmt="step()", globals={"step": self.step}, num_threads=self.threads)
         if self.device.type == "cpu" and config.get("memory_limit_mib"):
             cap_address_space(config["memory_limit_mib"])
@@ -213,6 +214,7 @@ def _build(config: dict[str, Any], device: Any, dtype: Any
            ) -> tuple[Any, tuple[int, int] | None, dict[str, Any]]:
     """The mechanism's module on ``device``, its token grid, and what the row records of it."""
     from attnbench import get_mechanism, mechanism_names
+    from attnbench.mechanism import count_flops
     from attnbench.registry import load_module
 
     if config["mechanism"] not in mechanism_names():  # a spawned child: load the plug-ins again
@@ -222,10 +224,14 @@ def _build(config: dict[str, Any], device: Any, dtype: Any
     grid = tuple(config["grid"]) if config.get("grid") else None
     module = cls(config["heads"] * config["head_dim"], config["heads"],
                  cls.make_options(**config.get("options", {}))).to(device=device, dtype=dtype)
-    cost = module.flops(config["batch"], config["n"], grid)
+    causal = bool(config.get("causal"))
+    cost = count_flops(module, config["batch"], config["n"], grid, causal)
     factor = 3 if config["mode"] == "fwd+bwd" else 1  # convention: backward ≈ 2 × forward
-    setup = {"status": "ok", "message": "", "backend": cls.backend(config["device"], dtype),
-             "flops": cost.total * factor, "flops_matmul": cost.matmul * factor,
+    uncounted = f"FLOPs not counted: {cls.name}.flops takes no `causal`, so its causal count is unknown"
+    setup = {"status": "ok", "message": "" if cost else uncounted,
+             "backend": cls.backend(config["device"], dtype),
+             "flops": cost.total * factor if cost else math.nan,
+             "flops_matmul": cost.matmul * factor if cost else math.nan,
              "params": sum(p.numel() for p in module.parameters()), "compiled": bool(config.get("compile"))}
     return module, grid, setup
 

@@ -146,3 +146,17 @@ class PlantedGradientLeak(_Prefix):
     def mix_causal(self, x):
         ahead = self.next_token(x)
         return self.proj(self.prefix_mean(x) + (ahead - ahead.detach()))
+
+
+@register_mechanism
+class CausalOnly(_Base):
+    """Runs only when called with causal=True, so a causal sweep shows that causal reached the
+    call; its ``flops`` predates ``causal`` (a plug-in written before it)."""
+
+    name = "faulty_causal_only"
+
+    def mix(self, x, grid):
+        raise RuntimeError("called without causal=True")
+
+    def mix_causal(self, x):
+        return self.proj(x)

@@ -211,6 +211,50 @@ def test_resume_measures_only_what_is_missing(tmp_path):
     pd.testing.assert_series_equal(table.iloc[0], first.iloc[0], check_names=False)  # kept, not re-measured
 
 
+def test_causal_sweep_passes_causal_to_each_call_and_records_refusals(faulty, tmp_path):
+    """`scale --causal`, forward and forward+backward: causal reaches the mechanism's call in the
+    worker, FLOPs are the causal count, every row says causal, and a mechanism without a causal
+    form is a row `unavailable` with its reason while the sweep goes on."""
+    from attnbench import build_mechanism
+    from attnbench.mechanism import count_flops
+
+    out = tmp_path / "causal"
+    cfg = small_config(["softmax", "linear", "set", "faulty_causal_only"], seq=(16,), load=[faulty],
+                       causal=True, rounds=1, retries=0)
+    cfg.modes = ["fwd", "fwd+bwd"]
+    table = run_sweep(cfg, out, resume=False, argv=["test"]).set_index(["mechanism", "mode"])
+    assert len(table) == 8 and table["causal"].all()
+    for mode in ("fwd", "fwd+bwd"):
+        for name in ("softmax", "linear", "faulty_causal_only"):  # the last one raises without causal
+            assert table.loc[(name, mode), "status"] == "ok", table.loc[(name, mode), "message"]
+        refused = table.loc[("set", mode)]
+        assert refused["status"] == "unavailable"
+        assert refused["message"].startswith("causal=True is not supported: SeT's transport plan")
+        factor = 3 if mode == "fwd+bwd" else 1
+        linear = count_flops(build_mechanism("linear", 16, 2), 1, 16, causal=True)
+        assert linear != count_flops(build_mechanism("linear", 16, 2), 1, 16)
+        assert table.loc[("linear", mode), "flops_matmul"] == linear.matmul * factor
+        plugin = table.loc[("faulty_causal_only", mode)]  # its flops takes no causal: not counted
+        assert math.isnan(plugin["flops"]) and "FLOPs not counted" in plugin["message"]
+    assert json.loads((out / "meta.json").read_text())["sweep"]["causal"] is True
+    without_causal = small_config(["softmax"], seq=(16,), rounds=1, retries=0)
+    without_causal.modes = cfg.modes
+    with pytest.raises(SweepError, match="was measured with --causal True, this sweep asks for False"):
+        run_sweep(without_causal, out, resume=True, argv=["test"])
+    plain = run_sweep(small_config(["faulty_causal_only"], seq=(16,), load=[faulty]), tmp_path / "plain",
+                      resume=False, argv=["test"]).iloc[0]
+    assert plain["status"] == "error" and "called without causal=True" in plain["message"]
+    assert not plain["causal"]
+
+
+def test_a_folder_from_before_causal_resumes_only_without_it(tmp_path):
+    out = tmp_path / "old"
+    out.mkdir()
+    (out / "meta.json").write_text(json.dumps({"sweep": {"batch": 1, "heads": 2}}))  # no causal key
+    with pytest.raises(SweepError, match="was measured with --causal False, this sweep asks for True"):
+        run_sweep(small_config(["softmax"], seq=(16,), causal=True), out, resume=True, argv=["test"])
+
+
 def test_compare_flags_regressions(tmp_path):
     base = tmp_path / "before"
     base.mkdir()
@@ -243,6 +287,9 @@ def test_compare_flags_regressions(tmp_path):
     (["scale", "--retries", "-1", "--seq", "16"], "argument --retries: invalid value '-1'"),
     (["scale", "--max-spread", "0", "--seq", "16"], "argument --max-spread: invalid value '0'"),
     (["plot", "/nonexistent"], "argument run_dir: /nonexistent: no such folder"),
+    (["scale", "--causal", "--layout", "2d", "--seq", "16", "--threads", "1"],
+     "--causal: causal attention is defined on sequences; use --layout 1d"),
+    (["scale", "--task", "mqar", "--causal"], "--causal: for the kernel sweep"),
 ])
 def test_scale_usage_errors(argv, message, capsys):
     with pytest.raises(SystemExit) as exc:
