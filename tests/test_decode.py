@@ -189,3 +189,24 @@ def test_grouped_query_heads_shrink_the_cache_by_heads_over_kv_heads(name):
         sizes[kv_heads] = cache.nbytes()
         assert sizes[kv_heads] == m.cache_bytes(3, 64, torch.float32)
     assert sizes[HEADS] == 2 * sizes[2] == 4 * sizes[1]
+
+
+@pytest.mark.skipif(get_mechanism("xformers").unavailable_reason("cuda") is not None,
+                    reason=f"xformers on cuda: {get_mechanism('xformers').unavailable_reason('cuda')}")
+@pytest.mark.parametrize("kv_heads", [None, 2, 1], ids=["mha", "gqa", "mqa"])
+def test_xformers_decodes_as_softmax_on_cuda(kv_heads):
+    """xformers' kernels (CUDA only) against softmax with the same weights: the causal forward, and
+    prefill and steps of a padded batch, with grouped-query heads."""
+    options = {} if kv_heads is None else {"kv_heads": kv_heads}
+    ref = build("softmax", torch.float32, **options).cuda()
+    fused = build("xformers", torch.float32, **options).cuda()
+    fused.load_state_dict(ref.state_dict())
+    x = torch.randn(len(LENGTHS), N, DIM, device="cuda")
+    mask = torch.arange(PROMPT, device="cuda") < torch.tensor(LENGTHS, device="cuda")[:, None]
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x, causal=True), ref(x, causal=True), rtol=1e-3, atol=1e-3)
+        for m in (None, mask):
+            expected, _ = decode(ref, x, PROMPT, m)
+            got, cache = decode(fused, x, PROMPT, m)
+            torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-3)
+    assert cache.nbytes() == fused.cache_bytes(len(LENGTHS), N, torch.float32)
