@@ -167,13 +167,18 @@ def build_parser(task: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16", "float64"])
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                    help="auto = cuda when available, else cpu")
-    p.add_argument("--mode", default="fwd", choices=["fwd", "fwd+bwd", "both"],
-                   help="forward only (no autograd), forward and backward, or both (default fwd)")
+    p.add_argument("--mode", default="fwd", choices=["fwd", "fwd+bwd", "both", "decode"],
+                   help="forward only (no autograd), forward and backward, or both (default fwd); decode: "
+                        "generation at each context n (prefill, time per generated token, cache bytes; "
+                        "--seq defaults to 1024..131072)")
     p.add_argument("--layout", default="1d", choices=["1d", "2d"],
                    help="tokens as a sequence, or as a square image grid (square n only)")
     p.add_argument("--causal", action="store_true",
                    help="each mechanism's causal form (token t sees tokens 0..t; sequences only); one "
                         "without a causal form is recorded as unavailable with the reason")
+    p.add_argument("--kv-heads", type=int_in(1, 256), default=None, metavar="H_KV",
+                   help="key/value heads (grouped-query attention; 1 = multi-query) of the mechanisms "
+                        "that take kv_heads; must divide --heads (default: one per head)")
     _add_opt_argument(p, axes=True)
     p.add_argument("--threads", type=int_in(1, MAX_THREADS), default=None,
                    help="CPU threads (default: torch's default here, less the cores busy when the "
@@ -297,12 +302,13 @@ def cmd_list(args: argparse.Namespace) -> int:
         reason = cls.unavailable_reason(args.device)
         rows.append((name, cls.complexity, "2-D" if cls.needs_grid else "any",
                      "yes" if cls.causal_problem() is None else "no",
+                     "yes" if cls.decode_problem() is None else "no",
                      "yes" if reason is None else "no", reason or cls.summary))
         backends.append((name, cls.backend(args.device) if reason is None else "-"))
     for name, why in registry.broken_plugins().items():
-        rows.append((name, "?", "?", "?", "no", f"plug-in failed to load: {why}"))
-    print(f"Mechanisms (device: {args.device}; causal: `list --mechanism NAME` says why not)")
-    _print_table(("name", "complexity", "tokens", "causal", "available", "notes"), rows)
+        rows.append((name, "?", "?", "?", "?", "no", f"plug-in failed to load: {why}"))
+    print(f"Mechanisms (device: {args.device}; causal, decode: `list --mechanism NAME` says why not)")
+    _print_table(("name", "complexity", "tokens", "causal", "decode", "available", "notes"), rows)
     print(f"\nBackends that run on {args.device}")
     _print_table(("name", "backend"), backends)
     print()
@@ -333,6 +339,8 @@ def _show_mechanism(name: str, device: str) -> int:
     print(f"  padding:     {padding}")
     causal = cls.causal_problem()
     print(f"  causal:      {'yes' if causal is None else 'no: ' + causal}")
+    decode = cls.decode_problem()
+    print(f"  decode:      {'yes' if decode is None else 'no: ' + decode}")
     print(f"  devices:     {', '.join(cls.devices)}")
     print(f"  dtypes:      {', '.join(str(d).removeprefix('torch.') for d in cls.dtypes)}")
     print(f"  FLOPs (fwd): {cls.flops_formula}")
@@ -459,10 +467,12 @@ def cmd_scale(args: argparse.Namespace) -> int:
     if note:
         print(note)
     cfg = SweepConfig(
-        mechanisms=parse_mechanisms(args.mechanism or "all"), seq=parse_seq(args.seq or "256..16384"),
+        mechanisms=parse_mechanisms(args.mechanism or "all"),
+        seq=parse_seq(args.seq or default_seq(args.mode)),
         modes=["fwd", "fwd+bwd"] if args.mode == "both" else [args.mode], batch=args.batch,
         heads=args.heads, head_dim=args.head_dim, dtype=args.dtype, device=device,
-        threads=threads, layout=args.layout, causal=args.causal,
+        threads=threads, layout=args.layout, causal=args.causal or args.mode == "decode",
+        kv_heads=args.kv_heads,
         options=parse_mechanism_options(args.opt, axes=True), budget=args.budget or 120.0,
         min_run_time=args.min_time,
         memory_limit_mib=limit if device == "cpu" else None,
@@ -498,6 +508,11 @@ def cmd_scale(args: argparse.Namespace) -> int:
     return 0
 
 
+def default_seq(mode: str) -> str:
+    """--seq when none is given: decode reaches the long contexts where a KV cache is what costs."""
+    return "1024..131072" if mode == "decode" else "256..16384"
+
+
 def _count_variants(mechanisms: Sequence[str], variants: Sequence[object]) -> str:
     """'5 mechanisms', or '5 mechanisms (7 variants)' where options are swept."""
     text = f"{len(mechanisms)} mechanism{'s' if len(mechanisms) != 1 else ''}"
@@ -505,8 +520,8 @@ def _count_variants(mechanisms: Sequence[str], variants: Sequence[object]) -> st
 
 
 # flags of the kernel sweep that the accuracy sweep (``scale --task``) has no use for
-KERNEL_ONLY = ("batch", "heads", "head_dim", "dtype", "mode", "layout", "causal", "min_time", "compile",
-               "rounds", "retries", "max_slowdown", "max_spread", "fit_min_n")
+KERNEL_ONLY = ("batch", "heads", "head_dim", "dtype", "mode", "layout", "causal", "kv_heads", "min_time",
+               "compile", "rounds", "retries", "max_slowdown", "max_spread", "fit_min_n")
 
 
 def _accuracy_sweep(args: argparse.Namespace) -> int:

@@ -13,8 +13,10 @@ from scipy import stats
 BASELINES = ("softmax", "sdpa")
 CONFIDENCE = 0.95
 MIN_LABEL_POINTS = 4
+CONSTANT_BAND = (-0.2, 0.2)
 LINEAR_BAND = (0.8, 1.2)
 QUADRATIC_BAND = (1.8, 2.2)
+CONSTANT_DIVIDE = 0.5  # halfway between constant and linear (a decoder's token: state against KV cache)
 DIVIDE = 1.5  # halfway between linear and quadratic: an interval must stay on its side
 
 
@@ -58,9 +60,12 @@ def fit_exponent(n: pd.Series | np.ndarray, cost: pd.Series | np.ndarray) -> flo
 
 
 def label(fit: Fit) -> str:
-    """'linear' or 'quadratic' only when the 95 % interval [lo, hi] supports it and excludes the other.
+    """'constant', 'linear' or 'quadratic' only when the 95 % interval [lo, hi] supports it and
+    excludes its neighbours.
 
     - fewer than 4 points: 'no label (k points)' (three points fit too much too well);
+    - 'constant': the interval reaches the constant band (lo <= 0.2 and hi >= -0.2) and lies wholly
+      below 0.5, halfway to linear, so it excludes 1 (a recurrent decoder's cost per token);
     - 'linear': the interval reaches the linear band (lo <= 1.2 and hi >= 0.8) and lies wholly
       below 1.5, halfway to quadratic, so it excludes 2;
     - 'quadratic': it reaches the quadratic band (lo <= 2.2 and hi >= 1.8) and lies wholly above
@@ -73,6 +78,8 @@ def label(fit: Fit) -> str:
     lo, hi = fit.ci_low, fit.ci_high
     if not (math.isfinite(lo) and math.isfinite(hi)):
         return "unknown"
+    if lo <= CONSTANT_BAND[1] and hi >= CONSTANT_BAND[0] and hi < CONSTANT_DIVIDE:
+        return "constant"
     if lo <= LINEAR_BAND[1] and hi >= LINEAR_BAND[0] and hi < DIVIDE:
         return "linear"
     if lo <= QUADRATIC_BAND[1] and hi >= QUADRATIC_BAND[0] and lo > DIVIDE:
@@ -119,11 +126,17 @@ def _fit_columns(prefix: str, fit: Fit) -> dict[str, object]:
             f"{prefix}_ci_high": round(fit.ci_high, 3), f"{prefix}_r2": round(fit.r2, 4)}
 
 
+# Decode sweeps: the exponents of the cache's bytes and of the prefill's time, beside the token's.
+DECODE_FITS = (("cache", "cache_bytes"), ("prefill", "prefill_ms"))
+
+
 def fit_table(table: pd.DataFrame, fit_min_n: int = 0) -> pd.DataFrame:
     """Per mechanism and mode: time and memory exponents with their intervals over the ``ok``
     rows with n >= fit_min_n that are not flagged noisy (how many were left out is a column),
-    the labels, and the crossovers against softmax and sdpa (noisy rows left out there too)."""
+    the labels, and the crossovers against softmax and sdpa (noisy rows left out there too);
+    in a decode sweep's table also the exponents of cache bytes and prefill time."""
     rows = []
+    extra = [(prefix, column) for prefix, column in DECODE_FITS if column in table.columns]
     noisy = flag(table, "noisy")
     clean = table[~noisy]
     candidates = table[(table["status"] == "ok") & (table["n"] >= fit_min_n)]
@@ -144,6 +157,9 @@ def fit_table(table: pd.DataFrame, fit_min_n: int = 0) -> pd.DataFrame:
             **{f"crossover_vs_{b}": crossover(clean, mechanism, b, mode) if mechanism != b else math.nan
                for b in BASELINES},
         })
+        for prefix, column in extra:  # bytes are counted, not timed: noise leaves none of them out
+            points = mine if prefix == "cache" else fit
+            rows[-1].update(_fit_columns(prefix, fit_power_law(points["n"], pd.to_numeric(points[column]))))
     return pd.DataFrame(rows)
 
 

@@ -20,9 +20,11 @@ tokens alone, as the padding contract says. ``flops(..., causal=True)`` counts t
 it runs: half the score products only where its kernel skips the masked half.
 
 Decoding: a causal mechanism may also generate incrementally: ``prefill`` runs the causal form
-over a prompt and returns a cache (a KV cache, a recurrent state, a rolling window), and ``step``
-mixes one more token per sequence against it. Prefill and steps reproduce the parallel causal
-forward at every position. A mechanism without them says why in ``no_decode_reason``.
+over a prompt and returns a cache (a KV cache, a recurrent state, a rolling window;
+``attnbench.decoding``), and ``step`` mixes one more token per sequence against it. Prefill and
+steps reproduce the parallel causal forward at every position; a right-padded prompt's next token
+follows its real tokens. A mechanism without them says why in ``no_decode_reason`` (as for causal,
+the nearer of ``prefill`` and ``no_decode_reason`` in the class hierarchy decides).
 """
 
 from __future__ import annotations
@@ -147,9 +149,14 @@ class Mechanism(nn.Module):
         causal = cls.causal_problem()
         if causal is not None:
             return f"no causal form: {causal}"
-        if cls.prefill is Mechanism.prefill or cls.step is Mechanism.step:
-            return cls.no_decode_reason
-        return None
+        for klass in cls.__mro__:
+            if klass is Mechanism:
+                break
+            if "prefill" in vars(klass):
+                return None if cls.step is not Mechanism.step else cls.no_decode_reason
+            if "no_decode_reason" in vars(klass):
+                return klass.no_decode_reason
+        return cls.no_decode_reason
 
     @classmethod
     def backend(cls, device: str = "cpu", dtype: torch.dtype = torch.float32) -> str:
@@ -234,19 +241,22 @@ class Mechanism(nn.Module):
         depends on ``x[:, :t + 1]`` only. Mechanisms without one leave this out."""
         raise NotImplementedError
 
-    def prefill(self, x: Tensor, capacity: int, mask: Tensor | None = None) -> tuple[Tensor, DecodeCache]:
+    def prefill(self, x: Tensor, capacity: int, mask: Tensor | None = None,
+                outputs: bool = True) -> tuple[Tensor | None, DecodeCache]:
         """The causal form over prompts ``x: (B, N, C)`` (``mask: (B, N)``, True at real tokens, for
         right-padded prompts) and a cache with room for ``capacity >= N`` tokens in all, so that
-        ``step`` never reallocates. Returns ``(output (B, N, C), cache)``."""
-        raise NotImplementedError
+        ``step`` never reallocates. Returns ``(output (B, N, C), cache)``; ``outputs=False`` builds
+        the cache alone (None for the output), where the prompt's outputs are not wanted."""
+        raise OptionError(f"{self.name}: incremental decoding is not supported: {self.decode_problem()}")
 
     def step(self, x: Tensor, cache: DecodeCache) -> Tensor:
         """One new token per sequence ``x: (B, 1, C)`` after what ``cache`` holds; returns its output
         ``(B, 1, C)`` and advances the cache (a padded prompt's next token follows its real ones)."""
-        raise NotImplementedError
+        raise OptionError(f"{self.name}: incremental decoding is not supported: {self.decode_problem()}")
 
     def cache_bytes(self, batch: int, n: int, dtype: torch.dtype) -> int:
-        """Bytes of the cache after ``n`` tokens of ``batch`` sequences, by formula."""
+        """Bytes of the cache that ``prefill`` allocates for ``batch`` sequences and a capacity of
+        ``n`` tokens, by formula (what ``DecodeCache.nbytes`` measures)."""
         raise NotImplementedError
 
     def mix_padded(self, x: Tensor, mask: Tensor) -> Tensor:
@@ -263,9 +273,31 @@ class Mechanism(nn.Module):
         return f"dim={self.dim}, heads={self.num_heads}, options={self.options}"
 
 
+def count_flops(module: Mechanism, batch: int, n: int, grid: Grid | None = None,
+                causal: bool = False) -> Flops | None:
+    """``module.flops`` of the forward that runs; None for a causal forward whose ``flops`` takes
+    no ``causal`` (a plug-in written before it): its causal count is not declared. A mechanism
+    that refuses causal is refused here too (``OptionError`` with its reason)."""
+    if not causal:
+        return module.flops(batch, n, grid)
+    problem = module.causal_problem()
+    if problem is not None:
+        raise OptionError(f"{module.name}: causal=True is not supported: {problem}")
+    parameters = inspect.signature(module.flops).parameters.values()
+    if not any(p.name == "causal" or p.kind is p.VAR_KEYWORD for p in parameters):
+        return None
+    return module.flops(batch, n, grid, causal=True)
+
+
 class DecodeCache:
     """What ``step`` reads and advances. ``snapshot``/``restore`` put it back as it was (the decode
-    sweep times many steps at one context length); ``tensors`` are what it holds, for its bytes."""
+    sweep times many steps at one context length); ``tensors`` are what it holds, for its bytes
+    (the per-sequence token counts, a few integers, are bookkeeping and not among them)."""
+
+    @property
+    def batch(self) -> int:
+        """Sequences in the batch."""
+        raise NotImplementedError
 
     def snapshot(self) -> Any:
         raise NotImplementedError
@@ -283,20 +315,6 @@ class DecodeCache:
             storage = t.untyped_storage()
             seen[storage.data_ptr()] = storage.nbytes()
         return sum(seen.values())
-def count_flops(module: Mechanism, batch: int, n: int, grid: Grid | None = None,
-                causal: bool = False) -> Flops | None:
-    """``module.flops`` of the forward that runs; None for a causal forward whose ``flops`` takes
-    no ``causal`` (a plug-in written before it): its causal count is not declared. A mechanism
-    that refuses causal is refused here too (``OptionError`` with its reason)."""
-    if not causal:
-        return module.flops(batch, n, grid)
-    problem = module.causal_problem()
-    if problem is not None:
-        raise OptionError(f"{module.name}: causal=True is not supported: {problem}")
-    parameters = inspect.signature(module.flops).parameters.values()
-    if not any(p.name == "causal" or p.kind is p.VAR_KEYWORD for p in parameters):
-        return None
-    return module.flops(batch, n, grid, causal=True)
 
 
 def split_heads(x: Tensor, num_heads: int) -> Tensor:

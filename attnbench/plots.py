@@ -612,13 +612,17 @@ def variant_labels(rows: pd.DataFrame, by: Sequence[str], within: Sequence[str])
 # ---- the sequence-length sweep ----------------------------------------------------------------
 
 
-def _reference_slopes(ax: plt.Axes, n: np.ndarray, y0: float) -> None:
-    """Faint O(n) and O(n²) guides through (min n, y0)."""
+GUIDES = {0: ("-.", "O(1)"), 1: (":", "O(n)"), 2: ("--", "O(n²)")}
+
+
+def _reference_slopes(ax: plt.Axes, n: np.ndarray, y0: float, powers: Sequence[int] = (1, 2)) -> None:
+    """Faint guides of the given slopes (O(n) and O(n²); O(1) and O(n) for decoding) through (min n, y0)."""
     lo, hi = n.min(), n.max()
     xs = np.array([lo, hi])
-    for power, line in ((1, ":"), (2, "--")):
+    for power in powers:
+        line, name = GUIDES[power]
         ax.plot(xs, y0 * (xs / lo) ** power, line, color="0.55", lw=1, alpha=0.7, zorder=0,
-                label=f"guide: slope {power}, O(n{'²' if power == 2 else ''})")
+                label=f"guide: slope {power}, {name}")
 
 
 def _fit_label(mech: str, fit: pd.DataFrame, prefix: str) -> str:
@@ -636,7 +640,8 @@ QUARTILE_COLUMNS = ("time_ms_q1", "time_ms_q3")
 
 
 def _against_n(rows: pd.DataFrame, fits: pd.DataFrame, column: str, prefix: str, unit: str,
-               what: str, mode: str, title: str) -> plt.Figure | None:
+               what: str, mode: str, title: str, powers: Sequence[int] = (1, 2),
+               x_label: str = "sequence length n (tokens)") -> plt.Figure | None:
     from attnbench.fit import flag
 
     ok = rows[(rows["status"] == "ok") & (rows[column] > 0)]
@@ -663,8 +668,8 @@ def _against_n(rows: pd.DataFrame, fits: pd.DataFrame, column: str, prefix: str,
             ax.fill_between(group["n"][keep], q["time_ms_q1"][keep], q["time_ms_q3"][keep], color=s.colour,
                             alpha=0.2, lw=0)
     ns = np.sort(ok["n"].unique())
-    _reference_slopes(ax, ns, float(ok[ok["n"] == ns[0]][column].median()))
-    log_log_panel(ax, strip, failed, rows, "n", "sequence length n (tokens)", unit)
+    _reference_slopes(ax, ns, float(ok[ok["n"] == ns[0]][column].median()), powers)
+    log_log_panel(ax, strip, failed, rows, "n", x_label, unit)
     handles, _ = ax.get_legend_handles_labels()
     if column == "time_ms_median":
         handles.append(Patch(fc="0.6", alpha=0.35, label="quartiles of the timed runs") if band else
@@ -682,6 +687,15 @@ def _against_n(rows: pd.DataFrame, fits: pd.DataFrame, column: str, prefix: str,
     return fig
 
 
+# (column, fit prefix, axis label, file stem, guide slopes) per figure of a mode
+KERNEL_PANELS = (("time_ms_median", "time", "time per step (ms)", "time", (1, 2)),
+                 ("peak_mem_mib", "memory", "peak memory (MiB)", "memory", (1, 2)))
+DECODE_PANELS = (("time_ms_median", "time", "time per generated token (ms)", "time", (0, 1)),
+                 ("cache_mib", "cache", "cache memory, measured (MiB)", "cache", (0, 1)),
+                 ("prefill_ms", "prefill", "prefill of the n-token prompt (ms)", "prefill", (1, 2)),
+                 ("peak_mem_mib", "memory", "peak memory of one step (MiB)", "memory", (0, 1)))
+
+
 def scaling_plots(table: pd.DataFrame, fits: pd.DataFrame, out: Path, title: str,
                   ratios: pd.DataFrame | None = None) -> list[Path]:
     """Per mode: time and memory against n, log-log (quartile bands, noisy rows hollow and left
@@ -693,9 +707,14 @@ def scaling_plots(table: pd.DataFrame, fits: pd.DataFrame, out: Path, title: str
         if not (rows["status"] == "ok").any():
             continue
         mode_fits = fits[fits["mode"] == mode] if "mode" in fits.columns else fits
-        for column, prefix, unit, stem in (("time_ms_median", "time", "time per step (ms)", "time"),
-                                           ("peak_mem_mib", "memory", "peak memory (MiB)", "memory")):
-            fig = _against_n(rows, mode_fits, column, prefix, unit, stem, mode, title)
+        panels = DECODE_PANELS if mode == "decode" else KERNEL_PANELS
+        if mode == "decode" and "cache_bytes" in rows.columns:
+            rows = rows.assign(cache_mib=pd.to_numeric(rows["cache_bytes"]) / 2**20)
+        for column, prefix, unit, stem, powers in panels:
+            if column not in rows.columns:
+                continue
+            x_label = "context n (tokens held)" if mode == "decode" else "sequence length n (tokens)"
+            fig = _against_n(rows, mode_fits, column, prefix, unit, stem, mode, title, powers, x_label)
             if fig is not None:
                 written += save_figure(fig, out, f"{stem}_{mode.replace('+', '_')}")
         mode_ratios = ratios[ratios["mode"] == mode] if ratios is not None and len(ratios) else None

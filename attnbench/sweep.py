@@ -13,6 +13,11 @@ the same-round ratios (``ratios.csv``) and the plots. Mechanism options given as
 (``--opt set.m=16,64``) are variants (``set[m=16]``), each measured, fitted and drawn as a
 mechanism of its own (the ``variant`` column). ``causal`` runs every mechanism's causal form; one
 without a causal form is a row ``unavailable`` with its reason, and the sweep goes on.
+
+The mode ``decode`` measures generation instead (``attnbench.decode_worker``): at each context n,
+the prefill of an n-token prompt and the time per generated token, with the cache's bytes; a
+mechanism that cannot decode is a row ``unavailable`` with its reason. ``kv_heads`` (grouped-query
+heads) goes to the mechanisms that take it, in every mode.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from typing import Any
 import pandas as pd
 
 from attnbench import registry
+from attnbench.decode_worker import DecodeConfiguration
 from attnbench.fit import BASELINES, fit_table, flag, ratio_table
 from attnbench.interrupt import command_with, keeping
 from attnbench.measure import quartiles
@@ -52,10 +58,11 @@ from attnbench.results import (
 from attnbench.worker import STALL_ENV, Configuration, ProbeHandler, Session
 
 COLUMNS = ["mechanism", "variant", "n", "mode", "batch", "heads", "head_dim", "dtype", "device", "threads",
-           "layout", "causal", "options", "backend", "compiled", "time_ms_median", "time_ms_iqr",
+           "layout", "causal", "kv_heads", "options", "backend", "compiled", "time_ms_median", "time_ms_iqr",
            "time_ms_q1", "time_ms_q3", "runs", "rounds", "attempts", "spread", "noisy", "peak_mem_mib",
            "flops", "flops_matmul", "gflops", "floor_ms", "floor_fraction", "machine_gflops", "machine_gbs",
-           "machine_slowdown", "compile_s", "params", "status", "message"]
+           "machine_slowdown", "compile_s", "prefill_ms", "prefill_status", "tokens_s", "cache_bytes",
+           "cache_bytes_formula", "params", "status", "message"]
 ROUND_COLUMNS = ["mechanism", "variant", "n", "mode", "pass", "attempt", "round", "time_ms_median", "runs",
                  "machine_gflops", "machine_gbs", "slowdown", "disturbed", "kept"]
 KEY = ["mechanism", "variant", "n", "mode"]
@@ -64,6 +71,8 @@ DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
 PROBE_WARMUP = 5  # readings before the sweep: first-touch and clock ramps settle, the reference forms
 PROBE_TIMEOUT = 60.0
 MAX_N = 2**24
+MODES = ("fwd", "fwd+bwd", "decode")
+DECODE_STEPS = 32  # timed generated tokens per row, at least, over its rounds
 
 
 class SweepError(ValueError):
@@ -121,6 +130,7 @@ class SweepConfig:
     threads: int = 1
     layout: str = "1d"
     causal: bool = False  # every mechanism's causal form (1-D sequences only)
+    kv_heads: int | None = None  # key/value heads of the mechanisms that take kv_heads; None: one per head
     # --opt, parsed with axes=True: a comma list (set.m=16,64) runs each value as a variant of its own
     options: dict[str, dict[str, str]] = dataclasses.field(default_factory=dict)
     budget: float = 120.0
@@ -146,13 +156,54 @@ class SweepConfig:
                 raise SweepError(f"{name} must be > 0, got {value}")
         if self.causal and self.layout != "1d":
             raise SweepError("--causal: causal attention is defined on sequences; use --layout 1d")
+        unknown = [m for m in self.modes if m not in MODES]
+        if unknown or not self.modes:
+            shown = unknown[0] if unknown else "(none)"
+            raise SweepError(f"--mode {shown}; valid choices: {', '.join(MODES)}")
+        if "decode" in self.modes and self.layout != "1d":
+            raise SweepError("--mode decode: decoding generates sequences; use --layout 1d")
+        if "decode" in self.modes and self.compile:
+            raise SweepError("--mode decode runs eager: prefill and step are not compiled; drop --compile")
+        self._check_kv_heads()
         if self.dtype not in ("float32", "float16", "bfloat16", "float64"):
             raise SweepError(f"--dtype {self.dtype!r}; valid choices: float32, float16, bfloat16, float64")
         self.variants()  # options of a mechanism not swept, or a bad combination: refused now
 
     def variants(self) -> list[Variant]:
-        """Each mechanism once per combination of its swept options: ``set[m=16]``, ``set[m=64]``."""
-        return variants(self.mechanisms, self.options)
+        """Each mechanism once per combination of its swept options: ``set[m=16]``, ``set[m=64]``;
+        ``kv_heads`` among the options of every mechanism that takes it."""
+        found = variants(self.mechanisms, self.options)
+        if self.kv_heads is None:
+            return found
+        return [dataclasses.replace(v, options={**v.options, "kv_heads": str(self.kv_heads)})
+                if takes_kv_heads(v.mechanism) else v for v in found]
+
+    def _check_kv_heads(self) -> None:
+        """--kv-heads, or a mechanism's kv_heads option, divides --heads; not both given."""
+        if self.kv_heads is not None:
+            given = [m for m, o in self.options.items() if "kv_heads" in o]
+            if given:
+                raise SweepError(f"--kv-heads and --opt {given[0]}.kv_heads: give one of them")
+        for variant in self.variants():
+            value = variant.options.get("kv_heads")
+            if value is not None and str(value).lower() != "none" and self.heads % int(value):
+                valid = ", ".join(str(h) for h in range(1, self.heads + 1) if self.heads % h == 0)
+                raise SweepError(f"kv_heads={value} ({variant.label}) does not divide --heads {self.heads}; "
+                                 f"valid: {valid}")
+
+
+def takes_kv_heads(mechanism: str) -> bool:
+    """Whether the mechanism has a ``kv_heads`` option (grouped-query heads)."""
+    options = registry.get_mechanism(mechanism).Options
+    return any(f.name == "kv_heads" for f in dataclasses.fields(options))
+
+
+def kv_heads_of(cfg: SweepConfig, job: dict[str, Any]) -> int | None:
+    """The key/value heads the job's mechanism runs with; None for one without the option."""
+    if not takes_kv_heads(job["mechanism"]):
+        return None
+    value = _options(cfg, job).get("kv_heads")
+    return cfg.heads if value is None or str(value).lower() == "none" else int(value)
 
 
 def _grid(n: int, layout: str) -> tuple[int, int] | None:
@@ -196,13 +247,16 @@ def by_variant(table: pd.DataFrame) -> pd.DataFrame:
 
 def _row(cfg: SweepConfig, job: dict[str, Any], **measured: Any) -> dict[str, Any]:
     return {**job, "batch": cfg.batch, "heads": cfg.heads, "head_dim": cfg.head_dim, "dtype": cfg.dtype,
-            "device": cfg.device, "threads": cfg.threads, "layout": cfg.layout, "causal": cfg.causal,
+            "device": cfg.device, "threads": cfg.threads, "layout": cfg.layout,
+            "causal": cfg.causal or job["mode"] == "decode", "kv_heads": kv_heads_of(cfg, job),
             "options": json.dumps(_options(cfg, job), sort_keys=True), "compiled": cfg.compile, **measured}
 
 
 def _unavailable(cfg: SweepConfig, job: dict[str, Any]) -> str | None:
     """Why this configuration cannot run here, or None."""
     cls = registry.get_mechanism(job["mechanism"])
+    if job["mode"] == "decode" and cls.decode_problem() is not None:
+        return f"incremental decoding is not supported: {cls.decode_problem()}"
     causal = cls.causal_problem() if cfg.causal else None
     if causal is not None:
         return f"causal=True is not supported: {causal}"
@@ -340,9 +394,11 @@ def _verdict(cfg: SweepConfig, rounds: list[Round]) -> str:
 
 
 def _round_request(cfg: SweepConfig, live: Live, index: int) -> dict[str, Any]:
-    """One round's share of --min-time, and of the 5 runs (3 for steps over a second) a row needs:
-    5 runs in 3 rounds are 2, 2 and 1; every round has at least one."""
+    """One round's share of --min-time, and of the 5 runs (3 for steps over a second; 32 generated
+    tokens in decode) a row needs: 5 runs in 3 rounds are 2, 2 and 1; every round has at least one."""
     runs = 3 if live.setup.get("step_s", 0.0) > 1.0 else 5
+    if live.job["mode"] == "decode":
+        runs = DECODE_STEPS
     share = runs // cfg.rounds + (index < runs % cfg.rounds)
     return {"op": "round", "index": index, "seconds": cfg.min_run_time / cfg.rounds,
             "min_runs": max(1, share)}
@@ -392,9 +448,13 @@ def _message(cfg: SweepConfig, live: Live) -> str:
 
 def _finished_row(cfg: SweepConfig, live: Live) -> dict[str, Any]:
     """The row of a measured configuration: its statistics, the machine's rate and the floor."""
-    setup = {k: v for k, v in live.setup.items() if k not in ("first_call_s", "step_s")}
+    setup = {k: v for k, v in live.setup.items() if k not in ("first_call_s", "step_s", "capacity",
+                                                             "prefill_message")}
     if live.failure is not None:
         return _row(cfg, live.job, **{**setup, **live.failure})
+    prefill = live.setup.get("prefill_message", "")
+    if prefill:  # the prompt's outputs did not fit: the cache was built without them
+        prefill = f"prefill out of memory ({prefill}); the cache built without the prompt's outputs"
     rounds = live.kept()
     stats = _statistics(rounds)
     machine = median_reading([r for rd in rounds for r in rd.readings if math.isfinite(r.gflops)])
@@ -410,7 +470,9 @@ def _finished_row(cfg: SweepConfig, live: Live) -> dict[str, Any]:
         "floor_ms": floor, "floor_fraction": floor / stats["time_ms_median"],
         "machine_gflops": machine.gflops, "machine_gbs": machine.gbs,
         "machine_slowdown": max(slowdowns, default=math.nan), "compile_s": compile_s,
-        "message": "; ".join(filter(None, (live.setup.get("message", ""), _message(cfg, live))))}
+        "message": "; ".join(filter(None, (live.setup.get("message", ""), prefill, _message(cfg, live))))}
+    if live.job["mode"] == "decode":
+        measured["tokens_s"] = cfg.batch / median_s if median_s > 0 else math.nan
     return _row(cfg, live.job, **measured)
 
 
@@ -444,7 +506,8 @@ def measure_group(cfg: SweepConfig, jobs: list[dict[str, Any]], probe: MachinePr
             if reason:
                 rows[i] = _row(cfg, job, status="unavailable", message=reason)
                 continue
-            session = Session(Configuration, _payload(cfg, job), log_path, budget=cfg.budget)
+            handler = DecodeConfiguration if job["mode"] == "decode" else Configuration
+            session = Session(handler, _payload(cfg, job), log_path, budget=cfg.budget)
             setup = session.request({"op": "setup"})
             if setup["status"] != "ok":
                 session.close()
@@ -477,6 +540,11 @@ def default_out_dir(root: Path) -> Path:
 def _format_result(row: dict[str, Any]) -> str:
     if row["status"] != "ok":
         return f"{row['status']}: {row.get('message', '')}"[:120]
+    if row["mode"] == "decode":
+        text = (f"{row['time_ms_median']:.3g} ms per token (IQR {row['time_ms_iqr']:.2g}), "
+                f"{row['tokens_s']:.4g} tokens/s, prefill {row.get('prefill_ms', math.nan):.4g} ms, "
+                f"cache {row.get('cache_bytes', math.nan) / 2**20:.4g} MiB")
+        return text + (f" -- {row['message']}"[:160] if row["message"] else "")
     text = (f"{row['time_ms_median']:.3g} ms (IQR {row['time_ms_iqr']:.2g}), "
             f"{row['peak_mem_mib']:.1f} MiB, {row['gflops']:.3g} GFLOP/s, "
             f"floor/time {row['floor_fraction']:.2f}")
@@ -486,9 +554,9 @@ def _format_result(row: dict[str, Any]) -> str:
 # What every row of one sweep folder shares, by the flag that sets it.
 _SHARED = {"batch": "--batch", "heads": "--heads", "head_dim": "--head-dim", "dtype": "--dtype",
            "device": "--device", "layout": "--layout", "threads": "--threads", "compile": "--compile",
-           "modes": "--mode", "causal": "--causal"}
+           "modes": "--mode", "causal": "--causal", "kv_heads": "--kv-heads"}
 # what a folder written before a setting existed was measured with
-_SHARED_BEFORE = {"causal": False}
+_SHARED_BEFORE = {"causal": False, "kv_heads": None}
 
 
 def _check_resume(cfg: SweepConfig, meta_path: Path, out: Path) -> None:
@@ -635,6 +703,10 @@ def fit_summary(fits: pd.DataFrame) -> pd.DataFrame:
     shown["memory_exponent"] = [f"{e:.2f} {_interval(lo, hi)}" if math.isfinite(e) else "-" for e, lo, hi in
                                 zip(fits["memory_exponent"], fits["memory_ci_low"], fits["memory_ci_high"],
                                     strict=True)]
+    if "cache_exponent" in fits.columns:  # a decode sweep: how the cache grows with the context
+        cache = zip(fits["cache_exponent"], fits["cache_ci_low"], fits["cache_ci_high"], strict=True)
+        shown["cache_exponent"] = [f"{e:.2f} {_interval(lo, hi)}" if math.isfinite(e) else "-"
+                                   for e, lo, hi in cache]
     shown["noisy_left_out"] = fits["noisy_left_out"]
     for b in BASELINES:
         shown[f"faster_than_{b}_from_n"] = fits[f"crossover_vs_{b}"].map(

@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from attnbench.mechanism import Flops, Grid, option, projection_flops
+from attnbench.decoding import StateCache, check_token, prompt_lengths, zero_padding
+from attnbench.mechanism import Flops, Grid, merge_heads, option, projection_flops
 from attnbench.registry import register_mechanism
 from mechanisms.softmax import SoftmaxAttention, SoftmaxOptions
 
@@ -109,3 +110,33 @@ class LinearAttention(SoftmaxAttention):
         blocks = 2 * 2 * batch * padded * length * self.dim  # φ(Q)φ(K)ᵀ and its product with V, per chunk
         return Flops(matmul=projections + states + blocks,
                      elementwise=10 * batch * n * self.dim + 2 * batch * self.num_heads * padded * length)
+
+    # ---- incremental decoding: the recurrent state S = Σ φ(k) vᵀ, z = Σ φ(k) --------------------
+    def prefill(self, x: Tensor, capacity: int, mask: Tensor | None = None,
+                outputs: bool = True) -> tuple[Tensor | None, StateCache]:
+        lengths = prompt_lengths(self, x, capacity, mask)
+        q, k, v = self.qkv_heads(x)  # (B, H, N, d) each
+        phi_k = feature_map(k)
+        if mask is not None:  # padding adds nothing to the state
+            phi_k = phi_k * mask[:, None, :, None]
+        # S (B, H, d, d) and z (B, H, d)
+        cache = StateCache(lengths, kv=phi_k.transpose(-2, -1) @ v, k_sum=phi_k.sum(-2))
+        out = None
+        if outputs:  # right padding comes after every real query: the causal form never reads it
+            out = zero_padding(self.proj(merge_heads(self.attend_causal(q, k, v))), mask)
+        return out, cache
+
+    def step(self, x: Tensor, cache: StateCache) -> Tensor:
+        """S += φ(k) vᵀ, z += φ(k) in place; out = φ(q)ᵀ S / (φ(q)·z + eps): O(H·d²) whatever the context."""
+        check_token(self, x, cache)
+        q, k, v = self.qkv_heads(x)  # (B, H, 1, d) each
+        phi_q, phi_k = feature_map(q), feature_map(k)
+        cache["kv"].add_(phi_k.transpose(-2, -1) @ v)  # (B, H, d, d)
+        cache["k_sum"].add_(phi_k[:, :, 0])  # (B, H, d)
+        norm = (phi_q[:, :, 0] * cache["k_sum"]).sum(-1)[..., None, None]  # (B, H, 1, 1)
+        cache.positions.advance()
+        return self.proj(merge_heads((phi_q @ cache["kv"]) / (norm + self.options.eps)))
+
+    def cache_bytes(self, batch: int, n: int, dtype: torch.dtype) -> int:
+        """S and z: B·H·(d² + d) elements, whatever n."""
+        return batch * self.num_heads * (self.head_dim**2 + self.head_dim) * dtype.itemsize

@@ -21,6 +21,10 @@ Design choices, each a line:
   is not shifted into the future). The small-input clamping above depends on N, as it does
   without causal. A kernel as long as the sequence is plain causal attention, which natten hands
   to its FMHA, whose Flex backend has no causal mask: that case runs as causal SDPA instead.
+* Decoding keeps the last (kernel − 1)·dilation + 1 keys and values in a ring: a new token's
+  neighbours are itself and the kernel − 1 before it in its dilation group. It is the causal form
+  of every sequence that reaches kernel·dilation tokens (always, with dilation 1): below that the
+  forward lowers the dilation, which a token cannot know before the sequence ends.
 * Head dims: natten's Flex backend (the CPU's only path without gradients) takes a power of two
   from 8 to 512, so any other head dim is refused when the mechanism is built, on every device:
   a model that trains (masked SDPA) must also evaluate.
@@ -36,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from attnbench.decoding import WindowCache, check_token, prompt_lengths, zero_padding
 from attnbench.mechanism import Flops, Grid, Mechanism, option, projection_flops, require
 from attnbench.registry import register_mechanism
 
@@ -223,3 +228,45 @@ class NeighbourhoodAttention(Mechanism):
             window = batch * n * math.prod(kernel)  # per head: query-neighbour pairs
         return Flops(matmul=projection_flops(batch, n, self.dim, 4) + 4 * window * self.dim,
                      elementwise=5 * self.num_heads * window)
+
+    # ---- incremental decoding: a rolling window of the last (kernel − 1)·dilation + 1 tokens ----
+    def window(self) -> int:
+        """Tokens the cache keeps: the oldest neighbour a new token has is (kernel − 1)·dilation back."""
+        return (self.options.kernel - 1) * self.options.dilation + 1
+
+    def prefill(self, x: Tensor, capacity: int, mask: Tensor | None = None,
+                outputs: bool = True) -> tuple[Tensor | None, WindowCache]:
+        """The causal neighbourhoods of ``kernel`` and ``dilation`` as given (the causal form's, for
+        prompts of kernel·dilation tokens or more, or any prompt when dilation = 1: shorter ones the
+        forward attends with a lowered dilation), and the window after each sequence's real tokens."""
+        lengths = prompt_lengths(self, x, capacity, mask)
+        b, n, c = x.shape
+        q, k, v = self.qkv(x).view(b, n, 3, self.num_heads, self.head_dim).unbind(2)  # (B, N, H, d) each
+        out = None
+        if outputs:  # right padding comes after every real query: the causal form never reads it
+            kernel, dilation = self.options.kernel, self.options.dilation
+            if n <= kernel and dilation == 1:  # the whole prefix of every token (see the notes)
+                heads_first = [t.transpose(1, 2) for t in (q, k, v)]  # (B, H, N, d)
+                attended = F.scaled_dot_product_attention(*heads_first, is_causal=True).transpose(1, 2)
+            elif n >= kernel * dilation and not (q.requires_grad and q.device.type == "cpu"):
+                attended = self.natten_attention(q, k, v, (kernel,), (dilation,), causal=True)
+            else:  # natten needs kernel·dilation <= N; the dense mask takes the dilation as given
+                attended = self.masked_attention(q, k, v, (kernel,), (dilation,), causal=True)
+            out = zero_padding(self.proj(attended.reshape(b, n, c)), mask)
+        return out, WindowCache(k.transpose(1, 2), v.transpose(1, 2), lengths, self.window())
+
+    def step(self, x: Tensor, cache: WindowCache) -> Tensor:
+        """The new token t against its causal neighbours t, t − dilation, …, (kernel of them, >= 0)."""
+        check_token(self, x, cache)
+        b, _, c = x.shape
+        qkv = self.qkv(x).view(b, 1, 3, self.num_heads, self.head_dim)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # (B, H, 1, d) each
+        cache.append(k, v)
+        back = torch.arange(self.options.kernel, device=x.device) * self.options.dilation
+        keys, values, held = cache.gather(back, torch.zeros(b, dtype=torch.long, device=x.device))
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=held[:, None, None, :])
+        return self.proj(out.transpose(1, 2).reshape(b, 1, c))
+
+    def cache_bytes(self, batch: int, n: int, dtype: torch.dtype) -> int:
+        """Keys and values of the window: 2·B·H·((kernel − 1)·dilation + 1)·d elements, whatever n."""
+        return 2 * batch * self.num_heads * self.window() * self.head_dim * dtype.itemsize

@@ -30,7 +30,8 @@ import dataclasses
 import torch
 from torch import Tensor
 
-from attnbench.mechanism import Flops, Grid, option, projection_flops
+from attnbench.decoding import StateCache, check_token, prompt_lengths, zero_padding
+from attnbench.mechanism import Flops, Grid, merge_heads, option, projection_flops
 from attnbench.registry import register_mechanism
 from mechanisms.softmax import SoftmaxAttention, SoftmaxOptions
 
@@ -159,3 +160,50 @@ class PerformerAttention(SoftmaxAttention):
             core += 2 * pairs * (r + self.head_dim)
             elementwise += 4 * pairs
         return Flops(matmul=projection_flops(batch, n, self.dim, 4) + core, elementwise=elementwise)
+
+    # ---- incremental decoding: the recurrent state, relative to the running maximum c ----------
+    def prefill(self, x: Tensor, capacity: int, mask: Tensor | None = None,
+                outputs: bool = True) -> tuple[Tensor | None, StateCache]:
+        """The causal form over the prompt, and the state after each sequence's last real key:
+        A = Σ exp(e_j − c) v_jᵀ, Z = Σ exp(e_j − c) relative to c = max over the keys of Ωk − ‖k‖²/2,
+        and Σ v_j for the ``eps`` share (Ω stays fixed: decoding never redraws it)."""
+        lengths = prompt_lengths(self, x, capacity, mask)
+        q, k, v = self.qkv_heads(x)  # (B, H, N, d) each
+        e = self.exponent(k)  # (B, H, N, r)
+        real = None if mask is None else mask[:, None, :, None]
+        peak = e if real is None else e.masked_fill(~real, float("-inf"))
+        c = peak.amax((-2, -1))  # (B, H): the running maximum at the last real key
+        own = (peak - c[..., None, None]).exp()  # (B, H, N, r): exp(e_j − c), 0 at padding
+        values = v if real is None else v * real
+        cache = StateCache(lengths, kv=own.transpose(-2, -1) @ values, k_sum=own.sum(-2),
+                           v_sum=values.sum(-2), top=c)  # (B, H, r, d), (B, H, r), (B, H, d), (B, H)
+        out = None
+        if outputs:  # right padding comes after every real query: the causal form never reads it
+            out = zero_padding(self.proj(merge_heads(self.attend_causal(q, k, v))), mask)
+        return out, cache
+
+    def step(self, x: Tensor, cache: StateCache) -> Tensor:
+        """Rescale A and Z to the new running maximum and add the token, in place; then the causal
+        form's ratio for the new query: O(H·r·d) whatever the context."""
+        check_token(self, x, cache)
+        q, k, v = self.qkv_heads(x)  # (B, H, 1, d) each
+        e = self.exponent(k)[:, :, 0]  # (B, H, r)
+        top = torch.maximum(cache["top"], e.amax(-1))  # (B, H)
+        scale = (cache["top"] - top).exp()  # <= 1
+        own = (e - top[..., None]).exp()  # (B, H, r)
+        cache["kv"].mul_(scale[..., None, None]).add_(own[..., None] * v)  # (B, H, r, d)
+        cache["k_sum"].mul_(scale[..., None]).add_(own)
+        cache["v_sum"].add_(v[:, :, 0])
+        cache["top"].copy_(top)
+        cache.positions.advance()
+        phi_q = self.feature_map(q, True)[:, :, 0]  # (B, H, r)
+        q_sum = self.options.eps * phi_q.sum(-1, keepdim=True)  # (B, H, 1): the eps share
+        count = cache.positions.device_lengths.to(q.dtype)[:, None, None]  # (B, 1, 1): keys so far
+        numerator = q_sum * cache["v_sum"] + (phi_q[:, :, None, :] @ cache["kv"])[:, :, 0]  # (B, H, d)
+        denominator = q_sum * count + (phi_q * cache["k_sum"]).sum(-1, keepdim=True)  # (B, H, 1)
+        return self.proj(merge_heads((numerator / denominator)[:, :, None]))
+
+    def cache_bytes(self, batch: int, n: int, dtype: torch.dtype) -> int:
+        """A, Z, Σ v and c: B·H·(r·d + r + d + 1) elements, whatever n."""
+        r, d = self.options.features, self.head_dim
+        return batch * self.num_heads * (r * d + r + d + 1) * dtype.itemsize

@@ -51,11 +51,12 @@ class SDPAttention(SoftmaxAttention):
                      "counted); the math path computes all, P = N²")
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Tensor:
+        """q (B, H, N, d), k and v (B, H_kv, N, d): PyTorch shares each key/value head over its group."""
         keys = None if mask is None else mask[:, None, None, :]  # bool: True = may be attended
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=keys)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=keys, enable_gqa=k.shape[1] != q.shape[1])
 
     def attend_causal(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=k.shape[1] != q.shape[1])
 
     def causal_blocks(self, n: int) -> tuple[int, int] | None:
         """(query, key) blocks of the kernel that runs ``is_causal`` here for this module's device

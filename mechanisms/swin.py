@@ -32,7 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from attnbench.mechanism import Flops, Grid, Mechanism, option, projection_flops, require
+from attnbench.decoding import WindowCache, check_token, prompt_lengths, zero_padding
+from attnbench.mechanism import Flops, Grid, Mechanism, merge_heads, option, projection_flops, require
 from attnbench.registry import register_mechanism
 
 
@@ -160,3 +161,62 @@ class SwinAttention(Mechanism):
         window_scores = batch * hp * wp * wh * ww  # per head: every token scores every token of its window
         return Flops(matmul=projection_flops(batch, n, self.dim, 4) + 4 * window_scores * self.dim,
                      elementwise=5 * self.num_heads * window_scores)
+
+    # ---- incremental decoding: the current window of a sequence ----------------------------------
+    def group_start(self, t: Tensor) -> Tensor:
+        """First position of the window that holds position t on a sequence longer than the window:
+        windows start at s, s + w, … (s = ⌊w/2⌋ shifted, else 0), and the shifted partition's
+        wrapped-around part [0, s) is a window of its own."""
+        w = self.options.window
+        s = w // 2 if self.options.shift else 0
+        return torch.where(t < s, 0, s + torch.div(t - s, w, rounding_mode="floor") * w)
+
+    def causal_windows(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """Each token of (B, H, N, d) sequences against the earlier tokens of its window
+        (``group_start``), with the relative bias: the sequence padded at the front so that windows
+        start at multiples of w."""
+        b, h, n, d = q.shape
+        w = self.options.window
+        s = w // 2 if self.options.shift else 0
+        front, back = (w - s) % w, -(n + (w - s) % w) % w
+        # (B, H, nW, w, d) each
+        q, k, v = (F.pad(t, (0, 0, front, back)).view(b, h, -1, w, d) for t in (q, k, v))
+        scores = (q * self.head_dim**-0.5) @ k.transpose(-2, -1) + self.relative_bias(1, w)[:, None]
+        real = torch.arange(q.shape[2] * w, device=q.device).view(-1, w) >= front  # (nW, w): not front pad
+        allowed = torch.ones(w, w, dtype=torch.bool, device=q.device).tril() & real[:, None, :]
+        out = torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1) @ v
+        return out.view(b, h, -1, d)[:, :, front:front + n]
+
+    def prefill(self, x: Tensor, capacity: int, mask: Tensor | None = None,
+                outputs: bool = True) -> tuple[Tensor | None, WindowCache]:
+        """The causal windows of a sequence longer than the window (the causal form's, on any
+        sequence longer than w, or on any sequence unshifted: one of at most w tokens the forward
+        attends unshifted), and the window cache after each sequence's real tokens."""
+        lengths = prompt_lengths(self, x, capacity, mask)
+        b, n, c = x.shape
+        qkv = self.qkv(x).view(b, n, 3, self.num_heads, self.head_dim)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # (B, H, N, d) each
+        out = None
+        if outputs:  # right padding comes after every real query: the causal form never reads it
+            out = zero_padding(self.proj(merge_heads(self.causal_windows(q, k, v))), mask)
+        return out, WindowCache(k, v, lengths, self.options.window)
+
+    def step(self, x: Tensor, cache: WindowCache) -> Tensor:
+        """The new token t against t and the earlier tokens of its window, biased by their offsets."""
+        check_token(self, x, cache)
+        b, _, c = x.shape
+        w = self.options.window
+        qkv = self.qkv(x).view(b, 1, 3, self.num_heads, self.head_dim)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # (B, H, 1, d) each
+        cache.append(k, v)
+        back = torch.arange(w, device=x.device)  # offsets 0 … w − 1
+        first = self.group_start(cache.positions.device_lengths - 1)  # (B,)
+        keys, values, held = cache.gather(back, first)  # (B, H, w, d), (B, w)
+        bias = self.bias_table[(w - 1) * (2 * w - 1) + back + w - 1].T  # (H, w): query − key = offset
+        scores = (q * self.head_dim**-0.5) @ keys.transpose(-2, -1) + bias[:, None, :]  # (B, H, 1, w)
+        out = torch.softmax(scores.masked_fill(~held[:, None, None, :], float("-inf")), dim=-1) @ values
+        return self.proj(merge_heads(out))
+
+    def cache_bytes(self, batch: int, n: int, dtype: torch.dtype) -> int:
+        """Keys and values of one window: 2·B·H·w·d elements, whatever n."""
+        return 2 * batch * self.num_heads * self.options.window * self.head_dim * dtype.itemsize

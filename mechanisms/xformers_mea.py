@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from attnbench.decoding import KVCache, check_token, prompt_lengths, zero_padding
 from attnbench.mechanism import Grid
 from attnbench.registry import register_mechanism
 from mechanisms.softmax import SoftmaxAttention
@@ -221,10 +222,64 @@ class XFormersAttention(SoftmaxAttention):
         from xformers.ops import LowerTriangularMask, memory_efficient_attention
 
         b, n, c = x.shape
-        q, k, v = self.qkv(x).view(b, n, 3, self.num_heads, self.head_dim).unbind(2)  # (B, N, H, d)
+        q, k, v = (t.transpose(1, 2) for t in self.qkv_heads(x))  # (B, N, H or H_kv, d)
         bias = LowerTriangularMask() if causal else None
-        out = memory_efficient_attention(q, k, v, attn_bias=bias)  # (B, N, H, d), scale 1/√d
+        out = memory_efficient_attention(*grouped(q, k, v), attn_bias=bias)  # scale 1/√d
         return self.proj(out.reshape(b, n, c))
 
     def score_pairs(self, n: int, causal: bool) -> int:
         return n * (n + 1) // 2 if causal else n * n
+
+    # ---- incremental decoding: a key/value cache in xformers' (B, N, H_kv, d) layout ------------
+    def prefill(self, x: Tensor, capacity: int, mask: Tensor | None = None,
+                outputs: bool = True) -> tuple[Tensor | None, KVCache]:
+        lengths = prompt_lengths(self, x, capacity, mask)
+        reason = self.unavailable_reason(x.device.type)
+        if reason:
+            raise RuntimeError(f"{self.name}: {reason}")
+        from xformers.ops import LowerTriangularMask, memory_efficient_attention
+
+        b, n, c = x.shape
+        q, k, v = (t.transpose(1, 2) for t in self.qkv_heads(x))  # (B, N, H or H_kv, d)
+        out = None
+        if outputs:  # right padding comes after every real query: the causal form never reads it
+            attended = memory_efficient_attention(*grouped(q, k, v), attn_bias=LowerTriangularMask())
+            out = zero_padding(self.proj(attended.reshape(b, n, c)), mask)
+        return out, KVCache(k, v, lengths, capacity, token_dim=1)
+
+    def step(self, x: Tensor, cache: KVCache) -> Tensor:
+        """The new token against every token held; sequences of a padded batch that hold as many
+        tokens attend together (xformers takes no per-sequence key lengths without a bias)."""
+        check_token(self, x, cache)
+        from xformers.ops import memory_efficient_attention
+
+        b, _, c = x.shape
+        q, k, v = (t.transpose(1, 2) for t in self.qkv_heads(x))  # (B, 1, H or H_kv, d)
+        cache.append(k, v)
+        keys, values, held = cache.view()  # (B, L, H_kv, d) each
+        if held is None:
+            return self.proj(memory_efficient_attention(*grouped(q, keys, values)).reshape(b, 1, c))
+        out = x.new_empty(b, 1, c)
+        lengths = cache.positions.lengths
+        for length in sorted(set(lengths)):
+            rows = torch.tensor([i for i, n in enumerate(lengths) if n == length], device=x.device)
+            group = grouped(q[rows], keys[rows, :length], values[rows, :length])
+            out[rows] = memory_efficient_attention(*group).reshape(len(rows), 1, c)
+        return self.proj(out)
+
+    def cache_bytes(self, batch: int, n: int, dtype: torch.dtype) -> int:
+        """Keys and values: 2·B·H_kv·n·d elements."""
+        return 2 * batch * self.kv_heads * n * self.head_dim * dtype.itemsize
+
+
+def grouped(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """xformers' layouts of q (B, N, H, d) and k, v (B, M, H_kv, d): as they are for H_kv = H, else
+    its grouped (B, N, H_kv, H / H_kv, d) layout with each key/value head broadcast (stride 0)
+    over its group, as xformers takes grouped-query attention."""
+    b, n, h, d = q.shape
+    kv_heads = k.shape[2]
+    if kv_heads == h:
+        return q, k, v
+    group = h // kv_heads
+    k, v = (t[:, :, :, None].expand(b, t.shape[1], kv_heads, group, d) for t in (k, v))
+    return q.reshape(b, n, kv_heads, group, d), k, v

@@ -35,6 +35,20 @@ def test_list_shows_causal_support_and_the_reason_where_there_is_none(capsys):
     assert "causal:      yes" in capsys.readouterr().out
 
 
+def test_list_shows_decoding_support_and_the_reason_where_there_is_none(capsys):
+    assert main(["list"]) == 0
+    table = capsys.readouterr().out.split("\n\n")[0].splitlines()[1:]
+    column = table[0].split().index("decode")
+    decode = {ln.split()[0]: ln.split()[column] for ln in table[1:] if ln.split()[0] in
+              ("softmax", "linear", "performer", "nat", "swin", "set", "nystromformer")}
+    assert decode == {"softmax": "yes", "linear": "yes", "performer": "yes", "nat": "yes", "swin": "yes",
+                      "set": "no", "nystromformer": "no"}
+    assert main(["list", "--mechanism", "sinkformer"]) == 0
+    assert "decode:      no: no causal form: " in capsys.readouterr().out
+    assert main(["list", "--mechanism", "sdpa"]) == 0
+    assert "decode:      yes" in capsys.readouterr().out
+
+
 def test_list_one_mechanism_shows_its_options(capsys):
     assert main(["list", "--mechanism", "softmax"]) == 0
     out = capsys.readouterr().out

@@ -63,7 +63,10 @@ def test_too_few_points_give_no_label():
     (1.25, 1.45, "uncertain"),      # between the bands
     (-2.10, -1.80, "uncertain"),    # a decreasing time is not a finding
     (2.60, 3.10, "uncertain"),
-    (0.20, 0.60, "uncertain"),
+    (0.20, 0.60, "uncertain"),      # reaches past the divide between constant and linear
+    (-0.10, 0.15, "constant"),      # a recurrent decoder's time per token
+    (0.05, 0.45, "constant"),
+    (-0.60, -0.30, "uncertain"),
 ])
 def test_label_rules(low, high, expected):
     assert label(Fit((low + high) / 2, low, high, 0.9, 6)).startswith(expected)

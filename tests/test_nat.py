@@ -153,3 +153,19 @@ def test_nat_options_are_validated_with_the_valid_range():
         build_mechanism("nat", DIM, HEADS, kernel=4)
     with pytest.raises(OptionError, match=r"nat.dilation=0 must be an int in \[1, 64\]"):
         build_mechanism("nat", DIM, HEADS, dilation=0)
+
+
+@pytest.mark.parametrize("dilation", [1, 2, 3])
+def test_decoding_dilated_neighbourhoods(dilation):
+    """Prefill (also of prompts shorter than kernel·dilation) and steps: the causal forward of a
+    sequence of at least kernel·dilation tokens, each step's neighbours found in the rolling window."""
+    torch.manual_seed(0)
+    m = build_mechanism("nat", 32, 4, kernel=3, dilation=dilation).eval()
+    x = torch.randn(2, 14, 32)
+    expected = m(x, causal=True)
+    for prompt in (1, 3, 5, 9):
+        with torch.no_grad():
+            out, cache = m.prefill(x[:, :prompt], 14)
+            steps = [m.step(x[:, t:t + 1], cache) for t in range(prompt, 14)]
+        torch.testing.assert_close(torch.cat([out, *steps], 1), expected, rtol=1e-5, atol=1e-5)
+    assert cache.nbytes() == m.cache_bytes(2, 14, torch.float32) == 2 * 2 * 4 * (2 * dilation + 1) * 8 * 4

@@ -7,17 +7,20 @@ import torch
 from attnbench import build_mechanism
 
 
-def reference_attention(x, qkv_w, qkv_b, proj_w, proj_b, heads):
-    """Multi-head softmax attention written out head by head, token by token."""
+def reference_attention(x, qkv_w, qkv_b, proj_w, proj_b, heads, kv_heads=None):
+    """Multi-head softmax attention written out head by head, token by token; with ``kv_heads``,
+    query head h reads key/value head h // (heads / kv_heads)."""
     b, n, c = x.shape
     d = c // heads
-    q, k, v = (x @ qkv_w.T + qkv_b).split(c, dim=-1)
+    kv_heads = kv_heads or heads
+    q, k, v = (x @ qkv_w.T + qkv_b).split([c, kv_heads * d, kv_heads * d], dim=-1)
     out = torch.empty_like(x)
     for h in range(heads):
         sl = slice(h * d, (h + 1) * d)
-        scores = q[..., sl] @ k[..., sl].transpose(1, 2) / d**0.5
+        kv = slice(h // (heads // kv_heads) * d, (h // (heads // kv_heads) + 1) * d)
+        scores = q[..., sl] @ k[..., kv].transpose(1, 2) / d**0.5
         weights = scores.exp() / scores.exp().sum(-1, keepdim=True)
-        out[..., sl] = weights @ v[..., sl]
+        out[..., sl] = weights @ v[..., kv]
     return out @ proj_w.T + proj_b
 
 
@@ -26,6 +29,16 @@ def test_softmax_matches_the_reference_in_float64():
     x = torch.randn(2, 7, 24, dtype=torch.float64)
     expected = reference_attention(x, m.qkv.weight, m.qkv.bias, m.proj.weight, m.proj.bias, 3)
     torch.testing.assert_close(m(x), expected, rtol=1e-10, atol=1e-10)
+
+
+def test_grouped_query_softmax_matches_the_reference_in_float64():
+    for name in ("softmax", "sdpa"):
+        for kv_heads in (1, 2):
+            m = build_mechanism(name, 24, 6, kv_heads=kv_heads).double()
+            x = torch.randn(2, 7, 24, dtype=torch.float64)
+            expected = reference_attention(x, m.qkv.weight, m.qkv.bias, m.proj.weight, m.proj.bias, 6,
+                                           kv_heads)
+            torch.testing.assert_close(m(x), expected, rtol=1e-10, atol=1e-10)
 
 
 def test_sdpa_equals_softmax_with_shared_weights():

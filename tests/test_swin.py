@@ -113,3 +113,19 @@ def test_swin_options_are_validated_with_the_valid_range():
         build_mechanism("swin", DIM, HEADS, shift=2)
     assert build_mechanism("swin", DIM, HEADS, shift="true", window="5").options.shift is True
     assert build_mechanism("swin", DIM, HEADS, window=5).bias_table.shape == (81, HEADS)
+
+
+@pytest.mark.parametrize("shift", [False, True])
+@pytest.mark.parametrize("window", [4, 5])
+def test_decoding_the_windows_of_a_sequence_longer_than_the_window(shift, window):
+    """Prefill (also of prompts no longer than the window) and steps: the causal forward of the
+    whole sequence, whose windows (shifted or not) each step finds without seeing the rest."""
+    torch.manual_seed(0)
+    m = build_mechanism("swin", DIM, HEADS, window=window, shift=shift).double().eval()
+    x = torch.randn(2, 13, DIM, dtype=torch.float64)
+    expected = m(x, causal=True)
+    for prompt in (1, window - 1, window, 9):
+        with torch.no_grad():
+            out, cache = m.prefill(x[:, :prompt], 13)
+            steps = [m.step(x[:, t:t + 1], cache) for t in range(prompt, 13)]
+        torch.testing.assert_close(torch.cat([out, *steps], 1), expected, rtol=1e-10, atol=1e-10)
