@@ -7,6 +7,7 @@ every reading the paper leaves open is an option. Per head:
 
     U, V = X W_u, X W_v                                  (n, d) each
     E = κ(U, Z)                                          (n, k) Gaussian kernel to k anchors Z
+                                                         (⊙ ‖u_i‖ per row, embedding_norm="keep")
     S / ε = E · F,   F = κ(Z, Z)^(-1/2) Yᵀ / ε           (n, m) scores; F (k, m) folded once
     G = M ⊙ S / ε                                        prior="similarity-and-plan" (OTKE)
     K = exp(G − max)                                     the Gibbs kernel, one exponential pass
@@ -27,6 +28,11 @@ the exponential and the plan by M after Sinkhorn, as OTKE's code does and the se
 "plan" only multiplies the plan; "kernel" adds log M to the logits, so that M multiplies the
 Gibbs kernel inside Sinkhorn ("OT with a prior": exact marginals, but log M reaches −1/τ² and
 Sinkhorn then needs far more than 10 iterations to converge).
+
+Embedding norm (``embedding_norm``): κ(u, Z) sees only the direction û = u / ‖u‖. "drop" (the
+default) discards ‖u‖, so the scores are bounded by ‖y_j‖ / ε whatever the token; "keep" multiplies
+ψ(u) by ‖u‖ as OTKE's kernel layer does (‖x‖ κ(Zᵀx / ‖x‖), before its κ(ZᵀZ)^(-1/2)), which gives
+every token its own temperature, as ‖q‖‖k‖ does in softmax attention.
 
 Update order (``order``): "rows-then-columns" as OTKE, so the column marginals (the references)
 are exact after any L and every reference is an exact convex combination of tokens; or
@@ -127,6 +133,9 @@ class SeTOptions:
     renormalise: bool = False
     # roundtrip: O = n P R (choice, spec step 8); asymmetric: queries get a plan of their own
     readout: Literal["roundtrip", "asymmetric"] = "roundtrip"
+    # drop: ψ(u) = κ(Z, Z)^(-1/2) κ(Z, u/‖u‖), the norm discarded (attnbench's choice); keep:
+    # ψ(u) = ‖u‖ κ(Z, Z)^(-1/2) κ(Z, u/‖u‖), as OTKE's kernel layer (a per-token temperature)
+    embedding_norm: Literal["drop", "keep"] = "drop"
     # recompute: custom backward through the Sinkhorn iterations; unroll: plain autograd
     backward: Literal["recompute", "unroll"] = "recompute"
     # fused: Sinkhorn's iterations as C passes reading K once each (CPU, float32/64, tol = 0; with
@@ -144,6 +153,8 @@ class SeTOptions:
                 f"set.renormalise must be true or false; got {self.renormalise!r}")
         require(self.readout in ("roundtrip", "asymmetric"),
                 f"set.readout must be roundtrip or asymmetric; got {self.readout!r}")
+        require(self.embedding_norm in ("drop", "keep"),
+                f"set.embedding_norm must be drop or keep; got {self.embedding_norm!r}")
         require(self.backward in ("recompute", "unroll"),
                 f"set.backward must be recompute or unroll; got {self.backward!r}")
         require(self.sinkhorn in ("auto", "fused", "torch"),
@@ -621,8 +632,8 @@ class SeTAttention(Mechanism):
         "4·B·H·N·m·(d | d+1 renormalised) aggregation and read-out + 2·H·(k²·d + k³ + k²·m) "
         "whitening and fold; elementwise, one per "
         "element and pass: per plan B·H·[N·m·(3 + 1 for M ⊙ S or log M + 1 for K ⊙ M): max, shift, "
-        "the one exp, the prior + 3·N·k + N·d embedding + 4·L·(N + m) scalings + 6·L·(m | N) range "
-        "check] + B·H·N·d·(2 | 4 renormalised) read-out")
+        "the one exp, the prior + (3 | 4 embedding_norm=keep)·N·k + N·d embedding + 4·L·(N + m) "
+        "scalings + 6·L·(m | N) range check] + B·H·N·d·(2 | 4 renormalised) read-out")
 
     def __init__(self, dim: int, num_heads: int, options: SeTOptions | None = None) -> None:
         super().__init__(dim, num_heads, options)
@@ -658,14 +669,22 @@ class SeTAttention(Mechanism):
         z = F.normalize(self.anchors.to(dtype), dim=-1)  # (H, k, d)
         return _InverseSqrtPSD.apply(gaussian_sphere_kernel(z, z, alpha), 1e-2)
 
-    def kernel_features(self, u: Tensor) -> Tensor:
-        """κ(u, Z) = exp(α(⟨û, z⟩ − 1)) to the unit-norm anchors: (B, H, n, d) -> (B, H, n, k)."""
+    def kernel_features(self, u: Tensor, mask: Tensor | None = None) -> Tensor:
+        """κ(u, Z) = exp(α(⟨û, z⟩ − 1)) to the unit-norm anchors, times ‖u‖ with
+        ``embedding_norm=keep``: (B, H, n, d) -> (B, H, n, k). ``mask`` (B, n): with keep, padding
+        rows get norm 0 (their junk cannot reach the kernel's range)."""
         alpha = 1.0 / self.options.kernel_sigma**2
         z = F.normalize(self.anchors.to(u.dtype), dim=-1)  # (H, k, d)
         dots = u @ (alpha * z).transpose(-2, -1)  # α⟨u, z⟩ (B, H, n, k); û = u / max(|u|, 1e-12)
-        inv_norm = 1 / torch.linalg.vector_norm(u, dim=-1, keepdim=True).clamp(min=1e-12)
-        dots = dots * inv_norm if torch.is_grad_enabled() else dots.mul_(inv_norm)
-        return dots.sub_(alpha).exp_()
+        norm = torch.linalg.vector_norm(u, dim=-1, keepdim=True).clamp(min=1e-12)
+        grad = torch.is_grad_enabled()
+        dots = dots / norm if grad else dots.div_(norm)
+        feats = dots.sub_(alpha).exp_()
+        if self.options.embedding_norm == "drop":
+            return feats
+        if mask is not None:
+            norm = norm * mask[:, None, :, None]
+        return feats * norm if grad else feats.mul_(norm)
 
     def embed(self, u: Tensor, whitening: Tensor | None = None) -> Tensor:
         """Nyström features ψ(u) = κ(u, Z) κ(Z, Z)^(-1/2): (B, H, n, d) -> (B, H, n, k)."""
@@ -731,7 +750,7 @@ class SeTAttention(Mechanism):
         plans = []
         for part in parts:
             def logits(part: int = part) -> Tensor:  # G = κ(U, Z) · fold (⊙ M), a fresh (B, H, n, m)
-                g = self.kernel_features(self._project(x, part, cast)) @ fold
+                g = self.kernel_features(self._project(x, part, cast), mask) @ fold
                 if pre is not None:
                     g = g.mul_(pre) if o.prior == "similarity-and-plan" else g.add_(pre)
                 return g
@@ -891,11 +910,14 @@ class SeTAttention(Mechanism):
         proj = projection_flops(batch, n, self.dim, (3 if plans == 2 else 2) + 1)
         prior = int(o.positional != "none")  # an M ⊙ S or + log M pass, and a K ⊙ M pass
         passes = 3 + prior * ((o.prior != "plan") + (o.prior != "kernel"))  # + max, shift, exp
-        # per plan: the kernel passes; the embedding's inverse norm, shift and exp over (n, k) and
-        # the norm over (n, d); the two divisions (a reciprocal and a product each) per iteration;
-        # the range check of the scaling updated second (m long, or n for columns-then-rows)
+        # per plan: the kernel passes; the embedding's division by the norm, shift and exp over
+        # (n, k) (and the product with the norm for embedding_norm=keep), the norm over (n, d);
+        # the two divisions (a reciprocal and a product each) per iteration; the range check of
+        # the scaling updated second (m long, or n for columns-then-rows)
         second = m if o.order == "rows-then-columns" else n
-        per_plan_elementwise = n * m * passes + 3 * n * k + n * d + 4 * iters * (n + m) + 6 * iters * second
+        keep = int(o.embedding_norm == "keep")  # the features times ‖u‖
+        per_plan_elementwise = (n * m * passes + (3 + keep) * n * k + n * d + 4 * iters * (n + m)
+                                + 6 * iters * second)
         # the PyTorch read-out without autograd: u ⊙ V, then n u ⊙ O written in the merged layout
         # (renormalised: the concatenations, the division and the merge; with autograd one pass
         # more, the merge; where the fused passes fold u and M into K, none: the fold rides on

@@ -65,6 +65,8 @@ def reference_set(module, x, grid=None):
         def plan(feat, z=z, inv_sqrt=inv_sqrt, refs=module.references[head]):
             unit = feat / feat.norm(dim=-1, keepdim=True)
             psi = (inv_sqrt @ torch.exp(alpha * (z @ unit.T - 1))).T  # (n, k)
+            if o.embedding_norm == "keep":  # OTKE's kernel layer: ‖x‖ κ(Zᵀx / ‖x‖)
+                psi = feat.norm(dim=-1, keepdim=True) * psi
             scores = psi @ refs.T  # S (n, m)
             if o.prior == "similarity-and-plan":
                 logits = prior * scores / o.eps  # M ⊙ S before the exponential
@@ -124,6 +126,49 @@ def test_matches_the_dense_reference_in_float64(options, n, grid):
     m = small_set(**options)
     x = torch.randn(2, n, 16, dtype=torch.float64)
     torch.testing.assert_close(m(x, grid), reference_set(m, x, grid), rtol=1e-5, atol=1e-5)
+
+
+KEEP_COMBINATIONS = list(itertools.product(PRIORS, [False, True], ["roundtrip", "asymmetric"]))
+
+
+@pytest.mark.parametrize("prior, renormalise, readout", KEEP_COMBINATIONS,
+                         ids=["-".join(map(str, c)) for c in KEEP_COMBINATIONS])
+def test_the_kept_embedding_norm_matches_the_dense_reference_in_float64(prior, renormalise, readout):
+    m = small_set(embedding_norm="keep", prior=prior, renormalise=renormalise, readout=readout, iters=10,
+                  tau=0.3)
+    x = torch.randn(2, 12, 16, dtype=torch.float64)
+    torch.testing.assert_close(m(x), reference_set(m, x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("options", [
+    {}, {"embedding_norm": "keep"}, {"embedding_norm": "keep", "readout": "asymmetric"},
+    {"embedding_norm": "keep", "order": "columns-then-rows", "renormalise": True}])
+def test_gradients_match_the_dense_reference_in_float64(options):
+    """Autograd through the dense reference and SeT's own backward give the same gradients of
+    the input and of every parameter."""
+    m = small_set(iters=10, tau=0.3, **options)
+    x = torch.randn(2, 12, 16, dtype=torch.float64)
+    weight = torch.randn(2, 12, 16, dtype=torch.float64)
+    grads = []
+    for run in (m, lambda t: reference_set(m, t)):
+        m.zero_grad()
+        xg = x.clone().requires_grad_()
+        (run(xg) * weight).sum().backward()
+        grads.append((xg.grad, {k: p.grad.clone() for k, p in m.named_parameters()}))
+    torch.testing.assert_close(grads[0][0], grads[1][0], rtol=1e-6, atol=1e-9)
+    for k in grads[0][1]:
+        torch.testing.assert_close(grads[0][1][k], grads[1][1][k], rtol=1e-6, atol=1e-9, msg=k)
+
+
+def test_the_kept_norm_scales_the_logits_with_the_features():
+    """ψ is positively homogeneous with keep (‖cu‖ = c‖u‖) and scale-free with drop."""
+    torch.manual_seed(0)
+    u = torch.randn(1, 2, 7, 8, dtype=torch.float64)
+    keep, drop = small_set(embedding_norm="keep"), small_set()
+    drop.load_state_dict(keep.state_dict())
+    torch.testing.assert_close(keep.embed(3 * u), 3 * keep.embed(u))
+    torch.testing.assert_close(drop.embed(3 * u), drop.embed(u))
+    torch.testing.assert_close(keep.embed(u), u.norm(dim=-1, keepdim=True) * drop.embed(u))
 
 
 def test_the_defaults_follow_otke():
@@ -330,6 +375,8 @@ def gradcheck_module(m, x, mask=None):
     {"order": "columns-then-rows"}, {"order": "columns-then-rows", "backward": "unroll"},
     {"prior": "plan", "renormalise": True}, {"prior": "kernel"},
     {"renormalise": True, "readout": "asymmetric"},
+    {"embedding_norm": "keep"},
+    {"embedding_norm": "keep", "readout": "asymmetric", "order": "columns-then-rows"},
 ])
 def test_gradcheck_in_float64(options):
     m = build_mechanism("set", 8, 2, m=4, anchors=3, iters=4, **options).double()
@@ -411,7 +458,9 @@ def padded(x: torch.Tensor, lengths: list[int]) -> tuple[torch.Tensor, torch.Ten
 PADDING_OPTIONS = [{}, {"readout": "asymmetric"}, {"backward": "unroll"}, {"positional": "none"},
                    {"order": "columns-then-rows"}, {"order": "columns-then-rows", "backward": "unroll"},
                    {"prior": "kernel"}, {"prior": "plan", "renormalise": True},
-                   {"renormalise": True, "readout": "asymmetric"}]
+                   {"renormalise": True, "readout": "asymmetric"},
+                   {"embedding_norm": "keep"}, {"embedding_norm": "keep", "readout": "asymmetric"},
+                   {"embedding_norm": "keep", "order": "columns-then-rows", "renormalise": True}]
 
 
 @pytest.mark.parametrize("log_domain", [False, True], ids=["scaling", "log-domain"])
@@ -447,10 +496,12 @@ def test_padding_gets_no_gradient_and_real_gradients_match_unpadded_runs(options
         torch.testing.assert_close(xp.grad[row, :length], alone.grad[0], rtol=1e-7, atol=1e-9)
 
 
+@pytest.mark.parametrize("embedding_norm", ["drop", "keep"])
 @pytest.mark.parametrize("backward", ["recompute", "unroll"])
 @pytest.mark.parametrize("order", ORDERS)
-def test_gradcheck_with_padding(backward, order):
-    m = build_mechanism("set", 8, 2, m=4, anchors=3, iters=4, backward=backward, order=order).double()
+def test_gradcheck_with_padding(backward, order, embedding_norm):
+    m = build_mechanism("set", 8, 2, m=4, anchors=3, iters=4, backward=backward, order=order,
+                        embedding_norm=embedding_norm).double()
     x, mask = padded(torch.randn(2, 6, 8, dtype=torch.float64), [6, 4])
     x.requires_grad_()
     assert torch.autograd.gradcheck(lambda t: m(t, mask=mask), (x,), eps=1e-6, atol=1e-6, fast_mode=True)
@@ -518,6 +569,7 @@ def test_the_prior_is_built_once_per_size_grid_dtype_and_device():
     ({"prior": "logits"}, "valid choices: similarity-and-plan, plan, kernel"),
     ({"order": "rows"}, "valid choices: rows-then-columns, columns-then-rows"),
     ({"renormalise": "maybe"}, "set.renormalise='maybe' is not a valid bool"),
+    ({"embedding_norm": "scale"}, "valid choices: drop, keep"),
 ])
 def test_bad_options_are_clear_errors(options, message):
     with pytest.raises(OptionError, match=message):
@@ -528,6 +580,7 @@ def test_bad_options_are_clear_errors(options, message):
     ({"prior": "logits"}, "set.prior must be one of similarity-and-plan, plan, kernel; got 'logits'"),
     ({"order": "rows"}, "set.order must be one of rows-then-columns, columns-then-rows; got 'rows'"),
     ({"renormalise": "yes"}, "set.renormalise must be true or false; got 'yes'"),
+    ({"embedding_norm": "scale"}, "set.embedding_norm must be drop or keep; got 'scale'"),
 ])
 def test_bad_options_given_as_values_are_clear_errors(options, message):
     with pytest.raises(OptionError, match=message):
@@ -636,7 +689,7 @@ class ElementPasses(TorchDispatchMode):
 
 @pytest.mark.parametrize("options", [{}, {"prior": "kernel"}, {"prior": "plan", "renormalise": True},
                                      {"readout": "asymmetric"}, {"positional": "none"},
-                                     {"order": "columns-then-rows"}])
+                                     {"order": "columns-then-rows"}, {"embedding_norm": "keep"}])
 def test_the_elementwise_count_is_the_passes_the_forward_makes(options):
     """flops().elementwise is the element passes of the forward (to 10 %), and each plan costs
     one exponential pass over its (n, m) kernel, not 2L as a log-domain Sinkhorn does."""
@@ -721,7 +774,8 @@ def test_fused_iterations_are_the_pytorch_iterates(rows_first, n, iters, per_row
 @needs_fused
 @pytest.mark.parametrize("options", [{}, {"order": "columns-then-rows"},
                                      {"prior": "plan", "renormalise": True},
-                                     {"readout": "asymmetric"}, {"positional": "none"}])
+                                     {"readout": "asymmetric"}, {"positional": "none"},
+                                     {"embedding_norm": "keep"}])
 @pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
 def test_fused_and_pytorch_sinkhorn_give_the_same_outputs_and_gradients(options, dtype, tol):
     torch.manual_seed(0)
