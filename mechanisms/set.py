@@ -24,8 +24,8 @@ kernel K (and K ⊙ M, formed once for the read-out). The implied attention A = 
 is non-negative and never built either.
 
 Where the prior acts (``prior``): "similarity-and-plan" multiplies the similarity by M before
-the exponential and the plan by M after Sinkhorn, as OTKE's code does and the seed describes;
-"plan" only multiplies the plan; "kernel" adds log M to the logits, so that M multiplies the
+the exponential and the plan by M after Sinkhorn, as OTKE's code does; "plan" only multiplies the
+plan, as the paper's linear positional encoding does; "kernel" adds log M to the logits, so that M multiplies the
 Gibbs kernel inside Sinkhorn ("OT with a prior": exact marginals, but log M reaches −1/τ² and
 Sinkhorn then needs far more than 10 iterations to converge).
 
@@ -124,8 +124,8 @@ class SeTOptions:
     kernel_sigma: float = option(0.5, 1e-3, 1e3)  # σ of the Gaussian kernel on the sphere, α = 1/σ²
     # auto: 2-D prior for image grids when m is a perfect square, 1-D otherwise
     positional: Literal["auto", "none", "1d", "2d"] = "auto"
-    # where M acts: similarity-and-plan (OTKE: M ⊙ S in the exponent, plan ⊙ M after Sinkhorn),
-    # plan (plan ⊙ M only) or kernel (log M added to the logits, inside Sinkhorn)
+    # where M acts: similarity-and-plan (OTKE's code: M ⊙ S in the exponent, plan ⊙ M after
+    # Sinkhorn), plan (the paper: plan ⊙ M only) or kernel (log M added to the logits, inside Sinkhorn)
     prior: Literal["similarity-and-plan", "plan", "kernel"] = "similarity-and-plan"
     # rows-then-columns (OTKE: columns exact after any L) or columns-then-rows (rows exact)
     order: Literal["rows-then-columns", "columns-then-rows"] = "rows-then-columns"
