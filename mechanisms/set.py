@@ -25,14 +25,21 @@ is non-negative and never built either.
 
 Where the prior acts (``prior``): "similarity-and-plan" multiplies the similarity by M before
 the exponential and the plan by M after Sinkhorn, as OTKE's code does; "plan" only multiplies the
-plan, as the paper's linear positional encoding does; "kernel" adds log M to the logits, so that M multiplies the
-Gibbs kernel inside Sinkhorn ("OT with a prior": exact marginals, but log M reaches −1/τ² and
+plan, as the paper's linear positional encoding does; "kernel" adds log M to the logits, so that M
+multiplies the Gibbs kernel inside Sinkhorn ("OT with a prior": exact marginals, but log M reaches −1/τ² and
 Sinkhorn then needs far more than 10 iterations to converge).
 
 Embedding norm (``embedding_norm``): κ(u, Z) sees only the direction û = u / ‖u‖. "drop" (the
 default) discards ‖u‖, so the scores are bounded by ‖y_j‖ / ε whatever the token; "keep" multiplies
 ψ(u) by ‖u‖ as OTKE's kernel layer does (‖x‖ κ(Zᵀx / ‖x‖), before its κ(ZᵀZ)^(-1/2)), which gives
 every token its own temperature, as ‖q‖‖k‖ does in softmax attention.
+
+References (``m_cap``): a plan of n < m tokens uses the first m' = n references, m' = min(√m,
+⌊√n⌋)² on a 2-D prior (a square grid), with column marginals 1/m' and the prior's β_j = j/m'. With
+uniform marginals the implied attention n m' P Pᵀ has rank at most min(n, m'): more references add
+no rank, only cost (n·m' > n², above the dense attention). Under padding each sequence uses its
+own m' (columns past it carry marginal 0, as padding rows do), so padding changes nothing.
+"none" keeps all m.
 
 Update order (``order``): "rows-then-columns" as OTKE, so the column marginals (the references)
 are exact after any L and every reference is an exact convex combination of tokens; or
@@ -131,6 +138,9 @@ class SeTOptions:
     order: Literal["rows-then-columns", "columns-then-rows"] = "rows-then-columns"
     # divide references and read-outs by the plan's column and row masses (OTKE does not)
     renormalise: bool = False
+    # tokens: a plan of n tokens uses the first min(m, n) references (on a 2-D prior the largest
+    # square grid of at most min(m, n)), per sequence under padding; none: always all m
+    m_cap: Literal["tokens", "none"] = "tokens"
     # roundtrip: O = n P R (choice, spec step 8); asymmetric: queries get a plan of their own
     readout: Literal["roundtrip", "asymmetric"] = "roundtrip"
     # drop: ψ(u) = κ(Z, Z)^(-1/2) κ(Z, u/‖u‖), the norm discarded (attnbench's choice); keep:
@@ -153,6 +163,7 @@ class SeTOptions:
                 f"set.renormalise must be true or false; got {self.renormalise!r}")
         require(self.readout in ("roundtrip", "asymmetric"),
                 f"set.readout must be roundtrip or asymmetric; got {self.readout!r}")
+        require(self.m_cap in ("tokens", "none"), f"set.m_cap must be tokens or none; got {self.m_cap!r}")
         require(self.embedding_norm in ("drop", "keep"),
                 f"set.embedding_norm must be drop or keep; got {self.embedding_norm!r}")
         require(self.backward in ("recompute", "unroll"),
@@ -215,20 +226,22 @@ def gaussian_sphere_kernel(a: Tensor, b: Tensor, alpha: float) -> Tensor:
 
 
 def positional_log_prior(n: int, m: int, tau: float, grid: Grid | None, like: Tensor,
-                         mask: Tensor | None = None) -> Tensor:
+                         mask: Tensor | None = None, refs: Tensor | None = None) -> Tensor:
     """log M (n, m): −(α_i − β_j)² / τ², α_i = i/n, β_j = j/m; separable on a 2-D grid.
 
     For a grid (H, W) the references sit on a √m × √m grid and the squared distances of the
     row and column coordinates add (M is the product of a row term and a column term). With a
     padding ``mask`` (B, n) a real token's α is its rank among real tokens over their count,
-    and log M is (B, 1, n, m).
+    and log M is (B, 1, n, m); ``refs`` (B,), with a mask, is each sequence's count of the
+    references it uses (β_j = j / refs_b; the columns past it are not used).
     """
-    def gaps(a: Tensor, refs: int) -> Tensor:  # (…, count, refs) squared position gaps
-        b = torch.arange(refs, device=like.device, dtype=like.dtype) / refs
+    def gaps(a: Tensor, count: int) -> Tensor:  # (…, tokens, count) squared position gaps
+        b = torch.arange(count, device=like.device, dtype=like.dtype)
+        b = b / count if refs is None else b / refs.to(like.dtype)[:, None, None]  # (count,) or (B, 1, count)
         return (a.unsqueeze(-1) - b).square()
 
-    def axis(count: int, refs: int) -> Tensor:  # (count, refs)
-        return gaps(torch.arange(count, device=like.device, dtype=like.dtype) / count, refs)
+    def axis(count: int, side: int) -> Tensor:  # (count, side)
+        return gaps(torch.arange(count, device=like.device, dtype=like.dtype) / count, side)
 
     if grid is None and mask is not None:
         rank = (mask.cumsum(-1) - 1).to(like.dtype)  # (B, n): place among the real tokens
@@ -323,8 +336,8 @@ def native_sinkhorn() -> ctypes.CDLL:
     lib = native.load(_SOURCE)
     ptr, size, flag = ctypes.c_void_p, ctypes.c_long, ctypes.c_int
     for fn, real in ((lib.sinkhorn_f32, ctypes.c_float), (lib.sinkhorn_f64, ctypes.c_double)):
-        fn.argtypes = [ptr, size, size, size, flag, ptr, size, real, real, ptr, size, ptr, ptr, ptr, ptr,
-                       flag, ptr, size, ptr, flag]
+        fn.argtypes = [ptr, size, size, size, flag, ptr, size, real, real, ptr, ptr, size, ptr, ptr, ptr,
+                       ptr, flag, ptr, size, ptr, flag]
         fn.restype = None
     return lib
 
@@ -354,8 +367,9 @@ def _native_iterations(kernel: Tensor, rows_first: bool, alpha: Tensor | float, 
     """``_scaling_iterations`` on A = K (rows first) or Kᵀ, for K (b, n, m) contiguous on the CPU:
     one call of set_sinkhorn.c, L passes over K's rows (L + 1 for columns first: the first is half).
     With ``fold`` the last pass leaves diag(u) K ⊙ M in ``kernel`` (M = ``post``, (n, m) or
-    (B, 1, n, m), if given; u the row scaling)."""
-    row_marg, col_marg = (alpha, beta) if rows_first else (beta, alpha)  # columns: 1/m, one value
+    (B, 1, n, m), if given; u the row scaling). Either marginal is one value or one per row of
+    its side, (b, n) or (b, m)."""
+    row_marg, col_marg = (alpha, beta) if rows_first else (beta, alpha)
     lib = native_sinkhorn()
     b, n, m = kernel.shape
     run = lib.sinkhorn_f32 if kernel.dtype == torch.float32 else lib.sinkhorn_f64
@@ -371,11 +385,16 @@ def _native_iterations(kernel: Tensor, rows_first: bool, alpha: Tensor | float, 
         marg: tuple[Any, ...] = (row_marg.data_ptr(), n, 0.0)
     else:
         marg = (None, 0, float(row_marg))
+    if isinstance(col_marg, Tensor):
+        col_marg = col_marg.to(kernel.dtype).contiguous()
+        marg += (0.0, col_marg.data_ptr())
+    else:
+        marg += (float(col_marg), None)
     post_heads = 0
     if post is not None:
         post_heads = 0 if post.dim() == 2 else b // post.shape[0]
         post = post.to(kernel.dtype).contiguous()
-    run(kernel.data_ptr(), b, n, m, int(rows_first), *marg, float(col_marg), y0.data_ptr(), iters,
+    run(kernel.data_ptr(), b, n, m, int(rows_first), *marg, y0.data_ptr(), iters,
         dots.data_ptr(), scales.data_ptr(), sums.data_ptr(), cols.data_ptr(), int(fold),
         None if post is None else post.data_ptr(), post_heads, scratch.data_ptr(), threads)
     if rows_first:  # x_t, y_0…y_L, A y, Aᵀ x
@@ -488,12 +507,15 @@ def _lse(logits: Tensor, potential: Tensor, dim: int, buf: Tensor | None) -> Ten
 
 
 def _log_sinkhorn_loop(logits: Tensor, rows_first: bool, iters: int, tol: float, mask: Tensor | None,
-                       differentiable: bool) -> tuple[Tensor, Tensor, list[tuple[str, Tensor]]]:
+                       differentiable: bool, refs: Tensor | None = None
+                       ) -> tuple[Tensor, Tensor, list[tuple[str, Tensor]]]:
     """Log-domain Sinkhorn on logits (…, n, m): potentials f (rows, 1/n) and g (columns, 1/m),
     the same iterates as the scaling domain (u = e^f, v = e^g). Returns f, g and the half-steps
     (side updated, the other potential it read) that the recompute backward replays.
 
     ``mask`` (B, n), False at padding: those rows get marginal 0 and f = −∞ throughout.
+    ``refs`` (B,): each sequence's count of references; the columns past it get marginal 0 and
+    g = −∞ throughout, the others 1/refs.
     """
     n, m = logits.shape[-2:]
     if mask is None:
@@ -503,8 +525,14 @@ def _log_sinkhorn_loop(logits: Tensor, rows_first: bool, iters: int, tol: float,
         inf = torch.tensor(float("-inf"), dtype=logits.dtype, device=logits.device)
         log_a = torch.where(mask[:, None], -mask.sum(-1, keepdim=True).to(logits.dtype).log()[:, None], inf)
         real = torch.where(mask[:, None], 0.0, inf).to(logits.dtype).expand(logits.shape[:-1])
-    log_b = -math.log(m)
-    pot = {"f": real, "g": logits.new_zeros(logits.shape[:-2] + (m,))}
+    log_b: Tensor | float = -math.log(m)
+    used = logits.new_zeros(logits.shape[:-2] + (m,))
+    if refs is not None:
+        live = torch.arange(m, device=logits.device) < refs[:, None]  # (B, m)
+        inf = torch.tensor(float("-inf"), dtype=logits.dtype, device=logits.device)
+        log_b = torch.where(live, -refs.to(logits.dtype).log()[:, None], inf)[:, None]  # (B, 1, m)
+        used = torch.where(live[:, None], used, inf)
+    pot = {"f": real, "g": used}
     margs = {"f": log_a, "g": log_b}
     order = ("f", "g") if rows_first else ("g", "f")
     buf = None if differentiable else torch.empty_like(logits)
@@ -531,8 +559,9 @@ class _LogSinkhornRecompute(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, logits: Tensor, rows_first: bool, iters: int, tol: float,
-                mask: Tensor | None) -> tuple[Tensor, Tensor]:
-        f, g, steps = _log_sinkhorn_loop(logits, rows_first, iters, tol, mask, differentiable=False)
+                mask: Tensor | None, refs: Tensor | None) -> tuple[Tensor, Tensor]:
+        f, g, steps = _log_sinkhorn_loop(logits, rows_first, iters, tol, mask, differentiable=False,
+                                         refs=refs)
         ctx.sides = [side for side, _ in steps]
         ctx.save_for_backward(logits, *[other for _, other in steps])
         return f, g
@@ -555,18 +584,20 @@ class _LogSinkhornRecompute(torch.autograd.Function):
             other_side = "g" if side == "f" else "f"
             grads[other_side] = grads[other_side] - buf.sum(-2 if dim == -1 else -1)
             grads[side] = torch.zeros_like(grads[side])
-        return grad_logits, None, None, None, None
+        return grad_logits, None, None, None, None, None
 
 
 def log_sinkhorn_plan(logits: Tensor, iters: int, tol: float = 0.0, recompute: bool = True,
-                      mask: Tensor | None = None, rows_first: bool = True) -> Tensor:
+                      mask: Tensor | None = None, rows_first: bool = True,
+                      refs: Tensor | None = None) -> Tensor:
     """The entropic OT plan T = exp(G + f + g) with rows 1/n and columns 1/m (``mask`` (B, n):
-    rows 1/(real tokens) and T = 0 on padding rows), computed in the log domain."""
+    rows 1/(real tokens) and T = 0 on padding rows; ``refs`` (B,): columns 1/refs_b up to refs_b
+    and T = 0 past it), computed in the log domain."""
     if recompute and torch.is_grad_enabled() and logits.requires_grad:
-        f, g = _LogSinkhornRecompute.apply(logits, rows_first, iters, tol, mask)
+        f, g = _LogSinkhornRecompute.apply(logits, rows_first, iters, tol, mask, refs)
     else:
         f, g, _ = _log_sinkhorn_loop(logits, rows_first, iters, tol, mask,
-                                     differentiable=torch.is_grad_enabled())
+                                     differentiable=torch.is_grad_enabled(), refs=refs)
     return (logits + f.unsqueeze(-1) + g.unsqueeze(-2)).exp()
 
 
@@ -604,6 +635,20 @@ class _PriorProduct(torch.autograd.Function):
 # ---- the mechanism ------------------------------------------------------------------------
 
 
+@dataclasses.dataclass(frozen=True)
+class _References:
+    """The references one forward pass uses: the first ``count`` of the m (``m_cap``), and, where
+    padding leaves some sequences fewer tokens than that, each sequence's own count ``per_sequence``
+    (B,) (the columns past it carry marginal 0 and no mass)."""
+
+    count: int
+    per_sequence: Tensor | None = None
+
+    def scale(self) -> Tensor | int:
+        """The count as the aggregation's factor m: one int, or (B, 1, 1, 1)."""
+        return self.count if self.per_sequence is None else self.per_sequence[:, None, None, None]
+
+
 @dataclasses.dataclass
 class _Plan:
     """One transport plan, never built: P = diag(u) K diag(v), times ``post`` (M) if given."""
@@ -626,6 +671,7 @@ class SeTAttention(Mechanism):
     complexity = "linear"
     masking = "native"
     flops_formula = (
+        "m here is the references a plan uses, min(m, N) (m_cap=tokens; a square on a 2-D prior); "
         "matmul: 2·B·N·C²·(3 | 4 asym.) projections + per plan (×2 asym.) 2·B·H·N·(d·k + k·m) "
         "kernel embedding and scores + 4·L·B·H·N·m Sinkhorn (2L matrix–vector products with K, "
         "memory-bound; on the CPU fused in pairs, L passes that each read the (N, m) kernel once) + "
@@ -705,8 +751,31 @@ class SeTAttention(Mechanism):
             return grid
         return None
 
-    def _prior(self, n: int, grid: Grid | None, like: Tensor, mask: Tensor | None) -> tuple[
-            Tensor | None, Tensor | None]:
+    def references_used(self, n: int, grid: Grid | None = None) -> int:
+        """How many references a plan of n tokens uses (``m_cap``): m, or with "tokens" at most n,
+        and on a 2-D prior the largest square grid of at most min(m, n), min(√m, ⌊√n⌋)²."""
+        o: SeTOptions = self.options
+        if o.m_cap == "none" or n >= o.m:
+            return o.m
+        square = math.isqrt(o.m) ** 2 == o.m
+        if o.positional == "2d" or (o.positional == "auto" and grid is not None and square):
+            return min(math.isqrt(o.m), math.isqrt(n)) ** 2
+        return n
+
+    def _references(self, n: int, grid: Grid | None, mask: Tensor | None) -> _References:
+        """The references of a forward pass on n tokens (``mask`` (B, n): each sequence's real
+        tokens count; one host read of the shortest and longest)."""
+        if mask is None or self.options.m_cap == "none":
+            return _References(self.references_used(n, grid))
+        lengths = mask.sum(-1)
+        shortest, longest = torch.stack([lengths.min(), lengths.max()]).tolist()
+        count = self.references_used(longest)
+        if self.references_used(shortest) == count:
+            return _References(count)
+        return _References(count, lengths.clamp(max=count))
+
+    def _prior(self, n: int, grid: Grid | None, like: Tensor, mask: Tensor | None, refs: _References
+               ) -> tuple[Tensor | None, Tensor | None]:
         """(what the logits get, what the plan is multiplied by): M or log M per ``prior``."""
         o: SeTOptions = self.options
         prior_grid = self._prior_grid(grid)
@@ -714,36 +783,46 @@ class SeTAttention(Mechanism):
             return None, None
         log = o.prior == "kernel"
         if mask is None:
-            value = positional_prior(n, o.m, o.tau, prior_grid, like.dtype, like.device, log)
+            value = positional_prior(n, refs.count, o.tau, prior_grid, like.dtype, like.device, log)
         else:  # (B, 1, n, m): real tokens placed by their rank among real tokens
-            value = prior_from_log(positional_log_prior(n, o.m, o.tau, None, like, mask), log)
+            value = prior_from_log(positional_log_prior(n, refs.count, o.tau, None, like, mask,
+                                                        refs.per_sequence), log)
         if o.prior == "kernel":
             return value, None
         return (value if o.prior == "similarity-and-plan" else None), value
 
     def _sinkhorn(self, x: Tensor, parts: list[int], grid: Grid | None, mask: Tensor | None,
-                  cast: tuple[bool, torch.dtype], fold_readout: bool = False) -> list[_Plan]:
+                  cast: tuple[bool, torch.dtype], refs: _References, fold_readout: bool = False
+                  ) -> list[_Plan]:
         """The transport plan of the alignment features of each of ``parts`` (``_project``), in
         the scaling domain, with one host check for all of them and a log-domain recomputation
-        of any whose scalings left the floating-point range. ``mask`` (B, n): padding. Only the
-        kernel K of each plan is kept: features and embedding are released once used. Without
-        autograd, ``fold_readout`` lets the fused passes leave diag(u) K ⊙ M in K for the read-out."""
+        of any whose scalings left the floating-point range. ``mask`` (B, n): padding; ``refs``:
+        the references used. Only the kernel K of each plan is kept: features and embedding are
+        released once used. Without autograd, ``fold_readout`` lets the fused passes leave
+        diag(u) K ⊙ M in K for the read-out."""
         o: SeTOptions = self.options
         dtype = torch.promote_types(x.dtype, torch.float32)
-        (b, n), h = x.shape[:2], self.num_heads
+        (b, n), h, m = x.shape[:2], self.num_heads, refs.count
         like = torch.empty(0, dtype=dtype, device=x.device)
         # κ(Z, Z)^(-1/2) Yᵀ / ε (H, k, m), so that the logits are one product κ(U, Z) · fold
-        fold = self.whitening(dtype) @ self.references.to(dtype).transpose(-2, -1) / o.eps
-        pre, post = self._prior(n, grid, like, mask)
+        fold = self.whitening(dtype) @ self.references[:, :m].to(dtype).transpose(-2, -1) / o.eps
+        pre, post = self._prior(n, grid, like, mask, refs)
         rows_first = o.order == "rows-then-columns"
         fused = self._fused(x.device.type, dtype)
         if mask is None:
             a: Tensor | float = 1.0 / n
         else:  # rows 1/(real tokens), 0 at padding: (B·H, n)
             a = (mask / mask.sum(-1, keepdim=True)).to(dtype)[:, None].expand(b, h, n).reshape(b * h, n)
-        alpha, beta = (a, 1.0 / o.m) if rows_first else (1.0 / o.m, a)
-        # y_0, the scaling updated second: ones, 0 at padding when it scales the rows
-        y0 = torch.ones(b * h, o.m if rows_first else n, dtype=dtype, device=x.device)
+        unused = None  # (B, 1, 1, m): the columns past a sequence's own count of references
+        if refs.per_sequence is None:
+            col: Tensor | float = 1.0 / m
+        else:  # columns 1/(its references), 0 past them: (B·H, m)
+            unused = (torch.arange(m, device=x.device) >= refs.per_sequence[:, None])[:, None, None]
+            col = torch.where(unused[:, 0, 0], 0.0, 1.0 / refs.per_sequence.to(dtype)[:, None]).to(dtype)
+            col = col[:, None].expand(b, h, m).reshape(b * h, m)
+        alpha, beta = (a, col) if rows_first else (col, a)
+        # y_0, the scaling updated second: ones, 0 where its marginal is 0 (padding, unused columns)
+        y0 = torch.ones(b * h, m if rows_first else n, dtype=dtype, device=x.device)
         if isinstance(beta, Tensor):
             y0 = (beta > 0).to(dtype)
 
@@ -757,28 +836,32 @@ class SeTAttention(Mechanism):
 
             g = logits()
             with torch.no_grad():  # the shift cancels out of the plan: no gradient through it
-                if rows_first:  # every row of K holds a 1
-                    shift = g.amax(-1, keepdim=True)
+                if rows_first:  # every row of K holds a 1, at a column in use
+                    shift = (g if unused is None else g.masked_fill(unused, -torch.inf)).amax(
+                        -1, keepdim=True)
                 else:  # every column holds a 1, at a real token
                     shift = (g if mask is None else g.masked_fill(~mask[:, None, :, None], -torch.inf)).amax(
                         -2, keepdim=True)
-            kernel = g.sub_(shift).exp_()
-            flat = kernel.view(b * h, n, o.m)
+            g = g.sub_(shift)
+            if unused is not None and rows_first:  # K = 1 at unused columns: finite, and y = 0 there
+                g = g.masked_fill_(unused, 0.0)
+            kernel = g.exp_()
+            flat = kernel.view(b * h, n, m)
             folded = False
             if o.backward == "recompute" and torch.is_grad_enabled() and kernel.requires_grad:
                 sx, sy, ok = _ScalingSinkhorn.apply(flat, rows_first, alpha, beta, y0, o.iters, o.tol, fused)
             else:  # no autograd (the fused passes may fold u ⊙ M into K), or autograd through every step
                 (xs, ys, _, _), folded = _iterations(flat, rows_first, alpha, beta, y0, o.iters, o.tol, fused,
                                                      fold_readout, post)
-                sx, sy, ok = xs[-1], ys[-1], _in_range(xs[-1], ys, beta, o.m if rows_first else n)
+                sx, sy, ok = xs[-1], ys[-1], _in_range(xs[-1], ys, beta, m if rows_first else n)
             u, v = (sx, sy) if rows_first else (sy, sx)  # the scalings of the side first, second
-            plans.append(_Plan(kernel, u.view(b, h, n), v.view(b, h, o.m), ok, post, logits, folded))
+            plans.append(_Plan(kernel, u.view(b, h, n), v.view(b, h, m), ok, post, logits, folded))
 
         if not bool(torch.stack([p.ok for p in plans]).all()):  # the forward's one host sync
             for p in plans:
                 if not bool(p.ok):
                     p.kernel = log_sinkhorn_plan(p.logits(), o.iters, o.tol, o.backward == "recompute",
-                                                 mask, rows_first)
+                                                 mask, rows_first, refs.per_sequence)
                     p.u, p.v = torch.ones_like(p.u), torch.ones_like(p.v)
                     p.folded = False
         return plans
@@ -829,7 +912,9 @@ class SeTAttention(Mechanism):
 
     def _transport(self, x: Tensor, grid: Grid | None, mask: Tensor | None) -> Tensor:
         """The heads' outputs, merged (B, n, H·d); every (n, m) tensor is released on return."""
-        m, d = self.options.m, self.head_dim
+        d = self.head_dim
+        refs = self._references(x.shape[1], grid, mask)
+        m = refs.scale()
         cast = self._autocast_state(x)
         # tokens per sequence: n, or each sequence's real tokens (B, 1, 1, 1)
         work = torch.promote_types(x.dtype, torch.float32)
@@ -839,7 +924,7 @@ class SeTAttention(Mechanism):
         with torch.autocast(x.device.type, enabled=False):
             asym = self.options.readout == "asymmetric"
             # without autograd the fused passes fold u (and M) into K: P' = diag(u) K ⊙ M
-            plans = self._sinkhorn(x, [0, 2] if asym else [0], grid, mask, cast,
+            plans = self._sinkhorn(x, [0, 2] if asym else [0], grid, mask, cast, refs,
                                    fold_readout=not (grad or self.options.renormalise))
             agg, read = plans[0], plans[-1]
             kernel = self._readout_kernel(agg)
@@ -880,7 +965,8 @@ class SeTAttention(Mechanism):
         """The plan P (B, H, n, m) that aggregates tokens onto references: T ⊙ M for the
         post-multiplied priors, or, with ``with_prior=False``, Sinkhorn's T itself (whose
         marginals are the transport constraints)."""
-        return self._dense(self._sinkhorn(x, [0], grid, None, self._autocast_state(x))[0], with_prior)
+        refs = self._references(x.shape[1], grid, None)
+        return self._dense(self._sinkhorn(x, [0], grid, None, self._autocast_state(x), refs)[0], with_prior)
 
     @torch.no_grad()
     def attention_matrix(self, x: Tensor, grid: Grid | None = None, max_tokens: int = 4096) -> Tensor:
@@ -893,16 +979,17 @@ class SeTAttention(Mechanism):
             raise ValueError(f"set: attention_matrix builds an n × n matrix; n={n} > max_tokens="
                              f"{max_tokens} (SeT itself never does)")
         asym = self.options.readout == "asymmetric"
-        plans = self._sinkhorn(x, [0, 2] if asym else [0], grid, None, self._autocast_state(x))
+        refs = self._references(n, grid, None)
+        plans = self._sinkhorn(x, [0, 2] if asym else [0], grid, None, self._autocast_state(x), refs)
         agg, read = self._dense(plans[0]), self._dense(plans[-1])
         if self.options.renormalise:
             return (read / read.sum(-1, keepdim=True)) @ (agg / agg.sum(-2, keepdim=True)).mT
-        return n * self.options.m * read @ agg.mT
+        return n * refs.count * read @ agg.mT
 
     # -- cost -------------------------------------------------------------------------------
     def flops(self, batch: int, n: int, grid: Grid | None = None) -> Flops:
         o: SeTOptions = self.options
-        h, d, k, m, iters = self.num_heads, self.head_dim, o.anchors, o.m, o.iters
+        h, d, k, m, iters = self.num_heads, self.head_dim, o.anchors, self.references_used(n, grid), o.iters
         plans = 2 if o.readout == "asymmetric" else 1
         per_plan = 2 * batch * h * n * (d * k + k * m) + 4 * iters * batch * h * n * m
         setup = 2 * h * (k * k * d + k**3 + k * k * m)  # κ(Z, Z), its inverse square root, the fold

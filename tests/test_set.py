@@ -25,12 +25,25 @@ def small_set(**options):
     return build_mechanism("set", 16, 2, **{**defaults, **options}).double()
 
 
+def two_d_prior(o, grid):
+    square = math.isqrt(o.m) ** 2 == o.m
+    return grid is not None and (o.positional == "2d" or (o.positional == "auto" and square))
+
+
+def references_used(o, n, grid=None):
+    """The specification's rule: at most n references (m_cap=tokens), a square grid on a 2-D prior."""
+    if o.m_cap == "none" or n >= o.m:
+        return o.m
+    return min(math.isqrt(o.m), math.isqrt(n)) ** 2 if two_d_prior(o, grid) else n
+
+
 def reference_set(module, x, grid=None):
     """The specification's forward pass, step by step, one head at a time: the plan built
     densely, Sinkhorn in the plain scaling form on exp(G) (no shift, no log domain)."""
     o = module.options
     b, n, c = x.shape
     h, d = module.num_heads, module.head_dim
+    refs_used = references_used(o, n, grid)
     alpha = 1 / o.kernel_sigma**2
     w, bias = module.in_proj.weight, module.in_proj.bias
     u_all = x @ w[:c].T + bias[:c]
@@ -38,10 +51,10 @@ def reference_set(module, x, grid=None):
     q_all = x @ w[2 * c:].T + bias[2 * c:] if o.readout == "asymmetric" else None
     # squared position gaps (n, m) of the positional prior M = exp(−gap / τ²)
     if o.positional == "none":
-        gap = torch.zeros(n, o.m, dtype=x.dtype)
-    elif grid is not None and (o.positional == "2d" or math.isqrt(o.m) ** 2 == o.m):
-        s = math.isqrt(o.m)
-        gap = torch.empty(n, o.m, dtype=x.dtype)
+        gap = torch.zeros(n, refs_used, dtype=x.dtype)
+    elif two_d_prior(o, grid):
+        s = math.isqrt(refs_used)
+        gap = torch.empty(n, refs_used, dtype=x.dtype)
         for r in range(grid[0]):
             for col in range(grid[1]):
                 for p in range(s):
@@ -50,7 +63,7 @@ def reference_set(module, x, grid=None):
                                                              + (col / grid[1] - q / s) ** 2)
     else:
         i = torch.arange(n, dtype=x.dtype)[:, None] / n
-        j = torch.arange(o.m, dtype=x.dtype)[None, :] / o.m
+        j = torch.arange(refs_used, dtype=x.dtype)[None, :] / refs_used
         gap = (i - j) ** 2
     log_prior = -gap / o.tau**2
     prior = torch.exp(log_prior)
@@ -62,7 +75,7 @@ def reference_set(module, x, grid=None):
         lam, vec = torch.linalg.eigh(kzz)
         inv_sqrt = vec @ torch.diag(1 / (lam.clamp(min=0).sqrt() + 1e-2)) @ vec.T
 
-        def plan(feat, z=z, inv_sqrt=inv_sqrt, refs=module.references[head]):
+        def plan(feat, z=z, inv_sqrt=inv_sqrt, refs=module.references[head, :refs_used]):
             unit = feat / feat.norm(dim=-1, keepdim=True)
             psi = (inv_sqrt @ torch.exp(alpha * (z @ unit.T - 1))).T  # (n, k)
             if o.embedding_norm == "keep":  # OTKE's kernel layer: ‖x‖ κ(Zᵀx / ‖x‖)
@@ -75,13 +88,13 @@ def reference_set(module, x, grid=None):
             else:
                 logits = scores / o.eps
             gibbs = torch.exp(logits)
-            row, col = torch.ones(n, dtype=x.dtype), torch.ones(o.m, dtype=x.dtype)
+            row, col = torch.ones(n, dtype=x.dtype), torch.ones(refs_used, dtype=x.dtype)
             for _ in range(o.iters):
                 if o.order == "rows-then-columns":
                     row = (1 / n) / (gibbs @ col)
-                    col = (1 / o.m) / (gibbs.T @ row)
+                    col = (1 / refs_used) / (gibbs.T @ row)
                 else:
-                    col = (1 / o.m) / (gibbs.T @ row)
+                    col = (1 / refs_used) / (gibbs.T @ row)
                     row = (1 / n) / (gibbs @ col)
             t = row[:, None] * gibbs * col[None, :]
             return t * prior if o.prior != "kernel" else t  # M ⊙ T after Sinkhorn
@@ -91,7 +104,7 @@ def reference_set(module, x, grid=None):
             if o.renormalise:
                 refs = (p.T @ v_all[s, :, sl]) / p.sum(0)[:, None]
             else:
-                refs = o.m * p.T @ v_all[s, :, sl]
+                refs = refs_used * p.T @ v_all[s, :, sl]
             if q_all is not None:
                 p = plan(q_all[s, :, sl])
             out[s, :, sl] = (p @ refs) / p.sum(1)[:, None] if o.renormalise else n * p @ refs
@@ -185,7 +198,9 @@ def test_marginals_converge_within_1e_5_in_the_default_ten_iterations(n, grid):
     m = build_mechanism("set", 32, 4)
     x = torch.randn(2, n, 32)
     plan = m.transport_plan(x, grid, with_prior=False)  # Sinkhorn's T, before ⊙ M
-    assert ((plan.sum(-2) * 64 - 1).abs().max()) < 1e-5
+    refs = min(n, 64)  # m_cap: at most n references
+    assert plan.shape[-1] == refs
+    assert ((plan.sum(-2) * refs - 1).abs().max()) < 1e-5
     assert ((plan.sum(-1) * n - 1).abs().max()) < 1e-5
     inside = build_mechanism("set", 32, 4, prior="kernel")
     inside.load_state_dict(m.state_dict())
@@ -507,6 +522,83 @@ def test_gradcheck_with_padding(backward, order, embedding_norm):
     assert torch.autograd.gradcheck(lambda t: m(t, mask=mask), (x,), eps=1e-6, atol=1e-6, fast_mode=True)
 
 
+# ---- the number of references: at most n (m_cap) --------------------------------------------
+
+
+@pytest.mark.parametrize("options, n, grid, used", [
+    ({}, 7, None, 7), ({}, 16, None, 16), ({}, 40, None, 16), ({"m_cap": "none"}, 7, None, 16),
+    ({}, 12, (3, 4), 9), ({}, 6, (2, 3), 4), ({}, 64, (8, 8), 16), ({"positional": "1d"}, 12, (3, 4), 12),
+    ({"positional": "none"}, 12, (3, 4), 12), ({"m": 15}, 12, (3, 4), 12),
+    ({"positional": "2d"}, 2, (1, 2), 1),
+])
+def test_a_plan_never_uses_more_references_than_tokens(options, n, grid, used):
+    """min(m, n) references, the largest square grid of at most that on a 2-D prior; m_cap=none: m."""
+    m = build_mechanism("set", 16, 2, **{"m": 16, "anchors": 4, **options})
+    assert m.references_used(n, grid) == used
+    assert m.transport_plan(torch.randn(1, n, 16), grid).shape == (1, 2, n, used)
+    assert m.references_used(n, grid) == references_used(m.options, n, grid)  # the test's own rule
+
+
+CAP_OPTIONS = [{}, {"order": "columns-then-rows"}, {"readout": "asymmetric"}, {"prior": "kernel"},
+               {"prior": "plan", "renormalise": True}, {"positional": "none"}, {"embedding_norm": "keep"},
+               {"m_cap": "none"}]
+
+
+@pytest.mark.parametrize("options", CAP_OPTIONS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items())
+                         or "defaults")
+@pytest.mark.parametrize("n, grid", [(7, None), (12, (3, 4)), (6, (2, 3))])
+def test_fewer_tokens_than_references_match_the_dense_reference_in_float64(options, n, grid):
+    m = small_set(m=16, tau=0.3, iters=10, **options)
+    x = torch.randn(2, n, 16, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(2, n, 16, dtype=torch.float64)
+    y, expected = m(x, grid), reference_set(m, x, grid)
+    torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)
+    got = torch.autograd.grad((y * weight).sum(), [x, m.references])
+    want = torch.autograd.grad((expected * weight).sum(), [x, m.references])
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-9)
+    if m.options.m_cap == "tokens":  # the references past those used get no gradient
+        assert (got[1][:, references_used(m.options, n, grid):] == 0).all()
+
+
+@pytest.mark.parametrize("log_domain", [False, True], ids=["scaling", "log-domain"])
+@pytest.mark.parametrize("grad", [True, False], ids=["autograd", "no_grad"])
+@pytest.mark.parametrize("options", CAP_OPTIONS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items())
+                         or "defaults")
+def test_padded_sequences_shorter_than_m_use_their_own_count_of_references(options, grad, log_domain,
+                                                                             monkeypatch):
+    """With m = 16 and real lengths 13, 6 and 10, each sequence uses its own min(m, length)
+    references, as it would alone: values and gradients at real tokens match it unpadded."""
+    m = small_set(m=16, **options)
+    lengths = [13, 6, 10]
+    x, mask = padded(torch.randn(3, 14, 16, dtype=torch.float64), lengths)
+    if log_domain:
+        force_log_domain(monkeypatch)
+    with torch.set_grad_enabled(grad):
+        y = m(x, mask=mask)
+    for row, length in enumerate(lengths):
+        torch.testing.assert_close(y[row, :length], reference_set(m, x[row:row + 1, :length])[0],
+                                   rtol=1e-5, atol=1e-5)
+    assert (y[~mask] == 0).all()
+    if grad:
+        weight = torch.randn_like(x)
+        xp = x.clone().requires_grad_()
+        (m(xp, mask=mask) * weight).sum().backward()
+        assert (xp.grad[~mask] == 0).all()
+        for row, length in enumerate(lengths):
+            alone = x[row:row + 1, :length].clone().requires_grad_()
+            (m(alone) * weight[row:row + 1, :length]).sum().backward()
+            torch.testing.assert_close(xp.grad[row, :length], alone.grad[0], rtol=1e-7, atol=1e-9)
+
+
+@pytest.mark.parametrize("order", ORDERS)
+def test_gradcheck_with_padding_shorter_than_m(order):
+    m = build_mechanism("set", 8, 2, m=6, anchors=3, iters=4, order=order).double()
+    x, mask = padded(torch.randn(2, 5, 8, dtype=torch.float64), [5, 3])
+    x.requires_grad_()
+    assert torch.autograd.gradcheck(lambda t: m(t, mask=mask), (x,), eps=1e-6, atol=1e-6, fast_mode=True)
+
+
 # ---- the positional prior ------------------------------------------------------------------
 
 
@@ -570,6 +662,7 @@ def test_the_prior_is_built_once_per_size_grid_dtype_and_device():
     ({"order": "rows"}, "valid choices: rows-then-columns, columns-then-rows"),
     ({"renormalise": "maybe"}, "set.renormalise='maybe' is not a valid bool"),
     ({"embedding_norm": "scale"}, "valid choices: drop, keep"),
+    ({"m_cap": "half"}, "valid choices: tokens, none"),
 ])
 def test_bad_options_are_clear_errors(options, message):
     with pytest.raises(OptionError, match=message):
@@ -581,6 +674,7 @@ def test_bad_options_are_clear_errors(options, message):
     ({"order": "rows"}, "set.order must be one of rows-then-columns, columns-then-rows; got 'rows'"),
     ({"renormalise": "yes"}, "set.renormalise must be true or false; got 'yes'"),
     ({"embedding_norm": "scale"}, "set.embedding_norm must be drop or keep; got 'scale'"),
+    ({"m_cap": "half"}, "set.m_cap must be tokens or none; got 'half'"),
 ])
 def test_bad_options_given_as_values_are_clear_errors(options, message):
     with pytest.raises(OptionError, match=message):
@@ -655,12 +749,13 @@ def test_flop_formula_matches_the_counter(options, log_domain, monkeypatch):
     if log_domain:
         force_log_domain(monkeypatch)
     m = build_mechanism("set", 32, 4, m=16, anchors=8, **options)
-    for n, grid in ((50, None), (64, (8, 8))):
+    for n, grid in ((50, None), (64, (8, 8)), (9, None), (12, (3, 4))):  # the last two use fewer refs
         with torch.no_grad(), FlopCounterMode(display=False) as counter:
             m(torch.randn(2, n, 32), grid)
         plans = 2 if options.get("readout") == "asymmetric" else 1
         # the fallback recomputes U (or Q), the embedding and the logits
-        recomputed = plans * (2 * 2 * n * 32 * 32 + 2 * 2 * 4 * n * (8 * 16 + 8 * 8)) if log_domain else 0
+        refs = m.references_used(n, grid)
+        recomputed = plans * (2 * 2 * n * 32 * 32 + 2 * 2 * 4 * n * (8 * refs + 8 * 8)) if log_domain else 0
         assert m.flops(2, n, grid).matmul + recomputed == counter.get_total_flops()
 
 
@@ -742,14 +837,16 @@ needs_fused = pytest.mark.skipif(WHY_NOT_FUSED is not None, reason=f"fused Sinkh
 
 @needs_fused
 @pytest.mark.parametrize("rows_first", [True, False], ids=["rows-first", "columns-first"])
-@pytest.mark.parametrize("n, iters, per_row",
-                         [(1, 1, False), (7, 10, False), (301, 3, True), (4097, 10, True)])
+@pytest.mark.parametrize("n, iters, per_row, per_column",
+                         [(1, 1, False, False), (7, 10, False, False), (301, 3, True, False),
+                          (4097, 10, True, False), (9, 10, True, True), (302, 3, False, True)])
 @pytest.mark.parametrize("threads", [1, 2, 3])
-def test_fused_iterations_are_the_pytorch_iterates(rows_first, n, iters, per_row, threads):
+def test_fused_iterations_are_the_pytorch_iterates(rows_first, n, iters, per_row, per_column, threads):
     torch.manual_seed(n)
     b, m = 3, 5
     kernel = torch.rand(b, n, m, dtype=torch.float64) + 0.01
     a: torch.Tensor | float = 1.0 / n
+    col: torch.Tensor | float = 1.0 / m
     y0 = torch.ones(b, m if rows_first else n, dtype=torch.float64)
     if per_row:  # padding rows with marginal 0, as a mask gives
         real = torch.rand(b, n) > 0.3
@@ -757,7 +854,12 @@ def test_fused_iterations_are_the_pytorch_iterates(rows_first, n, iters, per_row
         a = (real / real.sum(-1, keepdim=True)).double()
         if not rows_first:
             y0 = (a > 0).double()
-    alpha, beta = (a, 1.0 / m) if rows_first else (1.0 / m, a)
+    if per_column:  # each plan uses its first 2, 4 or 5 references, as m_cap gives under padding
+        used = torch.arange(m)[None, :] < torch.tensor([2, 4, 5])[:, None]
+        col = (used / used.sum(-1, keepdim=True)).double()
+        if rows_first:
+            y0 = (col > 0).double()
+    alpha, beta = (a, col) if rows_first else (col, a)
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -795,6 +897,20 @@ def test_fused_and_pytorch_sinkhorn_give_the_same_outputs_and_gradients(options,
         with torch.no_grad():
             without_grad = fused(x, **kwargs)
         torch.testing.assert_close(without_grad, yp.detach(), rtol=tol, atol=tol * yp.abs().max().item())
+
+
+@needs_fused
+@pytest.mark.parametrize("options", [{}, {"order": "columns-then-rows"}, {"readout": "asymmetric"}])
+def test_fused_and_pytorch_sinkhorn_agree_where_sequences_use_fewer_references(options):
+    """Padded sequences of 40, 23 and 9 tokens with m = 64: per-sequence column marginals in C."""
+    torch.manual_seed(0)
+    fused = build_mechanism("set", 32, 4, sinkhorn="fused", **options).double()
+    plain = build_mechanism("set", 32, 4, sinkhorn="torch", **options).double()
+    plain.load_state_dict(fused.state_dict())
+    x, mask = padded(torch.randn(3, 40, 32, dtype=torch.float64), [40, 23, 9])
+    for grad in (True, False):
+        with torch.set_grad_enabled(grad):
+            torch.testing.assert_close(fused(x, mask=mask), plain(x, mask=mask), rtol=1e-12, atol=1e-12)
 
 
 def test_fused_sinkhorn_that_cannot_run_is_a_clear_error_and_auto_falls_back(monkeypatch):
