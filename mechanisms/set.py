@@ -89,6 +89,7 @@ real tokens by their rank among real tokens, so padding changes nothing at real 
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import dataclasses
 import functools
@@ -361,45 +362,64 @@ def native_reason(device: str, dtype: torch.dtype) -> str | None:
     return None
 
 
+def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """``t`` in ``dtype``, without an operation where it already is (each one costs a dispatch)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
+def _work_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The transport's dtype for inputs of ``dtype``: float64 stays, everything else runs in float32
+    (torch.promote_types with float32, without its dispatch)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _for_c(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """``t`` as C reads it: ``dtype``, contiguous (no copy, and no operation, where it is already)."""
+    return t if t.dtype == dtype and t.is_contiguous() else t.to(dtype).contiguous()
+
+
 def _native_iterations(kernel: Tensor, rows_first: bool, alpha: Tensor | float, beta: Tensor | float,
                        y0: Tensor, iters: int, fold: bool = False, post: Tensor | None = None
-                       ) -> tuple[list[Tensor], ...]:
+                       ) -> tuple[Tensor, ...]:
     """``_scaling_iterations`` on A = K (rows first) or Kᵀ, for K (b, n, m) contiguous on the CPU:
     one call of set_sinkhorn.c, L passes over K's rows (L + 1 for columns first: the first is half).
     With ``fold`` the last pass leaves diag(u) K ⊙ M in ``kernel`` (M = ``post``, (n, m) or
     (B, 1, n, m), if given; u the row scaling). Either marginal is one value or one per row of
-    its side, (b, n) or (b, m)."""
+    its side, (b, n) or (b, m). The iterates come stacked, x (L, b, ·), y (L + 1, b, ·), A y and
+    Aᵀ x (L, b, ·): indexed as the lists of the PyTorch loop, without splitting them."""
     row_marg, col_marg = (alpha, beta) if rows_first else (beta, alpha)
     lib = native_sinkhorn()
     b, n, m = kernel.shape
     run = lib.sinkhorn_f32 if kernel.dtype == torch.float32 else lib.sinkhorn_f64
     threads = torch.get_num_threads()
-    dots, scales = kernel.new_empty(iters, b, n), kernel.new_empty(iters, b, n)
-    sums, cols = kernel.new_empty(iters + 1, b, m), kernel.new_empty(iters + 1, b, m)
+    # rows first: scales x_1…x_L, cols y_0…y_L; columns first: cols x_1…x_L, scales y_0…y_L (C
+    # writes from y_1 on)
+    dots, scales = kernel.new_empty(iters, b, n), kernel.new_empty(iters + (not rows_first), b, n)
+    sums, cols = kernel.new_empty(iters, b, m), kernel.new_empty(iters + rows_first, b, m)
     scratch = kernel.new_empty(threads, b, m)
-    y0 = y0.to(kernel.dtype).contiguous()  # everything C reads: the kernel's dtype, contiguous
-    if rows_first:
-        cols[0] = y0
+    y0 = _for_c(y0, kernel.dtype)  # everything C reads: the kernel's dtype, contiguous
+    (cols if rows_first else scales)[0] = y0
     if isinstance(row_marg, Tensor):
-        row_marg = row_marg.to(kernel.dtype).contiguous()
+        row_marg = _for_c(row_marg, kernel.dtype)
         marg: tuple[Any, ...] = (row_marg.data_ptr(), n, 0.0)
     else:
         marg = (None, 0, float(row_marg))
     if isinstance(col_marg, Tensor):
-        col_marg = col_marg.to(kernel.dtype).contiguous()
+        col_marg = _for_c(col_marg, kernel.dtype)
         marg += (0.0, col_marg.data_ptr())
     else:
         marg += (float(col_marg), None)
     post_heads = 0
     if post is not None:
         post_heads = 0 if post.dim() == 2 else b // post.shape[0]
-        post = post.to(kernel.dtype).contiguous()
+        post = _for_c(post, kernel.dtype)
+    written = scales.data_ptr() + (0 if rows_first else b * n * scales.element_size())
     run(kernel.data_ptr(), b, n, m, int(rows_first), *marg, y0.data_ptr(), iters,
-        dots.data_ptr(), scales.data_ptr(), sums.data_ptr(), cols.data_ptr(), int(fold),
+        dots.data_ptr(), written, sums.data_ptr(), cols.data_ptr(), int(fold),
         None if post is None else post.data_ptr(), post_heads, scratch.data_ptr(), threads)
     if rows_first:  # x_t, y_0…y_L, A y, Aᵀ x
-        return list(scales), list(cols), list(dots), list(sums[:iters])
-    return list(cols[:iters]), [y0, *scales], list(sums[:iters]), list(dots)
+        return scales, cols, dots, sums
+    return cols, scales, sums, dots
 
 
 def _can_fuse(kernel: Tensor, tol: float, fused: bool) -> bool:
@@ -411,16 +431,16 @@ def _can_fuse(kernel: Tensor, tol: float, fused: bool) -> bool:
 
 def _iterations(kernel: Tensor, rows_first: bool, alpha: Tensor | float, beta: Tensor | float,
                 y0: Tensor, iters: int, tol: float, fused: bool, fold: bool = False,
-                post: Tensor | None = None) -> tuple[tuple[list[Tensor], ...], bool]:
+                post: Tensor | None = None) -> tuple[tuple[list[Tensor] | Tensor, ...], bool]:
     """The scaling iterations on K (b, n, m): the fused C passes where ``_can_fuse`` (which, with
     ``fold``, leave diag(u) K ⊙ ``post`` in K), else PyTorch's matrix–vector products. Returns the
-    iterates and whether K was folded."""
+    iterates (lists, or stacked tensors from C) and whether K was folded."""
     if _can_fuse(kernel, tol, fused):
         return _native_iterations(kernel, rows_first, alpha, beta, y0, iters, fold, post), fold
     return _scaling_iterations(kernel if rows_first else kernel.mT, alpha, beta, y0, iters, tol), False
 
 
-def _in_range(x: Tensor, ys: list[Tensor], beta: Tensor | float, cols: int) -> Tensor:
+def _in_range(x: Tensor, ys: list[Tensor] | Tensor, beta: Tensor | float, cols: int) -> Tensor:
     """True (a 0-dim tensor, no host sync) when the scaling iterates can be trusted.
 
     Every row of A holds a 1 (its maximum, the shift), so A y >= min(y) over the columns with
@@ -428,19 +448,18 @@ def _in_range(x: Tensor, ys: list[Tensor], beta: Tensor | float, cols: int) -> T
     ρ = max(y) / min(y) over those columns. Entries that underflowed (below tiny/eps) then
     move no marginal by more than the rounding error when ρ <= eps² / (cols · tiny). Finite,
     positive y with such a ρ at every iteration also keep every x finite and positive; the last
-    x is checked as well. Anything else sends the plan to the log domain.
+    x is checked as well. Anything else sends the plan to the log domain. (NaN fails every
+    comparison; ρ's bound is capped at the largest float, so an infinite y fails it too.)
     """
-    y = torch.stack(ys[1:])  # (L, b, c)
+    y = ys[1:] if isinstance(ys, Tensor) else torch.stack(ys[1:])  # (L, b, c)
     info = torch.finfo(y.dtype)
     limit = info.eps**2 / (cols * info.tiny)
-    if isinstance(beta, Tensor):  # columns with β = 0 (padding) have y = 0: leave them out
-        real = (beta > 0).expand_as(y)
-        ok = (torch.where(real, y, 1.0) > 0).all()
-        high, low = torch.where(real, y, 0.0).amax(-1), torch.where(real, y, torch.inf).amin(-1)
+    if isinstance(beta, Tensor):  # columns with β = 0 (padding, unused references) have y = 0: leave them out
+        real = beta > 0
+        low, high = torch.where(real, y, torch.inf).amin(-1), torch.where(real, y, 0.0).amax(-1)
     else:
-        ok = (y > 0).all()
-        high, low = y.amax(-1), y.amin(-1)
-    return ok & torch.isfinite(high).all() & (high <= limit * low).all() & torch.isfinite(x).all()
+        low, high = torch.aminmax(y, dim=-1)
+    return ((low > 0) & (high <= (limit * low).clamp(max=info.max))).all() & torch.isfinite(x).all()
 
 
 class _ScalingSinkhorn(torch.autograd.Function):
@@ -690,6 +709,7 @@ class SeTAttention(Mechanism):
         self.references = nn.Parameter(torch.randn(num_heads, o.m, o.anchors) / math.sqrt(o.anchors))
         self.proj = nn.Linear(dim, dim)
         self.init_record: dict[str, Any] = {"method": "random"}
+        self._terms: tuple[Any, ...] | None = None  # see ``_logit_terms``
 
     @classmethod
     def backend(cls, device: str = "cpu", dtype: torch.dtype = torch.float32) -> str:
@@ -709,19 +729,55 @@ class SeTAttention(Mechanism):
         return why is None
 
     # -- pieces, each (B, H, n, ·) ------------------------------------------------------
-    def whitening(self, dtype: torch.dtype) -> Tensor:
-        """κ(Z, Z)^(-1/2) (H, k, k) of the unit-norm anchors: once per forward pass."""
+    def whitening(self, dtype: torch.dtype, unit: Tensor | None = None) -> Tensor:
+        """κ(Z, Z)^(-1/2) (H, k, k) of the unit-norm anchors ``unit`` (H, k, d) (the anchors
+        normalised here if not given)."""
         alpha = 1.0 / self.options.kernel_sigma**2
-        z = F.normalize(self.anchors.to(dtype), dim=-1)  # (H, k, d)
+        z = F.normalize(self.anchors.to(dtype), dim=-1) if unit is None else unit
         return _InverseSqrtPSD.apply(gaussian_sphere_kernel(z, z, alpha), 1e-2)
 
-    def kernel_features(self, u: Tensor, mask: Tensor | None = None) -> Tensor:
+    def _logit_terms(self, dtype: torch.dtype, m: int) -> tuple[Tensor, Tensor]:
+        """What the logits need of the parameters: α Ẑᵀ (H, d, k), for κ(U, Z) = exp(U α Ẑᵀ / ‖u‖
+        − α), and the fold F = κ(Z, Z)^(-1/2) Y_{1…m}ᵀ / ε (H, k, m), so that G = κ(U, Z) F.
+
+        Without autograd (evaluation, forward timings) they are kept until the anchors or the
+        references change: the key holds their storage and version counters (every in-place
+        update moves the counter: an optimiser step, load_state_dict, init_from_data), and every
+        forward with autograd (a training step's) drops them, which also covers updates that
+        bypass the counter (fused optimisers, writes through ``.data``) between training and
+        evaluation. Repeated forwards then skip the eigendecomposition and its dozens of small
+        operations. Never kept while tracing (``traced``)."""
+        o: SeTOptions = self.options
+        z, y = self.anchors, self.references
+        key = None
+        if torch.is_grad_enabled() or traced():
+            self._terms = None
+        else:
+            key = (dtype, m, z.device, z.data_ptr(), z._version, y.data_ptr(), y._version)
+            # (anchors, references, key, terms): the parameters are held, so a new one never passes for them
+            kept = self._terms
+            if kept is not None and kept[0] is z and kept[1] is y and kept[2] == key:
+                return kept[3]
+        alpha = 1.0 / o.kernel_sigma**2
+        with torch.inference_mode(False) if key is not None else contextlib.nullcontext():
+            unit = F.normalize(_as(z, dtype), dim=-1)  # (H, k, d)
+            scaled = (alpha * unit).transpose(-2, -1)  # (H, d, k)
+            gram = (unit @ scaled).sub_(alpha).exp_()  # κ(Z, Z) (H, k, k)
+            refs = _as(y if m == y.shape[1] else y[:, :m], dtype).transpose(-2, -1)  # (H, k, m)
+            terms = (scaled, _InverseSqrtPSD.apply(gram, 1e-2) @ refs / o.eps)
+        if key is not None:
+            self._terms = (z, y, key, terms)
+        return terms
+
+    def kernel_features(self, u: Tensor, mask: Tensor | None = None, scaled: Tensor | None = None) -> Tensor:
         """κ(u, Z) = exp(α(⟨û, z⟩ − 1)) to the unit-norm anchors, times ‖u‖ with
         ``embedding_norm=keep``: (B, H, n, d) -> (B, H, n, k). ``mask`` (B, n): with keep, padding
-        rows get norm 0 (their junk cannot reach the kernel's range)."""
+        rows get norm 0 (their junk cannot reach the kernel's range). ``scaled``: α Ẑᵀ (H, d, k),
+        made from the anchors if not given."""
         alpha = 1.0 / self.options.kernel_sigma**2
-        z = F.normalize(self.anchors.to(u.dtype), dim=-1)  # (H, k, d)
-        dots = u @ (alpha * z).transpose(-2, -1)  # α⟨u, z⟩ (B, H, n, k); û = u / max(|u|, 1e-12)
+        if scaled is None:
+            scaled = (alpha * F.normalize(self.anchors.to(u.dtype), dim=-1)).transpose(-2, -1)
+        dots = u @ scaled  # α⟨u, z⟩ (B, H, n, k); û = u / max(|u|, 1e-12)
         norm = torch.linalg.vector_norm(u, dim=-1, keepdim=True).clamp(min=1e-12)
         grad = torch.is_grad_enabled()
         dots = dots / norm if grad else dots.div_(norm)
@@ -774,8 +830,8 @@ class SeTAttention(Mechanism):
             return _References(count)
         return _References(count, lengths.clamp(max=count))
 
-    def _prior(self, n: int, grid: Grid | None, like: Tensor, mask: Tensor | None, refs: _References
-               ) -> tuple[Tensor | None, Tensor | None]:
+    def _prior(self, n: int, grid: Grid | None, dtype: torch.dtype, device: torch.device, mask: Tensor | None,
+               refs: _References) -> tuple[Tensor | None, Tensor | None]:
         """(what the logits get, what the plan is multiplied by): M or log M per ``prior``."""
         o: SeTOptions = self.options
         prior_grid = self._prior_grid(grid)
@@ -783,8 +839,9 @@ class SeTAttention(Mechanism):
             return None, None
         log = o.prior == "kernel"
         if mask is None:
-            value = positional_prior(n, refs.count, o.tau, prior_grid, like.dtype, like.device, log)
+            value = positional_prior(n, refs.count, o.tau, prior_grid, dtype, device, log)
         else:  # (B, 1, n, m): real tokens placed by their rank among real tokens
+            like = torch.empty(0, dtype=dtype, device=device)
             value = prior_from_log(positional_log_prior(n, refs.count, o.tau, None, like, mask,
                                                         refs.per_sequence), log)
         if o.prior == "kernel":
@@ -801,12 +858,11 @@ class SeTAttention(Mechanism):
         released once used. Without autograd, ``fold_readout`` lets the fused passes leave
         diag(u) K ⊙ M in K for the read-out."""
         o: SeTOptions = self.options
-        dtype = torch.promote_types(x.dtype, torch.float32)
+        dtype = _work_dtype(x.dtype)
         (b, n), h, m = x.shape[:2], self.num_heads, refs.count
-        like = torch.empty(0, dtype=dtype, device=x.device)
-        # κ(Z, Z)^(-1/2) Yᵀ / ε (H, k, m), so that the logits are one product κ(U, Z) · fold
-        fold = self.whitening(dtype) @ self.references[:, :m].to(dtype).transpose(-2, -1) / o.eps
-        pre, post = self._prior(n, grid, like, mask, refs)
+        # α Ẑᵀ and κ(Z, Z)^(-1/2) Yᵀ / ε (H, k, m), so that the logits are one product κ(U, Z) · fold
+        scaled, fold = self._logit_terms(dtype, m)
+        pre, post = self._prior(n, grid, dtype, x.device, mask, refs)
         rows_first = o.order == "rows-then-columns"
         fused = self._fused(x.device.type, dtype)
         if mask is None:
@@ -829,7 +885,7 @@ class SeTAttention(Mechanism):
         plans = []
         for part in parts:
             def logits(part: int = part) -> Tensor:  # G = κ(U, Z) · fold (⊙ M), a fresh (B, H, n, m)
-                g = self.kernel_features(self._project(x, part, cast), mask) @ fold
+                g = self.kernel_features(self._project(x, part, cast), mask, scaled) @ fold
                 if pre is not None:
                     g = g.mul_(pre) if o.prior == "similarity-and-plan" else g.add_(pre)
                 return g
@@ -857,7 +913,8 @@ class SeTAttention(Mechanism):
             u, v = (sx, sy) if rows_first else (sy, sx)  # the scalings of the side first, second
             plans.append(_Plan(kernel, u.view(b, h, n), v.view(b, h, m), ok, post, logits, folded))
 
-        if not bool(torch.stack([p.ok for p in plans]).all()):  # the forward's one host sync
+        ok = plans[0].ok if len(plans) == 1 else torch.stack([p.ok for p in plans]).all()
+        if not bool(ok):  # the forward's one host sync
             for p in plans:
                 if not bool(p.ok):
                     p.kernel = log_sinkhorn_plan(p.logits(), o.iters, o.tol, o.backward == "recompute",
@@ -893,7 +950,7 @@ class SeTAttention(Mechanism):
         bias = None if self.in_proj.bias is None else self.in_proj.bias[rows]
         with torch.autocast(x.device.type, dtype=cast[1], enabled=cast[0]):
             y = F.linear(x, self.in_proj.weight[rows], bias)
-        return split_heads(y.to(torch.promote_types(x.dtype, torch.float32)), self.num_heads)
+        return split_heads(_as(y, _work_dtype(x.dtype)), self.num_heads)
 
     @staticmethod
     def _autocast_state(x: Tensor) -> tuple[bool, torch.dtype]:
@@ -917,7 +974,7 @@ class SeTAttention(Mechanism):
         m = refs.scale()
         cast = self._autocast_state(x)
         # tokens per sequence: n, or each sequence's real tokens (B, 1, 1, 1)
-        work = torch.promote_types(x.dtype, torch.float32)
+        work = _work_dtype(x.dtype)
         n = x.shape[1] if mask is None else mask.sum(-1).to(work)[:, None, None, None]
         grad = torch.is_grad_enabled()
         # the transport runs in float32 even under fp16/bf16 autocast: exp needs the range

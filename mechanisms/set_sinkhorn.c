@@ -13,9 +13,10 @@
  * Columns first (A = Kᵀ): a first half pass writes sums[0] = Kᵀ y_0 (y_0 (b, n) as row weights) and
  * cols[0] = x_1 = col_marg / sums[0]; pass t then reads cols[t] = x_{t+1} and writes dots[t] =
  * K x_{t+1}, scales[t] = y_{t+1} and, but for the last, sums[t + 1] and cols[t + 1] = x_{t+2}.
- * Shapes: dots, scales (iters, b, n); sums, cols (iters + 1, b, m). The row marginal a is one value
- * for every row (a_len 0) or one per row, (b, n); the column marginal one value (col_marg, cm null)
- * or one per column, cm (b, m), 0 at the columns a plan does not use. With ``fold`` the last pass also leaves
+ * Shapes: dots, scales (iters, b, n); sums (iters, b, m); cols (iters + 1, b, m) rows first,
+ * (iters, b, m) columns first. The row marginal a is one value for every row (a_len 0) or one per
+ * row, (b, n); the column marginal one value (col_marg; cm null) or one per column, cm (b, m), 0 at
+ * the columns a plan does not use. With ``fold`` the last pass also leaves
  * diag(u) K ⊙ M in K, once each row has been used (u: the row scalings it has just made; M:
  * ``post``, one (n, m) for every plan when post_heads is 0, else one per sequence of post_heads
  * plans, (B, n, m), or none): the read-out's kernel without passes of its own.
