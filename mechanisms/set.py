@@ -759,7 +759,11 @@ class SeTAttention(Mechanism):
             if kept is not None and kept[0] is z and kept[1] is y and kept[2] == key:
                 return kept[3]
         alpha = 1.0 / o.kernel_sigma**2
-        with torch.inference_mode(False) if key is not None else contextlib.nullcontext():
+        kept_here = contextlib.ExitStack()
+        if key is not None:  # ordinary tensors even under inference mode (which turns autograd back on)
+            kept_here.enter_context(torch.inference_mode(False))
+            kept_here.enter_context(torch.no_grad())
+        with kept_here:
             unit = F.normalize(_as(z, dtype), dim=-1)  # (H, k, d)
             scaled = (alpha * unit).transpose(-2, -1)  # (H, d, k)
             gram = (unit @ scaled).sub_(alpha).exp_()  # κ(Z, Z) (H, k, k)

@@ -599,6 +599,114 @@ def test_gradcheck_with_padding_shorter_than_m(order):
     assert torch.autograd.gradcheck(lambda t: m(t, mask=mask), (x,), eps=1e-6, atol=1e-6, fast_mode=True)
 
 
+# ---- the whitening and fold, kept between forwards without autograd ------------------------------
+
+
+def count_eigh(monkeypatch):
+    calls = []
+    eigh = torch.linalg.eigh
+    monkeypatch.setattr(torch.linalg, "eigh", lambda *a, **k: calls.append(1) or eigh(*a, **k))
+    return calls
+
+
+def fresh_output(m, x):
+    """The output of a copy of ``m`` that has never kept anything."""
+    clone = copy.deepcopy(m)
+    clone._terms = None
+    with torch.no_grad():
+        return clone(x)
+
+
+def test_forwards_without_autograd_reuse_the_whitening_until_the_parameters_change(monkeypatch):
+    torch.manual_seed(0)
+    m = small_set(readout="asymmetric")
+    x = torch.randn(2, 12, 16, dtype=torch.float64)
+    calls = count_eigh(monkeypatch)
+    with torch.no_grad():
+        first = m(x)
+        again = m(x)
+    with torch.inference_mode():
+        inside = m(x)
+    assert len(calls) == 1  # one eigendecomposition for three forwards (both plans share it)
+    torch.testing.assert_close(again, first, rtol=0, atol=0)
+    torch.testing.assert_close(inside, first, rtol=0, atol=0)
+    torch.testing.assert_close(first, reference_set(m, x), rtol=1e-5, atol=1e-5)
+    calls.clear()  # (the reference's own)
+    with torch.no_grad():
+        m.anchors.add_(0.1)  # an in-place update: the version counter moves
+        moved = m(x)
+    assert len(calls) == 1
+    torch.testing.assert_close(moved, fresh_output(m, x), rtol=0, atol=0)
+    with torch.no_grad():
+        m.references.mul_(2)
+        torch.testing.assert_close(m(x), fresh_output(m, x), rtol=0, atol=0)
+    other = small_set(readout="asymmetric")
+    m.load_state_dict(other.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(m(x), fresh_output(other, x), rtol=0, atol=0)
+    m.anchors = torch.nn.Parameter(torch.randn_like(m.anchors))  # a new parameter object
+    with torch.no_grad():
+        torch.testing.assert_close(m(x), fresh_output(m, x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("optimiser", [
+    lambda p: torch.optim.AdamW(p, lr=0.1), lambda p: torch.optim.AdamW(p, lr=0.1, foreach=True),
+    lambda p: torch.optim.AdamW(p, lr=0.1, fused=True),  # does not move the version counters
+    lambda p: torch.optim.SGD(p, lr=0.1)], ids=["adamw", "adamw-foreach", "adamw-fused", "sgd"])
+def test_evaluation_after_training_steps_sees_the_new_parameters(optimiser):
+    """Evaluate, train, evaluate: the second evaluation is that of the trained parameters, with
+    every optimiser (a fused one updates without moving the version counters: the training
+    forward, with autograd, drops what was kept)."""
+    torch.manual_seed(0)
+    m = small_set()
+    x = torch.randn(2, 12, 16, dtype=torch.float64)
+    opt = optimiser(m.parameters())
+    with torch.no_grad():
+        before = m(x)
+    for _ in range(2):
+        opt.zero_grad()
+        m(x).square().sum().backward()
+        opt.step()
+    with torch.no_grad():
+        after = m(x)
+    assert not torch.allclose(after, before)
+    torch.testing.assert_close(after, fresh_output(m, x), rtol=0, atol=0)
+    torch.testing.assert_close(after, reference_set(m, x), rtol=1e-5, atol=1e-5)
+
+
+def test_what_is_kept_under_inference_mode_serves_later_forwards_and_copies(monkeypatch):
+    m = small_set()
+    x = torch.randn(1, 12, 16, dtype=torch.float64)
+    calls = count_eigh(monkeypatch)
+    with torch.inference_mode():
+        first = m(x)
+    with torch.no_grad():
+        torch.testing.assert_close(m(x), first, rtol=0, atol=0)
+    assert len(calls) == 1
+    copied = copy.deepcopy(m)  # what is kept carries no autograd history (deepcopy refuses that)
+    with torch.no_grad():
+        torch.testing.assert_close(copied(x), first, rtol=0, atol=0)
+    m(x.clone().requires_grad_()).sum().backward()  # and autograd still reaches the parameters
+    assert m.anchors.grad.abs().sum() > 0
+
+
+def test_forwards_with_autograd_or_under_a_dispatch_mode_keep_nothing(monkeypatch):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    m = small_set()
+    x = torch.randn(1, 12, 16, dtype=torch.float64)
+    calls = count_eigh(monkeypatch)
+    m(x)
+    m(x)
+    assert len(calls) == 2 and m._terms is None
+    with torch.no_grad():
+        m(x)
+        with FlopCounterMode(display=False) as counter:
+            m(x)
+    assert len(calls) == 4  # the counter sees the whitening's products (flops() counts them)
+    assert counter.get_total_flops() == m.flops(1, 12).matmul
+
+
 # ---- the positional prior ------------------------------------------------------------------
 
 
