@@ -282,13 +282,10 @@ def positional_prior(n: int, m: int, tau: float, grid: Grid | None, dtype: torch
 # The side updated first is the rows of A (A = K for rows-then-columns, A = Kᵀ, a view, for
 # columns-then-rows); x scales A's rows to marginal α, y its columns to marginal β:
 #     x_t = α / (A y_{t−1}),   y_t = β / (Aᵀ x_t),   y_0 = 1 (0 where β = 0).
-# Both products are written as row vector × matrix, bmm(y[:, None], A.mT) and
-# bmm(x[:, None], A): on CPUs these are several times faster than bmm(A, y[..., None]).
-
-
-def _matvec(vec: Tensor, matrix: Tensor) -> Tensor:
-    """vecᵀ · matrix for vec (b, r) and matrix (b, r, c): (b, c)."""
-    return torch.bmm(vec.unsqueeze(-2), matrix).squeeze(-2)
+# Scalings and marginals are row vectors, (b, 1, r) and (b, 1, c), and both products are row
+# vector × matrix, bmm(y, A.mT) and bmm(x, A): on CPUs these are several times faster than
+# bmm(A, y[..., None]), and a step is then two operations (a product and a division), with no
+# reshaping around them (per-call overhead is what short sequences pay for).
 
 
 def _marginal_error(prev: Tensor, product: Tensor, marg: Tensor | float) -> Tensor:
@@ -300,21 +297,28 @@ def _marginal_error(prev: Tensor, product: Tensor, marg: Tensor | float) -> Tens
 
 def _scaling_iterations(first: Tensor, alpha: Tensor | float, beta: Tensor | float, y0: Tensor,
                         iters: int, tol: float) -> tuple[list[Tensor], ...]:
-    """Sinkhorn on A = ``first`` (b, r, c): returns [x_1…x_L], [y_0…y_L], [A y_0…], [Aᵀ x_1…].
+    """Sinkhorn on A = ``first`` (b, r, c), row vectors α, x (b, 1, r) and β, y (b, 1, c): returns
+    [x_1…x_L], [y_0…y_L], [A y_0…], [Aᵀ x_1…] (the products as row vectors too).
 
     No value is read on the host unless ``tol > 0`` (one check per iteration, to stop early).
     """
+    def tensor(marg: Tensor | float) -> Tensor:  # a constant as a 0-dim tensor: one division, not two
+        if isinstance(marg, Tensor):
+            return marg
+        return torch.full((), marg, dtype=first.dtype, device=first.device)
+
+    row_marg, col_marg, first_t = tensor(alpha), tensor(beta), first.mT
     xs: list[Tensor] = []
     ys, ps, qs = [y0], [], []
     for _ in range(iters):
-        p = _matvec(ys[-1], first.mT)  # (b, r): A y
-        x = alpha / p
+        p = torch.bmm(ys[-1], first_t)  # (b, 1, r): A y
+        x = row_marg / p
         done = tol > 0 and len(xs) > 0 and bool(_marginal_error(xs[-1], p, alpha) < tol)
-        q = _matvec(x, first)  # (b, c): Aᵀ x
+        q = torch.bmm(x, first)  # (b, 1, c): Aᵀ x
         xs.append(x)
         ps.append(p)
         qs.append(q)
-        ys.append(beta / q)
+        ys.append(col_marg / q)
         if done:
             break
     return xs, ys, ps, qs
@@ -385,8 +389,8 @@ def _native_iterations(kernel: Tensor, rows_first: bool, alpha: Tensor | float, 
     one call of set_sinkhorn.c, L passes over K's rows (L + 1 for columns first: the first is half).
     With ``fold`` the last pass leaves diag(u) K ⊙ M in ``kernel`` (M = ``post``, (n, m) or
     (B, 1, n, m), if given; u the row scaling). Either marginal is one value or one per row of
-    its side, (b, n) or (b, m). The iterates come stacked, x (L, b, ·), y (L + 1, b, ·), A y and
-    Aᵀ x (L, b, ·): indexed as the lists of the PyTorch loop, without splitting them."""
+    its side, (b, 1, n) or (b, 1, m). The iterates come stacked, x (L, b, 1, ·), y (L + 1, b, 1, ·),
+    A y and Aᵀ x (L, b, 1, ·): indexed as the lists of the PyTorch loop, without splitting them."""
     row_marg, col_marg = (alpha, beta) if rows_first else (beta, alpha)
     lib = native_sinkhorn()
     b, n, m = kernel.shape
@@ -394,8 +398,9 @@ def _native_iterations(kernel: Tensor, rows_first: bool, alpha: Tensor | float, 
     threads = torch.get_num_threads()
     # rows first: scales x_1…x_L, cols y_0…y_L; columns first: cols x_1…x_L, scales y_0…y_L (C
     # writes from y_1 on)
-    dots, scales = kernel.new_empty(iters, b, n), kernel.new_empty(iters + (not rows_first), b, n)
-    sums, cols = kernel.new_empty(iters, b, m), kernel.new_empty(iters + rows_first, b, m)
+    # (the iterates as the PyTorch loop's row vectors, (·, b, 1, ·): the same memory as (·, b, ·))
+    dots, scales = kernel.new_empty(iters, b, 1, n), kernel.new_empty(iters + (not rows_first), b, 1, n)
+    sums, cols = kernel.new_empty(iters, b, 1, m), kernel.new_empty(iters + rows_first, b, 1, m)
     scratch = kernel.new_empty(threads, b, m)
     y0 = _for_c(y0, kernel.dtype)  # everything C reads: the kernel's dtype, contiguous
     (cols if rows_first else scales)[0] = y0
@@ -482,23 +487,32 @@ class _ScalingSinkhorn(torch.autograd.Function):
         kernel, *saved = ctx.saved_tensors
         steps = ctx.steps
         first = kernel if ctx.rows_first else kernel.mT
+        first_t = first.mT
         xs, ys = saved[:steps], saved[steps:2 * steps + 1]
         ps, qs = saved[2 * steps + 1:3 * steps + 1], saved[3 * steps + 1:]
-        gx = torch.zeros_like(xs[-1]) if grad_x is None else grad_x
         gy = torch.zeros_like(ys[-1]) if grad_y is None else grad_y
-        left, right = [], []  # Ā = Σ left_s right_sᵀ
+        # Ā = Σ_t gp_tᵀ y_t − Σ_t x_tᵀ r_t, with r_t = −q̄_t = ȳ_t y_{t+1} / q_t (y = β / q) and
+        # gp_t = x̄_t = −x̄_t' x_t / p_t (x = α / p), x̄_t' = A q̄_t (+ grad_x for the last)
+        rs: list[Tensor] = []
+        gps: list[Tensor] = []
         for t in reversed(range(steps)):
-            gq = -gy * ys[t + 1] / qs[t]  # y = β / q: ∂y/∂q = −y/q
-            left.append(xs[t])
-            right.append(gq)  # q = Aᵀ x
-            gx = gx + _matvec(gq, first.mT)  # A q̄
-            gp = -gx * xs[t] / ps[t]  # x = α / p
-            left.append(gp)
-            right.append(ys[t])  # p = A y
-            gy = _matvec(gp, first)  # Aᵀ p̄: the gradient of y_{t−1}
-            gx = torch.zeros_like(gx)
-        lhs, rhs = torch.stack(left, -1), torch.stack(right, -1)  # (b, r, 2L), (b, c, 2L)
-        grad = torch.bmm(lhs, rhs.mT) if ctx.rows_first else torch.bmm(rhs, lhs.mT)
+            r = gy * ys[t + 1] / qs[t]  # (b, 1, c)
+            back = torch.bmm(r, first_t)  # A r (b, 1, r) = −A q̄
+            if t == steps - 1 and grad_x is not None:
+                back = back - grad_x
+            gp = back * xs[t] / ps[t]  # p̄ = −x̄ x / p
+            gy = torch.bmm(gp, first)  # Aᵀ p̄: the gradient of y_{t−1}
+            rs.append(r)
+            gps.append(gp)
+        rs.reverse()
+        gps.reverse()
+        # (b, L, r) and (b, L, c) stacks of the row vectors, t = 0…L−1
+        p_left, p_right = torch.cat(gps, -2), torch.cat(ys[:steps], -2)
+        q_left, q_right = torch.cat(xs, -2), torch.cat(rs, -2)
+        if ctx.rows_first:
+            grad = torch.baddbmm(torch.bmm(p_left.mT, p_right), q_left.mT, q_right, alpha=-1)
+        else:  # Ā for A = Kᵀ: the gradient of K is its transpose
+            grad = torch.baddbmm(torch.bmm(p_right.mT, p_left), q_right.mT, q_left, alpha=-1)
         return grad, None, None, None, None, None, None, None
 
 
@@ -871,18 +885,18 @@ class SeTAttention(Mechanism):
         fused = self._fused(x.device.type, dtype)
         if mask is None:
             a: Tensor | float = 1.0 / n
-        else:  # rows 1/(real tokens), 0 at padding: (B·H, n)
-            a = (mask / mask.sum(-1, keepdim=True)).to(dtype)[:, None].expand(b, h, n).reshape(b * h, n)
+        else:  # rows 1/(real tokens), 0 at padding: (B·H, 1, n)
+            a = (mask / mask.sum(-1, keepdim=True)).to(dtype)[:, None].expand(b, h, n).reshape(b * h, 1, n)
         unused = None  # (B, 1, 1, m): the columns past a sequence's own count of references
         if refs.per_sequence is None:
             col: Tensor | float = 1.0 / m
-        else:  # columns 1/(its references), 0 past them: (B·H, m)
+        else:  # columns 1/(its references), 0 past them: (B·H, 1, m)
             unused = (torch.arange(m, device=x.device) >= refs.per_sequence[:, None])[:, None, None]
             col = torch.where(unused[:, 0, 0], 0.0, 1.0 / refs.per_sequence.to(dtype)[:, None]).to(dtype)
-            col = col[:, None].expand(b, h, m).reshape(b * h, m)
+            col = col[:, None].expand(b, h, m).reshape(b * h, 1, m)
         alpha, beta = (a, col) if rows_first else (col, a)
         # y_0, the scaling updated second: ones, 0 where its marginal is 0 (padding, unused columns)
-        y0 = torch.ones(b * h, m if rows_first else n, dtype=dtype, device=x.device)
+        y0 = torch.ones(b * h, 1, m if rows_first else n, dtype=dtype, device=x.device)
         if isinstance(beta, Tensor):
             y0 = (beta > 0).to(dtype)
 

@@ -955,15 +955,15 @@ def test_fused_iterations_are_the_pytorch_iterates(rows_first, n, iters, per_row
     kernel = torch.rand(b, n, m, dtype=torch.float64) + 0.01
     a: torch.Tensor | float = 1.0 / n
     col: torch.Tensor | float = 1.0 / m
-    y0 = torch.ones(b, m if rows_first else n, dtype=torch.float64)
+    y0 = torch.ones(b, 1, m if rows_first else n, dtype=torch.float64)  # row vectors (b, 1, ·)
     if per_row:  # padding rows with marginal 0, as a mask gives
-        real = torch.rand(b, n) > 0.3
-        real[:, 0] = True
+        real = torch.rand(b, 1, n) > 0.3
+        real[..., 0] = True
         a = (real / real.sum(-1, keepdim=True)).double()
         if not rows_first:
             y0 = (a > 0).double()
     if per_column:  # each plan uses its first 2, 4 or 5 references, as m_cap gives under padding
-        used = torch.arange(m)[None, :] < torch.tensor([2, 4, 5])[:, None]
+        used = torch.arange(m)[None, None, :] < torch.tensor([2, 4, 5])[:, None, None]
         col = (used / used.sum(-1, keepdim=True)).double()
         if rows_first:
             y0 = (col > 0).double()
