@@ -25,9 +25,9 @@ is non-negative and never built either.
 
 Where the prior acts (``prior``): "similarity-and-plan" multiplies the similarity by M before
 the exponential and the plan by M after Sinkhorn, as OTKE's code does; "plan" only multiplies the
-plan, as the paper's linear positional encoding does; "kernel" adds log M to the logits, so that M
-multiplies the Gibbs kernel inside Sinkhorn ("OT with a prior": exact marginals, but log M reaches −1/τ² and
-Sinkhorn then needs far more than 10 iterations to converge).
+plan, as the paper's linear positional encoding does; "kernel" adds log M to the logits, so that
+M multiplies the Gibbs kernel inside Sinkhorn ("OT with a prior": exact marginals, but log M
+reaches −1/τ² and Sinkhorn then needs far more than 10 iterations to converge).
 
 Embedding norm (``embedding_norm``): κ(u, Z) sees only the direction û = u / ‖u‖. "drop" (the
 default) discards ‖u‖, so the scores are bounded by ‖y_j‖ / ε whatever the token; "keep" multiplies
@@ -402,8 +402,7 @@ def _native_iterations(kernel: Tensor, rows_first: bool, alpha: Tensor | float, 
     run = lib.sinkhorn_f32 if kernel.dtype == torch.float32 else lib.sinkhorn_f64
     threads = torch.get_num_threads()
     # rows first: scales x_1…x_L, cols y_0…y_L; columns first: cols x_1…x_L, scales y_0…y_L (C
-    # writes from y_1 on)
-    # (the iterates as the PyTorch loop's row vectors, (·, b, 1, ·): the same memory as (·, b, ·))
+    # writes from y_1 on). Shaped as the PyTorch loop's row vectors, (·, b, 1, ·): to C, (·, b, ·)
     dots, scales = kernel.new_empty(iters, b, 1, n), kernel.new_empty(iters + (not rows_first), b, 1, n)
     sums, cols = kernel.new_empty(iters, b, 1, m), kernel.new_empty(iters + rows_first, b, 1, m)
     scratch = kernel.new_empty(threads, b, m)
@@ -461,7 +460,7 @@ def _in_range(x: Tensor, ys: list[Tensor] | Tensor, beta: Tensor | float, cols: 
     x is checked as well. Anything else sends the plan to the log domain. (NaN fails every
     comparison; ρ's bound is capped at the largest float, so an infinite y fails it too.)
     """
-    y = ys[1:] if isinstance(ys, Tensor) else torch.stack(ys[1:])  # (L, b, c)
+    y = ys[1:] if isinstance(ys, Tensor) else torch.stack(ys[1:])  # (L, b, 1, c)
     info = torch.finfo(y.dtype)
     limit = info.eps**2 / (cols * info.tiny)
     if isinstance(beta, Tensor):  # columns with β = 0 (padding, unused references) have y = 0: leave them out
@@ -496,17 +495,18 @@ class _ScalingSinkhorn(torch.autograd.Function):
         xs, ys = saved[:steps], saved[steps:2 * steps + 1]
         ps, qs = saved[2 * steps + 1:3 * steps + 1], saved[3 * steps + 1:]
         gy = torch.zeros_like(ys[-1]) if grad_y is None else grad_y
-        # Ā = Σ_t gp_tᵀ y_t − Σ_t x_tᵀ r_t, with r_t = −q̄_t = ȳ_t y_{t+1} / q_t (y = β / q) and
-        # gp_t = x̄_t = −x̄_t' x_t / p_t (x = α / p), x̄_t' = A q̄_t (+ grad_x for the last)
+        # Going back through step t: y_{t+1} = β / q_t gives q̄_t = −r_t, r_t = ȳ_{t+1} y_{t+1} / q_t;
+        # q_t = Aᵀ x_t gives x̄_t = A q̄_t (+ the incoming gradient of x_L); x_t = α / p_t gives
+        # p̄_t = −x̄_t x_t / p_t; p_t = A y_t gives ȳ_t = Aᵀ p̄_t. Ā = Σ_t p̄_tᵀ y_t − Σ_t x_tᵀ r_t.
         rs: list[Tensor] = []
         gps: list[Tensor] = []
         for t in reversed(range(steps)):
             r = gy * ys[t + 1] / qs[t]  # (b, 1, c)
-            back = torch.bmm(r, first_t)  # A r (b, 1, r) = −A q̄
+            back = torch.bmm(r, first_t)  # A r = −x̄_t (b, 1, r), but for the incoming gradient
             if t == steps - 1 and grad_x is not None:
                 back = back - grad_x
-            gp = back * xs[t] / ps[t]  # p̄ = −x̄ x / p
-            gy = torch.bmm(gp, first)  # Aᵀ p̄: the gradient of y_{t−1}
+            gp = back * xs[t] / ps[t]  # p̄_t
+            gy = torch.bmm(gp, first)  # ȳ_t = Aᵀ p̄_t
             rs.append(r)
             gps.append(gp)
         rs.reverse()
