@@ -7,6 +7,7 @@ every reading the paper leaves open is an option. Per head:
 
     U, V = X W_u, X W_v                                  (n, d) each
     E = κ(U, Z)                                          (n, k) Gaussian kernel to k anchors Z
+                                                         (⊙ ‖u_i‖ per row, embedding_norm="keep")
     S / ε = E · F,   F = κ(Z, Z)^(-1/2) Yᵀ / ε           (n, m) scores; F (k, m) folded once
     G = M ⊙ S / ε                                        prior="similarity-and-plan" (OTKE)
     K = exp(G − max)                                     the Gibbs kernel, one exponential pass
@@ -23,10 +24,22 @@ kernel K (and K ⊙ M, formed once for the read-out). The implied attention A = 
 is non-negative and never built either.
 
 Where the prior acts (``prior``): "similarity-and-plan" multiplies the similarity by M before
-the exponential and the plan by M after Sinkhorn, as OTKE's code does and the seed describes;
-"plan" only multiplies the plan; "kernel" adds log M to the logits, so that M multiplies the
-Gibbs kernel inside Sinkhorn ("OT with a prior": exact marginals, but log M reaches −1/τ² and
-Sinkhorn then needs far more than 10 iterations to converge).
+the exponential and the plan by M after Sinkhorn, as OTKE's code does; "plan" only multiplies the
+plan, as the paper's linear positional encoding does; "kernel" adds log M to the logits, so that
+M multiplies the Gibbs kernel inside Sinkhorn ("OT with a prior": exact marginals, but log M
+reaches −1/τ² and Sinkhorn then needs far more than 10 iterations to converge).
+
+Embedding norm (``embedding_norm``): κ(u, Z) sees only the direction û = u / ‖u‖. "drop" (the
+default) discards ‖u‖, so the scores are bounded by ‖y_j‖ / ε whatever the token; "keep" multiplies
+ψ(u) by ‖u‖ as OTKE's kernel layer does (‖x‖ κ(Zᵀx / ‖x‖), before its κ(ZᵀZ)^(-1/2)), which gives
+every token its own temperature, as ‖q‖‖k‖ does in softmax attention.
+
+References (``m_cap``): a plan of n < m tokens uses the first m' = n references, m' = min(√m,
+⌊√n⌋)² on a 2-D prior (a square grid), with column marginals 1/m' and the prior's β_j = j/m'. With
+uniform marginals the implied attention n m' P Pᵀ has rank at most min(n, m'): more references add
+no rank, only cost (n·m' > n², above the dense attention). Under padding each sequence uses its
+own m' (columns past it carry marginal 0, as padding rows do), so padding changes nothing.
+"none" keeps all m.
 
 Update order (``order``): "rows-then-columns" as OTKE, so the column marginals (the references)
 are exact after any L and every reference is an exact convex combination of tokens; or
@@ -63,6 +76,11 @@ reverse iterations as matrix–vector products with the saved K and forms the gr
 per plan (the read-out recomputes K ⊙ M in its backward), O(n·m + L·(n + m)) memory. The
 whitening κ(Z, Z)^(-1/2) has a bounded backward (``_InverseSqrtPSD``).
 
+Fixed cost per call: a forward without autograd reuses the whitening and the fold until the
+anchors or references change (``_logit_terms``); the scaling loop works on (b, 1, ·) row vectors,
+so each half-step is one product and one division. Short sequences pay per operation, not per
+element: at n = 1,024 a forward is about 60 PyTorch operations without autograd.
+
 Cost per head (``flops``): matmuls 2n·(d·k + k·m) for the embedding and the scores,
 4L·n·m for the 2L matrix–vector products, 4n·m·d for aggregation and read-out; elementwise a
 few passes over the (n, m) kernel (the prior, its maximum, the shift, one exponential, K ⊙ M)
@@ -76,6 +94,7 @@ real tokens by their rank among real tokens, so padding changes nothing at real 
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import dataclasses
 import functools
@@ -118,15 +137,21 @@ class SeTOptions:
     kernel_sigma: float = option(0.5, 1e-3, 1e3)  # σ of the Gaussian kernel on the sphere, α = 1/σ²
     # auto: 2-D prior for image grids when m is a perfect square, 1-D otherwise
     positional: Literal["auto", "none", "1d", "2d"] = "auto"
-    # where M acts: similarity-and-plan (OTKE: M ⊙ S in the exponent, plan ⊙ M after Sinkhorn),
-    # plan (plan ⊙ M only) or kernel (log M added to the logits, inside Sinkhorn)
+    # where M acts: similarity-and-plan (OTKE's code: M ⊙ S in the exponent, plan ⊙ M after
+    # Sinkhorn), plan (the paper: plan ⊙ M only) or kernel (log M added to the logits, inside Sinkhorn)
     prior: Literal["similarity-and-plan", "plan", "kernel"] = "similarity-and-plan"
     # rows-then-columns (OTKE: columns exact after any L) or columns-then-rows (rows exact)
     order: Literal["rows-then-columns", "columns-then-rows"] = "rows-then-columns"
     # divide references and read-outs by the plan's column and row masses (OTKE does not)
     renormalise: bool = False
+    # tokens: a plan of n tokens uses the first min(m, n) references (on a 2-D prior the largest
+    # square grid of at most min(m, n)), per sequence under padding; none: always all m
+    m_cap: Literal["tokens", "none"] = "tokens"
     # roundtrip: O = n P R (choice, spec step 8); asymmetric: queries get a plan of their own
     readout: Literal["roundtrip", "asymmetric"] = "roundtrip"
+    # drop: ψ(u) = κ(Z, Z)^(-1/2) κ(Z, u/‖u‖), the norm discarded (attnbench's choice); keep:
+    # ψ(u) = ‖u‖ κ(Z, Z)^(-1/2) κ(Z, u/‖u‖), as OTKE's kernel layer (a per-token temperature)
+    embedding_norm: Literal["drop", "keep"] = "drop"
     # recompute: custom backward through the Sinkhorn iterations; unroll: plain autograd
     backward: Literal["recompute", "unroll"] = "recompute"
     # fused: Sinkhorn's iterations as C passes reading K once each (CPU, float32/64, tol = 0; with
@@ -144,6 +169,9 @@ class SeTOptions:
                 f"set.renormalise must be true or false; got {self.renormalise!r}")
         require(self.readout in ("roundtrip", "asymmetric"),
                 f"set.readout must be roundtrip or asymmetric; got {self.readout!r}")
+        require(self.m_cap in ("tokens", "none"), f"set.m_cap must be tokens or none; got {self.m_cap!r}")
+        require(self.embedding_norm in ("drop", "keep"),
+                f"set.embedding_norm must be drop or keep; got {self.embedding_norm!r}")
         require(self.backward in ("recompute", "unroll"),
                 f"set.backward must be recompute or unroll; got {self.backward!r}")
         require(self.sinkhorn in ("auto", "fused", "torch"),
@@ -204,20 +232,22 @@ def gaussian_sphere_kernel(a: Tensor, b: Tensor, alpha: float) -> Tensor:
 
 
 def positional_log_prior(n: int, m: int, tau: float, grid: Grid | None, like: Tensor,
-                         mask: Tensor | None = None) -> Tensor:
+                         mask: Tensor | None = None, refs: Tensor | None = None) -> Tensor:
     """log M (n, m): −(α_i − β_j)² / τ², α_i = i/n, β_j = j/m; separable on a 2-D grid.
 
     For a grid (H, W) the references sit on a √m × √m grid and the squared distances of the
     row and column coordinates add (M is the product of a row term and a column term). With a
     padding ``mask`` (B, n) a real token's α is its rank among real tokens over their count,
-    and log M is (B, 1, n, m).
+    and log M is (B, 1, n, m); ``refs`` (B,), with a mask, is each sequence's count of the
+    references it uses (β_j = j / refs_b; the columns past it are not used).
     """
-    def gaps(a: Tensor, refs: int) -> Tensor:  # (…, count, refs) squared position gaps
-        b = torch.arange(refs, device=like.device, dtype=like.dtype) / refs
+    def gaps(a: Tensor, count: int) -> Tensor:  # (…, tokens, count) squared position gaps
+        b = torch.arange(count, device=like.device, dtype=like.dtype)
+        b = b / count if refs is None else b / refs.to(like.dtype)[:, None, None]  # (count,) or (B, 1, count)
         return (a.unsqueeze(-1) - b).square()
 
-    def axis(count: int, refs: int) -> Tensor:  # (count, refs)
-        return gaps(torch.arange(count, device=like.device, dtype=like.dtype) / count, refs)
+    def axis(count: int, side: int) -> Tensor:  # (count, side)
+        return gaps(torch.arange(count, device=like.device, dtype=like.dtype) / count, side)
 
     if grid is None and mask is not None:
         rank = (mask.cumsum(-1) - 1).to(like.dtype)  # (B, n): place among the real tokens
@@ -257,13 +287,10 @@ def positional_prior(n: int, m: int, tau: float, grid: Grid | None, dtype: torch
 # The side updated first is the rows of A (A = K for rows-then-columns, A = Kᵀ, a view, for
 # columns-then-rows); x scales A's rows to marginal α, y its columns to marginal β:
 #     x_t = α / (A y_{t−1}),   y_t = β / (Aᵀ x_t),   y_0 = 1 (0 where β = 0).
-# Both products are written as row vector × matrix, bmm(y[:, None], A.mT) and
-# bmm(x[:, None], A): on CPUs these are several times faster than bmm(A, y[..., None]).
-
-
-def _matvec(vec: Tensor, matrix: Tensor) -> Tensor:
-    """vecᵀ · matrix for vec (b, r) and matrix (b, r, c): (b, c)."""
-    return torch.bmm(vec.unsqueeze(-2), matrix).squeeze(-2)
+# Scalings and marginals are row vectors, (b, 1, r) and (b, 1, c), and both products are row
+# vector × matrix, bmm(y, A.mT) and bmm(x, A): on CPUs these are several times faster than
+# bmm(A, y[..., None]), and a step is then two operations (a product and a division), with no
+# reshaping around them (per-call overhead is what short sequences pay for).
 
 
 def _marginal_error(prev: Tensor, product: Tensor, marg: Tensor | float) -> Tensor:
@@ -275,21 +302,28 @@ def _marginal_error(prev: Tensor, product: Tensor, marg: Tensor | float) -> Tens
 
 def _scaling_iterations(first: Tensor, alpha: Tensor | float, beta: Tensor | float, y0: Tensor,
                         iters: int, tol: float) -> tuple[list[Tensor], ...]:
-    """Sinkhorn on A = ``first`` (b, r, c): returns [x_1…x_L], [y_0…y_L], [A y_0…], [Aᵀ x_1…].
+    """Sinkhorn on A = ``first`` (b, r, c), row vectors α, x (b, 1, r) and β, y (b, 1, c): returns
+    [x_1…x_L], [y_0…y_L], [A y_0…], [Aᵀ x_1…] (the products as row vectors too).
 
     No value is read on the host unless ``tol > 0`` (one check per iteration, to stop early).
     """
+    def tensor(marg: Tensor | float) -> Tensor:  # a constant as a 0-dim tensor: one division, not two
+        if isinstance(marg, Tensor):
+            return marg
+        return torch.full((), marg, dtype=first.dtype, device=first.device)
+
+    row_marg, col_marg, first_t = tensor(alpha), tensor(beta), first.mT
     xs: list[Tensor] = []
     ys, ps, qs = [y0], [], []
     for _ in range(iters):
-        p = _matvec(ys[-1], first.mT)  # (b, r): A y
-        x = alpha / p
+        p = torch.bmm(ys[-1], first_t)  # (b, 1, r): A y
+        x = row_marg / p
         done = tol > 0 and len(xs) > 0 and bool(_marginal_error(xs[-1], p, alpha) < tol)
-        q = _matvec(x, first)  # (b, c): Aᵀ x
+        q = torch.bmm(x, first)  # (b, 1, c): Aᵀ x
         xs.append(x)
         ps.append(p)
         qs.append(q)
-        ys.append(beta / q)
+        ys.append(col_marg / q)
         if done:
             break
     return xs, ys, ps, qs
@@ -312,8 +346,8 @@ def native_sinkhorn() -> ctypes.CDLL:
     lib = native.load(_SOURCE)
     ptr, size, flag = ctypes.c_void_p, ctypes.c_long, ctypes.c_int
     for fn, real in ((lib.sinkhorn_f32, ctypes.c_float), (lib.sinkhorn_f64, ctypes.c_double)):
-        fn.argtypes = [ptr, size, size, size, flag, ptr, size, real, real, ptr, size, ptr, ptr, ptr, ptr,
-                       flag, ptr, size, ptr, flag]
+        fn.argtypes = [ptr, size, size, size, flag, ptr, size, real, real, ptr, ptr, size, ptr, ptr, ptr,
+                       ptr, flag, ptr, size, ptr, flag]
         fn.restype = None
     return lib
 
@@ -337,39 +371,64 @@ def native_reason(device: str, dtype: torch.dtype) -> str | None:
     return None
 
 
+def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """``t`` in ``dtype``, without an operation where it already is (each one costs a dispatch)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
+def _work_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The transport's dtype for inputs of ``dtype``: float64 stays, everything else runs in float32
+    (torch.promote_types with float32, without its dispatch)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _for_c(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """``t`` as C reads it: ``dtype``, contiguous (no copy, and no operation, where it is already)."""
+    return t if t.dtype == dtype and t.is_contiguous() else t.to(dtype).contiguous()
+
+
 def _native_iterations(kernel: Tensor, rows_first: bool, alpha: Tensor | float, beta: Tensor | float,
                        y0: Tensor, iters: int, fold: bool = False, post: Tensor | None = None
-                       ) -> tuple[list[Tensor], ...]:
+                       ) -> tuple[Tensor, ...]:
     """``_scaling_iterations`` on A = K (rows first) or Kᵀ, for K (b, n, m) contiguous on the CPU:
     one call of set_sinkhorn.c, L passes over K's rows (L + 1 for columns first: the first is half).
     With ``fold`` the last pass leaves diag(u) K ⊙ M in ``kernel`` (M = ``post``, (n, m) or
-    (B, 1, n, m), if given; u the row scaling)."""
-    row_marg, col_marg = (alpha, beta) if rows_first else (beta, alpha)  # columns: 1/m, one value
+    (B, 1, n, m), if given; u the row scaling). Either marginal is one value or one per row of
+    its side, (b, 1, n) or (b, 1, m). The iterates come stacked, x (L, b, 1, ·), y (L + 1, b, 1, ·),
+    A y and Aᵀ x (L, b, 1, ·): indexed as the lists of the PyTorch loop, without splitting them."""
+    row_marg, col_marg = (alpha, beta) if rows_first else (beta, alpha)
     lib = native_sinkhorn()
     b, n, m = kernel.shape
     run = lib.sinkhorn_f32 if kernel.dtype == torch.float32 else lib.sinkhorn_f64
     threads = torch.get_num_threads()
-    dots, scales = kernel.new_empty(iters, b, n), kernel.new_empty(iters, b, n)
-    sums, cols = kernel.new_empty(iters + 1, b, m), kernel.new_empty(iters + 1, b, m)
+    # rows first: scales x_1…x_L, cols y_0…y_L; columns first: cols x_1…x_L, scales y_0…y_L (C
+    # writes from y_1 on). Shaped as the PyTorch loop's row vectors, (·, b, 1, ·): to C, (·, b, ·)
+    dots, scales = kernel.new_empty(iters, b, 1, n), kernel.new_empty(iters + (not rows_first), b, 1, n)
+    sums, cols = kernel.new_empty(iters, b, 1, m), kernel.new_empty(iters + rows_first, b, 1, m)
     scratch = kernel.new_empty(threads, b, m)
-    y0 = y0.to(kernel.dtype).contiguous()  # everything C reads: the kernel's dtype, contiguous
-    if rows_first:
-        cols[0] = y0
+    y0 = _for_c(y0, kernel.dtype)  # everything C reads: the kernel's dtype, contiguous
+    (cols if rows_first else scales)[0] = y0
     if isinstance(row_marg, Tensor):
-        row_marg = row_marg.to(kernel.dtype).contiguous()
+        row_marg = _for_c(row_marg, kernel.dtype)
         marg: tuple[Any, ...] = (row_marg.data_ptr(), n, 0.0)
     else:
         marg = (None, 0, float(row_marg))
+    if isinstance(col_marg, Tensor):
+        col_marg = _for_c(col_marg, kernel.dtype)
+        marg += (0.0, col_marg.data_ptr())
+    else:
+        marg += (float(col_marg), None)
     post_heads = 0
     if post is not None:
         post_heads = 0 if post.dim() == 2 else b // post.shape[0]
-        post = post.to(kernel.dtype).contiguous()
-    run(kernel.data_ptr(), b, n, m, int(rows_first), *marg, float(col_marg), y0.data_ptr(), iters,
-        dots.data_ptr(), scales.data_ptr(), sums.data_ptr(), cols.data_ptr(), int(fold),
+        post = _for_c(post, kernel.dtype)
+    written = scales.data_ptr() + (0 if rows_first else b * n * scales.element_size())
+    run(kernel.data_ptr(), b, n, m, int(rows_first), *marg, y0.data_ptr(), iters,
+        dots.data_ptr(), written, sums.data_ptr(), cols.data_ptr(), int(fold),
         None if post is None else post.data_ptr(), post_heads, scratch.data_ptr(), threads)
     if rows_first:  # x_t, y_0…y_L, A y, Aᵀ x
-        return list(scales), list(cols), list(dots), list(sums[:iters])
-    return list(cols[:iters]), [y0, *scales], list(sums[:iters]), list(dots)
+        return scales, cols, dots, sums
+    return cols, scales, sums, dots
 
 
 def _can_fuse(kernel: Tensor, tol: float, fused: bool) -> bool:
@@ -381,16 +440,16 @@ def _can_fuse(kernel: Tensor, tol: float, fused: bool) -> bool:
 
 def _iterations(kernel: Tensor, rows_first: bool, alpha: Tensor | float, beta: Tensor | float,
                 y0: Tensor, iters: int, tol: float, fused: bool, fold: bool = False,
-                post: Tensor | None = None) -> tuple[tuple[list[Tensor], ...], bool]:
+                post: Tensor | None = None) -> tuple[tuple[list[Tensor] | Tensor, ...], bool]:
     """The scaling iterations on K (b, n, m): the fused C passes where ``_can_fuse`` (which, with
     ``fold``, leave diag(u) K ⊙ ``post`` in K), else PyTorch's matrix–vector products. Returns the
-    iterates and whether K was folded."""
+    iterates (lists, or stacked tensors from C) and whether K was folded."""
     if _can_fuse(kernel, tol, fused):
         return _native_iterations(kernel, rows_first, alpha, beta, y0, iters, fold, post), fold
     return _scaling_iterations(kernel if rows_first else kernel.mT, alpha, beta, y0, iters, tol), False
 
 
-def _in_range(x: Tensor, ys: list[Tensor], beta: Tensor | float, cols: int) -> Tensor:
+def _in_range(x: Tensor, ys: list[Tensor] | Tensor, beta: Tensor | float, cols: int) -> Tensor:
     """True (a 0-dim tensor, no host sync) when the scaling iterates can be trusted.
 
     Every row of A holds a 1 (its maximum, the shift), so A y >= min(y) over the columns with
@@ -398,19 +457,18 @@ def _in_range(x: Tensor, ys: list[Tensor], beta: Tensor | float, cols: int) -> T
     ρ = max(y) / min(y) over those columns. Entries that underflowed (below tiny/eps) then
     move no marginal by more than the rounding error when ρ <= eps² / (cols · tiny). Finite,
     positive y with such a ρ at every iteration also keep every x finite and positive; the last
-    x is checked as well. Anything else sends the plan to the log domain.
+    x is checked as well. Anything else sends the plan to the log domain. (NaN fails every
+    comparison; ρ's bound is capped at the largest float, so an infinite y fails it too.)
     """
-    y = torch.stack(ys[1:])  # (L, b, c)
+    y = ys[1:] if isinstance(ys, Tensor) else torch.stack(ys[1:])  # (L, b, 1, c)
     info = torch.finfo(y.dtype)
     limit = info.eps**2 / (cols * info.tiny)
-    if isinstance(beta, Tensor):  # columns with β = 0 (padding) have y = 0: leave them out
-        real = (beta > 0).expand_as(y)
-        ok = (torch.where(real, y, 1.0) > 0).all()
-        high, low = torch.where(real, y, 0.0).amax(-1), torch.where(real, y, torch.inf).amin(-1)
+    if isinstance(beta, Tensor):  # columns with β = 0 (padding, unused references) have y = 0: leave them out
+        real = beta > 0
+        low, high = torch.where(real, y, torch.inf).amin(-1), torch.where(real, y, 0.0).amax(-1)
     else:
-        ok = (y > 0).all()
-        high, low = y.amax(-1), y.amin(-1)
-    return ok & torch.isfinite(high).all() & (high <= limit * low).all() & torch.isfinite(x).all()
+        low, high = torch.aminmax(y, dim=-1)
+    return ((low > 0) & (high <= (limit * low).clamp(max=info.max))).all() & torch.isfinite(x).all()
 
 
 class _ScalingSinkhorn(torch.autograd.Function):
@@ -433,23 +491,33 @@ class _ScalingSinkhorn(torch.autograd.Function):
         kernel, *saved = ctx.saved_tensors
         steps = ctx.steps
         first = kernel if ctx.rows_first else kernel.mT
+        first_t = first.mT
         xs, ys = saved[:steps], saved[steps:2 * steps + 1]
         ps, qs = saved[2 * steps + 1:3 * steps + 1], saved[3 * steps + 1:]
-        gx = torch.zeros_like(xs[-1]) if grad_x is None else grad_x
         gy = torch.zeros_like(ys[-1]) if grad_y is None else grad_y
-        left, right = [], []  # Ā = Σ left_s right_sᵀ
+        # Going back through step t: y_{t+1} = β / q_t gives q̄_t = −r_t, r_t = ȳ_{t+1} y_{t+1} / q_t;
+        # q_t = Aᵀ x_t gives x̄_t = A q̄_t (+ the incoming gradient of x_L); x_t = α / p_t gives
+        # p̄_t = −x̄_t x_t / p_t; p_t = A y_t gives ȳ_t = Aᵀ p̄_t. Ā = Σ_t p̄_tᵀ y_t − Σ_t x_tᵀ r_t.
+        rs: list[Tensor] = []
+        gps: list[Tensor] = []
         for t in reversed(range(steps)):
-            gq = -gy * ys[t + 1] / qs[t]  # y = β / q: ∂y/∂q = −y/q
-            left.append(xs[t])
-            right.append(gq)  # q = Aᵀ x
-            gx = gx + _matvec(gq, first.mT)  # A q̄
-            gp = -gx * xs[t] / ps[t]  # x = α / p
-            left.append(gp)
-            right.append(ys[t])  # p = A y
-            gy = _matvec(gp, first)  # Aᵀ p̄: the gradient of y_{t−1}
-            gx = torch.zeros_like(gx)
-        lhs, rhs = torch.stack(left, -1), torch.stack(right, -1)  # (b, r, 2L), (b, c, 2L)
-        grad = torch.bmm(lhs, rhs.mT) if ctx.rows_first else torch.bmm(rhs, lhs.mT)
+            r = gy * ys[t + 1] / qs[t]  # (b, 1, c)
+            back = torch.bmm(r, first_t)  # A r = −x̄_t (b, 1, r), but for the incoming gradient
+            if t == steps - 1 and grad_x is not None:
+                back = back - grad_x
+            gp = back * xs[t] / ps[t]  # p̄_t
+            gy = torch.bmm(gp, first)  # ȳ_t = Aᵀ p̄_t
+            rs.append(r)
+            gps.append(gp)
+        rs.reverse()
+        gps.reverse()
+        # (b, L, r) and (b, L, c) stacks of the row vectors, t = 0…L−1
+        p_left, p_right = torch.cat(gps, -2), torch.cat(ys[:steps], -2)
+        q_left, q_right = torch.cat(xs, -2), torch.cat(rs, -2)
+        if ctx.rows_first:
+            grad = torch.baddbmm(torch.bmm(p_left.mT, p_right), q_left.mT, q_right, alpha=-1)
+        else:  # Ā for A = Kᵀ: the gradient of K is its transpose
+            grad = torch.baddbmm(torch.bmm(p_right.mT, p_left), q_right.mT, q_left, alpha=-1)
         return grad, None, None, None, None, None, None, None
 
 
@@ -477,12 +545,15 @@ def _lse(logits: Tensor, potential: Tensor, dim: int, buf: Tensor | None) -> Ten
 
 
 def _log_sinkhorn_loop(logits: Tensor, rows_first: bool, iters: int, tol: float, mask: Tensor | None,
-                       differentiable: bool) -> tuple[Tensor, Tensor, list[tuple[str, Tensor]]]:
+                       differentiable: bool, refs: Tensor | None = None
+                       ) -> tuple[Tensor, Tensor, list[tuple[str, Tensor]]]:
     """Log-domain Sinkhorn on logits (…, n, m): potentials f (rows, 1/n) and g (columns, 1/m),
     the same iterates as the scaling domain (u = e^f, v = e^g). Returns f, g and the half-steps
     (side updated, the other potential it read) that the recompute backward replays.
 
     ``mask`` (B, n), False at padding: those rows get marginal 0 and f = −∞ throughout.
+    ``refs`` (B,): each sequence's count of references; the columns past it get marginal 0 and
+    g = −∞ throughout, the others 1/refs.
     """
     n, m = logits.shape[-2:]
     if mask is None:
@@ -492,8 +563,14 @@ def _log_sinkhorn_loop(logits: Tensor, rows_first: bool, iters: int, tol: float,
         inf = torch.tensor(float("-inf"), dtype=logits.dtype, device=logits.device)
         log_a = torch.where(mask[:, None], -mask.sum(-1, keepdim=True).to(logits.dtype).log()[:, None], inf)
         real = torch.where(mask[:, None], 0.0, inf).to(logits.dtype).expand(logits.shape[:-1])
-    log_b = -math.log(m)
-    pot = {"f": real, "g": logits.new_zeros(logits.shape[:-2] + (m,))}
+    log_b: Tensor | float = -math.log(m)
+    used = logits.new_zeros(logits.shape[:-2] + (m,))
+    if refs is not None:
+        live = torch.arange(m, device=logits.device) < refs[:, None]  # (B, m)
+        inf = torch.tensor(float("-inf"), dtype=logits.dtype, device=logits.device)
+        log_b = torch.where(live, -refs.to(logits.dtype).log()[:, None], inf)[:, None]  # (B, 1, m)
+        used = torch.where(live[:, None], used, inf)
+    pot = {"f": real, "g": used}
     margs = {"f": log_a, "g": log_b}
     order = ("f", "g") if rows_first else ("g", "f")
     buf = None if differentiable else torch.empty_like(logits)
@@ -520,8 +597,9 @@ class _LogSinkhornRecompute(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, logits: Tensor, rows_first: bool, iters: int, tol: float,
-                mask: Tensor | None) -> tuple[Tensor, Tensor]:
-        f, g, steps = _log_sinkhorn_loop(logits, rows_first, iters, tol, mask, differentiable=False)
+                mask: Tensor | None, refs: Tensor | None) -> tuple[Tensor, Tensor]:
+        f, g, steps = _log_sinkhorn_loop(logits, rows_first, iters, tol, mask, differentiable=False,
+                                         refs=refs)
         ctx.sides = [side for side, _ in steps]
         ctx.save_for_backward(logits, *[other for _, other in steps])
         return f, g
@@ -544,18 +622,20 @@ class _LogSinkhornRecompute(torch.autograd.Function):
             other_side = "g" if side == "f" else "f"
             grads[other_side] = grads[other_side] - buf.sum(-2 if dim == -1 else -1)
             grads[side] = torch.zeros_like(grads[side])
-        return grad_logits, None, None, None, None
+        return grad_logits, None, None, None, None, None
 
 
 def log_sinkhorn_plan(logits: Tensor, iters: int, tol: float = 0.0, recompute: bool = True,
-                      mask: Tensor | None = None, rows_first: bool = True) -> Tensor:
+                      mask: Tensor | None = None, rows_first: bool = True,
+                      refs: Tensor | None = None) -> Tensor:
     """The entropic OT plan T = exp(G + f + g) with rows 1/n and columns 1/m (``mask`` (B, n):
-    rows 1/(real tokens) and T = 0 on padding rows), computed in the log domain."""
+    rows 1/(real tokens) and T = 0 on padding rows; ``refs`` (B,): columns 1/refs_b up to refs_b
+    and T = 0 past it), computed in the log domain."""
     if recompute and torch.is_grad_enabled() and logits.requires_grad:
-        f, g = _LogSinkhornRecompute.apply(logits, rows_first, iters, tol, mask)
+        f, g = _LogSinkhornRecompute.apply(logits, rows_first, iters, tol, mask, refs)
     else:
         f, g, _ = _log_sinkhorn_loop(logits, rows_first, iters, tol, mask,
-                                     differentiable=torch.is_grad_enabled())
+                                     differentiable=torch.is_grad_enabled(), refs=refs)
     return (logits + f.unsqueeze(-1) + g.unsqueeze(-2)).exp()
 
 
@@ -593,6 +673,20 @@ class _PriorProduct(torch.autograd.Function):
 # ---- the mechanism ------------------------------------------------------------------------
 
 
+@dataclasses.dataclass(frozen=True)
+class _References:
+    """The references one forward pass uses: the first ``count`` of the m (``m_cap``), and, where
+    padding leaves some sequences fewer tokens than that, each sequence's own count ``per_sequence``
+    (B,) (the columns past it carry marginal 0 and no mass)."""
+
+    count: int
+    per_sequence: Tensor | None = None
+
+    def scale(self) -> Tensor | int:
+        """The count as the aggregation's factor m: one int, or (B, 1, 1, 1)."""
+        return self.count if self.per_sequence is None else self.per_sequence[:, None, None, None]
+
+
 @dataclasses.dataclass
 class _Plan:
     """One transport plan, never built: P = diag(u) K diag(v), times ``post`` (M) if given."""
@@ -617,14 +711,15 @@ class SeTAttention(Mechanism):
     complexity = "linear"
     masking = "native"
     flops_formula = (
+        "m here is the references a plan uses, min(m, N) (m_cap=tokens; a square on a 2-D prior); "
         "matmul: 2·B·N·C²·(3 | 4 asym.) projections + per plan (×2 asym.) 2·B·H·N·(d·k + k·m) "
         "kernel embedding and scores + 4·L·B·H·N·m Sinkhorn (2L matrix–vector products with K, "
         "memory-bound; on the CPU fused in pairs, L passes that each read the (N, m) kernel once) + "
         "4·B·H·N·m·(d | d+1 renormalised) aggregation and read-out + 2·H·(k²·d + k³ + k²·m) "
         "whitening and fold; elementwise, one per "
         "element and pass: per plan B·H·[N·m·(3 + 1 for M ⊙ S or log M + 1 for K ⊙ M): max, shift, "
-        "the one exp, the prior + 3·N·k + N·d embedding + 4·L·(N + m) scalings + 6·L·(m | N) range "
-        "check] + B·H·N·d·(2 | 4 renormalised) read-out")
+        "the one exp, the prior + (3 | 4 embedding_norm=keep)·N·k + N·d embedding + 4·L·(N + m) "
+        "scalings + 6·L·(m | N) range check] + B·H·N·d·(2 | 4 renormalised) read-out")
 
     def __init__(self, dim: int, num_heads: int, options: SeTOptions | None = None) -> None:
         super().__init__(dim, num_heads, options)
@@ -635,6 +730,7 @@ class SeTAttention(Mechanism):
         self.references = nn.Parameter(torch.randn(num_heads, o.m, o.anchors) / math.sqrt(o.anchors))
         self.proj = nn.Linear(dim, dim)
         self.init_record: dict[str, Any] = {"method": "random"}
+        self._terms: tuple[Any, ...] | None = None  # see ``_logit_terms``
 
     @classmethod
     def backend(cls, device: str = "cpu", dtype: torch.dtype = torch.float32) -> str:
@@ -654,20 +750,68 @@ class SeTAttention(Mechanism):
         return why is None
 
     # -- pieces, each (B, H, n, ·) ------------------------------------------------------
-    def whitening(self, dtype: torch.dtype) -> Tensor:
-        """κ(Z, Z)^(-1/2) (H, k, k) of the unit-norm anchors: once per forward pass."""
+    def whitening(self, dtype: torch.dtype, unit: Tensor | None = None) -> Tensor:
+        """κ(Z, Z)^(-1/2) (H, k, k) of the unit-norm anchors ``unit`` (H, k, d) (the anchors
+        normalised here if not given)."""
         alpha = 1.0 / self.options.kernel_sigma**2
-        z = F.normalize(self.anchors.to(dtype), dim=-1)  # (H, k, d)
+        z = F.normalize(self.anchors.to(dtype), dim=-1) if unit is None else unit
         return _InverseSqrtPSD.apply(gaussian_sphere_kernel(z, z, alpha), 1e-2)
 
-    def kernel_features(self, u: Tensor) -> Tensor:
-        """κ(u, Z) = exp(α(⟨û, z⟩ − 1)) to the unit-norm anchors: (B, H, n, d) -> (B, H, n, k)."""
+    def _logit_terms(self, dtype: torch.dtype, m: int) -> tuple[Tensor, Tensor]:
+        """What the logits need of the parameters: α Ẑᵀ (H, d, k), for κ(U, Z) = exp(U α Ẑᵀ / ‖u‖
+        − α), and the fold F = κ(Z, Z)^(-1/2) Y_{1…m}ᵀ / ε (H, k, m), so that G = κ(U, Z) F.
+
+        Without autograd (evaluation, forward timings) they are kept until the anchors or the
+        references change: the key holds their storage and version counters (every in-place
+        update moves the counter: an optimiser step, load_state_dict, init_from_data), and every
+        forward with autograd (a training step's) drops them, which also covers updates that
+        bypass the counter (fused optimisers, writes through ``.data``) between training and
+        evaluation. Repeated forwards then skip the eigendecomposition and its dozens of small
+        operations. Never kept while tracing (``traced``)."""
+        o: SeTOptions = self.options
+        z, y = self.anchors, self.references
+        key = None
+        if torch.is_grad_enabled() or traced():
+            self._terms = None
+        else:
+            key = (dtype, m, z.device, z.data_ptr(), z._version, y.data_ptr(), y._version)
+            # (anchors, references, key, terms): the parameters are held, so a new one never passes for them
+            kept = self._terms
+            if kept is not None and kept[0] is z and kept[1] is y and kept[2] == key:
+                return kept[3]
+        alpha = 1.0 / o.kernel_sigma**2
+        kept_here = contextlib.ExitStack()
+        if key is not None:  # ordinary tensors even under inference mode (which turns autograd back on)
+            kept_here.enter_context(torch.inference_mode(False))
+            kept_here.enter_context(torch.no_grad())
+        with kept_here:
+            unit = F.normalize(_as(z, dtype), dim=-1)  # (H, k, d)
+            scaled = (alpha * unit).transpose(-2, -1)  # (H, d, k)
+            gram = (unit @ scaled).sub_(alpha).exp_()  # κ(Z, Z) (H, k, k)
+            refs = _as(y if m == y.shape[1] else y[:, :m], dtype).transpose(-2, -1)  # (H, k, m)
+            terms = (scaled, _InverseSqrtPSD.apply(gram, 1e-2) @ refs / o.eps)
+        if key is not None:
+            self._terms = (z, y, key, terms)
+        return terms
+
+    def kernel_features(self, u: Tensor, mask: Tensor | None = None, scaled: Tensor | None = None) -> Tensor:
+        """κ(u, Z) = exp(α(⟨û, z⟩ − 1)) to the unit-norm anchors, times ‖u‖ with
+        ``embedding_norm=keep``: (B, H, n, d) -> (B, H, n, k). ``mask`` (B, n): with keep, padding
+        rows get norm 0 (their junk cannot reach the kernel's range). ``scaled``: α Ẑᵀ (H, d, k),
+        made from the anchors if not given."""
         alpha = 1.0 / self.options.kernel_sigma**2
-        z = F.normalize(self.anchors.to(u.dtype), dim=-1)  # (H, k, d)
-        dots = u @ (alpha * z).transpose(-2, -1)  # α⟨u, z⟩ (B, H, n, k); û = u / max(|u|, 1e-12)
-        inv_norm = 1 / torch.linalg.vector_norm(u, dim=-1, keepdim=True).clamp(min=1e-12)
-        dots = dots * inv_norm if torch.is_grad_enabled() else dots.mul_(inv_norm)
-        return dots.sub_(alpha).exp_()
+        if scaled is None:
+            scaled = (alpha * F.normalize(self.anchors.to(u.dtype), dim=-1)).transpose(-2, -1)
+        dots = u @ scaled  # α⟨u, z⟩ (B, H, n, k); û = u / max(|u|, 1e-12)
+        norm = torch.linalg.vector_norm(u, dim=-1, keepdim=True).clamp(min=1e-12)
+        grad = torch.is_grad_enabled()
+        dots = dots / norm if grad else dots.div_(norm)
+        feats = dots.sub_(alpha).exp_()
+        if self.options.embedding_norm == "drop":
+            return feats
+        if mask is not None:
+            norm = norm * mask[:, None, :, None]
+        return feats * norm if grad else feats.mul_(norm)
 
     def embed(self, u: Tensor, whitening: Tensor | None = None) -> Tensor:
         """Nyström features ψ(u) = κ(u, Z) κ(Z, Z)^(-1/2): (B, H, n, d) -> (B, H, n, k)."""
@@ -688,8 +832,31 @@ class SeTAttention(Mechanism):
             return grid
         return None
 
-    def _prior(self, n: int, grid: Grid | None, like: Tensor, mask: Tensor | None) -> tuple[
-            Tensor | None, Tensor | None]:
+    def references_used(self, n: int, grid: Grid | None = None) -> int:
+        """How many references a plan of n tokens uses (``m_cap``): m, or with "tokens" at most n,
+        and on a 2-D prior the largest square grid of at most min(m, n), min(√m, ⌊√n⌋)²."""
+        o: SeTOptions = self.options
+        if o.m_cap == "none" or n >= o.m:
+            return o.m
+        square = math.isqrt(o.m) ** 2 == o.m
+        if o.positional == "2d" or (o.positional == "auto" and grid is not None and square):
+            return min(math.isqrt(o.m), math.isqrt(n)) ** 2
+        return n
+
+    def _references(self, n: int, grid: Grid | None, mask: Tensor | None) -> _References:
+        """The references of a forward pass on n tokens (``mask`` (B, n): each sequence's real
+        tokens count; one host read of the shortest and longest)."""
+        if mask is None or self.options.m_cap == "none":
+            return _References(self.references_used(n, grid))
+        lengths = mask.sum(-1)
+        shortest, longest = torch.stack([lengths.min(), lengths.max()]).tolist()
+        count = self.references_used(longest)
+        if self.references_used(shortest) == count:
+            return _References(count)
+        return _References(count, lengths.clamp(max=count))
+
+    def _prior(self, n: int, grid: Grid | None, dtype: torch.dtype, device: torch.device, mask: Tensor | None,
+               refs: _References) -> tuple[Tensor | None, Tensor | None]:
         """(what the logits get, what the plan is multiplied by): M or log M per ``prior``."""
         o: SeTOptions = self.options
         prior_grid = self._prior_grid(grid)
@@ -697,71 +864,86 @@ class SeTAttention(Mechanism):
             return None, None
         log = o.prior == "kernel"
         if mask is None:
-            value = positional_prior(n, o.m, o.tau, prior_grid, like.dtype, like.device, log)
+            value = positional_prior(n, refs.count, o.tau, prior_grid, dtype, device, log)
         else:  # (B, 1, n, m): real tokens placed by their rank among real tokens
-            value = prior_from_log(positional_log_prior(n, o.m, o.tau, None, like, mask), log)
+            like = torch.empty(0, dtype=dtype, device=device)
+            value = prior_from_log(positional_log_prior(n, refs.count, o.tau, None, like, mask,
+                                                        refs.per_sequence), log)
         if o.prior == "kernel":
             return value, None
         return (value if o.prior == "similarity-and-plan" else None), value
 
     def _sinkhorn(self, x: Tensor, parts: list[int], grid: Grid | None, mask: Tensor | None,
-                  cast: tuple[bool, torch.dtype], fold_readout: bool = False) -> list[_Plan]:
+                  cast: tuple[bool, torch.dtype], refs: _References, fold_readout: bool = False
+                  ) -> list[_Plan]:
         """The transport plan of the alignment features of each of ``parts`` (``_project``), in
         the scaling domain, with one host check for all of them and a log-domain recomputation
-        of any whose scalings left the floating-point range. ``mask`` (B, n): padding. Only the
-        kernel K of each plan is kept: features and embedding are released once used. Without
-        autograd, ``fold_readout`` lets the fused passes leave diag(u) K ⊙ M in K for the read-out."""
+        of any whose scalings left the floating-point range. ``mask`` (B, n): padding; ``refs``:
+        the references used. Only the kernel K of each plan is kept: features and embedding are
+        released once used. Without autograd, ``fold_readout`` lets the fused passes leave
+        diag(u) K ⊙ M in K for the read-out."""
         o: SeTOptions = self.options
-        dtype = torch.promote_types(x.dtype, torch.float32)
-        (b, n), h = x.shape[:2], self.num_heads
-        like = torch.empty(0, dtype=dtype, device=x.device)
-        # κ(Z, Z)^(-1/2) Yᵀ / ε (H, k, m), so that the logits are one product κ(U, Z) · fold
-        fold = self.whitening(dtype) @ self.references.to(dtype).transpose(-2, -1) / o.eps
-        pre, post = self._prior(n, grid, like, mask)
+        dtype = _work_dtype(x.dtype)
+        (b, n), h, m = x.shape[:2], self.num_heads, refs.count
+        # α Ẑᵀ and κ(Z, Z)^(-1/2) Yᵀ / ε (H, k, m), so that the logits are one product κ(U, Z) · fold
+        scaled, fold = self._logit_terms(dtype, m)
+        pre, post = self._prior(n, grid, dtype, x.device, mask, refs)
         rows_first = o.order == "rows-then-columns"
         fused = self._fused(x.device.type, dtype)
         if mask is None:
             a: Tensor | float = 1.0 / n
-        else:  # rows 1/(real tokens), 0 at padding: (B·H, n)
-            a = (mask / mask.sum(-1, keepdim=True)).to(dtype)[:, None].expand(b, h, n).reshape(b * h, n)
-        alpha, beta = (a, 1.0 / o.m) if rows_first else (1.0 / o.m, a)
-        # y_0, the scaling updated second: ones, 0 at padding when it scales the rows
-        y0 = torch.ones(b * h, o.m if rows_first else n, dtype=dtype, device=x.device)
+        else:  # rows 1/(real tokens), 0 at padding: (B·H, 1, n)
+            a = (mask / mask.sum(-1, keepdim=True)).to(dtype)[:, None].expand(b, h, n).reshape(b * h, 1, n)
+        unused = None  # (B, 1, 1, m): the columns past a sequence's own count of references
+        if refs.per_sequence is None:
+            col: Tensor | float = 1.0 / m
+        else:  # columns 1/(its references), 0 past them: (B·H, 1, m)
+            unused = (torch.arange(m, device=x.device) >= refs.per_sequence[:, None])[:, None, None]
+            col = torch.where(unused[:, 0, 0], 0.0, 1.0 / refs.per_sequence.to(dtype)[:, None]).to(dtype)
+            col = col[:, None].expand(b, h, m).reshape(b * h, 1, m)
+        alpha, beta = (a, col) if rows_first else (col, a)
+        # y_0, the scaling updated second: ones, 0 where its marginal is 0 (padding, unused columns)
+        y0 = torch.ones(b * h, 1, m if rows_first else n, dtype=dtype, device=x.device)
         if isinstance(beta, Tensor):
             y0 = (beta > 0).to(dtype)
 
         plans = []
         for part in parts:
             def logits(part: int = part) -> Tensor:  # G = κ(U, Z) · fold (⊙ M), a fresh (B, H, n, m)
-                g = self.kernel_features(self._project(x, part, cast)) @ fold
+                g = self.kernel_features(self._project(x, part, cast), mask, scaled) @ fold
                 if pre is not None:
                     g = g.mul_(pre) if o.prior == "similarity-and-plan" else g.add_(pre)
                 return g
 
             g = logits()
             with torch.no_grad():  # the shift cancels out of the plan: no gradient through it
-                if rows_first:  # every row of K holds a 1
-                    shift = g.amax(-1, keepdim=True)
+                if rows_first:  # every row of K holds a 1, at a column in use
+                    shift = (g if unused is None else g.masked_fill(unused, -torch.inf)).amax(
+                        -1, keepdim=True)
                 else:  # every column holds a 1, at a real token
                     shift = (g if mask is None else g.masked_fill(~mask[:, None, :, None], -torch.inf)).amax(
                         -2, keepdim=True)
-            kernel = g.sub_(shift).exp_()
-            flat = kernel.view(b * h, n, o.m)
+            g = g.sub_(shift)
+            if unused is not None and rows_first:  # K = 1 at unused columns: finite, and y = 0 there
+                g = g.masked_fill_(unused, 0.0)
+            kernel = g.exp_()
+            flat = kernel.view(b * h, n, m)
             folded = False
             if o.backward == "recompute" and torch.is_grad_enabled() and kernel.requires_grad:
                 sx, sy, ok = _ScalingSinkhorn.apply(flat, rows_first, alpha, beta, y0, o.iters, o.tol, fused)
             else:  # no autograd (the fused passes may fold u ⊙ M into K), or autograd through every step
                 (xs, ys, _, _), folded = _iterations(flat, rows_first, alpha, beta, y0, o.iters, o.tol, fused,
                                                      fold_readout, post)
-                sx, sy, ok = xs[-1], ys[-1], _in_range(xs[-1], ys, beta, o.m if rows_first else n)
+                sx, sy, ok = xs[-1], ys[-1], _in_range(xs[-1], ys, beta, m if rows_first else n)
             u, v = (sx, sy) if rows_first else (sy, sx)  # the scalings of the side first, second
-            plans.append(_Plan(kernel, u.view(b, h, n), v.view(b, h, o.m), ok, post, logits, folded))
+            plans.append(_Plan(kernel, u.view(b, h, n), v.view(b, h, m), ok, post, logits, folded))
 
-        if not bool(torch.stack([p.ok for p in plans]).all()):  # the forward's one host sync
+        ok = plans[0].ok if len(plans) == 1 else torch.stack([p.ok for p in plans]).all()
+        if not bool(ok):  # the forward's one host sync
             for p in plans:
                 if not bool(p.ok):
                     p.kernel = log_sinkhorn_plan(p.logits(), o.iters, o.tol, o.backward == "recompute",
-                                                 mask, rows_first)
+                                                 mask, rows_first, refs.per_sequence)
                     p.u, p.v = torch.ones_like(p.u), torch.ones_like(p.v)
                     p.folded = False
         return plans
@@ -793,7 +975,7 @@ class SeTAttention(Mechanism):
         bias = None if self.in_proj.bias is None else self.in_proj.bias[rows]
         with torch.autocast(x.device.type, dtype=cast[1], enabled=cast[0]):
             y = F.linear(x, self.in_proj.weight[rows], bias)
-        return split_heads(y.to(torch.promote_types(x.dtype, torch.float32)), self.num_heads)
+        return split_heads(_as(y, _work_dtype(x.dtype)), self.num_heads)
 
     @staticmethod
     def _autocast_state(x: Tensor) -> tuple[bool, torch.dtype]:
@@ -812,17 +994,19 @@ class SeTAttention(Mechanism):
 
     def _transport(self, x: Tensor, grid: Grid | None, mask: Tensor | None) -> Tensor:
         """The heads' outputs, merged (B, n, H·d); every (n, m) tensor is released on return."""
-        m, d = self.options.m, self.head_dim
+        d = self.head_dim
+        refs = self._references(x.shape[1], grid, mask)
+        m = refs.scale()
         cast = self._autocast_state(x)
         # tokens per sequence: n, or each sequence's real tokens (B, 1, 1, 1)
-        work = torch.promote_types(x.dtype, torch.float32)
+        work = _work_dtype(x.dtype)
         n = x.shape[1] if mask is None else mask.sum(-1).to(work)[:, None, None, None]
         grad = torch.is_grad_enabled()
         # the transport runs in float32 even under fp16/bf16 autocast: exp needs the range
         with torch.autocast(x.device.type, enabled=False):
             asym = self.options.readout == "asymmetric"
             # without autograd the fused passes fold u (and M) into K: P' = diag(u) K ⊙ M
-            plans = self._sinkhorn(x, [0, 2] if asym else [0], grid, mask, cast,
+            plans = self._sinkhorn(x, [0, 2] if asym else [0], grid, mask, cast, refs,
                                    fold_readout=not (grad or self.options.renormalise))
             agg, read = plans[0], plans[-1]
             kernel = self._readout_kernel(agg)
@@ -863,7 +1047,8 @@ class SeTAttention(Mechanism):
         """The plan P (B, H, n, m) that aggregates tokens onto references: T ⊙ M for the
         post-multiplied priors, or, with ``with_prior=False``, Sinkhorn's T itself (whose
         marginals are the transport constraints)."""
-        return self._dense(self._sinkhorn(x, [0], grid, None, self._autocast_state(x))[0], with_prior)
+        refs = self._references(x.shape[1], grid, None)
+        return self._dense(self._sinkhorn(x, [0], grid, None, self._autocast_state(x), refs)[0], with_prior)
 
     @torch.no_grad()
     def attention_matrix(self, x: Tensor, grid: Grid | None = None, max_tokens: int = 4096) -> Tensor:
@@ -876,16 +1061,17 @@ class SeTAttention(Mechanism):
             raise ValueError(f"set: attention_matrix builds an n × n matrix; n={n} > max_tokens="
                              f"{max_tokens} (SeT itself never does)")
         asym = self.options.readout == "asymmetric"
-        plans = self._sinkhorn(x, [0, 2] if asym else [0], grid, None, self._autocast_state(x))
+        refs = self._references(n, grid, None)
+        plans = self._sinkhorn(x, [0, 2] if asym else [0], grid, None, self._autocast_state(x), refs)
         agg, read = self._dense(plans[0]), self._dense(plans[-1])
         if self.options.renormalise:
             return (read / read.sum(-1, keepdim=True)) @ (agg / agg.sum(-2, keepdim=True)).mT
-        return n * self.options.m * read @ agg.mT
+        return n * refs.count * read @ agg.mT
 
     # -- cost -------------------------------------------------------------------------------
     def flops(self, batch: int, n: int, grid: Grid | None = None, causal: bool = False) -> Flops:
         o: SeTOptions = self.options
-        h, d, k, m, iters = self.num_heads, self.head_dim, o.anchors, o.m, o.iters
+        h, d, k, m, iters = self.num_heads, self.head_dim, o.anchors, self.references_used(n, grid), o.iters
         plans = 2 if o.readout == "asymmetric" else 1
         per_plan = 2 * batch * h * n * (d * k + k * m) + 4 * iters * batch * h * n * m
         setup = 2 * h * (k * k * d + k**3 + k * k * m)  # κ(Z, Z), its inverse square root, the fold
@@ -893,11 +1079,14 @@ class SeTAttention(Mechanism):
         proj = projection_flops(batch, n, self.dim, (3 if plans == 2 else 2) + 1)
         prior = int(o.positional != "none")  # an M ⊙ S or + log M pass, and a K ⊙ M pass
         passes = 3 + prior * ((o.prior != "plan") + (o.prior != "kernel"))  # + max, shift, exp
-        # per plan: the kernel passes; the embedding's inverse norm, shift and exp over (n, k) and
-        # the norm over (n, d); the two divisions (a reciprocal and a product each) per iteration;
-        # the range check of the scaling updated second (m long, or n for columns-then-rows)
+        # per plan: the kernel passes; the embedding's division by the norm, shift and exp over
+        # (n, k) (and the product with the norm for embedding_norm=keep), the norm over (n, d);
+        # the two divisions (a reciprocal and a product each) per iteration; the range check of
+        # the scaling updated second (m long, or n for columns-then-rows)
         second = m if o.order == "rows-then-columns" else n
-        per_plan_elementwise = n * m * passes + 3 * n * k + n * d + 4 * iters * (n + m) + 6 * iters * second
+        keep = int(o.embedding_norm == "keep")  # the features times ‖u‖
+        per_plan_elementwise = (n * m * passes + (3 + keep) * n * k + n * d + 4 * iters * (n + m)
+                                + 6 * iters * second)
         # the PyTorch read-out without autograd: u ⊙ V, then n u ⊙ O written in the merged layout
         # (renormalised: the concatenations, the division and the merge; with autograd one pass
         # more, the merge; where the fused passes fold u and M into K, none: the fold rides on

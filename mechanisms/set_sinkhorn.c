@@ -13,8 +13,10 @@
  * Columns first (A = Kᵀ): a first half pass writes sums[0] = Kᵀ y_0 (y_0 (b, n) as row weights) and
  * cols[0] = x_1 = col_marg / sums[0]; pass t then reads cols[t] = x_{t+1} and writes dots[t] =
  * K x_{t+1}, scales[t] = y_{t+1} and, but for the last, sums[t + 1] and cols[t + 1] = x_{t+2}.
- * Shapes: dots, scales (iters, b, n); sums, cols (iters + 1, b, m). The row marginal a is one value
- * for every row (a_len 0) or one per row, (b, n). With ``fold`` the last pass also leaves
+ * Shapes: dots, scales (iters, b, n); sums (iters, b, m); cols (iters + 1, b, m) rows first,
+ * (iters, b, m) columns first. The row marginal a is one value for every row (a_len 0) or one per
+ * row, (b, n); the column marginal one value (col_marg; cm null) or one per column, cm (b, m), 0 at
+ * the columns a plan does not use. With ``fold`` the last pass also leaves
  * diag(u) K ⊙ M in K, once each row has been used (u: the row scalings it has just made; M:
  * ``post``, one (n, m) for every plan when post_heads is 0, else one per sequence of post_heads
  * plans, (B, n, m), or none): the read-out's kernel without passes of its own.
@@ -89,9 +91,9 @@
     }                                                                                               \
                                                                                                     \
     void NAME(REAL *K, long b, long n, long m, int rows_first, const REAL *a, long a_len,           \
-              REAL a_value, REAL col_marg, const REAL *y0, long iters, REAL *dots, REAL *scales,    \
-              REAL *sums, REAL *cols, int fold, const REAL *post, long post_heads, REAL *scratch,   \
-              int threads) {                                                                        \
+              REAL a_value, REAL col_marg, const REAL *cm, const REAL *y0, long iters, REAL *dots,  \
+              REAL *scales, REAL *sums, REAL *cols, int fold, const REAL *post, long post_heads,    \
+              REAL *scratch, int threads) {                                                         \
         long bm = b * m, bn = b * n;                                                                \
         _Pragma("omp parallel num_threads(threads)")                                                \
         {                                                                                           \
@@ -118,7 +120,7 @@
                         REAL total = scratch[k];                                                    \
                         for (int u = 1; u < nt; u++) total += scratch[(long)u * bm + k];            \
                         sum[k] = total;                                                             \
-                        next[k] = col_marg / total;                                                 \
+                        next[k] = (cm ? cm[k] : col_marg) / total;                                  \
                     }                                                                               \
                 }                                                                                   \
             }                                                                                       \

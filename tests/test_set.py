@@ -25,12 +25,25 @@ def small_set(**options):
     return build_mechanism("set", 16, 2, **{**defaults, **options}).double()
 
 
+def two_d_prior(o, grid):
+    square = math.isqrt(o.m) ** 2 == o.m
+    return grid is not None and (o.positional == "2d" or (o.positional == "auto" and square))
+
+
+def references_used(o, n, grid=None):
+    """The specification's rule: at most n references (m_cap=tokens), a square grid on a 2-D prior."""
+    if o.m_cap == "none" or n >= o.m:
+        return o.m
+    return min(math.isqrt(o.m), math.isqrt(n)) ** 2 if two_d_prior(o, grid) else n
+
+
 def reference_set(module, x, grid=None):
     """The specification's forward pass, step by step, one head at a time: the plan built
     densely, Sinkhorn in the plain scaling form on exp(G) (no shift, no log domain)."""
     o = module.options
     b, n, c = x.shape
     h, d = module.num_heads, module.head_dim
+    refs_used = references_used(o, n, grid)
     alpha = 1 / o.kernel_sigma**2
     w, bias = module.in_proj.weight, module.in_proj.bias
     u_all = x @ w[:c].T + bias[:c]
@@ -38,10 +51,10 @@ def reference_set(module, x, grid=None):
     q_all = x @ w[2 * c:].T + bias[2 * c:] if o.readout == "asymmetric" else None
     # squared position gaps (n, m) of the positional prior M = exp(−gap / τ²)
     if o.positional == "none":
-        gap = torch.zeros(n, o.m, dtype=x.dtype)
-    elif grid is not None and (o.positional == "2d" or math.isqrt(o.m) ** 2 == o.m):
-        s = math.isqrt(o.m)
-        gap = torch.empty(n, o.m, dtype=x.dtype)
+        gap = torch.zeros(n, refs_used, dtype=x.dtype)
+    elif two_d_prior(o, grid):
+        s = math.isqrt(refs_used)
+        gap = torch.empty(n, refs_used, dtype=x.dtype)
         for r in range(grid[0]):
             for col in range(grid[1]):
                 for p in range(s):
@@ -50,7 +63,7 @@ def reference_set(module, x, grid=None):
                                                              + (col / grid[1] - q / s) ** 2)
     else:
         i = torch.arange(n, dtype=x.dtype)[:, None] / n
-        j = torch.arange(o.m, dtype=x.dtype)[None, :] / o.m
+        j = torch.arange(refs_used, dtype=x.dtype)[None, :] / refs_used
         gap = (i - j) ** 2
     log_prior = -gap / o.tau**2
     prior = torch.exp(log_prior)
@@ -62,9 +75,11 @@ def reference_set(module, x, grid=None):
         lam, vec = torch.linalg.eigh(kzz)
         inv_sqrt = vec @ torch.diag(1 / (lam.clamp(min=0).sqrt() + 1e-2)) @ vec.T
 
-        def plan(feat, z=z, inv_sqrt=inv_sqrt, refs=module.references[head]):
+        def plan(feat, z=z, inv_sqrt=inv_sqrt, refs=module.references[head, :refs_used]):
             unit = feat / feat.norm(dim=-1, keepdim=True)
             psi = (inv_sqrt @ torch.exp(alpha * (z @ unit.T - 1))).T  # (n, k)
+            if o.embedding_norm == "keep":  # OTKE's kernel layer: ‖x‖ κ(Zᵀx / ‖x‖)
+                psi = feat.norm(dim=-1, keepdim=True) * psi
             scores = psi @ refs.T  # S (n, m)
             if o.prior == "similarity-and-plan":
                 logits = prior * scores / o.eps  # M ⊙ S before the exponential
@@ -73,13 +88,13 @@ def reference_set(module, x, grid=None):
             else:
                 logits = scores / o.eps
             gibbs = torch.exp(logits)
-            row, col = torch.ones(n, dtype=x.dtype), torch.ones(o.m, dtype=x.dtype)
+            row, col = torch.ones(n, dtype=x.dtype), torch.ones(refs_used, dtype=x.dtype)
             for _ in range(o.iters):
                 if o.order == "rows-then-columns":
                     row = (1 / n) / (gibbs @ col)
-                    col = (1 / o.m) / (gibbs.T @ row)
+                    col = (1 / refs_used) / (gibbs.T @ row)
                 else:
-                    col = (1 / o.m) / (gibbs.T @ row)
+                    col = (1 / refs_used) / (gibbs.T @ row)
                     row = (1 / n) / (gibbs @ col)
             t = row[:, None] * gibbs * col[None, :]
             return t * prior if o.prior != "kernel" else t  # M ⊙ T after Sinkhorn
@@ -89,7 +104,7 @@ def reference_set(module, x, grid=None):
             if o.renormalise:
                 refs = (p.T @ v_all[s, :, sl]) / p.sum(0)[:, None]
             else:
-                refs = o.m * p.T @ v_all[s, :, sl]
+                refs = refs_used * p.T @ v_all[s, :, sl]
             if q_all is not None:
                 p = plan(q_all[s, :, sl])
             out[s, :, sl] = (p @ refs) / p.sum(1)[:, None] if o.renormalise else n * p @ refs
@@ -126,6 +141,49 @@ def test_matches_the_dense_reference_in_float64(options, n, grid):
     torch.testing.assert_close(m(x, grid), reference_set(m, x, grid), rtol=1e-5, atol=1e-5)
 
 
+KEEP_COMBINATIONS = list(itertools.product(PRIORS, [False, True], ["roundtrip", "asymmetric"]))
+
+
+@pytest.mark.parametrize("prior, renormalise, readout", KEEP_COMBINATIONS,
+                         ids=["-".join(map(str, c)) for c in KEEP_COMBINATIONS])
+def test_the_kept_embedding_norm_matches_the_dense_reference_in_float64(prior, renormalise, readout):
+    m = small_set(embedding_norm="keep", prior=prior, renormalise=renormalise, readout=readout, iters=10,
+                  tau=0.3)
+    x = torch.randn(2, 12, 16, dtype=torch.float64)
+    torch.testing.assert_close(m(x), reference_set(m, x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("options", [
+    {}, {"embedding_norm": "keep"}, {"embedding_norm": "keep", "readout": "asymmetric"},
+    {"embedding_norm": "keep", "order": "columns-then-rows", "renormalise": True}])
+def test_gradients_match_the_dense_reference_in_float64(options):
+    """Autograd through the dense reference and SeT's own backward give the same gradients of
+    the input and of every parameter."""
+    m = small_set(iters=10, tau=0.3, **options)
+    x = torch.randn(2, 12, 16, dtype=torch.float64)
+    weight = torch.randn(2, 12, 16, dtype=torch.float64)
+    grads = []
+    for run in (m, lambda t: reference_set(m, t)):
+        m.zero_grad()
+        xg = x.clone().requires_grad_()
+        (run(xg) * weight).sum().backward()
+        grads.append((xg.grad, {k: p.grad.clone() for k, p in m.named_parameters()}))
+    torch.testing.assert_close(grads[0][0], grads[1][0], rtol=1e-6, atol=1e-9)
+    for k in grads[0][1]:
+        torch.testing.assert_close(grads[0][1][k], grads[1][1][k], rtol=1e-6, atol=1e-9, msg=k)
+
+
+def test_the_kept_norm_scales_the_logits_with_the_features():
+    """ψ is positively homogeneous with keep (‖cu‖ = c‖u‖) and scale-free with drop."""
+    torch.manual_seed(0)
+    u = torch.randn(1, 2, 7, 8, dtype=torch.float64)
+    keep, drop = small_set(embedding_norm="keep"), small_set()
+    drop.load_state_dict(keep.state_dict())
+    torch.testing.assert_close(keep.embed(3 * u), 3 * keep.embed(u))
+    torch.testing.assert_close(drop.embed(3 * u), drop.embed(u))
+    torch.testing.assert_close(keep.embed(u), u.norm(dim=-1, keepdim=True) * drop.embed(u))
+
+
 def test_the_defaults_follow_otke():
     o = SeTOptions()
     assert (o.prior, o.order, o.renormalise, o.iters, o.tau) == (
@@ -140,7 +198,9 @@ def test_marginals_converge_within_1e_5_in_the_default_ten_iterations(n, grid):
     m = build_mechanism("set", 32, 4)
     x = torch.randn(2, n, 32)
     plan = m.transport_plan(x, grid, with_prior=False)  # Sinkhorn's T, before ⊙ M
-    assert ((plan.sum(-2) * 64 - 1).abs().max()) < 1e-5
+    refs = min(n, 64)  # m_cap: at most n references
+    assert plan.shape[-1] == refs
+    assert ((plan.sum(-2) * refs - 1).abs().max()) < 1e-5
     assert ((plan.sum(-1) * n - 1).abs().max()) < 1e-5
     inside = build_mechanism("set", 32, 4, prior="kernel")
     inside.load_state_dict(m.state_dict())
@@ -330,6 +390,8 @@ def gradcheck_module(m, x, mask=None):
     {"order": "columns-then-rows"}, {"order": "columns-then-rows", "backward": "unroll"},
     {"prior": "plan", "renormalise": True}, {"prior": "kernel"},
     {"renormalise": True, "readout": "asymmetric"},
+    {"embedding_norm": "keep"},
+    {"embedding_norm": "keep", "readout": "asymmetric", "order": "columns-then-rows"},
 ])
 def test_gradcheck_in_float64(options):
     m = build_mechanism("set", 8, 2, m=4, anchors=3, iters=4, **options).double()
@@ -411,7 +473,9 @@ def padded(x: torch.Tensor, lengths: list[int]) -> tuple[torch.Tensor, torch.Ten
 PADDING_OPTIONS = [{}, {"readout": "asymmetric"}, {"backward": "unroll"}, {"positional": "none"},
                    {"order": "columns-then-rows"}, {"order": "columns-then-rows", "backward": "unroll"},
                    {"prior": "kernel"}, {"prior": "plan", "renormalise": True},
-                   {"renormalise": True, "readout": "asymmetric"}]
+                   {"renormalise": True, "readout": "asymmetric"},
+                   {"embedding_norm": "keep"}, {"embedding_norm": "keep", "readout": "asymmetric"},
+                   {"embedding_norm": "keep", "order": "columns-then-rows", "renormalise": True}]
 
 
 @pytest.mark.parametrize("log_domain", [False, True], ids=["scaling", "log-domain"])
@@ -447,13 +511,200 @@ def test_padding_gets_no_gradient_and_real_gradients_match_unpadded_runs(options
         torch.testing.assert_close(xp.grad[row, :length], alone.grad[0], rtol=1e-7, atol=1e-9)
 
 
+@pytest.mark.parametrize("embedding_norm", ["drop", "keep"])
 @pytest.mark.parametrize("backward", ["recompute", "unroll"])
 @pytest.mark.parametrize("order", ORDERS)
-def test_gradcheck_with_padding(backward, order):
-    m = build_mechanism("set", 8, 2, m=4, anchors=3, iters=4, backward=backward, order=order).double()
+def test_gradcheck_with_padding(backward, order, embedding_norm):
+    m = build_mechanism("set", 8, 2, m=4, anchors=3, iters=4, backward=backward, order=order,
+                        embedding_norm=embedding_norm).double()
     x, mask = padded(torch.randn(2, 6, 8, dtype=torch.float64), [6, 4])
     x.requires_grad_()
     assert torch.autograd.gradcheck(lambda t: m(t, mask=mask), (x,), eps=1e-6, atol=1e-6, fast_mode=True)
+
+
+# ---- the number of references: at most n (m_cap) --------------------------------------------
+
+
+@pytest.mark.parametrize("options, n, grid, used", [
+    ({}, 7, None, 7), ({}, 16, None, 16), ({}, 40, None, 16), ({"m_cap": "none"}, 7, None, 16),
+    ({}, 12, (3, 4), 9), ({}, 6, (2, 3), 4), ({}, 64, (8, 8), 16), ({"positional": "1d"}, 12, (3, 4), 12),
+    ({"positional": "none"}, 12, (3, 4), 12), ({"m": 15}, 12, (3, 4), 12),
+    ({"positional": "2d"}, 2, (1, 2), 1),
+])
+def test_a_plan_never_uses_more_references_than_tokens(options, n, grid, used):
+    """min(m, n) references, the largest square grid of at most that on a 2-D prior; m_cap=none: m."""
+    m = build_mechanism("set", 16, 2, **{"m": 16, "anchors": 4, **options})
+    assert m.references_used(n, grid) == used
+    assert m.transport_plan(torch.randn(1, n, 16), grid).shape == (1, 2, n, used)
+    assert m.references_used(n, grid) == references_used(m.options, n, grid)  # the test's own rule
+
+
+CAP_OPTIONS = [{}, {"order": "columns-then-rows"}, {"readout": "asymmetric"}, {"prior": "kernel"},
+               {"prior": "plan", "renormalise": True}, {"positional": "none"}, {"embedding_norm": "keep"},
+               {"m_cap": "none"}]
+
+
+@pytest.mark.parametrize("options", CAP_OPTIONS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items())
+                         or "defaults")
+@pytest.mark.parametrize("n, grid", [(7, None), (12, (3, 4)), (6, (2, 3))])
+def test_fewer_tokens_than_references_match_the_dense_reference_in_float64(options, n, grid):
+    m = small_set(m=16, tau=0.3, iters=10, **options)
+    x = torch.randn(2, n, 16, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(2, n, 16, dtype=torch.float64)
+    y, expected = m(x, grid), reference_set(m, x, grid)
+    torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)
+    got = torch.autograd.grad((y * weight).sum(), [x, m.references])
+    want = torch.autograd.grad((expected * weight).sum(), [x, m.references])
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-9)
+    if m.options.m_cap == "tokens":  # the references past those used get no gradient
+        assert (got[1][:, references_used(m.options, n, grid):] == 0).all()
+
+
+@pytest.mark.parametrize("log_domain", [False, True], ids=["scaling", "log-domain"])
+@pytest.mark.parametrize("grad", [True, False], ids=["autograd", "no_grad"])
+@pytest.mark.parametrize("options", CAP_OPTIONS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items())
+                         or "defaults")
+def test_padded_sequences_shorter_than_m_use_their_own_count_of_references(options, grad, log_domain,
+                                                                             monkeypatch):
+    """With m = 16 and real lengths 13, 6 and 10, each sequence uses its own min(m, length)
+    references, as it would alone: values and gradients at real tokens match it unpadded."""
+    m = small_set(m=16, **options)
+    lengths = [13, 6, 10]
+    x, mask = padded(torch.randn(3, 14, 16, dtype=torch.float64), lengths)
+    if log_domain:
+        force_log_domain(monkeypatch)
+    with torch.set_grad_enabled(grad):
+        y = m(x, mask=mask)
+    for row, length in enumerate(lengths):
+        torch.testing.assert_close(y[row, :length], reference_set(m, x[row:row + 1, :length])[0],
+                                   rtol=1e-5, atol=1e-5)
+    assert (y[~mask] == 0).all()
+    if grad:
+        weight = torch.randn_like(x)
+        xp = x.clone().requires_grad_()
+        (m(xp, mask=mask) * weight).sum().backward()
+        assert (xp.grad[~mask] == 0).all()
+        for row, length in enumerate(lengths):
+            alone = x[row:row + 1, :length].clone().requires_grad_()
+            (m(alone) * weight[row:row + 1, :length]).sum().backward()
+            torch.testing.assert_close(xp.grad[row, :length], alone.grad[0], rtol=1e-7, atol=1e-9)
+
+
+@pytest.mark.parametrize("order", ORDERS)
+def test_gradcheck_with_padding_shorter_than_m(order):
+    m = build_mechanism("set", 8, 2, m=6, anchors=3, iters=4, order=order).double()
+    x, mask = padded(torch.randn(2, 5, 8, dtype=torch.float64), [5, 3])
+    x.requires_grad_()
+    assert torch.autograd.gradcheck(lambda t: m(t, mask=mask), (x,), eps=1e-6, atol=1e-6, fast_mode=True)
+
+
+# ---- the whitening and fold, kept between forwards without autograd ------------------------------
+
+
+def count_eigh(monkeypatch):
+    calls = []
+    eigh = torch.linalg.eigh
+    monkeypatch.setattr(torch.linalg, "eigh", lambda *a, **k: calls.append(1) or eigh(*a, **k))
+    return calls
+
+
+def fresh_output(m, x):
+    """The output of a copy of ``m`` that has never kept anything."""
+    clone = copy.deepcopy(m)
+    clone._terms = None
+    with torch.no_grad():
+        return clone(x)
+
+
+def test_forwards_without_autograd_reuse_the_whitening_until_the_parameters_change(monkeypatch):
+    torch.manual_seed(0)
+    m = small_set(readout="asymmetric")
+    x = torch.randn(2, 12, 16, dtype=torch.float64)
+    calls = count_eigh(monkeypatch)
+    with torch.no_grad():
+        first = m(x)
+        again = m(x)
+    with torch.inference_mode():
+        inside = m(x)
+    assert len(calls) == 1  # one eigendecomposition for three forwards (both plans share it)
+    torch.testing.assert_close(again, first, rtol=0, atol=0)
+    torch.testing.assert_close(inside, first, rtol=0, atol=0)
+    torch.testing.assert_close(first, reference_set(m, x), rtol=1e-5, atol=1e-5)
+    calls.clear()  # (the reference's own)
+    with torch.no_grad():
+        m.anchors.add_(0.1)  # an in-place update: the version counter moves
+        moved = m(x)
+    assert len(calls) == 1
+    torch.testing.assert_close(moved, fresh_output(m, x), rtol=0, atol=0)
+    with torch.no_grad():
+        m.references.mul_(2)
+        torch.testing.assert_close(m(x), fresh_output(m, x), rtol=0, atol=0)
+    other = small_set(readout="asymmetric")
+    m.load_state_dict(other.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(m(x), fresh_output(other, x), rtol=0, atol=0)
+    m.anchors = torch.nn.Parameter(torch.randn_like(m.anchors))  # a new parameter object
+    with torch.no_grad():
+        torch.testing.assert_close(m(x), fresh_output(m, x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("optimiser", [
+    lambda p: torch.optim.AdamW(p, lr=0.1), lambda p: torch.optim.AdamW(p, lr=0.1, foreach=True),
+    lambda p: torch.optim.AdamW(p, lr=0.1, fused=True),  # does not move the version counters
+    lambda p: torch.optim.SGD(p, lr=0.1)], ids=["adamw", "adamw-foreach", "adamw-fused", "sgd"])
+def test_evaluation_after_training_steps_sees_the_new_parameters(optimiser):
+    """Evaluate, train, evaluate: the second evaluation is that of the trained parameters, with
+    every optimiser (a fused one updates without moving the version counters: the training
+    forward, with autograd, drops what was kept)."""
+    torch.manual_seed(0)
+    m = small_set()
+    x = torch.randn(2, 12, 16, dtype=torch.float64)
+    opt = optimiser(m.parameters())
+    with torch.no_grad():
+        before = m(x)
+    for _ in range(2):
+        opt.zero_grad()
+        m(x).square().sum().backward()
+        opt.step()
+    with torch.no_grad():
+        after = m(x)
+    assert not torch.allclose(after, before)
+    torch.testing.assert_close(after, fresh_output(m, x), rtol=0, atol=0)
+    torch.testing.assert_close(after, reference_set(m, x), rtol=1e-5, atol=1e-5)
+
+
+def test_what_is_kept_under_inference_mode_serves_later_forwards_and_copies(monkeypatch):
+    m = small_set()
+    x = torch.randn(1, 12, 16, dtype=torch.float64)
+    calls = count_eigh(monkeypatch)
+    with torch.inference_mode():
+        first = m(x)
+    with torch.no_grad():
+        torch.testing.assert_close(m(x), first, rtol=0, atol=0)
+    assert len(calls) == 1
+    copied = copy.deepcopy(m)  # what is kept carries no autograd history (deepcopy refuses that)
+    with torch.no_grad():
+        torch.testing.assert_close(copied(x), first, rtol=0, atol=0)
+    m(x.clone().requires_grad_()).sum().backward()  # and autograd still reaches the parameters
+    assert m.anchors.grad.abs().sum() > 0
+
+
+def test_forwards_with_autograd_or_under_a_dispatch_mode_keep_nothing(monkeypatch):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    m = small_set()
+    x = torch.randn(1, 12, 16, dtype=torch.float64)
+    calls = count_eigh(monkeypatch)
+    m(x)
+    m(x)
+    assert len(calls) == 2 and m._terms is None
+    with torch.no_grad():
+        m(x)
+        with FlopCounterMode(display=False) as counter:
+            m(x)
+    assert len(calls) == 4  # the counter sees the whitening's products (flops() counts them)
+    assert counter.get_total_flops() == m.flops(1, 12).matmul
 
 
 # ---- the positional prior ------------------------------------------------------------------
@@ -518,6 +769,8 @@ def test_the_prior_is_built_once_per_size_grid_dtype_and_device():
     ({"prior": "logits"}, "valid choices: similarity-and-plan, plan, kernel"),
     ({"order": "rows"}, "valid choices: rows-then-columns, columns-then-rows"),
     ({"renormalise": "maybe"}, "set.renormalise='maybe' is not a valid bool"),
+    ({"embedding_norm": "scale"}, "valid choices: drop, keep"),
+    ({"m_cap": "half"}, "valid choices: tokens, none"),
 ])
 def test_bad_options_are_clear_errors(options, message):
     with pytest.raises(OptionError, match=message):
@@ -528,6 +781,8 @@ def test_bad_options_are_clear_errors(options, message):
     ({"prior": "logits"}, "set.prior must be one of similarity-and-plan, plan, kernel; got 'logits'"),
     ({"order": "rows"}, "set.order must be one of rows-then-columns, columns-then-rows; got 'rows'"),
     ({"renormalise": "yes"}, "set.renormalise must be true or false; got 'yes'"),
+    ({"embedding_norm": "scale"}, "set.embedding_norm must be drop or keep; got 'scale'"),
+    ({"m_cap": "half"}, "set.m_cap must be tokens or none; got 'half'"),
 ])
 def test_bad_options_given_as_values_are_clear_errors(options, message):
     with pytest.raises(OptionError, match=message):
@@ -602,12 +857,13 @@ def test_flop_formula_matches_the_counter(options, log_domain, monkeypatch):
     if log_domain:
         force_log_domain(monkeypatch)
     m = build_mechanism("set", 32, 4, m=16, anchors=8, **options)
-    for n, grid in ((50, None), (64, (8, 8))):
+    for n, grid in ((50, None), (64, (8, 8)), (9, None), (12, (3, 4))):  # the last two use fewer refs
         with torch.no_grad(), FlopCounterMode(display=False) as counter:
             m(torch.randn(2, n, 32), grid)
         plans = 2 if options.get("readout") == "asymmetric" else 1
         # the fallback recomputes U (or Q), the embedding and the logits
-        recomputed = plans * (2 * 2 * n * 32 * 32 + 2 * 2 * 4 * n * (8 * 16 + 8 * 8)) if log_domain else 0
+        refs = m.references_used(n, grid)
+        recomputed = plans * (2 * 2 * n * 32 * 32 + 2 * 2 * 4 * n * (8 * refs + 8 * 8)) if log_domain else 0
         assert m.flops(2, n, grid).matmul + recomputed == counter.get_total_flops()
 
 
@@ -636,7 +892,7 @@ class ElementPasses(TorchDispatchMode):
 
 @pytest.mark.parametrize("options", [{}, {"prior": "kernel"}, {"prior": "plan", "renormalise": True},
                                      {"readout": "asymmetric"}, {"positional": "none"},
-                                     {"order": "columns-then-rows"}])
+                                     {"order": "columns-then-rows"}, {"embedding_norm": "keep"}])
 def test_the_elementwise_count_is_the_passes_the_forward_makes(options):
     """flops().elementwise is the element passes of the forward (to 10 %), and each plan costs
     one exponential pass over its (n, m) kernel, not 2L as a log-domain Sinkhorn does."""
@@ -689,22 +945,29 @@ needs_fused = pytest.mark.skipif(WHY_NOT_FUSED is not None, reason=f"fused Sinkh
 
 @needs_fused
 @pytest.mark.parametrize("rows_first", [True, False], ids=["rows-first", "columns-first"])
-@pytest.mark.parametrize("n, iters, per_row",
-                         [(1, 1, False), (7, 10, False), (301, 3, True), (4097, 10, True)])
+@pytest.mark.parametrize("n, iters, per_row, per_column",
+                         [(1, 1, False, False), (7, 10, False, False), (301, 3, True, False),
+                          (4097, 10, True, False), (9, 10, True, True), (302, 3, False, True)])
 @pytest.mark.parametrize("threads", [1, 2, 3])
-def test_fused_iterations_are_the_pytorch_iterates(rows_first, n, iters, per_row, threads):
+def test_fused_iterations_are_the_pytorch_iterates(rows_first, n, iters, per_row, per_column, threads):
     torch.manual_seed(n)
     b, m = 3, 5
     kernel = torch.rand(b, n, m, dtype=torch.float64) + 0.01
     a: torch.Tensor | float = 1.0 / n
-    y0 = torch.ones(b, m if rows_first else n, dtype=torch.float64)
+    col: torch.Tensor | float = 1.0 / m
+    y0 = torch.ones(b, 1, m if rows_first else n, dtype=torch.float64)  # row vectors (b, 1, ·)
     if per_row:  # padding rows with marginal 0, as a mask gives
-        real = torch.rand(b, n) > 0.3
-        real[:, 0] = True
+        real = torch.rand(b, 1, n) > 0.3
+        real[..., 0] = True
         a = (real / real.sum(-1, keepdim=True)).double()
         if not rows_first:
             y0 = (a > 0).double()
-    alpha, beta = (a, 1.0 / m) if rows_first else (1.0 / m, a)
+    if per_column:  # each plan uses its first 2, 4 or 5 references, as m_cap gives under padding
+        used = torch.arange(m)[None, None, :] < torch.tensor([2, 4, 5])[:, None, None]
+        col = (used / used.sum(-1, keepdim=True)).double()
+        if rows_first:
+            y0 = (col > 0).double()
+    alpha, beta = (a, col) if rows_first else (col, a)
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -721,7 +984,8 @@ def test_fused_iterations_are_the_pytorch_iterates(rows_first, n, iters, per_row
 @needs_fused
 @pytest.mark.parametrize("options", [{}, {"order": "columns-then-rows"},
                                      {"prior": "plan", "renormalise": True},
-                                     {"readout": "asymmetric"}, {"positional": "none"}])
+                                     {"readout": "asymmetric"}, {"positional": "none"},
+                                     {"embedding_norm": "keep"}])
 @pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
 def test_fused_and_pytorch_sinkhorn_give_the_same_outputs_and_gradients(options, dtype, tol):
     torch.manual_seed(0)
@@ -741,6 +1005,20 @@ def test_fused_and_pytorch_sinkhorn_give_the_same_outputs_and_gradients(options,
         with torch.no_grad():
             without_grad = fused(x, **kwargs)
         torch.testing.assert_close(without_grad, yp.detach(), rtol=tol, atol=tol * yp.abs().max().item())
+
+
+@needs_fused
+@pytest.mark.parametrize("options", [{}, {"order": "columns-then-rows"}, {"readout": "asymmetric"}])
+def test_fused_and_pytorch_sinkhorn_agree_where_sequences_use_fewer_references(options):
+    """Padded sequences of 40, 23 and 9 tokens with m = 64: per-sequence column marginals in C."""
+    torch.manual_seed(0)
+    fused = build_mechanism("set", 32, 4, sinkhorn="fused", **options).double()
+    plain = build_mechanism("set", 32, 4, sinkhorn="torch", **options).double()
+    plain.load_state_dict(fused.state_dict())
+    x, mask = padded(torch.randn(3, 40, 32, dtype=torch.float64), [40, 23, 9])
+    for grad in (True, False):
+        with torch.set_grad_enabled(grad):
+            torch.testing.assert_close(fused(x, mask=mask), plain(x, mask=mask), rtol=1e-12, atol=1e-12)
 
 
 def test_fused_sinkhorn_that_cannot_run_is_a_clear_error_and_auto_falls_back(monkeypatch):
