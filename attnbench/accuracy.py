@@ -494,16 +494,24 @@ def run_sweep(cfg: AccuracyConfig, out: Path, resume: bool, argv: list[str],
     launcher = launcher or LocalLauncher()
     progress = Progress(todo, log, launcher.width)
     try:
-        with contextlib.closing(launcher.run(todo, PointJob(cfg, out.resolve(), context(cfg)), progress)) as finished:
+        job = PointJob(cfg, out.resolve(), context(cfg))
+        with contextlib.closing(launcher.run(todo, job, progress)) as finished:
             for point, row in finished:
                 append_row(csv, row, COLUMNS, then=mark_selected)
                 progress.report(point, row)
     except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM: the points cut short are killed, the rows stay
         rows = len(read_table(csv, COLUMNS))
-        resume = command_with(argv, {"--out": True, "--resume": False}, ["--out", str(out), "--resume"])
         raise keeping(exc, f"kept {rows} of {len(seen) + len(todo)} points in {csv}; finish with: "
-                           f"{resume}") from None
+                           f"{resume_command(argv, out)}") from None
     return read_table(csv, COLUMNS)
+
+
+def resume_command(argv: Sequence[str], out: Path) -> str:
+    """The sweep's command line with ``--out OUT --resume``, before the task arguments after ``--``
+    (after them they would be task arguments)."""
+    cut = list(argv).index("--") if "--" in argv else len(argv)
+    head = command_with(argv[:cut], {"--out": True, "--resume": False}, ["--out", str(out), "--resume"])
+    return head + (f" {shlex.join(argv[cut:])}" if cut < len(argv) else "")
 
 
 # ---- what a researcher reads ------------------------------------------------------------------
