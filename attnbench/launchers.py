@@ -224,8 +224,9 @@ class RayLauncher:
             try:
                 ray.init(address=self.address, log_to_driver=False, configure_logging=False)
             except ConnectionError as exc:
-                raise SweepError(f"--address {self.address}: no Ray cluster there "
-                                 f"({_first_line(exc)})") from None
+                raise SweepError(f"--address {self.address}: no Ray cluster there, or not one this process "
+                                 f"may join ({_first_line(exc)}; a cluster with token authentication needs "
+                                 f"RAY_AUTH_MODE=token here too)") from None
             return
         resources: dict[str, Any] = {}
         if self.jobs is not None:
