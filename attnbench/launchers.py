@@ -216,9 +216,13 @@ class RayLauncher:
         self.memory = int(memory_mib * 2**20) if memory_mib else None
         self.width = jobs or 1
 
-    def _connect(self) -> None:
-        """Join the cluster at ``address``, or start one here (as many CPUs as ``jobs`` points need)."""
+    def _connect(self) -> bool:
+        """Join the cluster at ``address``, or start one here (as many CPUs as ``jobs`` points need);
+        where this process is connected already (a sweep started from a script), that Ray. Whether
+        this sweep connected, and so disconnects at its end."""
         ray = self.ray
+        if ray.is_initialized():
+            return False
         quiet = {"include_dashboard": False, "log_to_driver": False, "configure_logging": False}
         if self.address:
             try:
@@ -227,7 +231,7 @@ class RayLauncher:
                 raise SweepError(f"--address {self.address}: no Ray cluster there, or not one this process "
                                  f"may join ({_first_line(exc)}; a cluster with token authentication needs "
                                  f"RAY_AUTH_MODE=token here too)") from None
-            return
+            return True
         resources: dict[str, Any] = {}
         if self.jobs is not None:
             resources["num_cpus"] = self.jobs * self.threads
@@ -236,6 +240,7 @@ class RayLauncher:
         if self.device != "cuda":
             resources["num_gpus"] = 0
         ray.init(address="local", **resources, **quiet)
+        return True
 
     def _check_fits(self) -> None:
         """Refuse a point no node can hold (Ray would wait for it for ever), in one line."""
@@ -254,7 +259,7 @@ class RayLauncher:
 
     def run(self, todo: Sequence[Point], job: PointJob, progress: Progress) -> Finished:
         ray = self.ray
-        self._connect()
+        connected = self._connect()
         pending: dict[Any, Point] = {}
         try:
             self._check_fits()
@@ -281,7 +286,8 @@ class RayLauncher:
         finally:
             for ref in pending:
                 ray.cancel(ref, force=True)
-            ray.shutdown()  # the Ray started here stops; a cluster at --address is left running
+            if connected:
+                ray.shutdown()  # the Ray started here stops; a cluster at --address is left running
 
     def _failure(self, exc: BaseException) -> tuple[str, str]:
         """(status, message) of a point Ray could not finish."""
