@@ -21,7 +21,7 @@ import pytest
 from attnbench import registry, tasks
 from attnbench.accuracy import RUN_KEY
 from attnbench.cli import main
-from attnbench.launchers import Slot, local_slots, usable_cores
+from attnbench.launchers import Slot, local_slots, pin, usable_cores
 from attnbench.sweep import SweepError
 from tests.test_interrupt import WAIT_S, Command, interrupted_line, wait_until_gone
 
@@ -91,7 +91,8 @@ def test_jobs_ray_and_slurm_write_the_serial_sweeps_table_and_folder(tmp_path, c
     capsys.readouterr()
     fanned = {"jobs": mqar(tmp_path, "jobs", "--jobs", "2")}
     said = capsys.readouterr().err
-    assert "(1 thread; local, 2 at once)" in said and re.search(r"running: linear n=32 seed=0 lr=\S+ \(", said)
+    assert "(1 thread; local, 2 at once)" in said
+    assert re.search(r"running: linear n=32 seed=0 lr=\S+ \(", said)
     fanned["ray"] = mqar(tmp_path, "ray", "--launcher", "ray", "--jobs", "2")  # a Ray started for the sweep
     fanned["slurm"] = mqar(tmp_path, "slurm", "--launcher", "slurm", "--slurm-cluster", "local",
                            "--jobs", "2")
@@ -168,13 +169,25 @@ def test_slots_share_no_gpu_and_no_core(monkeypatch):
 
 
 def test_a_point_runs_on_its_cores_and_gpu_alone():
-    """``pin`` as a point's process calls it first: what the process may use afterwards."""
-    core = usable_cores()[-1]
-    shown = subprocess.run(
-        [sys.executable, "-c", f"import os; from attnbench.launchers import pin; pin([{core}], '7'); "
-                               "print(os.environ['CUDA_VISIBLE_DEVICES'], sorted(os.sched_getaffinity(0)))"],
-        capture_output=True, text=True, check=True, timeout=WAIT_S).stdout.split()
+    """``pin`` as a point's process calls it first: what the process may use afterwards (in a fork
+    of this one, which touches nothing but the two settings and its pipe)."""
+    before, gpu = usable_cores(), os.environ.get("CUDA_VISIBLE_DEVICES")
+    core = before[-1]
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: pin, report, leave without running any of pytest's clean-up
+        try:
+            pin([core], "7")
+            gpu, cores = os.environ["CUDA_VISIBLE_DEVICES"], sorted(os.sched_getaffinity(0))
+            os.write(write, f"{gpu} {cores}".encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    with os.fdopen(read) as answer:
+        shown = answer.read().split(" ", 1)
+    os.waitpid(pid, 0)
     assert shown == ["7", f"[{core}]"]
+    assert (usable_cores(), os.environ.get("CUDA_VISIBLE_DEVICES")) == (before, gpu)  # this one untouched
 
 
 @pytest.mark.parametrize("argv, message", [
