@@ -5,7 +5,10 @@ One model is trained and evaluated per point (mechanism variant, n, seed), each 
 (``attnbench.worker.run_isolated``) under the kernel sweep's memory limit and a time limit per
 point: an out-of-memory, a crash or a time-out becomes a row with its status and message, and the
 sweep goes on. Every point of a sweep gets the same budget: the same task arguments (the step
-budget of the task's preset) or, with ``--time-budget``, the same seconds of training.
+budget of the task's preset) or, with ``--time-budget``, the same seconds of training. Where the
+points run (here, ``--jobs`` at once, Ray, Slurm) is ``attnbench.launchers``'s; with a ``--lr`` /
+``--weight-decay`` grid each point trains several runs and its best by validation stands for it
+(``attnbench.tuning``).
 
 A sweep folder holds ``accuracy.csv`` (one row per point, appended atomically as each finishes:
 the task's row, the variant, status, message and the sweep's context), ``meta.json`` (the sweep's
