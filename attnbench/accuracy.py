@@ -5,7 +5,10 @@ One model is trained and evaluated per point (mechanism variant, n, seed), each 
 (``attnbench.worker.run_isolated``) under the kernel sweep's memory limit and a time limit per
 point: an out-of-memory, a crash or a time-out becomes a row with its status and message, and the
 sweep goes on. Every point of a sweep gets the same budget: the same task arguments (the step
-budget of the task's preset) or, with ``--time-budget``, the same seconds of training.
+budget of the task's preset) or, with ``--time-budget``, the same seconds of training. Where the
+points run (here, ``--jobs`` at once, Ray, Slurm) is ``attnbench.launchers``'s; with a ``--lr`` /
+``--weight-decay`` grid each point trains several runs and its best by validation stands for it
+(``attnbench.tuning``).
 
 A sweep folder holds ``accuracy.csv`` (one row per point, appended atomically as each finishes:
 the task's row, the variant, status, message and the sweep's context), ``meta.json`` (the sweep's
@@ -17,6 +20,7 @@ point's run folder and log. The engine sees the task only through the task regis
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
 import math
@@ -30,8 +34,9 @@ from typing import Any, TextIO
 
 import pandas as pd
 
-from attnbench import registry
+from attnbench import registry, tuning
 from attnbench.interrupt import command_with, keeping
+from attnbench.launchers import Launcher, LocalLauncher
 from attnbench.options import Variant, variants
 from attnbench.plots import slug
 from attnbench.results import (
@@ -46,22 +51,33 @@ from attnbench.results import (
 )
 from attnbench.sweep import SweepError, parse_mechanisms, parse_seq
 from attnbench.tasks import get_task, sweep_tasks
-from attnbench.worker import cap_address_space, run_isolated
+from attnbench.tuning import (
+    GRID,
+    NO_VALUE,
+    combinations,
+    mark_selected,
+    run_suffix,
+    tuned_view,
+    value_text,
+)
+from attnbench.worker import Session, cap_address_space, run_isolated, start_isolated
 
 # what a variant's accuracy is judged against: softmax, else sdpa (the same maths, fused), where swept
 BASELINES = ("softmax", "sdpa")
 MARGIN = 10.0  # points of accuracy below the baseline at which a variant counts as broken
 DEFAULT_LIMIT_S = 1800.0  # seconds a point may take (start, training, evaluation) under a step budget
-COLUMNS = ["task", "mechanism", "variant", "options", "seq_len", "seed", "status", "accuracy",
-           "best_accuracy", "chance", "steps", "step_ms", "tokens_s", "peak_mem_mib", "params",
-           "softmax_params", "flops_per_step", "time_budget", "message", "point_s", "device", "threads",
-           "dtype", "git_commit"]
-KEY = ["variant", "seq_len", "seed"]
+COLUMNS = ["task", "mechanism", "variant", "options", "seq_len", "seed", "lr", "weight_decay", "status",
+           "selected", "accuracy", "val_accuracy", "best_accuracy", "chance", "steps", "step_ms", "tokens_s",
+           "peak_mem_mib", "params", "softmax_params", "flops_per_step", "time_budget", "message", "point_s",
+           "device", "threads", "dtype", "git_commit"]
+KEY = ["variant", "seq_len", "seed"]  # a point; with a grid (``attnbench.tuning``) it trains several runs
+RUN_KEY = [*KEY, *GRID]  # one run
 REQUIRED = [*KEY, "mechanism", "status", "accuracy"]  # what a folder's accuracy.csv must hold to be read
 # flags of `attnbench run` that the sweep sets itself, with what sets them instead
 RESERVED = {"--task": "--task", "--mechanism": "--mechanism", "--opt": "--opt", "--seq-len": "--seq",
             "--seed": "--seeds", "--time-budget": "--time-budget", "--device": "--device",
-            "--threads": "--threads", "--results": "--out", "--out": "--out", "--resume": "--resume"}
+            "--threads": "--threads", "--results": "--out", "--out": "--out", "--resume": "--resume",
+            "--lr": "--lr", "--weight-decay": "--weight-decay"}
 # settings a resumed sweep must share with its folder
 SHARED = ("task", "args", "time_budget", "device")
 
@@ -84,6 +100,9 @@ class AccuracyConfig:
     device: str = "cpu"
     threads: int = 1
     load: list[str] = dataclasses.field(default_factory=list)
+    # the tuning grid (``attnbench.tuning``): every point trains each value; empty: the task's own
+    lrs: list[float] = dataclasses.field(default_factory=list)
+    weight_decays: list[float] = dataclasses.field(default_factory=list)
 
     def validate(self) -> None:
         if not self.seeds or min(self.seeds) < 0:
@@ -103,6 +122,10 @@ class AccuracyConfig:
 
     def variants(self) -> list[Variant]:
         return variants(self.mechanisms, self.options)
+
+    def grid(self) -> list[tuple[float | None, float | None]]:
+        """(lr, weight_decay) of every run of a point; None: the task's own value."""
+        return combinations(self.lrs, self.weight_decays)
 
 
 def point_limit(time_budget: float | None) -> float:
@@ -144,6 +167,10 @@ def plan(task: str, device: str, seq: str | None = None, mechanisms: str | None 
         seeds=parse_seeds(seeds) if seeds is not None else list(preset["seeds"]),
         args=[*preset.get("args", []), *task_args], **settings)
     cfg.validate()
+    if len(cfg.grid()) > 1 and not getattr(cls, "validation_split", False):
+        held_out = [t for t in sweep_tasks() if getattr(get_task(t), "validation_split", False)]
+        raise SweepError(f"task {task!r} holds out no validation split, which picks each point's best of "
+                         f"--lr/--weight-decay; tasks with one: {', '.join(held_out) or 'none'}")
     return cfg
 
 
@@ -152,26 +179,37 @@ def plan(task: str, device: str, seq: str | None = None, mechanisms: str | None 
 
 @dataclasses.dataclass(frozen=True)
 class Point:
-    """One model to train: a mechanism variant at one length with one seed."""
+    """One model to train: a mechanism variant at one length with one seed, and with a tuning grid
+    one (lr, weight decay) of it (None: the task's own)."""
 
     variant: Variant
     n: int
     seed: int
+    lr: float | None = None
+    weight_decay: float | None = None
 
     @property
-    def key(self) -> tuple[str, int, int]:
-        return (self.variant.label, self.n, self.seed)
+    def key(self) -> tuple[str, int, int, str, str]:
+        """As ``RUN_KEY`` reads in the table."""
+        return (self.variant.label, self.n, self.seed, value_text(self.lr), value_text(self.weight_decay))
 
     @property
     def name(self) -> str:
-        """Its folder's name under ``points/``: ``set-m-16-n256-seed0``."""
-        return f"{slug(self.variant.label)}-n{self.n}-seed{self.seed}"
+        """Its folder's name under ``points/``: ``set-m-16-n256-seed0``, ``…-seed0-lr0.003``."""
+        return f"{slug(self.variant.label)}-n{self.n}-seed{self.seed}{run_suffix(self.lr, self.weight_decay)}"
+
+    def describe(self) -> str:
+        """How progress names it: ``set[m=16] n=256 seed=0 lr=0.003``."""
+        grid = "".join(f" {k}={value_text(v)}" for k, v in (("lr", self.lr), ("wd", self.weight_decay))
+                       if v is not None)
+        return f"{self.variant.label} n={self.n} seed={self.seed}{grid}"
 
 
 def points(cfg: AccuracyConfig) -> list[Point]:
     """Every point, length by length and seed by seed, so that all variants at a length finish
-    together and the table fills from the short end."""
-    return [Point(v, n, seed) for n in cfg.seq for seed in cfg.seeds for v in cfg.variants()]
+    together and the table fills from the short end; each point's runs of the grid together."""
+    return [Point(v, n, seed, lr, wd) for n in cfg.seq for seed in cfg.seeds for v in cfg.variants()
+            for lr, wd in cfg.grid()]
 
 
 def run_argv(cfg: AccuracyConfig, point: Point, results: Path, out: Path) -> list[str]:
@@ -179,16 +217,21 @@ def run_argv(cfg: AccuracyConfig, point: Point, results: Path, out: Path) -> lis
     mech = point.variant.mechanism
     opts = [a for k, v in point.variant.options.items() for a in ("--opt", f"{mech}.{k}={v}")]
     budget = ["--time-budget", f"{cfg.time_budget:g}"] if cfg.time_budget is not None else []
-    return ["run", "--task", cfg.task, "--mechanism", mech, *opts, *cfg.args,
+    grid = [a for flag, v in (("--lr", point.lr), ("--weight-decay", point.weight_decay)) if v is not None
+            for a in (flag, value_text(v))]
+    return ["run", "--task", cfg.task, "--mechanism", mech, *opts, *cfg.args, *grid,
             "--seq-len", str(point.n), "--seed", str(point.seed), *budget, "--device", cfg.device,
             "--threads", str(cfg.threads), "--results", str(results), "--out", str(out)]
 
 
 def _train_point(config: dict[str, Any]) -> dict[str, Any]:
-    """In the point's own process: ``attnbench run …`` under the memory limit. The row goes to the
-    run's ``--results`` table; an exception becomes a status in ``run_isolated``."""
+    """In the point's own process: ``attnbench run …`` on the cores or GPU its launcher gave it,
+    under the memory limit. The row goes to the run's ``--results`` table; an exception becomes a
+    status in ``run_isolated``."""
     from attnbench import cli
+    from attnbench.launchers import pin
 
+    pin(config.get("cpus"), config.get("gpu"))  # first: before torch starts a thread or CUDA
     for spec in config["load"]:  # plug-ins the sweep loaded: the fork server has not seen them
         registry.load_module(spec)
     if config["memory_limit_mib"]:
@@ -230,47 +273,114 @@ def context(cfg: AccuracyConfig) -> dict[str, Any]:
             "gpu": ctx["gpu"], "cuda": ctx["cuda"], "python": ctx["python"], **ctx["versions"]}
 
 
+@dataclasses.dataclass
+class Prepared:
+    """A point about to run: its folder, log and scratch table, and the command line."""
+
+    point: Point
+    folder: Path
+    log: Path
+    results: Path
+    argv: list[str]
+    start: float
+
+
+@dataclasses.dataclass
+class PointJob:
+    """One point of a sweep, wherever a launcher runs it (``attnbench.launchers``): its folder under
+    ``out/points/``, ``attnbench run`` in a process of its own, its row, failures included.
+    ``prepare``, ``child_config`` and ``conclude`` are the steps; ``__call__`` runs all three here."""
+
+    cfg: AccuracyConfig
+    out: Path
+    ctx: dict[str, Any]
+
+    def base(self, point: Point) -> dict[str, Any]:
+        """The columns the sweep knows of a point before it runs."""
+        variant = point.variant
+        return {"task": self.cfg.task, "mechanism": variant.mechanism, "variant": variant.label,
+                "options": ";".join(f"{k}={v}" for k, v in sorted(variant.options.items())),
+                "seq_len": point.n, "seed": point.seed, "lr": point.lr, "weight_decay": point.weight_decay,
+                "time_budget": self.cfg.time_budget}
+
+    def prepare(self, point: Point) -> Prepared | dict[str, Any]:
+        """The point's fresh folder and command line; or the row of a point that cannot run here."""
+        reason = registry.get_mechanism(point.variant.mechanism).unavailable_reason(self.cfg.device)
+        if reason:
+            return {**self.ctx, **self.base(point), "status": "unavailable", "message": reason,
+                    "point_s": 0.0}
+        folder = self.out / "points" / point.name
+        if folder.exists():  # an interrupted earlier try: start afresh
+            shutil.rmtree(folder)
+        folder.mkdir(parents=True)
+        log = folder / "log.txt"
+        # the run's own table, in the point's folder (not /tmp: a killed sweep leaves nothing outside its
+        # folder); removed with the task's plots drawn beside it once the row is read
+        results = folder / ".table" / f"{self.cfg.task}.csv"
+        argv = run_argv(self.cfg, point, results, folder)
+        log.write_text(f"$ attnbench {shlex.join(argv)}\n")
+        return Prepared(point, folder, log, results, argv, time.monotonic())
+
+    def child_config(self, prepared: Prepared, cpus: Sequence[int] | None = None,
+                     gpu: str | None = None) -> dict[str, Any]:
+        """What ``_train_point`` gets in the point's process; ``cpus``, ``gpu``: what it may use alone."""
+        return {"argv": prepared.argv, "load": self.cfg.load, "memory_limit_mib": self.cfg.memory_limit_mib,
+                "cpus": list(cpus) if cpus is not None else None, "gpu": gpu}
+
+    def start(self, prepared: Prepared, cpus: Sequence[int] | None = None, gpu: str | None = None) -> Session:
+        """The point's process, started and not waited for (``collect`` its answer; the caller keeps
+        ``cfg.limit_s`` and closes it)."""
+        return start_isolated(_train_point, self.child_config(prepared, cpus, gpu), prepared.log)
+
+    def discard(self, prepared: Prepared) -> None:
+        """What a point stopped before its end leaves outside its log: its scratch table."""
+        shutil.rmtree(prepared.results.parent, ignore_errors=True)
+
+    def conclude(self, prepared: Prepared, answer: dict[str, Any]) -> dict[str, Any]:
+        """The point's row from what its process answered and what its run wrote."""
+        point, folder, log = prepared.point, prepared.folder, prepared.log
+        try:
+            table = read_table(prepared.results)
+        finally:
+            shutil.rmtree(prepared.results.parent, ignore_errors=True)
+        seconds = round(time.monotonic() - prepared.start, 1)
+        (folder / "checkpoint.pt").unlink(missing_ok=True)  # a point is never resumed: the row is what stays
+        base = self.base(point)
+        ended = len(table) and table.iloc[-1].get("status") in ("diverged", "oom")  # exit 1, and its row
+        if (answer["status"] == "ok" or ended) and len(table):
+            row = {k: v for k, v in table.iloc[-1].items() if not (isinstance(v, float) and math.isnan(v))}
+            return {**self.ctx, **row, **base, "status": row.get("status", "ok"),
+                    "message": row.get("message", ""), "point_s": seconds}
+        message = answer.get("message", "")
+        if answer["status"] == "ok":
+            message = "the run finished without writing a results row"
+        if answer["status"] == "error" and message.startswith("attnbench run exited"):
+            message = f"{_last_line(log)} ({message.removeprefix('attnbench run ')})"
+        return self.failed(point, answer["status"], message, seconds)
+
+    def failed(self, point: Point, status: str, message: str, seconds: float = 0.0) -> dict[str, Any]:
+        """The row of a point that ended without a result (its process, or the worker running it, died)."""
+        return {**self.ctx, **self.base(point), "status": status, "message": message[:500],
+                "point_s": seconds, "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
+
+    def __call__(self, point: Point, cpus: Sequence[int] | None = None, gpu: str | None = None
+                 ) -> dict[str, Any]:
+        """Train and evaluate ``point`` from here, in a process of its own; its row."""
+        prepared = self.prepare(point)
+        if isinstance(prepared, dict):
+            return prepared
+        try:
+            answer = run_isolated(_train_point, self.child_config(prepared, cpus, gpu), self.cfg.limit_s,
+                                  prepared.log)
+        except BaseException:
+            self.discard(prepared)
+            raise
+        return self.conclude(prepared, answer)
+
+
 def run_point(cfg: AccuracyConfig, point: Point, out: Path, ctx: dict[str, Any]) -> dict[str, Any]:
     """Train and evaluate one point in a process of its own; its row, failures included."""
-    variant = point.variant
-    base = {"task": cfg.task, "mechanism": variant.mechanism, "variant": variant.label,
-            "options": ";".join(f"{k}={v}" for k, v in sorted(variant.options.items())),
-            "seq_len": point.n, "seed": point.seed, "time_budget": cfg.time_budget}
-    reason = registry.get_mechanism(variant.mechanism).unavailable_reason(cfg.device)
-    if reason:
-        return {**ctx, **base, "status": "unavailable", "message": reason, "point_s": 0.0}
-    folder = out / "points" / point.name
-    if folder.exists():  # an interrupted earlier try: start afresh
-        shutil.rmtree(folder)
-    folder.mkdir(parents=True)
-    log = folder / "log.txt"
-    start = time.monotonic()
-    # the run's own table, in the point's folder (not /tmp: a killed sweep leaves nothing outside its
-    # folder); removed with the task's plots drawn beside it once the row is read
-    scratch = folder / ".table"
-    try:
-        results = scratch / f"{cfg.task}.csv"
-        argv = run_argv(cfg, point, results, folder)
-        log.write_text(f"$ attnbench {shlex.join(argv)}\n")
-        answer = run_isolated(_train_point, {"argv": argv, "load": cfg.load,
-                                             "memory_limit_mib": cfg.memory_limit_mib}, cfg.limit_s, log)
-        table = read_table(results)
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
-    seconds = round(time.monotonic() - start, 1)
-    (folder / "checkpoint.pt").unlink(missing_ok=True)  # a point is never resumed: the row is what stays
-    ended = len(table) and table.iloc[-1].get("status") in ("diverged", "oom")  # exit 1, and its row
-    if (answer["status"] == "ok" or ended) and len(table):
-        row = {k: v for k, v in table.iloc[-1].items() if not (isinstance(v, float) and math.isnan(v))}
-        return {**ctx, **base, **row, "variant": variant.label, "status": row.get("status", "ok"),
-                "message": row.get("message", ""), "point_s": seconds}
-    message = answer.get("message", "")
-    if answer["status"] == "ok":
-        message = "the run finished without writing a results row"
-    if answer["status"] == "error" and message.startswith("attnbench run exited"):
-        message = f"{_last_line(log)} ({message.removeprefix('attnbench run ')})"
-    return {**ctx, **base, "status": answer["status"], "message": message[:500], "point_s": seconds,
-            "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
+    return PointJob(cfg, out, ctx)(point)
 
 
 # ---- the sweep --------------------------------------------------------------------------------
@@ -279,12 +389,14 @@ def run_point(cfg: AccuracyConfig, point: Point, out: Path, ctx: dict[str, Any])
 class Progress:
     """One line per finished point, with the time so far and a rough ETA: the points left, each
     costing what the finished ones at its length did (a length not reached yet: the longest
-    reached, scaled linearly with n)."""
+    reached, scaled linearly with n), ``width`` of them at a time. Where several run at once, a
+    line as each starts and, on every line, the points running then."""
 
-    def __init__(self, todo: list[Point], log: TextIO) -> None:
-        self.todo, self.log = todo, log
+    def __init__(self, todo: list[Point], log: TextIO, width: int = 1) -> None:
+        self.todo, self.log, self.width = todo, log, max(1, width)
         self.start = time.monotonic()
         self.seconds: dict[int, list[float]] = {}
+        self.running: dict[str, float] = {}  # point (described) -> when it started
         self.done = 0
 
     def eta(self) -> float:
@@ -293,16 +405,27 @@ class Progress:
             return math.nan
         longest = max(self.seconds)
         mean = {n: sum(s) / len(s) for n, s in self.seconds.items()}
-        return sum(mean.get(p.n, mean[longest] * p.n / longest) for p in left)
+        return sum(mean.get(p.n, mean[longest] * p.n / longest) for p in left) / self.width
+
+    def _running(self) -> str:
+        now = time.monotonic()
+        return "; running: " + ", ".join(f"{name} ({dt.timedelta(seconds=round(now - t))})"
+                                         for name, t in self.running.items()) if self.running else ""
+
+    def started(self, point: Point) -> None:
+        self.running[point.describe()] = time.monotonic()
+        if self.width > 1:
+            print(f"started {point.describe()}{self._running()}", file=self.log, flush=True)
 
     def report(self, point: Point, row: dict[str, Any]) -> None:
         self.done += 1
+        self.running.pop(point.describe(), None)
         self.seconds.setdefault(point.n, []).append(float(row.get("point_s", 0.0)))
         elapsed = dt.timedelta(seconds=round(time.monotonic() - self.start))
         eta = self.eta()
         left = f"ETA {dt.timedelta(seconds=round(eta))}" if math.isfinite(eta) else "ETA -"
-        print(f"[{self.done}/{len(self.todo)}] {point.variant.label} n={point.n} seed={point.seed}: "
-              f"{describe(row)} | {elapsed} elapsed, {left}", file=self.log, flush=True)
+        print(f"[{self.done}/{len(self.todo)}] {point.describe()}: {describe(row)} | {elapsed} elapsed, "
+              f"{left}{self._running()}", file=self.log, flush=True)
 
 
 def _number(row: dict[str, Any], key: str) -> float:
@@ -343,8 +466,9 @@ def _check_resume(cfg: AccuracyConfig, meta_path: Path, out: Path) -> None:
 
 
 def run_sweep(cfg: AccuracyConfig, out: Path, resume: bool, argv: list[str],
-              log: TextIO | None = None) -> pd.DataFrame:
-    """Train every point not already in ``out/accuracy.csv``; returns the full table."""
+              log: TextIO | None = None, launcher: Launcher | None = None) -> pd.DataFrame:
+    """Train every point not already in ``out/accuracy.csv``, where ``launcher`` runs them (default:
+    here, one at a time); returns the full table."""
     log = log or sys.stderr
     cfg.validate()
     csv, meta_path = out / "accuracy.csv", out / "meta.json"
@@ -362,25 +486,35 @@ def run_sweep(cfg: AccuracyConfig, out: Path, resume: bool, argv: list[str],
     meta["commands"] = [*earlier, meta["command"]]
     write_meta(meta_path, meta)
     done = read_table(csv, COLUMNS, required=REQUIRED if csv.exists() else ())
-    seen = {(str(v), int(n), int(s)) for v, n, s in zip(done.get("variant", []), done.get("seq_len", []),
-                                                         done.get("seed", []), strict=True)}
+    grid = {c: done[c].map(value_text) if c in done.columns else [NO_VALUE] * len(done) for c in GRID}
+    seen = {(str(v), int(n), int(s), lr, wd) for v, n, s, lr, wd in zip(
+        done.get("variant", []), done.get("seq_len", []), done.get("seed", []), grid["lr"],
+        grid["weight_decay"], strict=True)}
     todo = [p for p in points(cfg) if p.key not in seen]
     if seen:
         print(f"resuming: {len(seen)} points already in {csv} (failures too: delete a row to run it again), "
               f"{len(todo)} to go", file=log)
-    ctx = context(cfg)
-    progress = Progress(todo, log)
+    launcher = launcher or LocalLauncher()
+    progress = Progress(todo, log, launcher.width)
     try:
-        for point in todo:
-            row = run_point(cfg, point, out, ctx)
-            append_row(csv, row, COLUMNS)
-            progress.report(point, row)
-    except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM: the point cut short is killed, the rows stay
+        job = PointJob(cfg, out.resolve(), context(cfg))
+        with contextlib.closing(launcher.run(todo, job, progress)) as finished:
+            for point, row in finished:
+                append_row(csv, row, COLUMNS, then=mark_selected)
+                progress.report(point, row)
+    except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM: the points cut short are killed, the rows stay
         rows = len(read_table(csv, COLUMNS))
-        resume = command_with(argv, {"--out": True, "--resume": False}, ["--out", str(out), "--resume"])
         raise keeping(exc, f"kept {rows} of {len(seen) + len(todo)} points in {csv}; finish with: "
-                           f"{resume}") from None
+                           f"{resume_command(argv, out)}") from None
     return read_table(csv, COLUMNS)
+
+
+def resume_command(argv: Sequence[str], out: Path) -> str:
+    """The sweep's command line with ``--out OUT --resume``, before the task arguments after ``--``
+    (after them they would be task arguments)."""
+    cut = list(argv).index("--") if "--" in argv else len(argv)
+    head = command_with(argv[:cut], {"--out": True, "--resume": False}, ["--out", str(out), "--resume"])
+    return head + (f" {shlex.join(argv[cut:])}" if cut < len(argv) else "")
 
 
 # ---- what a researcher reads ------------------------------------------------------------------
@@ -480,16 +614,19 @@ class Finished:
 
 
 def finish(out: Path, log: TextIO | None = None) -> Finished:
-    """Write ``breaking.csv`` and the plots of a sweep folder."""
+    """Write ``breaking.csv`` and the plots of a sweep folder: of each point's run that stands for
+    it, its best by validation where the sweep was tuned (``attnbench.tuning``), labelled so."""
     from attnbench.accuracy_plots import accuracy_sweep_plots
 
     table = read_table(out / "accuracy.csv", required=REQUIRED)
     if table.empty:
         raise SweepError(f"{out / 'accuracy.csv'} holds no points")
-    breaking = breaking_lengths(table)
+    tuned = tuning.label(table)
+    view = tuned_view(table)
+    breaking = breaking_lengths(view).assign(tuned=tuned)
     write_table(out / "breaking.csv", breaking)
     meta = read_meta(out / "meta.json")
-    paths = accuracy_sweep_plots(table, breaking, out, meta)
+    paths = accuracy_sweep_plots(view, breaking, out, meta, tuned)
     print(f"wrote {out / 'accuracy.csv'}, {out / 'breaking.csv'} and {len(paths)} plot files",
           file=log or sys.stderr)
     return Finished(breaking, [out / "breaking.csv", *paths])
@@ -502,12 +639,13 @@ def _text(column: pd.Series) -> pd.Series:
 
 def summary(out: Path) -> str:
     """The console summary: accuracy per variant and n, then the breaking lengths."""
-    table = read_table(out / "accuracy.csv")
+    runs = read_table(out / "accuracy.csv")
+    table, tuned = tuned_view(runs), tuning.label(runs)
     breaking = read_table(out / "breaking.csv")
     baseline = str(breaking["baseline"].iloc[0]) if len(breaking) else baseline_of(table)
     with pd.option_context("display.width", 250, "display.max_columns", 30, "display.max_colwidth", 60):
-        parts = [f"accuracy (%) per variant and n: mean ± std over seeds (n = seeds); [failures]\n"
-                 f"{accuracy_grid(table).to_string()}"]
+        parts = [f"accuracy (%) per variant and n: mean ± std over seeds (n = seeds); [failures]"
+                 f"{'; ' + tuned if tuned else ''}\n{accuracy_grid(table).to_string()}"]
         if len(breaking):
             shown = pd.DataFrame({
                 "variant": breaking["variant"], "breaking length": breaking["breaking"],
@@ -531,6 +669,7 @@ def compare(out: Path, other: Path) -> pd.DataFrame:
     mine, theirs = read_table(out / "accuracy.csv"), read_table(other / "accuracy.csv", required=REQUIRED)
     if theirs.empty:
         raise SweepError(f"--compare {other}: no accuracy.csv there")
+    mine, theirs = tuned_view(mine), tuned_view(theirs)  # each point's run that stands for it
     keep = [*KEY, "status", "accuracy", "step_ms", "peak_mem_mib"]
     mine = mine.drop_duplicates(KEY, keep="last").reindex(columns=keep)
     theirs = theirs.drop_duplicates(KEY, keep="last").reindex(columns=keep)

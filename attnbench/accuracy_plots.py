@@ -196,10 +196,11 @@ def frontier(table: pd.DataFrame, cost: str, xlabel: str, heading: str) -> plt.F
 
 
 def accuracy_sweep_plots(table: pd.DataFrame, breaking: pd.DataFrame, out: Path,
-                         meta: dict[str, Any]) -> list[Path]:
-    """``accuracy_n``, ``frontier_time`` and ``frontier_memory`` (PNG and SVG) in ``out``."""
+                         meta: dict[str, Any], tuned: str = "") -> list[Path]:
+    """``accuracy_n``, ``frontier_time`` and ``frontier_memory`` (PNG and SVG) in ``out``; ``tuned``:
+    how each point's run was chosen, in the title (``attnbench.tuning.label``)."""
     rank_variants(table["variant"].dropna())
-    heading = title(meta)
+    heading = title(meta) + (f"; {tuned}" if tuned else "")
     written: list[Path] = []
     for stem, fig in (("accuracy_n", accuracy_against_n(table, breaking, heading)),
                       ("frontier_time", frontier(table, "step_ms", "time per training step (ms)", heading)),

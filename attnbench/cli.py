@@ -17,7 +17,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from attnbench import __version__, registry
+from attnbench import __version__, launchers, registry
 from attnbench.interrupt import Interrupted, interrupts
 from attnbench.options import parse_mechanism_options
 from attnbench.probe import default_threads
@@ -46,6 +46,7 @@ from attnbench.tasks import (
     sweep_tasks,
     task_names,
 )
+from attnbench.tuning import parse_values
 from attnbench.validate import (
     MAX_SECONDS,
     MAX_THREADS,
@@ -161,6 +162,29 @@ def build_parser(task: str | None = None) -> argparse.ArgumentParser:
                         "equal optimiser steps")
     p.add_argument("task_args", nargs="*", metavar="-- TASK_ARGS",
                    help="with --task: arguments of `attnbench run --task T` for every point, after `--`")
+    t = p.add_argument_group("accuracy sweep: tuning (with --task)")
+    t.add_argument("--lr", default=None, type=nonempty, metavar="LR,LR,...",
+                   help="learning rates: every point trains each, and its best on the task's validation "
+                        "split (held out from training) stands for it (default: the task's own)")
+    t.add_argument("--weight-decay", default=None, type=nonempty, metavar="WD,WD,...",
+                   help="weight decays, a grid with --lr as for it (default: the task's own)")
+    g = p.add_argument_group("accuracy sweep: where the points run (with --task)")
+    g.add_argument("--launcher", default="local", choices=launchers.LAUNCHERS,
+                   help="local: this machine (default); ray: a Ray task per point, on a Ray started here "
+                        "or at --address; slurm: a Slurm job per point through submitit")
+    g.add_argument("--jobs", type=int_in(1, 4096), default=None, metavar="N",
+                   help="points at once: local, each on a GPU or --threads cores of its own, never shared "
+                        "(default 1); ray and slurm, at most so many in flight (default: what fits)")
+    g.add_argument("--address", default=None, type=nonempty,
+                   help="with --launcher ray: a running cluster's address (default: start Ray here)")
+    g.add_argument("--slurm-partition", default=None, type=nonempty, help="with --launcher slurm: partition")
+    g.add_argument("--slurm-time", type=int_in(1, 10**6), default=None, metavar="MINUTES",
+                   help="--launcher slurm: each job's time limit (default: a point's --budget + 5 min)")
+    g.add_argument("--slurm-gpus", type=int_in(0, 64), default=None, metavar="N",
+                   help="with --launcher slurm: GPUs per job (default: 1 with --device cuda, else 0)")
+    g.add_argument("--slurm-cluster", default="slurm", choices=("slurm", "local"),
+                   help="with --launcher slurm: slurm (default), or local: the same jobs as processes on "
+                        "this machine (submitit's local executor), to try a sweep before a cluster")
     p.add_argument("--batch", type=int_in(1, 4096), default=1, help="batch size B (default 1)")
     p.add_argument("--heads", type=int_in(1, 256), default=4, help="attention heads H (default 4)")
     p.add_argument("--head-dim", type=int_in(1, 1024), default=32, help="channels per head d (default 32)")
@@ -455,7 +479,9 @@ def cmd_scale(args: argparse.Namespace) -> int:
     if args.task is not None:
         return _accuracy_sweep(args)
     for flag, given in (("--seeds", args.seeds is not None), ("--time-budget", args.time_budget is not None),
-                        (f"{' '.join(args.task_args)!r}", bool(args.task_args))):
+                        (f"{' '.join(args.task_args)!r}", bool(args.task_args)),
+                        *((f"--{k.replace('_', '-')}", getattr(args, k) != default)
+                          for k, default in ACCURACY_ONLY.items())):
         if given:
             raise UsageError(f"{flag} is for the accuracy sweep: add --task (tasks with one: "
                              f"{', '.join(sweep_tasks()) or 'none'})")
@@ -519,9 +545,22 @@ def _count_variants(mechanisms: Sequence[str], variants: Sequence[object]) -> st
     return text if len(variants) == len(mechanisms) else f"{text} ({len(variants)} variants)"
 
 
+# flags of the accuracy sweep (``scale --task``) that the kernel sweep has no use for, with their defaults
+ACCURACY_ONLY = {"lr": None, "weight_decay": None, "launcher": "local", "jobs": None, "address": None,
+                 "slurm_partition": None, "slurm_time": None, "slurm_gpus": None, "slurm_cluster": "slurm"}
 # flags of the kernel sweep that the accuracy sweep (``scale --task``) has no use for
 KERNEL_ONLY = ("batch", "heads", "head_dim", "dtype", "mode", "layout", "causal", "kv_heads", "min_time",
                "compile", "rounds", "retries", "max_slowdown", "max_spread", "fit_min_n")
+
+
+def _check_launcher_flags(args: argparse.Namespace) -> None:
+    """A launcher's own flags only with that launcher."""
+    own = {"ray": ["address"], "slurm": ["slurm_partition", "slurm_time", "slurm_gpus", "slurm_cluster"]}
+    for kind, names in own.items():
+        given = [f"--{k.replace('_', '-')}" for k in names if getattr(args, k) != ACCURACY_ONLY[k]]
+        if given and args.launcher != kind:
+            raise UsageError(f"{', '.join(given)}: for --launcher {kind} (this sweep's launcher: "
+                             f"{args.launcher})")
 
 
 def _accuracy_sweep(args: argparse.Namespace) -> int:
@@ -534,6 +573,7 @@ def _accuracy_sweep(args: argparse.Namespace) -> int:
     if given:
         raise UsageError(f"{', '.join(given)}: for the kernel sweep (scale without --task); the task's own "
                          f"options go after `--`: scale --task {args.task} -- --epochs 2")
+    _check_launcher_flags(args)
     device = _device(args.device)
     limit = _memory_limit(args.memory_limit)
     cfg = accuracy.plan(
@@ -541,7 +581,10 @@ def _accuracy_sweep(args: argparse.Namespace) -> int:
         options=parse_mechanism_options(args.opt, axes=True), time_budget=args.time_budget,
         limit_s=args.budget or accuracy.point_limit(args.time_budget),
         memory_limit_mib=limit if device == "cpu" else None, threads=args.threads or 1,
-        load=[str(Path(s).resolve()) if s.endswith(".py") else s for s in args.load])
+        load=[str(Path(s).resolve()) if s.endswith(".py") else s for s in args.load],
+        lrs=parse_values(args.lr, "--lr", 0, strict=True) if args.lr is not None else [],
+        weight_decays=(parse_values(args.weight_decay, "--weight-decay", 0, strict=False)
+                       if args.weight_decay is not None else []))
     if args.compare is not None and not (args.compare / "accuracy.csv").is_file():
         raise UsageError(f"--compare {args.compare}: no accuracy.csv there (a folder of `scale --task`)")
     if (args.compare is not None
@@ -549,22 +592,33 @@ def _accuracy_sweep(args: argparse.Namespace) -> int:
         raise UsageError(f"--compare {args.compare}: its accuracy.csv holds no points")  # now, not after
     if args.resume and args.out is None:
         raise UsageError("--resume needs --out pointing at the sweep to finish")
-    if args.threads is None:  # once the request is known to be sound: this looks at the machine for a while
+    if args.threads is None and args.jobs is not None:  # a share of the cores each
+        cfg.threads = max(1, len(launchers.usable_cores()) // args.jobs)
+    elif args.threads is None:  # once the request is known to be sound: this looks at the machine for a while
         cfg.threads, note = default_threads(torch.get_num_threads()) if device == "cpu" else \
             (torch.get_num_threads(), "")
         if note:
             print(note)
     out = args.out or new_run_dir(f"accuracy-{args.task}")
+    launcher = launchers.make_launcher(
+        args.launcher, jobs=args.jobs, device=device, threads=cfg.threads, out=out, address=args.address,
+        memory_mib=args.memory_limit,
+        slurm=launchers.SlurmOptions(args.slurm_partition, args.slurm_time, args.slurm_gpus,
+                                     args.slurm_cluster))
     budget = (f"{cfg.time_budget:g} s of training per point" if cfg.time_budget is not None
               else "equal optimiser steps")
     memory = f"{cfg.memory_limit_mib / 1024:.1f} GiB" if cfg.memory_limit_mib else "device memory"
+    runs = len(cfg.grid())
+    grid = f" x {runs} runs of the grid" if runs > 1 else ""
+    shown = args.launcher != "local" or launcher.width > 1
+    where = f"{args.launcher}, {launcher.width} at once" if shown else ""
     print(f"attnbench scale --task {cfg.task}: {_count_variants(cfg.mechanisms, cfg.variants())} x "
-          f"{len(cfg.seq)} lengths x {len(cfg.seeds)} seed{'s' if len(cfg.seeds) > 1 else ''} = "
-          f"{len(accuracy.points(cfg))} points on {device} "
-          f"({cfg.threads} thread{'s' if cfg.threads > 1 else ''}), {budget}, limits {cfg.limit_s:g} s and "
-          f"{memory} per point -> {out}",
+          f"{len(cfg.seq)} lengths x {len(cfg.seeds)} seed{'s' if len(cfg.seeds) > 1 else ''}{grid} = "
+          f"{len(accuracy.points(cfg))} {'runs' if runs > 1 else 'points'} on {device} "
+          f"({cfg.threads} thread{'s' if cfg.threads > 1 else ''}{'; ' + where if where else ''}), {budget}, "
+          f"limits {cfg.limit_s:g} s and {memory} per point -> {out}",
           file=sys.stderr)
-    accuracy.run_sweep(cfg, out, args.resume, ["attnbench", *sys.argv[1:]])
+    accuracy.run_sweep(cfg, out, args.resume, ["attnbench", *sys.argv[1:]], launcher=launcher)
     accuracy.finish(out)
     print(accuracy.summary(out))
     if args.compare is not None:

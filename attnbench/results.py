@@ -22,7 +22,7 @@ import secrets
 import subprocess
 import sys
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -85,24 +85,29 @@ def table_lock(path: Path) -> FileLock:
     return FileLock(path.with_name(f".{path.name}.lock"))
 
 
-def append_rows(path: Path, rows: Sequence[dict[str, Any]], columns: list[str]) -> pd.DataFrame:
+def append_rows(path: Path, rows: Sequence[dict[str, Any]], columns: list[str],
+                then: Callable[[pd.DataFrame], pd.DataFrame] | None = None) -> pd.DataFrame:
     """Append ``rows`` to the CSV at ``path`` (created with ``columns`` first) under the table's
-    lock, writing it atomically; returns the table as written."""
+    lock, writing it atomically; returns the table as written. ``then``: a column that depends on
+    every row (the accuracy sweep's ``selected``), brought up to date under the same lock."""
     with table_lock(path):
         table = read_table(path, columns)
         if not rows:
             return table
         new = pd.DataFrame(list(rows))
         table = new if table.empty else pd.concat([table, new], ignore_index=True)
+        if then is not None:
+            table = then(table)
         ordered = columns + [c for c in table.columns if c not in columns]
         table = table.reindex(columns=ordered)
         write_table(path, table)
         return table
 
 
-def append_row(path: Path, row: dict[str, Any], columns: list[str]) -> pd.DataFrame:
+def append_row(path: Path, row: dict[str, Any], columns: list[str],
+               then: Callable[[pd.DataFrame], pd.DataFrame] | None = None) -> pd.DataFrame:
     """Append one row to the CSV at ``path``: ``append_rows`` of one."""
-    return append_rows(path, [row], columns)
+    return append_rows(path, [row], columns, then)
 
 
 class ResultsError(ValueError):

@@ -80,6 +80,9 @@ class Task:
     # defaults per device, "cpu" and "cuda": {"seq": [64, 128, …], "mechanisms": ["softmax", …],
     # "seeds": [0], "args": ["--epochs", "2", …]} (the task arguments of every run: its step budget).
     sweep_presets: ClassVar[dict[str, dict[str, Any]]] = {}
+    # A task whose rows carry ``val_accuracy``, the score of a validation split held out from training and
+    # apart from the test split: the accuracy sweep tunes --lr/--weight-decay on it (``attnbench.tuning``).
+    validation_split: ClassVar[bool] = False
 
     @classmethod
     def model_table(cls, sizes: Sequence[str], mechanisms: Sequence[str],

@@ -287,20 +287,39 @@ class Session:
         start = time.monotonic()
         wait = max(0.0, min(timeout, self.budget - self.spent))
         try:
-            self.busy = True
-            self.conn.send(message)
+            if not self.submit(message):
+                return self.collect()
             if not self.conn.poll(wait if wait < float("inf") else None):
-                self.kill()
                 limit = f"the budget of {self.budget:g} s" if wait < timeout else f"{timeout:g} s"
-                return {"status": "timeout", "message": f"exceeded {limit}"}
+                return self.time_out(limit)
+            return self.collect()
+        finally:
+            self.spent += time.monotonic() - start
+
+    def submit(self, message: dict[str, Any]) -> bool:
+        """Send ``message`` without waiting: the answer is ``collect()``'s once ``conn`` is readable
+        (``multiprocessing.connection.wait``: several sessions at once). False: the child is gone."""
+        self.busy = True
+        try:
+            self.conn.send(message)
+        except OSError:
+            return False
+        return True
+
+    def collect(self) -> dict[str, Any]:
+        """The answer to the request ``submit`` sent, or the status of a child that died without one."""
+        try:
             answer = self.conn.recv()
-            self.busy = False
         except (EOFError, OSError):
             self.process.join(5)
             return _death(self.process.exitcode)
-        finally:
-            self.spent += time.monotonic() - start
+        self.busy = False
         return answer
+
+    def time_out(self, limit: str) -> dict[str, Any]:
+        """Kill the child that did not answer within ``limit`` (words): its status."""
+        self.kill()
+        return {"status": "timeout", "message": f"exceeded {limit}"}
 
     def kill(self) -> None:
         if self.process.is_alive():
@@ -397,6 +416,15 @@ class _Call:
 
     def __call__(self, request: dict[str, Any]) -> dict[str, Any]:
         return self.measure_fn(self.config)
+
+
+def start_isolated(measure_fn: Measure, config: dict[str, Any], log_path: Path | None = None) -> Session:
+    """``run_isolated`` without waiting: the child started and asked, its answer ``collect()``'s once
+    its ``conn`` is readable. Several at once (``attnbench.launchers``): the caller keeps the time
+    limit (``time_out``) and closes the session."""
+    session = Session(functools.partial(_Call, measure_fn), config, log_path)
+    session.submit({"op": "run"})
+    return session
 
 
 def run_isolated(measure_fn: Measure, config: dict[str, Any], budget: float,

@@ -8,7 +8,8 @@ hyper-parameters and seeds for every mechanism; only the mechanism changes. A su
     load_data() -> Data(name, train, val=test, …)   items (ids (N,) long, mask (N,) bool, target),
                                                     as tuples or dicts with those keys (``SequenceSet``
                                                     holds them as tensors, ``sequence_data`` builds
-                                                    both splits); N = ``self.seq_len``
+                                                    the splits, a validation split among them where
+                                                    the task has one); N = ``self.seq_len``
     vocab_size, num_classes                         set in ``configure`` or ``load_data``
     per_token (ClassVar)                            False: one class id per sequence; True: a label
                                                     per position (N,), ``IGNORE`` (-100) where none
@@ -24,13 +25,20 @@ chance in %, steps, step_ms, tokens_s, peak memory, params beside softmax_params
 softmax attention: LRA's rule that a mechanism may not win by parameters; over 10 % more is
 warned about) and flops_per_step (3 × the forward FLOPs of one global batch, FlopCounterMode: matmuls
 only).
+
+A task with a validation split (``validation_split = True``: mqar, listops, seqimage) passes it to
+``sequence_data``: a split held out from training and apart from the test split, evaluated once,
+after training, into ``val_accuracy`` (``val_examples`` sequences, ``--limit-val`` applies). It
+scores nothing the row reports as the result; the accuracy sweep's tuning picks each point's
+learning rate by it (``attnbench.tuning``), never by the test split. Each task's docstring says
+how its split is drawn.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -42,7 +50,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from attnbench import TaskError, get_mechanism
 from attnbench.validate import float_in, int_in
-from tasks.common.harness import CONTEXT_COLUMNS, COST_COLUMNS, Data, TrainingTask
+from tasks.common.harness import CONTEXT_COLUMNS, COST_COLUMNS, Data, TrainingTask, first
 from tasks.common.text_encoder import SIZES, build_encoder, count_parameters
 from tasks.common.trainer import Loss
 
@@ -67,10 +75,10 @@ def sequence_table(settings: tuple[str, ...] = (), measured: tuple[str, ...] = (
 def sequence_columns(*own: str) -> list[str]:
     """The results table's columns, with the task's own columns (``own``) after ``seq_len``."""
     return ["task", "mechanism", "size", "dataset", "seq_len", *own, "dropout", "epochs", "seed", "accuracy",
-            "best_accuracy", "chance", "test_loss", "steps", "step_ms", "tokens_s", "params",
-            "softmax_params", "flops_per_step", "train_seq_s", "eval_seq_s", *COST_COLUMNS, "time_budget",
-            "options", "mechanism_init", "backend", "vocab_size", "num_classes", "train_examples",
-            "test_examples", *CONTEXT_COLUMNS]
+            "best_accuracy", "chance", "test_loss", "val_accuracy", "val_loss", "steps", "step_ms",
+            "tokens_s", "params", "softmax_params", "flops_per_step", "train_seq_s", "eval_seq_s",
+            *COST_COLUMNS, "time_budget", "options", "mechanism_init", "backend", "vocab_size", "num_classes",
+            "train_examples", "test_examples", "val_examples", *CONTEXT_COLUMNS]
 
 
 class SequenceSet(Dataset):
@@ -156,13 +164,16 @@ class SequenceTask(TrainingTask):
         self.dropout: float = SIZES[self.size].dropout if dropout is None else dropout
 
     def sequence_data(self, name: str, train: Split, test: Split, root: Path | None = None,
-                      description: str = "") -> Data:
+                      description: str = "", val: Split | None = None) -> Data:
         """The task's ``Data``: the train and test splits, each given as (ids, mask, targets), as
-        ``SequenceSet``s. An empty split is a TaskError now, not a division by zero after training."""
-        for split, (ids, _, _) in (("train", train), ("test", test)):
+        ``SequenceSet``s; ``val``, the validation split (``validation``), where the task has one.
+        An empty split is a TaskError now, not a division by zero after training."""
+        given = [("train", train), ("test", test), *([("validation", val)] if val is not None else [])]
+        for split, (ids, _, _) in given:
             if len(ids) == 0:
                 raise TaskError(f"{self.name}: the {split} split of {name} holds no sequences (too few "
                                 f"distinct sequences at these settings: raise the vocabulary or --seq-len)")
+        self.validation = SequenceSet(*val) if val is not None else None
         return Data(name, SequenceSet(*train), SequenceSet(*test), root=root, description=description)
 
     def check_model(self) -> None:
@@ -231,8 +242,12 @@ class SequenceTask(TrainingTask):
 
     def evaluate(self, model: nn.Module) -> dict[str, Any]:
         """Accuracy (%) and mean loss over the labelled positions of the whole test split."""
+        return self.score(model, self.val_loader)
+
+    def score(self, model: nn.Module, loader: Iterable) -> dict[str, Any]:
+        """Accuracy (%) and mean loss over the labelled positions of ``loader``'s sequences."""
         hits = scored = loss_sum = sequences = 0.0
-        for batch in self.val_loader:
+        for batch in loader:
             batch = self.to_device(batch)
             with self.autocast():
                 logits, target = self.logits(model, batch)
@@ -243,6 +258,24 @@ class SequenceTask(TrainingTask):
             sequences += len(unpack(batch)[0])
         hits, scored, loss_sum, sequences = self.reduce(hits, scored, loss_sum, sequences)
         return {"accuracy": 100 * hits / scored, "test_loss": loss_sum / scored, "items": int(sequences)}
+
+    def validate(self) -> dict[str, Any]:
+        """The final model on the validation split (``--limit-val`` applies), or nothing where the
+        task has none: ``val_accuracy`` (%), ``val_loss``, ``val_examples``."""
+        held_out = getattr(self, "validation", None)
+        if held_out is None:
+            return {}
+        model = self.trainer.model
+        was_training = model.training
+        model.eval()
+        loader = self.make_eval_loader(first(held_out, self.limits.limit_val), None)
+        try:
+            with torch.no_grad():
+                scores = self.score(model, loader)
+        finally:
+            model.train(was_training)
+        return {"val_accuracy": round(scores["accuracy"], 3), "val_loss": round(scores["test_loss"], 4),
+                "val_examples": scores["items"]}
 
     def chance_percent(self) -> float:
         return self.chance if self.chance is not None else 100 / self.num_classes
@@ -273,7 +306,8 @@ class SequenceTask(TrainingTask):
                 "steps": steps, "step_ms": round(1000 * train_s / steps, 2) if steps else math.nan,
                 "tokens_s": round(tokens / train_s, 1) if train_s > 0 else math.nan,
                 "softmax_params": self.softmax_params, "flops_per_step": self.flops_per_step(),
-                "vocab_size": self.vocab_size, "num_classes": self.num_classes, "dropout": self.dropout}
+                "vocab_size": self.vocab_size, "num_classes": self.num_classes, "dropout": self.dropout,
+                **self.validate()}
 
     def format_scores(self, values: Mapping[str, Any]) -> str:
         return f"accuracy {values['accuracy']:.2f} % (chance {self.chance_percent():.3g} %)"

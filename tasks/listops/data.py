@@ -4,10 +4,11 @@ LRA ships ListOps as ``DIR/basic_train.tsv``, ``basic_val.tsv`` and ``basic_test
 ``Source<TAB>Target``, then one expression a line, printed with the parentheses of its binary
 tree (``( ( ( [MAX 2 ) 9 ) ] )``) and its value. The parentheses carry nothing the brackets do
 not, and are dropped (as LRA's own pipeline drops them); every other whitespace-separated piece
-is a token of ``generator.VOCAB``, ``]`` included. Training reads ``basic_train.tsv`` and
-evaluation ``basic_test.tsv`` (LRA reports test accuracy; nothing here selects models on
-``basic_val.tsv``, which is not read). An expression longer than ``--seq-len`` is cut to it, as
-LRA cuts at its ``max_length``, and counted.
+is a token of ``generator.VOCAB``, ``]`` included. Training reads ``basic_train.tsv``, evaluation
+``basic_test.tsv`` (LRA reports test accuracy), and ``basic_val.tsv`` is the validation split: scored
+once after training (``val_accuracy``), it is what the accuracy sweep tunes the learning rate on,
+never the test split. An expression longer than ``--seq-len`` is cut to it, as LRA cuts at its
+``max_length``, and counted.
 """
 
 from __future__ import annotations
@@ -22,9 +23,9 @@ from attnbench import TaskError
 from tasks.common.sequence import SequenceSet
 from tasks.listops.generator import NUM_CLASSES, PAD, TOKEN_ID, Expressions
 
-SPLIT_FILES = {"train": "basic_train.tsv", "test": "basic_test.tsv"}
-LAYOUT = ("the Long Range Arena ListOps files: DIR/basic_train.tsv and DIR/basic_test.tsv (columns Source, "
-          "Target)")
+SPLIT_FILES = {"train": "basic_train.tsv", "val": "basic_val.tsv", "test": "basic_test.tsv"}
+LAYOUT = ("the Long Range Arena ListOps files: DIR/basic_train.tsv, basic_val.tsv and basic_test.tsv "
+          "(columns Source, Target)")
 DROPPED = ("(", ")")
 
 
@@ -81,7 +82,7 @@ def read_split(path: Path, seq_len: int) -> tuple[Expressions, int]:
 
 
 def read_lra(root: Path, seq_len: int) -> tuple[dict[str, Expressions], int]:
-    """({"train": …, "test": …}, expressions cut to ``seq_len``) of an LRA ListOps folder."""
+    """({"train": …, "val": …, "test": …}, expressions cut to ``seq_len``) of an LRA ListOps folder."""
     if not root.is_dir():
         raise TaskError(f"--data {root}: not a folder; expected {LAYOUT}")
     splits, cut = {}, 0

@@ -1,9 +1,10 @@
 """The embedded ListOps set: generated expressions written once in the LRA layout.
 
-Without ``--data``, ``generator.generate_splits`` draws the test split and then the training
-split (no expression in both) for the run's length and limits, and they are written to the cache
-as ``basic_train.tsv`` and ``basic_test.tsv`` (``Source<TAB>Target``, brackets kept, no
-parentheses), one folder per setting; ``data.py`` then reads them like any ``--data`` folder.
+Without ``--data``, ``generator.generate_splits`` draws the test split, then the training split,
+then the validation split (no expression in two; drawn last, the validation split changes neither of
+the others) for the run's length and limits, and they are written to the cache as
+``basic_train.tsv``, ``basic_val.tsv`` and ``basic_test.tsv`` (``Source<TAB>Target``, brackets kept,
+no parentheses), one folder per setting; ``data.py`` then reads them like any ``--data`` folder.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ class Setting:
     seed: int
     train_size: int
     test_size: int
+    val_size: int
 
     @property
     def name(self) -> str:
@@ -36,20 +38,21 @@ class Setting:
         low, high = length_band(self.seq_len)
         return (f"ListOps expressions grown to {low}-{high} tokens (operators MAX, MIN, MED, SM; depth <= "
                 f"{self.max_depth}, 2-{self.max_args} arguments; seed {self.seed}): {self.train_size} train, "
-                f"{self.test_size} test, none in both")
+                f"{self.test_size} test, {self.val_size} validation, none in two")
 
 
 def embedded_dataset(setting: Setting, root: Path | None = None) -> Path:
     """The generated set in the LRA layout (default root: the cache), written on first use."""
     s = setting
     folder = (f"listops-n{s.seq_len}-depth{s.max_depth}-args{s.max_args}-seed{s.seed}-"
-              f"train{s.train_size}-test{s.test_size}")
+              f"train{s.train_size}-test{s.test_size}-val{s.val_size}")
     return build_once(folder, tuple(SPLIT_FILES.values()), lambda out: write_embedded(s, out), root)
 
 
 def write_embedded(setting: Setting, folder: Path) -> None:
     s = setting
-    splits = generate_splits({"test": s.test_size, "train": s.train_size}, s.seq_len, s.seed, s.max_depth,
+    splits = generate_splits({"test": s.test_size, "train": s.train_size, "val": s.val_size}, s.seq_len,
+                             s.seed, s.max_depth,
                              s.max_args)
     for split, file in SPLIT_FILES.items():
         part = splits[split]

@@ -5,7 +5,9 @@
 token and classify its value (0-9), the Long Range Arena task of hierarchical structure over long
 contexts. Without ``--data`` the expressions are generated for the length (``generator.py``:
 ``[ceil(0.8 N), N]`` tokens, depth up to ``--max-depth``, 2 to ``--max-args`` arguments, written
-once to the cache, ``embedded.py``); ``--data DIR`` reads LRA's own files (``data.py``).
+once to the cache, ``embedded.py``); ``--data DIR`` reads LRA's own files (``data.py``). The
+validation split (``val_accuracy``, what the accuracy sweep tunes on) is LRA's ``basic_val.tsv``, or
+``--val-size`` generated expressions, none of them in training or test.
 
 ``chance`` is the majority class's share of the test split (predicting the training split's
 most common label): the labels are skewed, 0 and 9 most common, so 10 % would flatter a model
@@ -31,11 +33,12 @@ RECIPE = dict(size="seq-tiny", epochs=2, batch_size=64, lr=3e-3, weight_decay=0.
 PRESETS: dict[str, dict[str, Any]] = {
     # generated expressions, as many at every length: 500 steps, about a minute of softmax at 128 tokens
     # on 2 cores
-    "embedded": dict(RECIPE, seq_len=128, train_size=16_000, test_size=1_000, max_depth=10, max_args=10),
+    "embedded": dict(RECIPE, seq_len=128, train_size=16_000, test_size=1_000, val_size=1_000, max_depth=10,
+                     max_args=10),
     # LRA's files (96k train, 2k test, up to 2,000 tokens): its length, an encoder near its size
     "listops": dict(RECIPE, size="seq-base", seq_len=2000, epochs=2, lr=1e-3, warmup_epochs=0.2),
 }
-GENERATOR_OPTIONS = ("max_depth", "max_args", "train_size", "test_size", "data_seed")
+GENERATOR_OPTIONS = ("max_depth", "max_args", "train_size", "test_size", "val_size", "data_seed")
 
 # The accuracy sweep's defaults (``attnbench scale --task listops``) per device kind, in one place to
 # calibrate: CPU, lengths a 2-core CPU trains in a minute or two each (the "embedded" preset);
@@ -57,6 +60,7 @@ class ListOps(SequenceTask):
     columns, config_columns = sequence_table(("max_depth", "max_args"), measured=("truncated",))
     data_help = data.LAYOUT
     vocab_size, num_classes = len(VOCAB), NUM_CLASSES
+    validation_split = True
 
     @classmethod
     def add_task_arguments(cls, g: argparse._ArgumentGroup) -> None:
@@ -71,6 +75,9 @@ class ListOps(SequenceTask):
                        help=f"generated training expressions (default {PRESETS['embedded']['train_size']})")
         g.add_argument("--test-size", type=int_in(1, 10**6),
                        help=f"generated test expressions (default {PRESETS['embedded']['test_size']})")
+        g.add_argument("--val-size", type=int_in(1, 10**6),
+                       help=f"generated validation expressions, scored once after training "
+                            f"(default {PRESETS['embedded']['val_size']})")
         g.add_argument("--data-seed", type=int_in(0, SEED_MAX),
                        help="seed of the generated expressions, apart from --seed (default 0)")
 
@@ -84,8 +91,9 @@ class ListOps(SequenceTask):
             self.setting = None
             return
         self.setting = embedded.Setting(self.seq_len, self.pick("max_depth"), self.pick("max_args"),
-                                        args.data_seed or 0, self.pick("train_size"), self.pick("test_size"))
-        for key in ("train_size", "test_size"):
+                                        args.data_seed or 0, self.pick("train_size"), self.pick("test_size"),
+                                        self.pick("val_size"))
+        for key in ("train_size", "test_size", "val_size"):
             if getattr(self.setting, key) < 1:
                 raise TaskError(f"--{key.replace('_', '-')} must be >= 1, got {getattr(self.setting, key)}")
         check_limits(self.seq_len, self.setting.max_depth, self.setting.max_args)
@@ -104,6 +112,7 @@ class ListOps(SequenceTask):
         train, test = splits["train"].labels, splits["test"].labels
         self.chance = 100 * float(np.mean(test == np.bincount(train, minlength=NUM_CLASSES).argmax()))
         self.label_shares = (np.bincount(test, minlength=NUM_CLASSES) / len(test)).round(4).tolist()
+        self.validation = data.sequence_set(splits["val"])
         return Data(name, data.sequence_set(splits["train"]), data.sequence_set(splits["test"]), None, root,
                     description)
 

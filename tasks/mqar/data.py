@@ -21,6 +21,7 @@ Numpy, vectorised: sampling without replacement is a top-d over exponential race
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -146,6 +147,16 @@ def drop_seen(test: np.ndarray, train: np.ndarray) -> np.ndarray:
     keep = [i for i, h in enumerate(row_hashes(test).tolist())
             if not any(np.array_equal(test[i], train[j]) for j in seen.get(h, ()))]
     return np.asarray(keep, dtype=np.int64)
+
+
+def validation_split(layout: Layout, count: int, seed: int, seen: Sequence[np.ndarray], power_a: float = 0.01,
+                     filler: str = "blank") -> tuple[np.ndarray, np.ndarray]:
+    """(ids, labels) of the validation split: ``count`` sequences from a third stream of ``seed``
+    (the training and test splits keep theirs, so they do not change), less those among ``seen``
+    (the training and test sequences)."""
+    ids, labels = generate(layout, count, np.random.default_rng([seed, 2]), power_a, filler)
+    keep = drop_seen(ids, np.concatenate(list(seen)))
+    return ids[keep], labels[keep]
 
 
 def splits(layout: Layout, train: int, test: int, seed: int, power_a: float = 0.01,

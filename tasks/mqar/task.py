@@ -3,7 +3,10 @@
 ``attnbench run --task mqar --mechanism set --seq-len 512`` generates the sequences from the seed
 (``data.py``: key-value pairs, then a query of each key among fillers at power-law gaps), trains
 the shared encoder (``tasks.common.sequence``) to name, at every query, the value bound to its key,
-and evaluates recall (accuracy at the queries, %) on a test split drawn apart from training. The
+and evaluates recall (accuracy at the queries, %) on a test split drawn apart from training, and
+once more, after training, on a validation split (``--val-examples``, default as many as the test
+split: a third stream of the seed, none of its sequences in training or test; ``val_accuracy``, what
+the accuracy sweep tunes the learning rate on). The
 harder the recall, the more it separates attention that can look anything up from mechanisms that
 compress the context: longer sequences hold more pairs (``--kv-pairs``, default seq_len / 16, as
 Zoology's figure 2: 4 pairs at 64 tokens, 16 at 256).
@@ -29,7 +32,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     # (pre-norm, a short convolution and one head: seq-tiny; at 32 tokens, 2 pairs give too few labels
     # to learn from, at 192 it has not found the keys yet), where linear attention falls to 12 % at 128
     "embedded": dict(size="seq-tiny", seq_len=128, vocab=128, kv_divisor=16, gap_power=0.01, filler="blank",
-                     dropout=0.0, train_examples=12_800, test_examples=1_000, epochs=3, batch_size=64,
+                     dropout=0.0, train_examples=12_800, test_examples=1_000, val_examples=1_000, epochs=3,
+                     batch_size=64,
                      lr=3e-3, weight_decay=0.01, warmup_epochs=0.3, min_lr=None, label_smoothing=0.0,
                      clip_grad=1.0, ema=0.0, workers=0, eval_every=1),
 }
@@ -54,6 +58,7 @@ class Mqar(SequenceTask):
     presets, sweep_presets = PRESETS, SWEEP_PRESETS
     columns, config_columns = sequence_table(("kv_pairs", "gap_power", "filler"))
     per_token = True
+    validation_split = True
 
     @classmethod
     def add_task_arguments(cls, g: argparse._ArgumentGroup) -> None:
@@ -75,6 +80,9 @@ class Mqar(SequenceTask):
                        help=f"generated training sequences ({cls._defaults('train_examples')})")
         g.add_argument("--test-examples", type=int_in(1, 10**6),
                        help=f"generated test sequences ({cls._defaults('test_examples')})")
+        g.add_argument("--val-examples", type=int_in(1, 10**6),
+                       help="generated validation sequences, none in training or test: scored once after "
+                            f"training, val_accuracy ({cls._defaults('val_examples')})")
 
     def configure(self, args: argparse.Namespace) -> None:
         super().configure(args)
@@ -88,7 +96,7 @@ class Mqar(SequenceTask):
             raise TaskError(problem)
         if not self.gap_power > 0:
             raise TaskError(f"--gap-power must be > 0 (1: uniform gaps), got {self.gap_power}")
-        self.examples = {split: self.pick(f"{split}_examples") for split in ("train", "test")}
+        self.examples = {split: self.pick(f"{split}_examples") for split in ("train", "test", "val")}
         for split, count in self.examples.items():
             if count < 1:
                 raise TaskError(f"--{split}-examples must be >= 1, got {count}")
@@ -99,11 +107,15 @@ class Mqar(SequenceTask):
         (train_ids, train_labels), (test_ids, test_labels) = data.splits(
             self.layout, self.examples["train"], self.examples["test"], self.recipe.seed, self.gap_power,
             self.filler)
+        val_ids, val_labels = data.validation_split(self.layout, self.examples["val"], self.recipe.seed,
+                                                    (train_ids, test_ids), self.gap_power, self.filler)
         layout = self.layout
         return self.sequence_data(  # full length: no mask
             "mqar", (train_ids, None, train_labels), (test_ids, None, test_labels),
+            val=(val_ids, None, val_labels),
             description=f"MQAR generated from seed {self.recipe.seed}: {len(train_ids)} train / "
-                        f"{len(test_ids)} test sequences of {layout.seq_len} tokens, {layout.kv_pairs} "
+                        f"{len(test_ids)} test / {len(val_ids)} validation sequences of {layout.seq_len} "
+                        f"tokens, {layout.kv_pairs} "
                         f"key-value pairs, vocabulary {layout.vocab}, gap power {self.gap_power}, "
                         f"{self.filler} filler")
 

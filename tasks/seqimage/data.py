@@ -10,6 +10,11 @@ Two sources, both as (images (S, H, W) uint8, labels (S,) long) per split:
 
 ``tokens`` resizes to side × side (bilinear, antialiased; unchanged at the native side) and reads
 the pixels row by row: token = intensity + 1 (0 is the padding id, which these sequences never need).
+
+Neither source ships a validation split: ``hold_out`` takes ``VAL_FRACTION`` (10 %) of the training
+images, chosen by a permutation of a fixed seed (the same images for every run, whatever its
+``--seed``), out of training: 400 of MNIST-5k's 4,000 (3,600 left to train on), 5,000 of CIFAR-10's
+50,000.
 """
 
 from __future__ import annotations
@@ -30,6 +35,18 @@ LUMA = (0.2989, 0.5870, 0.1140)  # R, G, B weights of tf.image.rgb_to_grayscale 
 CIFAR_FOLDER = "cifar-10-batches-py"
 CIFAR_CLASSES = 10
 Split = tuple[Tensor, Tensor]  # images (S, H, W) uint8, labels (S,) long
+VAL_FRACTION = 0.1  # of the training images, held out as the validation split
+VAL_SEED = 0  # of the permutation that picks them: one validation split for every run
+
+
+def hold_out(train: Split, fraction: float = VAL_FRACTION) -> tuple[Split, Split]:
+    """(training, validation): ``fraction`` of the training images (at least one) picked by a fixed
+    permutation, and the rest in their order."""
+    images, labels = train
+    count = max(1, round(fraction * len(labels)))
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(VAL_SEED))
+    val, kept = order[:count].sort().values, order[count:].sort().values
+    return (images[kept], labels[kept]), (images[val], labels[val])
 
 
 def square_side(seq_len: int) -> int | None:

@@ -7,7 +7,8 @@ structure is given to the model, so a class depends on pixels far apart in the s
 ``--data DIR`` reads CIFAR-10 (``DIR/cifar-10-batches-py``, the python version) in grayscale, LRA's
 1,024 tokens; another square ``--seq-len`` resizes its images too (choice: one code path for every
 length, so a sweep over lengths is possible; only 1,024 is LRA's setting). The row records chance
-(10 %) beside the accuracy, and ``side``.
+(10 %) beside the accuracy, and ``side``. A tenth of the training images is held out as the
+validation split (``data.hold_out``; ``val_accuracy``, what the accuracy sweep tunes on).
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     "seqimage": dict(size="seq-base", seq_len=1024, dropout=0.1, epochs=20, batch_size=64, lr=1e-3,
                      weight_decay=0.05, warmup_epochs=1, min_lr=None, label_smoothing=0.0, clip_grad=1.0,
                      ema=0.0, workers=0, eval_every=1),
-    # the embedded MNIST-5k (4,000 train / 1,000 test); each entry is meant to be tuned
+    # the embedded MNIST-5k (3,600 train, 400 held out for validation / 1,000 test); each entry is meant to be
+    # tuned
     "embedded": dict(size="seq-tiny", seq_len=784, dropout=0.1, epochs=2, batch_size=32, lr=1e-3,
                      weight_decay=0.05, warmup_epochs=0.2, min_lr=None, label_smoothing=0.0, clip_grad=1.0,
                      ema=0.0, workers=0, eval_every=1),
@@ -50,6 +52,7 @@ class SeqImage(SequenceTask):
     columns, config_columns = sequence_table(("side",))
     data_help = "a folder holding cifar-10-batches-py/ (CIFAR-10's python version), read in grayscale"
     vocab_size, num_classes = data.LEVELS + 1, 10  # token 0 pads
+    validation_split = True
 
     def configure(self, args: argparse.Namespace) -> None:
         super().configure(args)
@@ -68,12 +71,15 @@ class SeqImage(SequenceTask):
             root = self.args.data.expanduser()
             (train, test), name = data.cifar10(root), "cifar10-gray"
             source = f"CIFAR-10 from {root.resolve().name}/{data.CIFAR_FOLDER}, grayscale (ITU-R 601 luma)"
+        train, val = data.hold_out(train)
         native = train[0].shape[1]
         resized = "" if native == self.side else f", resized from {native}² to {self.side}²"
+        train_set, test_set, val_set = ((data.tokens(images, self.side), None, labels)
+                                        for images, labels in (train, test, val))
         return self.sequence_data(  # every pixel a real token: no mask
-            name, *((data.tokens(images, self.side), None, labels) for images, labels in (train, test)),
-            root=root, description=f"{source}: {len(train[0])} train / {len(test[0])} test images as "
-                                   f"{self.seq_len} pixel tokens{resized}")
+            name, train_set, test_set, root=root, val=val_set,
+            description=f"{source}: {len(train[0])} train ({len(val[0])} more held out for validation) / "
+                        f"{len(test[0])} test images as {self.seq_len} pixel tokens{resized}")
 
     def config(self) -> dict[str, Any]:
         return {**super().config(), "side": self.side}

@@ -24,12 +24,14 @@ def run_args(tmp_path, *extra: str) -> list[str]:
 
 def test_a_generated_run_writes_the_set_once_and_ends_with_a_row(tmp_path, monkeypatch):
     monkeypatch.setenv("ATTNBENCH_CACHE", str(tmp_path / "cache"))
-    assert main(run_args(tmp_path, "--seq-len", "32", "--train-size", "24", "--test-size", "8")) == 0
+    assert main(run_args(tmp_path, "--seq-len", "32", "--train-size", "24", "--test-size", "8",
+                         "--val-size", "6")) == 0
     row = pd.read_csv(tmp_path / "listops.csv").iloc[0]
     assert (row["task"], row["mechanism"], row["seq_len"], row["max_depth"], row["max_args"]) == (
         "listops", "softmax", 32, 10, 10)
     assert row["dataset"] == "generated:depth10-args10-seed0" and row["truncated"] == 0
-    assert (row["train_examples"], row["test_examples"], row["steps"]) == (24, 8, 2)
+    assert (row["train_examples"], row["test_examples"], row["val_examples"], row["steps"]) == (24, 8, 6, 2)
+    assert 0 <= row["val_accuracy"] <= 100
     assert (row["vocab_size"], row["num_classes"], bool(row["limited"])) == (16, 10, True)
     assert 0 <= row["accuracy"] <= 100 and row["accuracy"] == row["best_accuracy"]
     # the set as written: in band, each label its expression's value, no test expression in training
@@ -41,7 +43,8 @@ def test_a_generated_run_writes_the_set_once_and_ends_with_a_row(tmp_path, monke
     for split, part in splits.items():
         texts[split] = {to_text(ids) for ids in part.tokens}
         assert all(stack_value(to_text(ids)) == y for ids, y in zip(part.tokens, part.labels, strict=True))
-    assert not texts["train"] & texts["test"]
+    assert not texts["train"] & texts["test"] and not texts["val"] & (texts["train"] | texts["test"])
+    assert len(splits["val"]) == 6
     majority = pd.Series(splits["train"].labels).value_counts().idxmax()
     assert row["chance"] == pytest.approx(100 * (splits["test"].labels == majority).mean(), abs=1e-3)
 
@@ -52,7 +55,7 @@ def test_a_run_on_lras_files(tmp_path):
     assert main(run_args(tmp_path, "--data", str(root), "--seq-len", "16", "--size", "tiny")) == 0
     row = pd.read_csv(tmp_path / "listops.csv").iloc[0]
     assert (row["dataset"], row["seq_len"], row["size"]) == ("lra:lra", 16, "tiny")
-    assert (row["train_examples"], row["test_examples"]) == (8, 1)
+    assert (row["train_examples"], row["test_examples"], row["val_examples"]) == (8, 1, 1)  # basic_val.tsv
     assert math.isnan(row["max_depth"]) and row["truncated"] == 0
 
 

@@ -72,6 +72,21 @@ def test_no_test_sequence_occurs_in_training():
     assert len(test) == 200
 
 
+def test_the_validation_split_is_a_third_stream_apart_from_training_and_test():
+    small = Layout(vocab=8, seq_len=8, kv_pairs=2)
+    (train, _), (test, _) = data.splits(small, 200, 200, seed=0)
+    val, val_labels = data.validation_split(small, 200, 0, (train, test))
+    seen = {row.tobytes() for row in (*train, *test)}
+    assert not any(row.tobytes() in seen for row in val)
+    assert 0 < len(val) < 200 and len(val_labels) == len(val)  # some were dropped
+    # drawn from a stream of its own: the training and test splits are those of a run without one
+    (train_big, _), _ = data.splits(LAYOUT, 100, 20, seed=3)
+    val_big, _ = data.validation_split(LAYOUT, 50, 3, (train_big,))
+    again, _ = data.validation_split(LAYOUT, 50, 3, (train_big,))
+    assert len(val_big) == 50 and np.array_equal(val_big, again)
+    assert not np.array_equal(val_big[:20], data.splits(LAYOUT, 100, 20, seed=3)[1][0])
+
+
 @pytest.mark.parametrize("layout, message", [
     (Layout(64, 64, 0), "--kv-pairs must be >= 1"),
     (Layout(4, 64, 1), "--vocab must be >= 6"),

@@ -12,7 +12,7 @@ from attnbench.cli import main
 from tests.tasks.common.test_sequence import CONTRACT
 
 SMALL = ["--seq-len", "32", "--vocab", "64", "--train-examples", "64", "--test-examples", "16",
-         "--batch-size", "8"]
+         "--val-examples", "16", "--batch-size", "8"]
 
 
 def run_args(tmp_path, *extra: str, mechanism: str = "softmax") -> list[str]:
@@ -29,6 +29,7 @@ def test_a_smoke_run_records_the_contract_row(tmp_path):
     assert row["kv_pairs"] == 2 and row["vocab_size"] == 64  # seq_len / 16 pairs
     assert row["num_classes"] == 31 and row["chance"] == pytest.approx(100 / 31, abs=1e-3)  # the values
     assert (row["train_examples"], row["test_examples"]) == (64, 16)
+    assert row["val_examples"] == 16 and 0 <= row["val_accuracy"] <= 100  # --val-examples 16
     assert 0 <= row["accuracy"] <= row["best_accuracy"] <= 100 and row["flops_per_step"] > 0
     assert row["mechanism_init"].startswith("kmeans")
     meta = json.loads((tmp_path / "run" / "meta.json").read_text())

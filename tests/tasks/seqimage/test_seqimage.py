@@ -90,7 +90,10 @@ def test_a_run_on_cifar_records_the_contract_row(cifar, tmp_path):
     row = pd.read_csv(tmp_path / "seqimage.csv").iloc[0]
     assert all(column in row.index for column in CONTRACT), [c for c in CONTRACT if c not in row.index]
     assert (row["dataset"], row["seq_len"], row["side"], row["steps"]) == ("cifar10-gray", 1024, 32, 2)
-    assert (row["train_examples"], row["test_examples"], row["chance"]) == (20, 4, 10.0)
+    # a tenth of the 20 training images held out for validation, scored once after training
+    assert (row["train_examples"], row["val_examples"], row["test_examples"]) == (18, 2, 4)
+    assert row["chance"] == 10.0
+    assert 0 <= row["val_accuracy"] <= 100
     assert row["vocab_size"] == 257 and row["num_classes"] == 10
 
 
@@ -122,3 +125,16 @@ def test_corrupted_cifar_files_get_one_clear_line(tmp_path, cli_error):
     argv = ["run", "--task", "seqimage", "--mechanism", "softmax", "--data", str(root), "--out",
             str(tmp_path / "run")]
     assert "CIFAR-10 could not be read (Dataset not found or corrupted" in cli_error(argv)
+
+
+def test_the_validation_split_is_a_fixed_tenth_held_out_of_training():
+    images = torch.arange(50, dtype=torch.uint8)[:, None, None].expand(50, 2, 2)
+    labels = torch.arange(50) % 10
+    (train_images, train_labels), (val_images, val_labels) = data.hold_out((images, labels))
+    assert (len(train_labels), len(val_labels)) == (45, 5)
+    seen, held = set(train_images[:, 0, 0].tolist()), set(val_images[:, 0, 0].tolist())
+    assert seen.isdisjoint(held) and len(seen | held) == 50
+    assert torch.equal(train_labels, train_images[:, 0, 0].long() % 10)  # images keep their labels
+    again = data.hold_out((images, labels))[1][0]
+    assert torch.equal(again, val_images)  # the same split every time, whatever the run's seed
+    assert len(data.hold_out((images[:3], labels[:3]))[1][1]) == 1  # at least one
