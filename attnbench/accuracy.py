@@ -45,7 +45,7 @@ from attnbench.results import (
     write_table,
 )
 from attnbench.sweep import SweepError, parse_mechanisms, parse_seq
-from attnbench.tasks import get_task, sweep_tasks
+from attnbench.tasks import flag_value, get_task, sweep_tasks
 from attnbench.worker import cap_address_space, run_isolated
 
 # what a variant's accuracy is judged against: softmax, else sdpa (the same maths, fused), where swept
@@ -133,10 +133,10 @@ def plan(task: str, device: str, seq: str | None = None, mechanisms: str | None 
     if not cls.sweep_presets:
         raise SweepError(f"task {task!r} has no accuracy sweep (no sweep presets); tasks with one: "
                          f"{', '.join(sweep_tasks()) or 'none'}")
-    if device not in cls.sweep_presets:
+    preset = cls.sweep_preset(device, task_args)
+    if preset is None:
         raise SweepError(f"task {task!r} has no sweep preset for {device}; presets: "
                          f"{', '.join(cls.sweep_presets)}")
-    preset = cls.sweep_presets[device]
     cfg = AccuracyConfig(
         task=task, device=device,
         seq=parse_seq(seq) if seq is not None else list(preset["seq"]),
@@ -211,12 +211,7 @@ def _last_line(log: Path) -> str:
 
 def precision(args: Sequence[str], device: str) -> str:
     """What the runs compute in, from the task arguments' ``--amp`` (the harness's default: auto)."""
-    amp = "auto"
-    for i, item in enumerate(args):
-        if item == "--amp" and i + 1 < len(args):
-            amp = args[i + 1]
-        elif item.startswith("--amp="):
-            amp = item.partition("=")[2]
+    amp = flag_value(args, "--amp") or "auto"
     if amp == "auto":
         return "float32" if device == "cpu" else "autocast (bf16, else fp16)"
     return {"off": "float32", "bf16": "bf16 autocast", "fp16": "fp16 autocast"}.get(amp, amp)

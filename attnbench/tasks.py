@@ -82,11 +82,29 @@ class Task:
     sweep_presets: ClassVar[dict[str, dict[str, Any]]] = {}
 
     @classmethod
+    def sweep_preset(cls, device: str, task_args: Sequence[str]) -> dict[str, Any] | None:
+        """The accuracy sweep's preset for ``device`` given the sweep's task arguments (a task with
+        forms may keep a preset per form, MQAR's ``--form causal``); None: none for that device."""
+        return cls.sweep_presets.get(device)
+
+    @classmethod
     def model_table(cls, sizes: Sequence[str], mechanisms: Sequence[str],
                     **settings: Any) -> list[dict[str, Any]]:
         """``attnbench models``: parameters and forward FLOPs per (size, mechanism), measured."""
         raise TaskError(f"task {cls.name!r} has no model table; tasks with one: "
                         f"{', '.join(model_table_tasks()) or 'none'}")
+
+
+def flag_value(args: Sequence[str], flag: str) -> str | None:
+    """The value a command line gives ``flag`` (``--form causal`` or ``--form=causal``; the last one
+    wins, as argparse reads it), or None."""
+    value = None
+    for i, item in enumerate(args):
+        if item == flag and i + 1 < len(args):
+            value = args[i + 1]
+        elif item.startswith(f"{flag}="):
+            value = item.partition("=")[2]
+    return value
 
 
 def register_task(cls: type[Task]) -> type[Task]:
