@@ -13,6 +13,10 @@ settings; ``--resume`` refuses a folder whose settings differ), ``breaking.csv``
 breaking length: the smallest n at which its mean accuracy over seeds falls more than
 ``MARGIN`` points below softmax's, or sdpa's), the plots (``attnbench.accuracy_plots``), and ``points/``: each
 point's run folder and log. The engine sees the task only through the task registry.
+
+What is judged is the task's ``sweep_score`` (``attnbench.tasks.SweepScore``, recorded in meta.json):
+accuracy, higher is better, for most tasks; a language model's perplexity, lower is better, broken
+where it rises more than 10 % above the baseline's at the same n.
 """
 
 from __future__ import annotations
@@ -45,19 +49,20 @@ from attnbench.results import (
     write_table,
 )
 from attnbench.sweep import SweepError, parse_mechanisms, parse_seq
-from attnbench.tasks import flag_value, get_task, sweep_tasks
+from attnbench.tasks import ACCURACY, SweepScore, UnknownTaskError, flag_value, get_task, sweep_tasks
 from attnbench.worker import cap_address_space, run_isolated
 
 # what a variant's accuracy is judged against: softmax, else sdpa (the same maths, fused), where swept
 BASELINES = ("softmax", "sdpa")
-MARGIN = 10.0  # points of accuracy below the baseline at which a variant counts as broken
+MARGIN = ACCURACY.margin  # points of accuracy below the baseline at which a variant counts as broken
 DEFAULT_LIMIT_S = 1800.0  # seconds a point may take (start, training, evaluation) under a step budget
+# (a task's other columns follow these: a language model's perplexity, say)
 COLUMNS = ["task", "mechanism", "variant", "options", "seq_len", "seed", "status", "accuracy",
            "best_accuracy", "chance", "steps", "step_ms", "tokens_s", "peak_mem_mib", "params",
            "softmax_params", "flops_per_step", "time_budget", "message", "point_s", "device", "threads",
            "dtype", "git_commit"]
 KEY = ["variant", "seq_len", "seed"]
-REQUIRED = [*KEY, "mechanism", "status", "accuracy"]  # what a folder's accuracy.csv must hold to be read
+REQUIRED = [*KEY, "mechanism", "status"]  # what a folder's accuracy.csv must hold to be read (and its score)
 # flags of `attnbench run` that the sweep sets itself, with what sets them instead
 RESERVED = {"--task": "--task", "--mechanism": "--mechanism", "--opt": "--opt", "--seq-len": "--seq",
             "--seed": "--seeds", "--time-budget": "--time-budget", "--device": "--device",
@@ -145,6 +150,25 @@ def plan(task: str, device: str, seq: str | None = None, mechanisms: str | None 
         args=[*preset.get("args", []), *task_args], **settings)
     cfg.validate()
     return cfg
+
+
+def task_score(task: str) -> SweepScore:
+    """What a sweep of ``task`` judges: the task's ``sweep_score`` (accuracy where it is not installed)."""
+    try:
+        return get_task(task).sweep_score
+    except UnknownTaskError:
+        return ACCURACY
+
+
+def recorded_score(meta: dict[str, Any]) -> SweepScore:
+    """The score a sweep folder's meta.json recorded, else its task's, else accuracy."""
+    recorded = meta.get("score")
+    if isinstance(recorded, dict):
+        try:
+            return SweepScore(**recorded)
+        except TypeError:  # a field this version does not know: judge by the task's own
+            pass
+    return task_score(str(meta.get("task", meta.get("sweep", {}).get("task", ""))))
 
 
 # ---- points -----------------------------------------------------------------------------------
@@ -276,8 +300,8 @@ class Progress:
     costing what the finished ones at its length did (a length not reached yet: the longest
     reached, scaled linearly with n)."""
 
-    def __init__(self, todo: list[Point], log: TextIO) -> None:
-        self.todo, self.log = todo, log
+    def __init__(self, todo: list[Point], log: TextIO, score: SweepScore = ACCURACY) -> None:
+        self.todo, self.log, self.score = todo, log, score
         self.start = time.monotonic()
         self.seconds: dict[int, list[float]] = {}
         self.done = 0
@@ -297,7 +321,7 @@ class Progress:
         eta = self.eta()
         left = f"ETA {dt.timedelta(seconds=round(eta))}" if math.isfinite(eta) else "ETA -"
         print(f"[{self.done}/{len(self.todo)}] {point.variant.label} n={point.n} seed={point.seed}: "
-              f"{describe(row)} | {elapsed} elapsed, {left}", file=self.log, flush=True)
+              f"{describe(row, self.score)} | {elapsed} elapsed, {left}", file=self.log, flush=True)
 
 
 def _number(row: dict[str, Any], key: str) -> float:
@@ -307,13 +331,14 @@ def _number(row: dict[str, Any], key: str) -> float:
         return math.nan
 
 
-def describe(row: dict[str, Any]) -> str:
+def describe(row: dict[str, Any], score: SweepScore = ACCURACY) -> str:
     """A point's result in a few words."""
     if row["status"] != "ok":
         return f"{row['status']}: {row.get('message', '')}"[:160]
-    parts = [f"accuracy {_number(row, 'accuracy'):.1f}"]
-    if math.isfinite(_number(row, "best_accuracy")):
-        parts[0] += f" (best {_number(row, 'best_accuracy'):.1f})"
+    shown = lambda key: f"{_number(row, key):.{score.decimals}f}"
+    parts = [f"{score.column} {shown(score.column)}"]
+    if score.best and math.isfinite(_number(row, score.best)):
+        parts[0] += f" (best {shown(score.best)})"
     units = (("steps", "{:.0f} steps"), ("step_ms", "{:.3g} ms/step"), ("peak_mem_mib", "{:.0f} MiB"))
     for key, fmt in units:
         if math.isfinite(_number(row, key)):
@@ -351,8 +376,9 @@ def run_sweep(cfg: AccuracyConfig, out: Path, resume: bool, argv: list[str],
     if resume and meta_path.exists():
         _check_resume(cfg, meta_path, out)
     meta = run_context(cfg.device, cfg.threads, argv)
+    score = task_score(cfg.task)
     meta.update(kind="accuracy", task=cfg.task, dtype=precision(cfg.args, cfg.device),
-                sweep=dataclasses.asdict(cfg))
+                sweep=dataclasses.asdict(cfg), score=dataclasses.asdict(score))
     earlier = recorded.get("commands", []) if resume else []
     meta["commands"] = [*earlier, meta["command"]]
     write_meta(meta_path, meta)
@@ -364,7 +390,7 @@ def run_sweep(cfg: AccuracyConfig, out: Path, resume: bool, argv: list[str],
         print(f"resuming: {len(seen)} points already in {csv} (failures too: delete a row to run it again), "
               f"{len(todo)} to go", file=log)
     ctx = context(cfg)
-    progress = Progress(todo, log)
+    progress = Progress(todo, log, score)
     try:
         for point in todo:
             row = run_point(cfg, point, out, ctx)
@@ -381,12 +407,12 @@ def run_sweep(cfg: AccuracyConfig, out: Path, resume: bool, argv: list[str],
 # ---- what a researcher reads ------------------------------------------------------------------
 
 
-def seed_stats(table: pd.DataFrame) -> pd.DataFrame:
+def seed_stats(table: pd.DataFrame, score: SweepScore = ACCURACY) -> pd.DataFrame:
     """Per variant and n: mean, std and count over distinct seeds of the finished points (the
-    latest row of a seed stands for it) of accuracy, best accuracy, chance, time per step and
-    peak memory."""
-    metrics = [m for m in ("accuracy", "best_accuracy", "chance", "step_ms", "peak_mem_mib")
-               if m in table.columns]
+    latest row of a seed stands for it) of the score (accuracy), its best evaluation, its floor
+    (chance), time per step and peak memory."""
+    wanted = (score.column, score.best, score.floor, "step_ms", "peak_mem_mib")
+    metrics = [m for m in dict.fromkeys(wanted) if m is not None and m in table.columns]
     ok = table[table["status"] == "ok"] if "status" in table.columns else table
     return aggregate(ok, metrics, ["mechanism", "variant", "seq_len"])
 
@@ -402,18 +428,22 @@ def baseline_of(table: pd.DataFrame) -> str:
     return next((b for b in BASELINES if b in labels), BASELINES[0])
 
 
-def breaking_lengths(table: pd.DataFrame, margin: float = MARGIN,
-                     baseline: str | None = None) -> pd.DataFrame:
-    """Each variant's breaking length: the smallest n at which its mean accuracy over seeds falls
-    more than ``margin`` points below the baseline's at the same n. Lengths where the baseline did
+def breaking_lengths(table: pd.DataFrame, margin: float | None = None,
+                     baseline: str | None = None, score: SweepScore = ACCURACY) -> pd.DataFrame:
+    """Each variant's breaking length: the smallest n at which its mean score over seeds is worse
+    than the baseline's at the same n by more than ``margin`` (default the score's: accuracy more
+    than 10 points below; perplexity more than 10 % above). Lengths where the baseline did
     not finish cannot be judged (``baseline_missing_n``); failed points are left out of the means
     and listed (``failed``). ``breaking``: the length; ``none`` when it never breaks where judged;
     ``n/a: no softmax`` when the baseline finished at none of its lengths, ``n/a: no accuracy``
     when the variant finished at none (words a CSV reader does not take for missing values).
-    ``baseline``: default ``baseline_of(table)``."""
+    ``gap``: how much worse, in the margin's units. ``baseline``: default ``baseline_of(table)``."""
     baseline = baseline or baseline_of(table)
-    stats = seed_stats(table)
-    base = stats[stats["variant"] == baseline].set_index("seq_len")["accuracy_mean"]
+    margin = score.margin if margin is None else margin
+    column, mean = score.column, f"{score.column}_mean"
+    stats = seed_stats(table, score) if column in table.columns else pd.DataFrame(
+        columns=["variant", "seq_len", mean, "n_seeds"])
+    base = stats[stats["variant"] == baseline].set_index("seq_len")[mean]
     failed = failures(table)
     labels = [v for v in dict.fromkeys(table["variant"]) if v != baseline]
     rows = []
@@ -426,29 +456,31 @@ def breaking_lengths(table: pd.DataFrame, margin: float = MARGIN,
                 missing.append(n)
                 continue
             judged.append(n)
-            gap = base[n] - r.accuracy_mean
+            mine_mean = getattr(r, mean)
+            gap = score.worse_by(mine_mean, base[n])
             if broke is None and round(gap, 9) > margin:
-                broke = {"breaking_n": n, "accuracy": r.accuracy_mean, "baseline_accuracy": base[n],
+                broke = {"breaking_n": n, column: mine_mean, f"baseline_{column}": base[n],
                          "gap": gap, "seeds": r.n_seeds}
         mine_failed = failed[failed["variant"] == label].sort_values("seq_len")
         rows.append({
             "variant": label, "mechanism": table[table["variant"] == label]["mechanism"].iloc[0],
             "breaking": str(broke["breaking_n"]) if broke else "none" if judged else
-                        f"n/a: no {baseline}" if missing else "n/a: no accuracy",
-            **(broke or {"breaking_n": math.nan, "accuracy": math.nan, "baseline_accuracy": math.nan,
+                        f"n/a: no {baseline}" if missing else f"n/a: no {column}",
+            **(broke or {"breaking_n": math.nan, column: math.nan, f"baseline_{column}": math.nan,
                          "gap": math.nan, "seeds": math.nan}),
             "judged_n": ",".join(map(str, judged)), "baseline_missing_n": ",".join(map(str, missing)),
             "failed": ", ".join(f"n={int(r.seq_len)} seed={int(r.seed)}: {r.status}"
                                 for r in mine_failed.itertuples()),
-            "baseline": baseline, "margin": margin})
-    columns = ["variant", "mechanism", "breaking", "breaking_n", "accuracy", "baseline_accuracy", "gap",
-               "seeds", "judged_n", "baseline_missing_n", "failed", "baseline", "margin"]
+            "baseline": baseline, "margin": margin, "rule": score.rule(baseline)})
+    columns = ["variant", "mechanism", "breaking", "breaking_n", column, f"baseline_{column}", "gap",
+               "seeds", "judged_n", "baseline_missing_n", "failed", "baseline", "margin", "rule"]
     return pd.DataFrame(rows, columns=columns).astype({"breaking_n": "Int64", "seeds": "Int64"})
 
 
-def accuracy_grid(table: pd.DataFrame) -> pd.DataFrame:
-    """Variants by n: mean ± std of accuracy over seeds with their n, or what stopped the points."""
-    stats = seed_stats(table)
+def accuracy_grid(table: pd.DataFrame, score: SweepScore = ACCURACY) -> pd.DataFrame:
+    """Variants by n: mean ± std of the score over seeds with their n, or what stopped the points."""
+    stats = seed_stats(table, score) if score.column in table.columns else pd.DataFrame(
+        columns=["variant", "seq_len"])
     failed = failures(table)
     cells: dict[str, dict[int, str]] = {}
     for label in dict.fromkeys(table["variant"]):
@@ -456,7 +488,8 @@ def accuracy_grid(table: pd.DataFrame) -> pd.DataFrame:
         for n in sorted(table["seq_len"].dropna().unique()):
             mine = stats[(stats["variant"] == label) & (stats["seq_len"] == n)]
             bad = failed[(failed["variant"] == label) & (failed["seq_len"] == n)]["status"]
-            text = (format_spread(mine["accuracy_mean"].iloc[0], mine["accuracy_std"].iloc[0],
+            column = score.column
+            text = (format_spread(mine[f"{column}_mean"].iloc[0], mine[f"{column}_std"].iloc[0],
                                   int(mine["n_seeds"].iloc[0])) if len(mine) else "-")
             if len(bad):
                 text += f" [{', '.join(f'{k} x{c}' for k, c in bad.value_counts().items())}]"
@@ -478,13 +511,14 @@ def finish(out: Path, log: TextIO | None = None) -> Finished:
     """Write ``breaking.csv`` and the plots of a sweep folder."""
     from attnbench.accuracy_plots import accuracy_sweep_plots
 
+    meta = read_meta(out / "meta.json")
+    score = recorded_score(meta)
     table = read_table(out / "accuracy.csv", required=REQUIRED)
     if table.empty:
         raise SweepError(f"{out / 'accuracy.csv'} holds no points")
-    breaking = breaking_lengths(table)
+    breaking = breaking_lengths(table, score=score)
     write_table(out / "breaking.csv", breaking)
-    meta = read_meta(out / "meta.json")
-    paths = accuracy_sweep_plots(table, breaking, out, meta)
+    paths = accuracy_sweep_plots(table, breaking, out, meta, score)
     print(f"wrote {out / 'accuracy.csv'}, {out / 'breaking.csv'} and {len(paths)} plot files",
           file=log or sys.stderr)
     return Finished(breaking, [out / "breaking.csv", *paths])
@@ -496,45 +530,46 @@ def _text(column: pd.Series) -> pd.Series:
 
 
 def summary(out: Path) -> str:
-    """The console summary: accuracy per variant and n, then the breaking lengths."""
+    """The console summary: the score (accuracy) per variant and n, then the breaking lengths."""
+    score = recorded_score(read_meta(out / "meta.json"))
+    column, digits = score.column, score.decimals
     table = read_table(out / "accuracy.csv")
     breaking = read_table(out / "breaking.csv")
     baseline = str(breaking["baseline"].iloc[0]) if len(breaking) else baseline_of(table)
     with pd.option_context("display.width", 250, "display.max_columns", 30, "display.max_colwidth", 60):
-        parts = [f"accuracy (%) per variant and n: mean ± std over seeds (n = seeds); [failures]\n"
-                 f"{accuracy_grid(table).to_string()}"]
+        parts = [f"{score.label} per variant and n: mean ± std over seeds (n = seeds); [failures]\n"
+                 f"{accuracy_grid(table, score).to_string()}"]
         if len(breaking):
             shown = pd.DataFrame({
                 "variant": breaking["variant"], "breaking length": breaking["breaking"],
-                f"accuracy there vs {baseline}": [
-                    f"{a:.1f} vs {b:.1f}" if math.isfinite(a) else "-"
-                    for a, b in zip(breaking["accuracy"], breaking["baseline_accuracy"], strict=True)],
+                f"{column} there vs {baseline}": [
+                    f"{a:.{digits}f} vs {b:.{digits}f}" if math.isfinite(a) else "-"
+                    for a, b in zip(breaking[column], breaking[f"baseline_{column}"], strict=True)],
                 "judged at n": _text(breaking["judged_n"]),
                 f"no {baseline} at n": _text(breaking["baseline_missing_n"]),
                 "did not finish": _text(breaking["failed"])})
-            parts.append(f"breaking length: the smallest n at which a variant's mean accuracy falls more "
-                         f"than {MARGIN:g} points below {baseline}'s at the same n\n"
-                         f"{shown.to_string(index=False)}")
+            parts.append(f"breaking length: {score.rule(baseline)}\n{shown.to_string(index=False)}")
         else:
             parts.append(f"no breaking lengths: nothing but {baseline} in this sweep")
     return "\n\n".join(parts)
 
 
 def compare(out: Path, other: Path) -> pd.DataFrame:
-    """Accuracy of this sweep against a saved one, point by point (variant, n, seed); written to
-    ``compare.csv``."""
+    """The score (accuracy) of this sweep against a saved one, point by point (variant, n, seed);
+    written to ``compare.csv``."""
+    column = recorded_score(read_meta(out / "meta.json")).column
     mine, theirs = read_table(out / "accuracy.csv"), read_table(other / "accuracy.csv", required=REQUIRED)
     if theirs.empty:
         raise SweepError(f"--compare {other}: no accuracy.csv there")
-    keep = [*KEY, "status", "accuracy", "step_ms", "peak_mem_mib"]
+    keep = [*KEY, "status", column, "step_ms", "peak_mem_mib"]
     mine = mine.drop_duplicates(KEY, keep="last").reindex(columns=keep)
     theirs = theirs.drop_duplicates(KEY, keep="last").reindex(columns=keep)
     both = mine.merge(theirs, on=KEY, how="outer", suffixes=("", "_before"))
     both = both.sort_values(["seq_len", "variant", "seed"])
-    both["accuracy_change"] = both["accuracy"] - both["accuracy_before"]
+    both[f"{column}_change"] = both[column] - both[f"{column}_before"]
     both["time_ratio"] = both["step_ms"] / both["step_ms_before"]
     both["memory_ratio"] = both["peak_mem_mib"] / both["peak_mem_mib_before"]
-    result = both[[*KEY, "status", "status_before", "accuracy", "accuracy_before", "accuracy_change",
+    result = both[[*KEY, "status", "status_before", column, f"{column}_before", f"{column}_change",
                    "time_ratio", "memory_ratio"]].reset_index(drop=True)
     write_table(out / "compare.csv", result)
     return result
@@ -543,13 +578,16 @@ def compare(out: Path, other: Path) -> pd.DataFrame:
 def compare_text(result: pd.DataFrame, other: Path, out: Path) -> str:
     """The comparison as the console shows it: one line per point."""
     shown = result.copy()
+    score = recorded_score(read_meta(out / "meta.json"))
+    column, digits = score.column, score.decimals
     for c in ("status", "status_before"):
         shown[c] = shown[c].fillna("not run")
-    for c in ("accuracy", "accuracy_before"):
-        shown[c] = shown[c].map(lambda v: f"{v:.1f}" if pd.notna(v) else "-")
-    shown["accuracy_change"] = shown["accuracy_change"].map(lambda v: f"{v:+.1f}" if pd.notna(v) else "-")
+    for c in (column, f"{column}_before"):
+        shown[c] = shown[c].map(lambda v: f"{v:.{digits}f}" if pd.notna(v) else "-")
+    shown[f"{column}_change"] = shown[f"{column}_change"].map(
+        lambda v: f"{v:+.{digits}f}" if pd.notna(v) else "-")
     for c in ("time_ratio", "memory_ratio"):
         shown[c] = shown[c].map(lambda v: f"{v:.2f}x" if pd.notna(v) else "-")
     with pd.option_context("display.width", 250, "display.max_rows", 10_000):
-        return (f"compared with {other}: accuracy here minus there, point by point -> {out / 'compare.csv'}\n"
+        return (f"compared with {other}: {column} here minus there, point by point -> {out / 'compare.csv'}\n"
                 f"{shown.to_string(index=False)}")

@@ -95,8 +95,8 @@ def test_query_gaps_follow_zoologys_power_law(power_a):
 
 @pytest.mark.parametrize("layout, message", [
     (Layout(48, 48, 3, "causal"), "--vocab 48 must exceed --seq-len 48 in the causal form"),
-    (Layout(20, 16, 10, "causal"), "--kv-pairs 10 needs as many distinct keys: --vocab 20 has 9; raise --vocab "
-                                   "to >= 22"),
+    (Layout(20, 16, 10, "causal"),
+     "--kv-pairs 10 needs as many distinct keys: --vocab 20 has 9; raise --vocab to >= 22"),
     (Layout(64, 20, 8, "causal"), "the pairs and one query each need --seq-len >= 32"),
 ])
 def test_impossible_causal_layouts_say_why(layout, message):
