@@ -4,6 +4,7 @@ its one-line refusals."""
 
 from __future__ import annotations
 
+import json
 import math
 from contextlib import nullcontext
 
@@ -171,3 +172,19 @@ def test_a_validation_split_shorter_than_one_window_is_refused(tmp_path, causal_
     line = cli_error(["run", "--task", "lm", "--mechanism", "causal_softmax", "--data", str(tmp_path),
                       "--seq-len", "64", "--out", str(tmp_path / "run")])
     assert "the validation split holds 6 tokens, fewer than one window of --seq-len 64 + 1" in line
+
+
+def test_the_accuracy_sweep_reads_perplexity(tmp_path, causal_mechanisms, capsys):
+    """``scale --task lm`` end to end at smoke size: each point in a process of its own, the
+    perplexity judged (lower is better) and recorded with the score in meta.json."""
+    out = tmp_path / "sweep"
+    assert main(["scale", "--task", "lm", "--load", causal_mechanisms, "--mechanism", "causal_softmax",
+                 "--seq", "16,32", "--threads", "1", "--out", str(out), "--", "--max-steps", "1",
+                 "--limit-train", "8", "--limit-val", "2", "--batch-size", "4"]) == 0
+    table = pd.read_csv(out / "accuracy.csv")
+    assert list(table["status"]) == ["ok", "ok"] and list(table["seq_len"]) == [16, 32]
+    assert (table["perplexity"] > 1).all() and (table["unigram_perplexity"] > 1).all()
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["score"]["column"] == "perplexity" and not meta["score"]["higher_is_better"]
+    assert "validation perplexity (per token) per variant and n" in capsys.readouterr().out
+    assert (out / "accuracy_n.png").is_file()
