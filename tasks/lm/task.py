@@ -97,6 +97,11 @@ class TokenWindows(Dataset):
         return len(self) * self.n
 
 
+def exp(loss: float) -> float:
+    """A mean loss's perplexity; inf past what a float holds (a model far worse than guessing)."""
+    return math.exp(loss) if loss < 700 else math.inf
+
+
 def context_bucket(n: int) -> Tensor:
     """Each position's bucket (n,): position t predicts from a context of t + 1 tokens."""
     edges = torch.tensor(CONTEXT_BUCKETS)
@@ -155,7 +160,6 @@ class LanguageModel(SequenceTask):
         self.unigram_nll = torch.from_numpy(-np.log(smoothed))  # (V,) nats
         self.majority = int(counts[1:].argmax()) + 1
         self.token_bytes = torch.from_numpy(self.encoded.bytes_per_token)
-        self.text = text
         return Data(text.name, train, valid, root=None if self.args.data is None else self.args.data,
                     description=f"{text.description}; {self.encoded.name} tokens: "
                                 f"{len(self.encoded.train):,} train, {len(self.encoded.valid):,} validation")
@@ -190,11 +194,15 @@ class LanguageModel(SequenceTask):
         windows = values[-1]
         mean = loss / count
         self.chance = 100 * majority / count
-        return {"val_loss": mean, "perplexity": math.exp(mean), "bits_per_byte": loss / math.log(2) / nbytes,
-                "accuracy": 100 * hits / count, "unigram_perplexity": math.exp(unigram_loss / count),
+        return {"val_loss": mean, "perplexity": exp(mean), "bits_per_byte": loss / math.log(2) / nbytes,
+                "accuracy": 100 * hits / count, "unigram_perplexity": exp(unigram_loss / count),
                 "chance": self.chance, "items": int(windows), "val_tokens": int(count),
                 **{name: (total / (p * windows) if p else math.nan)
                    for name, total, p in zip(CONTEXT_LOSSES, values[6:-1], positions, strict=True)}}
+
+    def eval_batch_size(self) -> int:
+        """The training batch: logits over the whole vocabulary at every token are the memory."""
+        return self.recipe.batch_size
 
     def config(self) -> dict[str, Any]:
         return {**super().config(), "tokenizer": self.encoded.name}

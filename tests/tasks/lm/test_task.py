@@ -188,3 +188,29 @@ def test_the_accuracy_sweep_reads_perplexity(tmp_path, causal_mechanisms, capsys
     assert meta["score"]["column"] == "perplexity" and not meta["score"]["higher_is_better"]
     assert "validation perplexity (per token) per variant and n" in capsys.readouterr().out
     assert (out / "accuracy_n.png").is_file()
+
+
+def test_a_run_resumed_after_its_first_epoch_ends_as_the_whole_run_does(tmp_path, causal_mechanisms,
+                                                                        monkeypatch):
+    from tasks.common.trainer import Trainer
+
+    save = Trainer.save
+
+    def keep_each_epoch(self, path, extra):
+        save(self, path, extra)
+        path.with_name(f"epoch{self.epoch}.pt").write_bytes(path.read_bytes())
+
+    monkeypatch.setattr(Trainer, "save", keep_each_epoch)
+    argv = ["run", "--task", "lm", "--mechanism", "causal_softmax", "--seq-len", "16", "--epochs", "2",
+            "--limit-train", "8", "--limit-val", "2", "--batch-size", "4",
+            "--results", str(tmp_path / "lm.csv")]
+    assert main([*argv, "--out", str(tmp_path / "whole")]) == 0
+    monkeypatch.setattr(Trainer, "save", save)
+    stopped = tmp_path / "stopped"
+    stopped.mkdir()
+    (stopped / "checkpoint.pt").write_bytes((tmp_path / "whole" / "epoch1.pt").read_bytes())
+    assert main([*argv, "--out", str(stopped), "--resume", str(stopped)]) == 0
+    whole, resumed = pd.read_csv(tmp_path / "lm.csv").iloc[-2:].itertuples()
+    assert (whole.steps, resumed.steps) == (4, 4) and resumed.epochs == 2
+    assert resumed.perplexity == pytest.approx(whole.perplexity, rel=1e-5)
+    assert resumed.loss_ctx_16 == pytest.approx(whole.loss_ctx_16, rel=1e-5)
