@@ -214,3 +214,20 @@ def test_a_run_resumed_after_its_first_epoch_ends_as_the_whole_run_does(tmp_path
     assert (whole.steps, resumed.steps) == (4, 4) and resumed.epochs == 2
     assert resumed.perplexity == pytest.approx(whole.perplexity, rel=1e-5)
     assert resumed.loss_ctx_16 == pytest.approx(whole.loss_ctx_16, rel=1e-5)
+
+
+def test_the_sweep_presets_fit_the_embedded_corpus_and_name_causal_mechanisms(tmp_path):
+    from attnbench import Mechanism
+    from tasks.lm import corpus
+    from tasks.lm.task import PRESETS, SWEEP_PRESETS
+
+    valid = len(corpus.embedded_corpus(tmp_path).valid)
+    for kind, preset in SWEEP_PRESETS.items():
+        assert len(preset["seq"]) >= 3, kind  # perplexity against at least three context lengths
+        for n in preset["seq"]:
+            assert (valid - 1) // n >= 16, (kind, n)  # validation windows at every length
+            assert PRESETS["embedded"]["batch_tokens"] // n >= 1
+    if get_mechanism("softmax").causal_problem() == Mechanism.no_causal_reason:
+        pytest.skip("this build's built-in mechanisms declare no causal forms yet")
+    named = {m for preset in SWEEP_PRESETS.values() for m in preset["mechanisms"]}
+    assert not {m: get_mechanism(m).causal_problem() for m in named if get_mechanism(m).causal_problem()}
