@@ -16,6 +16,10 @@ settings; ``--resume`` refuses a folder whose settings differ), ``breaking.csv``
 breaking length: the smallest n at which its mean accuracy over seeds falls more than
 ``MARGIN`` points below softmax's, or sdpa's), the plots (``attnbench.accuracy_plots``), and ``points/``: each
 point's run folder and log. The engine sees the task only through the task registry.
+
+What is judged is the task's ``sweep_score`` (``attnbench.tasks.SweepScore``, recorded in meta.json):
+accuracy, higher is better, for most tasks; a language model's perplexity, lower is better, broken
+where it rises more than 10 % above the baseline's at the same n.
 """
 
 from __future__ import annotations
@@ -50,7 +54,7 @@ from attnbench.results import (
     write_table,
 )
 from attnbench.sweep import SweepError, parse_mechanisms, parse_seq
-from attnbench.tasks import get_task, sweep_tasks
+from attnbench.tasks import ACCURACY, SweepScore, UnknownTaskError, flag_value, get_task, sweep_tasks
 from attnbench.tuning import (
     GRID,
     NO_VALUE,
@@ -64,15 +68,16 @@ from attnbench.worker import Session, cap_address_space, run_isolated, start_iso
 
 # what a variant's accuracy is judged against: softmax, else sdpa (the same maths, fused), where swept
 BASELINES = ("softmax", "sdpa")
-MARGIN = 10.0  # points of accuracy below the baseline at which a variant counts as broken
+MARGIN = ACCURACY.margin  # points of accuracy below the baseline at which a variant counts as broken
 DEFAULT_LIMIT_S = 1800.0  # seconds a point may take (start, training, evaluation) under a step budget
+# (a task's other columns follow these: a language model's perplexity, say)
 COLUMNS = ["task", "mechanism", "variant", "options", "seq_len", "seed", "lr", "weight_decay", "status",
            "selected", "accuracy", "val_accuracy", "best_accuracy", "chance", "steps", "step_ms", "tokens_s",
            "peak_mem_mib", "params", "softmax_params", "flops_per_step", "time_budget", "message", "point_s",
            "device", "threads", "dtype", "git_commit"]
 KEY = ["variant", "seq_len", "seed"]  # a point; with a grid (``attnbench.tuning``) it trains several runs
 RUN_KEY = [*KEY, *GRID]  # one run
-REQUIRED = [*KEY, "mechanism", "status", "accuracy"]  # what a folder's accuracy.csv must hold to be read
+REQUIRED = [*KEY, "mechanism", "status"]  # what a folder's accuracy.csv must hold to be read (and its score)
 # flags of `attnbench run` that the sweep sets itself, with what sets them instead
 RESERVED = {"--task": "--task", "--mechanism": "--mechanism", "--opt": "--opt", "--seq-len": "--seq",
             "--seed": "--seeds", "--time-budget": "--time-budget", "--device": "--device",
@@ -156,10 +161,10 @@ def plan(task: str, device: str, seq: str | None = None, mechanisms: str | None 
     if not cls.sweep_presets:
         raise SweepError(f"task {task!r} has no accuracy sweep (no sweep presets); tasks with one: "
                          f"{', '.join(sweep_tasks()) or 'none'}")
-    if device not in cls.sweep_presets:
+    preset = cls.sweep_preset(device, task_args)
+    if preset is None:
         raise SweepError(f"task {task!r} has no sweep preset for {device}; presets: "
                          f"{', '.join(cls.sweep_presets)}")
-    preset = cls.sweep_presets[device]
     cfg = AccuracyConfig(
         task=task, device=device,
         seq=parse_seq(seq) if seq is not None else list(preset["seq"]),
@@ -172,6 +177,25 @@ def plan(task: str, device: str, seq: str | None = None, mechanisms: str | None 
         raise SweepError(f"task {task!r} holds out no validation split, which picks each point's best of "
                          f"--lr/--weight-decay; tasks with one: {', '.join(held_out) or 'none'}")
     return cfg
+
+
+def task_score(task: str) -> SweepScore:
+    """What a sweep of ``task`` judges: the task's ``sweep_score`` (accuracy where it is not installed)."""
+    try:
+        return get_task(task).sweep_score
+    except UnknownTaskError:
+        return ACCURACY
+
+
+def recorded_score(meta: dict[str, Any]) -> SweepScore:
+    """The score a sweep folder's meta.json recorded, else its task's, else accuracy."""
+    recorded = meta.get("score")
+    if isinstance(recorded, dict):
+        try:
+            return SweepScore(**recorded)
+        except TypeError:  # a field this version does not know: judge by the task's own
+            pass
+    return task_score(str(meta.get("task", meta.get("sweep", {}).get("task", ""))))
 
 
 # ---- points -----------------------------------------------------------------------------------
@@ -254,12 +278,7 @@ def _last_line(log: Path) -> str:
 
 def precision(args: Sequence[str], device: str) -> str:
     """What the runs compute in, from the task arguments' ``--amp`` (the harness's default: auto)."""
-    amp = "auto"
-    for i, item in enumerate(args):
-        if item == "--amp" and i + 1 < len(args):
-            amp = args[i + 1]
-        elif item.startswith("--amp="):
-            amp = item.partition("=")[2]
+    amp = flag_value(args, "--amp") or "auto"
     if amp == "auto":
         return "float32" if device == "cpu" else "autocast (bf16, else fp16)"
     return {"off": "float32", "bf16": "bf16 autocast", "fp16": "fp16 autocast"}.get(amp, amp)
@@ -392,8 +411,8 @@ class Progress:
     reached, scaled linearly with n), ``width`` of them at a time. Where several run at once, a
     line as each starts and, on every line, the points running then."""
 
-    def __init__(self, todo: list[Point], log: TextIO, width: int = 1) -> None:
-        self.todo, self.log, self.width = todo, log, max(1, width)
+    def __init__(self, todo: list[Point], log: TextIO, width: int = 1, score: SweepScore = ACCURACY) -> None:
+        self.todo, self.log, self.width, self.score = todo, log, max(1, width), score
         self.start = time.monotonic()
         self.seconds: dict[int, list[float]] = {}
         self.running: dict[str, float] = {}  # point (described) -> when it started
@@ -424,8 +443,8 @@ class Progress:
         elapsed = dt.timedelta(seconds=round(time.monotonic() - self.start))
         eta = self.eta()
         left = f"ETA {dt.timedelta(seconds=round(eta))}" if math.isfinite(eta) else "ETA -"
-        print(f"[{self.done}/{len(self.todo)}] {point.describe()}: {describe(row)} | {elapsed} elapsed, "
-              f"{left}{self._running()}", file=self.log, flush=True)
+        print(f"[{self.done}/{len(self.todo)}] {point.describe()}: {describe(row, self.score)} | {elapsed} "
+              f"elapsed, {left}{self._running()}", file=self.log, flush=True)
 
 
 def _number(row: dict[str, Any], key: str) -> float:
@@ -435,13 +454,14 @@ def _number(row: dict[str, Any], key: str) -> float:
         return math.nan
 
 
-def describe(row: dict[str, Any]) -> str:
+def describe(row: dict[str, Any], score: SweepScore = ACCURACY) -> str:
     """A point's result in a few words."""
     if row["status"] != "ok":
         return f"{row['status']}: {row.get('message', '')}"[:160]
-    parts = [f"accuracy {_number(row, 'accuracy'):.1f}"]
-    if math.isfinite(_number(row, "best_accuracy")):
-        parts[0] += f" (best {_number(row, 'best_accuracy'):.1f})"
+    shown = lambda key: f"{_number(row, key):.{score.decimals}f}"
+    parts = [f"{score.column} {shown(score.column)}"]
+    if score.best and math.isfinite(_number(row, score.best)):
+        parts[0] += f" (best {shown(score.best)})"
     units = (("steps", "{:.0f} steps"), ("step_ms", "{:.3g} ms/step"), ("peak_mem_mib", "{:.0f} MiB"))
     for key, fmt in units:
         if math.isfinite(_number(row, key)):
@@ -480,8 +500,9 @@ def run_sweep(cfg: AccuracyConfig, out: Path, resume: bool, argv: list[str],
     if resume and meta_path.exists():
         _check_resume(cfg, meta_path, out)
     meta = run_context(cfg.device, cfg.threads, argv)
+    score = task_score(cfg.task)
     meta.update(kind="accuracy", task=cfg.task, dtype=precision(cfg.args, cfg.device),
-                sweep=dataclasses.asdict(cfg))
+                sweep=dataclasses.asdict(cfg), score=dataclasses.asdict(score))
     earlier = recorded.get("commands", []) if resume else []
     meta["commands"] = [*earlier, meta["command"]]
     write_meta(meta_path, meta)
@@ -495,7 +516,7 @@ def run_sweep(cfg: AccuracyConfig, out: Path, resume: bool, argv: list[str],
         print(f"resuming: {len(seen)} points already in {csv} (failures too: delete a row to run it again), "
               f"{len(todo)} to go", file=log)
     launcher = launcher or LocalLauncher()
-    progress = Progress(todo, log, launcher.width)
+    progress = Progress(todo, log, launcher.width, score)
     try:
         job = PointJob(cfg, out.resolve(), context(cfg))
         with contextlib.closing(launcher.run(todo, job, progress)) as finished:
@@ -520,12 +541,12 @@ def resume_command(argv: Sequence[str], out: Path) -> str:
 # ---- what a researcher reads ------------------------------------------------------------------
 
 
-def seed_stats(table: pd.DataFrame) -> pd.DataFrame:
+def seed_stats(table: pd.DataFrame, score: SweepScore = ACCURACY) -> pd.DataFrame:
     """Per variant and n: mean, std and count over distinct seeds of the finished points (the
-    latest row of a seed stands for it) of accuracy, best accuracy, chance, time per step and
-    peak memory."""
-    metrics = [m for m in ("accuracy", "best_accuracy", "chance", "step_ms", "peak_mem_mib")
-               if m in table.columns]
+    latest row of a seed stands for it) of the score (accuracy), its best evaluation, its floor
+    (chance), time per step and peak memory."""
+    wanted = (score.column, score.best, score.floor, "step_ms", "peak_mem_mib")
+    metrics = [m for m in dict.fromkeys(wanted) if m is not None and m in table.columns]
     ok = table[table["status"] == "ok"] if "status" in table.columns else table
     return aggregate(ok, metrics, ["mechanism", "variant", "seq_len"])
 
@@ -541,18 +562,22 @@ def baseline_of(table: pd.DataFrame) -> str:
     return next((b for b in BASELINES if b in labels), BASELINES[0])
 
 
-def breaking_lengths(table: pd.DataFrame, margin: float = MARGIN,
-                     baseline: str | None = None) -> pd.DataFrame:
-    """Each variant's breaking length: the smallest n at which its mean accuracy over seeds falls
-    more than ``margin`` points below the baseline's at the same n. Lengths where the baseline did
+def breaking_lengths(table: pd.DataFrame, margin: float | None = None,
+                     baseline: str | None = None, score: SweepScore = ACCURACY) -> pd.DataFrame:
+    """Each variant's breaking length: the smallest n at which its mean score over seeds is worse
+    than the baseline's at the same n by more than ``margin`` (default the score's: accuracy more
+    than 10 points below; perplexity more than 10 % above). Lengths where the baseline did
     not finish cannot be judged (``baseline_missing_n``); failed points are left out of the means
     and listed (``failed``). ``breaking``: the length; ``none`` when it never breaks where judged;
     ``n/a: no softmax`` when the baseline finished at none of its lengths, ``n/a: no accuracy``
     when the variant finished at none (words a CSV reader does not take for missing values).
-    ``baseline``: default ``baseline_of(table)``."""
+    ``gap``: how much worse, in the margin's units. ``baseline``: default ``baseline_of(table)``."""
     baseline = baseline or baseline_of(table)
-    stats = seed_stats(table)
-    base = stats[stats["variant"] == baseline].set_index("seq_len")["accuracy_mean"]
+    margin = score.margin if margin is None else margin
+    column, mean = score.column, f"{score.column}_mean"
+    stats = seed_stats(table, score) if column in table.columns else pd.DataFrame(
+        columns=["variant", "seq_len", mean, "n_seeds"])
+    base = stats[stats["variant"] == baseline].set_index("seq_len")[mean]
     failed = failures(table)
     labels = [v for v in dict.fromkeys(table["variant"]) if v != baseline]
     rows = []
@@ -565,29 +590,31 @@ def breaking_lengths(table: pd.DataFrame, margin: float = MARGIN,
                 missing.append(n)
                 continue
             judged.append(n)
-            gap = base[n] - r.accuracy_mean
+            mine_mean = getattr(r, mean)
+            gap = score.worse_by(mine_mean, base[n])
             if broke is None and round(gap, 9) > margin:
-                broke = {"breaking_n": n, "accuracy": r.accuracy_mean, "baseline_accuracy": base[n],
+                broke = {"breaking_n": n, column: mine_mean, f"baseline_{column}": base[n],
                          "gap": gap, "seeds": r.n_seeds}
         mine_failed = failed[failed["variant"] == label].sort_values("seq_len")
         rows.append({
             "variant": label, "mechanism": table[table["variant"] == label]["mechanism"].iloc[0],
             "breaking": str(broke["breaking_n"]) if broke else "none" if judged else
-                        f"n/a: no {baseline}" if missing else "n/a: no accuracy",
-            **(broke or {"breaking_n": math.nan, "accuracy": math.nan, "baseline_accuracy": math.nan,
+                        f"n/a: no {baseline}" if missing else f"n/a: no {column}",
+            **(broke or {"breaking_n": math.nan, column: math.nan, f"baseline_{column}": math.nan,
                          "gap": math.nan, "seeds": math.nan}),
             "judged_n": ",".join(map(str, judged)), "baseline_missing_n": ",".join(map(str, missing)),
             "failed": ", ".join(f"n={int(r.seq_len)} seed={int(r.seed)}: {r.status}"
                                 for r in mine_failed.itertuples()),
-            "baseline": baseline, "margin": margin})
-    columns = ["variant", "mechanism", "breaking", "breaking_n", "accuracy", "baseline_accuracy", "gap",
-               "seeds", "judged_n", "baseline_missing_n", "failed", "baseline", "margin"]
+            "baseline": baseline, "margin": margin, "rule": score.rule(baseline)})
+    columns = ["variant", "mechanism", "breaking", "breaking_n", column, f"baseline_{column}", "gap",
+               "seeds", "judged_n", "baseline_missing_n", "failed", "baseline", "margin", "rule"]
     return pd.DataFrame(rows, columns=columns).astype({"breaking_n": "Int64", "seeds": "Int64"})
 
 
-def accuracy_grid(table: pd.DataFrame) -> pd.DataFrame:
-    """Variants by n: mean ± std of accuracy over seeds with their n, or what stopped the points."""
-    stats = seed_stats(table)
+def accuracy_grid(table: pd.DataFrame, score: SweepScore = ACCURACY) -> pd.DataFrame:
+    """Variants by n: mean ± std of the score over seeds with their n, or what stopped the points."""
+    stats = seed_stats(table, score) if score.column in table.columns else pd.DataFrame(
+        columns=["variant", "seq_len"])
     failed = failures(table)
     cells: dict[str, dict[int, str]] = {}
     for label in dict.fromkeys(table["variant"]):
@@ -595,7 +622,8 @@ def accuracy_grid(table: pd.DataFrame) -> pd.DataFrame:
         for n in sorted(table["seq_len"].dropna().unique()):
             mine = stats[(stats["variant"] == label) & (stats["seq_len"] == n)]
             bad = failed[(failed["variant"] == label) & (failed["seq_len"] == n)]["status"]
-            text = (format_spread(mine["accuracy_mean"].iloc[0], mine["accuracy_std"].iloc[0],
+            column = score.column
+            text = (format_spread(mine[f"{column}_mean"].iloc[0], mine[f"{column}_std"].iloc[0],
                                   int(mine["n_seeds"].iloc[0])) if len(mine) else "-")
             if len(bad):
                 text += f" [{', '.join(f'{k} x{c}' for k, c in bad.value_counts().items())}]"
@@ -618,15 +646,16 @@ def finish(out: Path, log: TextIO | None = None) -> Finished:
     it, its best by validation where the sweep was tuned (``attnbench.tuning``), labelled so."""
     from attnbench.accuracy_plots import accuracy_sweep_plots
 
+    meta = read_meta(out / "meta.json")
+    score = recorded_score(meta)
     table = read_table(out / "accuracy.csv", required=REQUIRED)
     if table.empty:
         raise SweepError(f"{out / 'accuracy.csv'} holds no points")
     tuned = tuning.label(table)
     view = tuned_view(table)
-    breaking = breaking_lengths(view).assign(tuned=tuned)
+    breaking = breaking_lengths(view, score=score).assign(tuned=tuned)
     write_table(out / "breaking.csv", breaking)
-    meta = read_meta(out / "meta.json")
-    paths = accuracy_sweep_plots(view, breaking, out, meta, tuned)
+    paths = accuracy_sweep_plots(view, breaking, out, meta, tuned, score)
     print(f"wrote {out / 'accuracy.csv'}, {out / 'breaking.csv'} and {len(paths)} plot files",
           file=log or sys.stderr)
     return Finished(breaking, [out / "breaking.csv", *paths])
@@ -638,47 +667,48 @@ def _text(column: pd.Series) -> pd.Series:
 
 
 def summary(out: Path) -> str:
-    """The console summary: accuracy per variant and n, then the breaking lengths."""
+    """The console summary: the score (accuracy) per variant and n, then the breaking lengths."""
+    score = recorded_score(read_meta(out / "meta.json"))
+    column, digits = score.column, score.decimals
     runs = read_table(out / "accuracy.csv")
     table, tuned = tuned_view(runs), tuning.label(runs)
     breaking = read_table(out / "breaking.csv")
     baseline = str(breaking["baseline"].iloc[0]) if len(breaking) else baseline_of(table)
     with pd.option_context("display.width", 250, "display.max_columns", 30, "display.max_colwidth", 60):
-        parts = [f"accuracy (%) per variant and n: mean ± std over seeds (n = seeds); [failures]"
-                 f"{'; ' + tuned if tuned else ''}\n{accuracy_grid(table).to_string()}"]
+        parts = [f"{score.label} per variant and n: mean ± std over seeds (n = seeds); [failures]"
+                 f"{'; ' + tuned if tuned else ''}\n{accuracy_grid(table, score).to_string()}"]
         if len(breaking):
             shown = pd.DataFrame({
                 "variant": breaking["variant"], "breaking length": breaking["breaking"],
-                f"accuracy there vs {baseline}": [
-                    f"{a:.1f} vs {b:.1f}" if math.isfinite(a) else "-"
-                    for a, b in zip(breaking["accuracy"], breaking["baseline_accuracy"], strict=True)],
+                f"{column} there vs {baseline}": [
+                    f"{a:.{digits}f} vs {b:.{digits}f}" if math.isfinite(a) else "-"
+                    for a, b in zip(breaking[column], breaking[f"baseline_{column}"], strict=True)],
                 "judged at n": _text(breaking["judged_n"]),
                 f"no {baseline} at n": _text(breaking["baseline_missing_n"]),
                 "did not finish": _text(breaking["failed"])})
-            parts.append(f"breaking length: the smallest n at which a variant's mean accuracy falls more "
-                         f"than {MARGIN:g} points below {baseline}'s at the same n\n"
-                         f"{shown.to_string(index=False)}")
+            parts.append(f"breaking length: {score.rule(baseline)}\n{shown.to_string(index=False)}")
         else:
             parts.append(f"no breaking lengths: nothing but {baseline} in this sweep")
     return "\n\n".join(parts)
 
 
 def compare(out: Path, other: Path) -> pd.DataFrame:
-    """Accuracy of this sweep against a saved one, point by point (variant, n, seed); written to
-    ``compare.csv``."""
+    """The score (accuracy) of this sweep against a saved one, point by point (variant, n, seed);
+    written to ``compare.csv``."""
+    column = recorded_score(read_meta(out / "meta.json")).column
     mine, theirs = read_table(out / "accuracy.csv"), read_table(other / "accuracy.csv", required=REQUIRED)
     if theirs.empty:
         raise SweepError(f"--compare {other}: no accuracy.csv there")
     mine, theirs = tuned_view(mine), tuned_view(theirs)  # each point's run that stands for it
-    keep = [*KEY, "status", "accuracy", "step_ms", "peak_mem_mib"]
+    keep = [*KEY, "status", column, "step_ms", "peak_mem_mib"]
     mine = mine.drop_duplicates(KEY, keep="last").reindex(columns=keep)
     theirs = theirs.drop_duplicates(KEY, keep="last").reindex(columns=keep)
     both = mine.merge(theirs, on=KEY, how="outer", suffixes=("", "_before"))
     both = both.sort_values(["seq_len", "variant", "seed"])
-    both["accuracy_change"] = both["accuracy"] - both["accuracy_before"]
+    both[f"{column}_change"] = both[column] - both[f"{column}_before"]
     both["time_ratio"] = both["step_ms"] / both["step_ms_before"]
     both["memory_ratio"] = both["peak_mem_mib"] / both["peak_mem_mib_before"]
-    result = both[[*KEY, "status", "status_before", "accuracy", "accuracy_before", "accuracy_change",
+    result = both[[*KEY, "status", "status_before", column, f"{column}_before", f"{column}_change",
                    "time_ratio", "memory_ratio"]].reset_index(drop=True)
     write_table(out / "compare.csv", result)
     return result
@@ -687,13 +717,16 @@ def compare(out: Path, other: Path) -> pd.DataFrame:
 def compare_text(result: pd.DataFrame, other: Path, out: Path) -> str:
     """The comparison as the console shows it: one line per point."""
     shown = result.copy()
+    score = recorded_score(read_meta(out / "meta.json"))
+    column, digits = score.column, score.decimals
     for c in ("status", "status_before"):
         shown[c] = shown[c].fillna("not run")
-    for c in ("accuracy", "accuracy_before"):
-        shown[c] = shown[c].map(lambda v: f"{v:.1f}" if pd.notna(v) else "-")
-    shown["accuracy_change"] = shown["accuracy_change"].map(lambda v: f"{v:+.1f}" if pd.notna(v) else "-")
+    for c in (column, f"{column}_before"):
+        shown[c] = shown[c].map(lambda v: f"{v:.{digits}f}" if pd.notna(v) else "-")
+    shown[f"{column}_change"] = shown[f"{column}_change"].map(
+        lambda v: f"{v:+.{digits}f}" if pd.notna(v) else "-")
     for c in ("time_ratio", "memory_ratio"):
         shown[c] = shown[c].map(lambda v: f"{v:.2f}x" if pd.notna(v) else "-")
     with pd.option_context("display.width", 250, "display.max_rows", 10_000):
-        return (f"compared with {other}: accuracy here minus there, point by point -> {out / 'compare.csv'}\n"
+        return (f"compared with {other}: {column} here minus there, point by point -> {out / 'compare.csv'}\n"
                 f"{shown.to_string(index=False)}")

@@ -10,6 +10,7 @@ task only through the small ``Task`` interface below.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -35,6 +36,44 @@ class UnknownTaskError(KeyError):
 class TaskError(ValueError):
     """A task request that cannot be run as asked (a bad data folder, size or combination);
     the CLI prints it as one line and exits with status 2."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SweepScore:
+    """What the accuracy sweep reads from a task's rows and how it judges a variant against the
+    baseline: ``column`` (mean over seeds per n), better when higher or lower, and the breaking rule,
+    worse than the baseline by more than ``margin`` (points of the column, or with ``relative`` % of
+    the baseline's value). ``floor``: the row's column of the no-skill level drawn beside it (chance
+    accuracy, a unigram model's perplexity), or None; ``best``: the row's best evaluation, or None."""
+
+    column: str = "accuracy"
+    label: str = "accuracy (%)"
+    higher_is_better: bool = True
+    margin: float = 10.0
+    relative: bool = False
+    floor: str | None = "chance"
+    floor_label: str = "chance"
+    best: str | None = "best_accuracy"
+    decimals: int = 1  # how the console shows a value
+
+    def worse_by(self, value: float, baseline: float) -> float:
+        """How much worse ``value`` is than ``baseline``: in points, or in % of the baseline."""
+        gap = baseline - value if self.higher_is_better else value - baseline
+        return 100 * gap / baseline if self.relative else gap
+
+    def margin_text(self) -> str:
+        """"10 points below", "10 % above": what breaking means, before the baseline's name."""
+        unit = " %" if self.relative else " points"
+        return f"{self.margin:g}{unit} {'below' if self.higher_is_better else 'above'}"
+
+    def rule(self, baseline: str) -> str:
+        """The breaking rule in words."""
+        moves = "falls" if self.higher_is_better else "rises"
+        return (f"the smallest n at which a variant's mean {self.column} {moves} more than "
+                f"{self.margin_text()} {baseline}'s at the same n")
+
+
+ACCURACY = SweepScore()
 
 
 class Task:
@@ -83,6 +122,15 @@ class Task:
     # A task whose rows carry ``val_accuracy``, the score of a validation split held out from training and
     # apart from the test split: the accuracy sweep tunes --lr/--weight-decay on it (``attnbench.tuning``).
     validation_split: ClassVar[bool] = False
+    # what the sweep reads from the rows and judges: accuracy, higher is better (a language model:
+    # perplexity, lower is better, broken when over 10 % above the baseline's)
+    sweep_score: ClassVar[SweepScore] = ACCURACY
+
+    @classmethod
+    def sweep_preset(cls, device: str, task_args: Sequence[str]) -> dict[str, Any] | None:
+        """The accuracy sweep's preset for ``device`` given the sweep's task arguments (a task with
+        forms may keep a preset per form, MQAR's ``--form causal``); None: none for that device."""
+        return cls.sweep_presets.get(device)
 
     @classmethod
     def model_table(cls, sizes: Sequence[str], mechanisms: Sequence[str],
@@ -90,6 +138,18 @@ class Task:
         """``attnbench models``: parameters and forward FLOPs per (size, mechanism), measured."""
         raise TaskError(f"task {cls.name!r} has no model table; tasks with one: "
                         f"{', '.join(model_table_tasks()) or 'none'}")
+
+
+def flag_value(args: Sequence[str], flag: str) -> str | None:
+    """The value a command line gives ``flag`` (``--form causal`` or ``--form=causal``; the last one
+    wins, as argparse reads it), or None."""
+    value = None
+    for i, item in enumerate(args):
+        if item == flag and i + 1 < len(args):
+            value = args[i + 1]
+        elif item.startswith(f"{flag}="):
+            value = item.partition("=")[2]
+    return value
 
 
 def register_task(cls: type[Task]) -> type[Task]:

@@ -8,6 +8,8 @@ exactly. Nothing here asserts a time.
 
 from __future__ import annotations
 
+import dataclasses
+import io
 import json
 import math
 import shutil
@@ -25,6 +27,7 @@ from attnbench.cli import main
 from attnbench.options import parse_mechanism_options, split_label, variants
 from attnbench.plots import layout_problems
 from attnbench.sweep import SweepConfig, finish, run_sweep
+from attnbench.tasks import ACCURACY, SweepScore
 
 FAULTY = str(Path(__file__).with_name("faulty_mechanisms.py"))  # loaded with --load, never imported
 FAKE = textwrap.dedent('''
@@ -179,6 +182,57 @@ def test_without_softmax_sdpa_is_the_baseline_and_without_either_nothing_is_judg
 def test_pareto_front():
     assert pareto_front([1.0, 2.0, 3.0, 4.0], [50.0, 40.0, 70.0, 70.0]) == [0, 2]
     assert pareto_front([3.0, 1.0, math.nan], [90.0, 90.0, 99.0]) == [1]  # a tie in score: the cheaper
+    # lower is better (perplexity): the cheapest, then each costlier point only where it scores lower
+    assert pareto_front([1.0, 2.0, 3.0, 4.0], [9.0, 12.0, 5.0, 5.0], higher_is_better=False) == [0, 2]
+
+
+PERPLEXITY = SweepScore("perplexity", "validation perplexity", higher_is_better=False, relative=True,
+                        floor="unigram_perplexity", floor_label="unigram", best="best_perplexity", decimals=3)
+
+
+def perplexities(variant, n, *values, status="ok"):
+    return [{"variant": variant, "mechanism": variant, "seq_len": n, "seed": i, "perplexity": v,
+             "unigram_perplexity": 30.0, "step_ms": 10.0 * n, "peak_mem_mib": n, "status": status}
+            for i, v in enumerate(values)]
+
+
+def test_a_perplexity_breaks_where_it_rises_more_than_10_percent_above_softmaxs():
+    table = pd.DataFrame([
+        *perplexities("softmax", 64, 5.0, 5.0), *perplexities("softmax", 128, 4.0),
+        *perplexities("close", 64, 5.5), *perplexities("close", 128, 4.4),  # exactly 10 %: not more
+        *perplexities("worse", 64, 5.2), *perplexities("worse", 128, 4.5),  # 12.5 % above at 128
+        *perplexities("better", 64, 3.0), *perplexities("better", 128, 2.0),  # lower is better: never
+    ])
+    found = breaking_lengths(table, score=PERPLEXITY).set_index("variant")
+    assert found.loc["close", "breaking"] == "none" and found.loc["better", "breaking"] == "none"
+    assert found.loc["worse", "breaking"] == "128" and found.loc["worse", "gap"] == pytest.approx(12.5)
+    assert found.loc["worse", "perplexity"] == 4.5 and found.loc["worse", "baseline_perplexity"] == 4.0
+    assert found.loc["worse", "rule"] == ("the smallest n at which a variant's mean perplexity rises more "
+                                          "than 10 % above softmax's at the same n")
+    for fig in (accuracy_against_n(table, found.reset_index(), "a test", PERPLEXITY),
+                frontier(table, "step_ms", "time per training step (ms)", "a test", PERPLEXITY)):
+        assert fig.axes[0].get_yscale() == "log" and fig.axes[0].get_ylabel() == "validation perplexity"
+        low, high = fig.axes[0].get_ylim()
+        assert low < 2.0 and high > 30.0  # the best point and the unigram line inside
+        assert layout_problems(fig) == []
+        plt.close(fig)
+
+
+def test_a_sweep_folder_is_judged_by_the_score_its_meta_recorded(tmp_path):
+    from attnbench.accuracy import finish as finish_accuracy
+    from attnbench.accuracy import recorded_score, summary
+
+    table = pd.DataFrame([*perplexities("softmax", 64, 5.0), *perplexities("linear", 64, 6.0)])
+    table.to_csv(tmp_path / "accuracy.csv", index=False)
+    (tmp_path / "meta.json").write_text(json.dumps({"kind": "accuracy", "task": "not-installed",
+                                                    "score": dataclasses.asdict(PERPLEXITY)}))
+    assert recorded_score(json.loads((tmp_path / "meta.json").read_text())) == PERPLEXITY
+    done = finish_accuracy(tmp_path, log=io.StringIO())
+    assert done.breaking.set_index("variant").loc["linear", "breaking"] == "64"  # 20 % above
+    text = summary(tmp_path)
+    assert "validation perplexity per variant and n" in text and "6.000 vs 5.000" in text
+    (tmp_path / "meta.json").write_text(json.dumps({"kind": "accuracy", "task": "not-installed"}))
+    assert recorded_score({"task": "not-installed"}) == ACCURACY  # an unknown task: accuracy
 
 
 # ---- the sweep ----------------------------------------------------------------------------------

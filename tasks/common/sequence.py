@@ -13,6 +13,10 @@ hyper-parameters and seeds for every mechanism; only the mechanism changes. A su
     vocab_size, num_classes                         set in ``configure`` or ``load_data``
     per_token (ClassVar)                            False: one class id per sequence; True: a label
                                                     per position (N,), ``IGNORE`` (-100) where none
+    causal                                          True: the encoder reads left to right (each
+                                                    mechanism's causal form, a causal convolution;
+                                                    per token only), set in ``configure``; a mechanism
+                                                    without a causal form is refused before any data
     chance                                          % of guessing (default 100 / num_classes)
     presets, sweep_presets                          recipe and ``size``/``seq_len`` defaults; the
                                                     accuracy sweep's defaults per device kind
@@ -135,6 +139,7 @@ class SequenceTask(TrainingTask):
     columns, config_columns = sequence_table()  # a task with settings of its own: sequence_table(those)
     init_samples, init_unit = 16, "sequences"
     per_token: ClassVar[bool] = False
+    causal: bool = False  # a task with a causal form sets it in configure
     pad_id: ClassVar[int] = 0
     chance: float | None = None  # None: 100 / num_classes
     # the accuracy sweep's defaults: {"cpu": {...}, "cuda": {...}}, each with "seq" (list[int]),
@@ -181,8 +186,9 @@ class SequenceTask(TrainingTask):
         mask = torch.ones_like(ids, dtype=torch.bool)
         mask[1, 5:] = False
         self.try_model(lambda size: build_encoder(size, self.mechanism, 16, 3, 8, self.options,
-                                                  per_token=self.per_token),
-                       [ids, torch.zeros_like(ids), mask], "mix 1-D padded sequences")
+                                                  per_token=self.per_token, causal=self.causal),
+                       [ids, torch.zeros_like(ids), mask],
+                       "mix 1-D padded sequences" + (" causally" if self.causal else ""))
 
     def run_name(self) -> str:
         return f"{self.name}-{self.mechanism}-{self.size}-n{self.seq_len}"
@@ -192,17 +198,20 @@ class SequenceTask(TrainingTask):
 
     # ---- model and loss -------------------------------------------------------------------------
 
-    def encoder(self, mechanism: str, options: Mapping[str, Any] | None = None) -> nn.Module:
+    def encoder(self, mechanism: str, options: Mapping[str, Any] | None = None,
+                causal: bool | None = None) -> nn.Module:
+        """The task's encoder with ``mechanism`` (causal: the task's form unless given)."""
+        causal = self.causal if causal is None else causal
         return build_encoder(self.size, mechanism, self.vocab_size, self.num_classes, self.seq_len, options,
-                             self.pad_id, per_token=self.per_token)
+                             self.pad_id, per_token=self.per_token, causal=causal)
 
     def build_model(self) -> nn.Module:
         model = self.encoder(self.mechanism, self.options)
         for m in model.modules():
             if isinstance(m, nn.Dropout):
                 m.p = self.dropout
-        with torch.device("meta"):  # counted without memory
-            self.softmax_params = count_parameters(self.encoder("softmax"))
+        with torch.device("meta"):  # counted without memory; the causal form has the same parameters
+            self.softmax_params = count_parameters(self.encoder("softmax", causal=False))
         params = count_parameters(model)
         if params > (1 + PARAMS_TOLERANCE) * self.softmax_params:
             self.log(f"warning: {self.mechanism}'s model has {params:,} parameters, "
@@ -314,5 +323,5 @@ class SequenceTask(TrainingTask):
 
     def meta(self) -> dict[str, Any]:
         return {"seq_len": self.seq_len, "vocab_size": self.vocab_size, "num_classes": self.num_classes,
-                "chance": self.chance_percent(), "per_token": self.per_token,
+                "chance": self.chance_percent(), "per_token": self.per_token, "causal": self.causal,
                 "softmax_params": self.softmax_params}

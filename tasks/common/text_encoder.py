@@ -2,10 +2,13 @@
 
     ids (B, N), segments (B, N), mask (B, N) bool (True at real tokens)
     embeddings: word + learned absolute position + segment, LayerNorm, dropout
-    L layers (post-norm, as BERT):  x = LN(x + drop(mechanism(x, grid=None, mask=mask)))
+    L layers (post-norm, as BERT):  x = LN(x + drop(mechanism(x, grid=None, mask=mask, causal=causal)))
                                     x = LN(x + drop(W2 GELU(W1 x)))
     pooling: mean over real tokens (the mask), dropout, Linear -> classes (or 1 score)
     per_token=True: no pooling; dropout, Linear at every token (or only where ``at`` says)
+    causal=True: every mechanism runs its causal form and the short convolution sees only the
+                 tokens before each token, so the features at t depend on tokens 0..t alone (a
+                 decoder: next-token prediction); a mechanism without a causal form refuses
 
 Sequences are 1-D: every mechanism gets ``grid=None`` and the padding mask, so its output at
 real tokens does not depend on the padding; SeT adds its own 1-D positional prior over the
@@ -25,7 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from attnbench import Mechanism, build_mechanism
+from attnbench import Mechanism, OptionError, build_mechanism, get_mechanism
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,12 +65,12 @@ SIZES: dict[str, EncoderSize] = {
 
 class Layer(nn.Module):
     """One encoder layer with ``mixer`` as self-attention, on tokens (B, N, C): post-norm as BERT,
-    or pre-norm."""
+    or pre-norm; ``causal``: the mixer's causal form."""
 
     def __init__(self, dim: int, mixer: Mechanism, ffn: int, dropout: float, eps: float,
-                 prenorm: bool = False) -> None:
+                 prenorm: bool = False, causal: bool = False) -> None:
         super().__init__()
-        self.mixer, self.prenorm = mixer, prenorm
+        self.mixer, self.prenorm, self.causal = mixer, prenorm, causal
         self.norm1 = nn.LayerNorm(dim, eps=eps)
         self.ffn = nn.Sequential(nn.Linear(dim, ffn), nn.GELU(), nn.Linear(ffn, dim))
         self.norm2 = nn.LayerNorm(dim, eps=eps)
@@ -75,21 +78,29 @@ class Layer(nn.Module):
 
     def forward(self, x: Tensor, mask: Tensor) -> Tensor:
         if self.prenorm:
-            x = x + self.drop(self.mixer(self.norm1(x), None, mask=mask))
+            x = x + self.drop(self.mixer(self.norm1(x), None, mask=mask, causal=self.causal))
             return x + self.drop(self.ffn(self.norm2(x)))
-        x = self.norm1(x + self.drop(self.mixer(x, None, mask=mask)))
+        x = self.norm1(x + self.drop(self.mixer(x, None, mask=mask, causal=self.causal)))
         return self.norm2(x + self.drop(self.ffn(x)))
 
 
 class TextEncoder(nn.Module):
     """Token ids to class logits (B, classes) or scores (B, 1), with ``mechanism`` in every layer;
-    ``per_token``: logits at every token instead (MQAR's recall at each query)."""
+    ``per_token``: logits at every token instead (MQAR's recall at each query); ``causal``: read
+    left to right (features at t from tokens 0..t only; per token only: a pooled class sees all)."""
 
     def __init__(self, size: EncoderSize, mechanism: str, vocab_size: int, num_outputs: int, max_len: int,
                  options: Mapping[str, Any] | None = None, pad_id: int = 0, eps: float = 1e-12,
-                 per_token: bool = False) -> None:
+                 per_token: bool = False, causal: bool = False) -> None:
         super().__init__()
+        if causal and not per_token:
+            raise ValueError("a causal encoder predicts per token (per_token=True): mean pooling reads "
+                             "every token")
+        refused = get_mechanism(mechanism).causal_problem() if causal else None
+        if refused is not None:  # before any layer is built: the mechanism's own reason, in one line
+            raise OptionError(f"{mechanism}: causal=True is not supported: {refused}")
         self.size, self.mechanism, self.max_len, self.per_token = size, mechanism, max_len, per_token
+        self.causal = causal
         d = size.dim
         self.words = nn.Embedding(vocab_size, d, padding_idx=pad_id)
         self.positions = nn.Embedding(max_len, d)
@@ -98,10 +109,12 @@ class TextEncoder(nn.Module):
         self.drop = nn.Dropout(size.dropout)
         options = dict(options or {})
         mixers = [build_mechanism(mechanism, d, size.heads, **options) for _ in range(size.layers)]
-        self.layers = nn.ModuleList(Layer(d, mixer, size.ffn, size.dropout, eps, size.prenorm)
+        self.layers = nn.ModuleList(Layer(d, mixer, size.ffn, size.dropout, eps, size.prenorm, causal)
                                     for mixer in mixers)
-        # (B, C, N) -> (B, C, N): each channel mixed with its neighbours only
-        self.conv = nn.Conv1d(d, d, size.conv, padding=size.conv // 2, groups=d) if size.conv else None
+        # (B, C, N) -> (B, C, N): each channel mixed with its neighbours only; causal: with the
+        # size.conv - 1 tokens before it (padded on the left alone, the right end cut off)
+        reach = size.conv - 1 if causal else size.conv // 2
+        self.conv = nn.Conv1d(d, d, size.conv, padding=reach, groups=d) if size.conv else None
         self.final_norm = nn.LayerNorm(d, eps=eps) if size.prenorm else None
         self.head = nn.Linear(d, num_outputs)
         self.apply(_init_weights)
@@ -115,7 +128,8 @@ class TextEncoder(nn.Module):
         x = self.drop(self.embed_norm(self.words(ids) + self.positions(pos) + self.segments(segments)))
         x = x * mask.unsqueeze(-1)  # padding carries nothing in (the mechanisms ignore it anyway)
         if self.conv is not None:
-            x = x + (self.conv(x.transpose(1, 2)).transpose(1, 2) * mask.unsqueeze(-1))
+            mixed = self.conv(x.transpose(1, 2))[..., :n].transpose(1, 2)  # causal: the left-padded part
+            x = x + mixed * mask.unsqueeze(-1)
         for layer in self.layers:
             x = layer(x, mask)
         if self.final_norm is not None:
@@ -154,12 +168,12 @@ def _init_weights(module: nn.Module) -> None:
 
 def build_encoder(size: str, mechanism: str, vocab_size: int, num_outputs: int, max_len: int,
                   options: Mapping[str, Any] | None = None, pad_id: int = 0,
-                  per_token: bool = False) -> TextEncoder:
+                  per_token: bool = False, causal: bool = False) -> TextEncoder:
     """The named size with ``mechanism`` in every layer; unknown names raise KeyError/OptionError."""
     if size not in SIZES:
         raise KeyError(f"unknown encoder size {size!r}; valid choices: {', '.join(SIZES)}")
     return TextEncoder(SIZES[size], mechanism, vocab_size, num_outputs, max_len, options, pad_id,
-                       per_token=per_token)
+                       per_token=per_token, causal=causal)
 
 
 def count_parameters(model: nn.Module) -> int:

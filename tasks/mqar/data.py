@@ -1,21 +1,32 @@
-"""MQAR sequences, generated: multi-query associative recall after Zoology (Arora et al. 2023).
+"""MQAR sequences, generated: multi-query associative recall after Zoology (Arora et al. 2023), in
+two forms.
 
-A sequence of ``n`` tokens opens with ``d`` key-value pairs (k1 v1 k2 v2 …: keys drawn without
-replacement from the key half of the vocabulary, values likewise from the value half), then holds
-one query of each key among filler tokens. As in Zoology's generator, the queries sit at even
-offsets of the rest of the sequence, at ``d`` gaps drawn without replacement with probability
-proportional to ``gap ** (power_a - 1)`` (gap = 1, 2, …; a power law: most queries come soon after
-the pairs, ``power_a = 1`` is uniform), the j-th key at the j-th gap drawn. This is the
-bidirectional (encoder) form: at each query the model predicts the value bound to its key, and
-only queries carry a label; the label is the value's class (its index in the value half).
+**Causal** (``form="causal"``): Zoology's ``multiquery_ar`` construction, read left to right. With
+Zoology's vocabulary V, keys are Zoology's ids 1 … V/2 - 1 and values V/2 … V - 1 (V/2 = V // 2), 0
+the filler. A sequence of ``n`` tokens opens with ``d`` key-value pairs (k1 v1 k2 v2 …; keys
+distinct, values distinct, drawn uniformly), then places a query of each key at an even offset of
+the rest, ``context + 2 g``, at ``d`` gaps ``g`` in [0, slots) drawn without replacement with
+probability proportional to ``(g + 1) ** (power_a - 1)`` (a power law: most queries come soon after
+the pairs, ``power_a = 1`` is uniform), the j-th key at the j-th gap drawn. The target of the token
+at a query is the next token Zoology defines there: the value bound to that key; every other
+position is ``IGNORE``. The token after a query is filler, not the value: the value must be
+recalled from the pairs. Zoology's ``random_non_queries`` (``filler="random"``, this form's default)
+replaces every filler 0 by a token drawn uniformly from the whole vocabulary [0, V), so keys and
+values also occur as filler; ``filler="blank"`` keeps the 0s. Zoology asserts V > n; so does this
+form. attnbench shifts every id up by one, so that 0 stays padding (never used: every sequence is
+full): the model's vocabulary is V + 1, Zoology's id z is attnbench's z + 1, and the labels are
+token ids (next-token prediction over the whole vocabulary, as Zoology's loss).
 
-Token ids: 0 pads (never used here: every sequence is full), 1 is the blank filler, keys are
-2 … 2 + K - 1 and values the rest, K = (vocab - 2) // 2. ``filler="random"`` fills the gaps with
-random keys and values instead of blanks (Zoology's ``random_non_queries``), so a key can appear
-more than twice; only the query after the pairs is labelled.
+**Bidirectional** (``form="bidirectional"``, attnbench's first form and the default): the same
+pairs, queries and gap law, read by an encoder that sees the whole sequence; at each query the
+model names the value bound to its key, and the label is the value's class (its index among the
+values). Token ids: 0 pads, 1 is the blank filler, keys are 2 … 2 + K - 1 and values the rest,
+K = (vocab - 2) // 2; ``filler="random"`` fills the gaps with random keys and values.
 
 Numpy, vectorised: sampling without replacement is a top-d over exponential race times
-(Efraimidis & Spirakis: the d smallest of Exp(1) / weight), or whole-row rejection for the keys.
+(Efraimidis & Spirakis: the d smallest of Exp(1) / weight, which is successive sampling, each draw
+in proportion to the weights left; Zoology draws with ``np.random.choice(replace=False, p=…)``,
+whose first draw has the same law), or whole-row rejection for the keys.
 """
 
 from __future__ import annotations
@@ -27,22 +38,35 @@ import numpy as np
 
 from tasks.common.sequence import IGNORE
 
-PAD, BLANK, FIRST_KEY = 0, 1, 2
+PAD, BLANK, FIRST_KEY = 0, 1, 2  # causal form: Zoology's filler 0 and first key 1, shifted up by one
 FILLERS = ("blank", "random")
+FORMS = ("bidirectional", "causal")
 _CHUNK = 1 << 22  # random numbers drawn at once (memory bound for long sequences)
 
 
 @dataclasses.dataclass(frozen=True)
 class Layout:
-    """The vocabulary's halves and the sequence's sections for one configuration."""
+    """The vocabulary's halves and the sequence's sections for one configuration. ``vocab`` is
+    attnbench's vocabulary in the bidirectional form, Zoology's ``vocab_size`` V in the causal one
+    (whose model vocabulary is V + 1: ``tokens``)."""
 
     vocab: int
     seq_len: int
     kv_pairs: int
+    form: str = "bidirectional"
+
+    @property
+    def causal(self) -> bool:
+        return self.form == "causal"
+
+    @property
+    def tokens(self) -> int:
+        """Token ids the model embeds (padding included)."""
+        return self.vocab + 1 if self.causal else self.vocab
 
     @property
     def num_keys(self) -> int:
-        return (self.vocab - FIRST_KEY) // 2
+        return self.vocab // 2 - 1 if self.causal else (self.vocab - FIRST_KEY) // 2
 
     @property
     def first_value(self) -> int:
@@ -50,7 +74,7 @@ class Layout:
 
     @property
     def num_values(self) -> int:
-        return self.vocab - self.first_value
+        return self.tokens - self.first_value
 
     @property
     def context(self) -> int:
@@ -64,37 +88,49 @@ class Layout:
 
     def problem(self) -> str | None:
         """Why these numbers cannot make MQAR sequences, or None."""
+        if self.form not in FORMS:
+            return f"--form {self.form!r}: valid choices: {', '.join(FORMS)}"
         if self.kv_pairs < 1:
             return f"--kv-pairs must be >= 1, got {self.kv_pairs}"
+        if self.causal and self.vocab <= self.seq_len:
+            return (f"--vocab {self.vocab} must exceed --seq-len {self.seq_len} in the causal form "
+                    "(Zoology's multiquery_ar asserts vocab_size > input_seq_len)")
         if self.vocab < 6:
             return f"--vocab must be >= 6 (pad, blank, keys, values), got {self.vocab}"
         if self.kv_pairs > self.num_keys:  # the value half is as large or one larger
             return (f"--kv-pairs {self.kv_pairs} needs as many distinct keys: --vocab {self.vocab} has "
-                    f"{self.num_keys}; raise --vocab to >= {2 * self.kv_pairs + FIRST_KEY}")
+                    f"{self.num_keys}; raise --vocab to >= {2 * self.kv_pairs + 2}")
         if self.kv_pairs > self.slots:
             return (f"--kv-pairs {self.kv_pairs} does not fit in --seq-len {self.seq_len}: the pairs and one "
                     f"query each need --seq-len >= {4 * self.kv_pairs}")
         return None
 
 
+def gap_weights(slots: int, power_a: float) -> np.ndarray:
+    """Zoology's law of a query's gap g = 0 … slots - 1 (its offset after the pairs is 2 g), not
+    normalised: p(g) ∝ (g + 1) ** (power_a - 1)."""
+    return np.arange(1, slots + 1, dtype=np.float64) ** (power_a - 1)
+
+
 def generate(layout: Layout, count: int, rng: np.random.Generator, power_a: float = 0.01,
              filler: str = "blank") -> tuple[np.ndarray, np.ndarray]:
-    """``count`` sequences: ids (count, n) int32 and labels (count, n) int32 (``IGNORE`` but at the
-    queries, where it is the value's class in [0, num_values)); int32 keeps 16k-token sets small."""
+    """``count`` sequences: ids (count, n) int32 and labels (count, n) int32, ``IGNORE`` but at the
+    queries, where it is the value: its class in [0, num_values) in the bidirectional form, its token
+    id in the causal one (the next token Zoology defines there); int32 keeps 16k-token sets small."""
     d, n = layout.kv_pairs, layout.seq_len
     keys = FIRST_KEY + _distinct(rng, count, layout.num_keys, d)  # (count, d)
     values = layout.first_value + _distinct(rng, count, layout.num_values, d)
-    weights = np.arange(1, layout.slots + 1, dtype=np.float64) ** (power_a - 1)
-    gaps = _weighted_distinct(rng, count, weights, d)  # (count, d), the j-th drawn for the j-th key
+    gaps = _weighted_distinct(rng, count, gap_weights(layout.slots, power_a), d)  # (count, d): j-th, key j
     if filler == "blank":
         ids = np.full((count, n), BLANK, dtype=np.int32)
-    else:
-        ids = rng.integers(FIRST_KEY, layout.vocab, size=(count, n), dtype=np.int32)
+    else:  # causal: Zoology's ids 0 … V - 1, the filler included; bidirectional: keys and values
+        ids = rng.integers(BLANK if layout.causal else FIRST_KEY, layout.tokens, size=(count, n),
+                           dtype=np.int32)
     ids[:, 0:layout.context:2], ids[:, 1:layout.context:2] = keys, values
     queries = layout.context + 2 * gaps
     np.put_along_axis(ids, queries, keys, axis=1)
     labels = np.full((count, n), IGNORE, dtype=np.int32)
-    np.put_along_axis(labels, queries, values - layout.first_value, axis=1)
+    np.put_along_axis(labels, queries, values if layout.causal else values - layout.first_value, axis=1)
     return ids, labels
 
 

@@ -1,8 +1,9 @@
-"""What the task tests share: a command line's one-line error."""
+"""What the task tests share: a command line's one-line error, and mechanisms with a causal form."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 
@@ -23,3 +24,19 @@ def cli_error(capsys) -> Callable[[list[str]], str]:
         return err.strip().splitlines()[-1]
 
     return run
+
+
+CAUSAL = Path(__file__).resolve().parents[1] / "causal_mechanisms.py"  # loaded, never imported
+
+
+@pytest.fixture
+def causal_mechanisms() -> Iterator[str]:
+    """The test plug-ins with a causal form (``causal_softmax``, ``leaky_causal``), registered for one
+    test; yields the file's path, for a sweep's ``--load``."""
+    from attnbench import registry
+
+    registry.load_module(str(CAUSAL))
+    yield str(CAUSAL)
+    for name, cls in list(registry._REGISTRY.items()):
+        if cls.__module__ == CAUSAL.stem:
+            registry._REGISTRY.pop(name)

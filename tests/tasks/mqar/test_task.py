@@ -39,7 +39,7 @@ def test_a_smoke_run_records_the_contract_row(tmp_path):
 
 def test_the_sweep_presets_name_registered_mechanisms_and_lengths_that_fit():
     from tasks.mqar.data import Layout
-    from tasks.mqar.task import PRESETS
+    from tasks.mqar.task import FORM_DEFAULTS, PRESETS
 
     presets = get_task("mqar").sweep_presets
     assert set(presets) == {"cpu", "cuda"}
@@ -49,7 +49,8 @@ def test_the_sweep_presets_name_registered_mechanisms_and_lengths_that_fit():
         for name in preset["mechanisms"]:
             get_mechanism(name)  # unknown names raise
         args = preset["args"]
-        vocab = int(args[args.index("--vocab") + 1]) if "--vocab" in args else embedded["vocab"]
+        vocab = int(args[args.index("--vocab") + 1]) if "--vocab" in args else FORM_DEFAULTS["bidirectional"][
+            "vocab"]
         for n in preset["seq"]:
             assert Layout(vocab, n, max(1, n // embedded["kv_divisor"])).problem() is None, (kind, n)
 
