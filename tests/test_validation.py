@@ -260,3 +260,14 @@ def test_a_damaged_meta_json_is_one_line_naming_the_file(tmp_path, capsys):
                  ["scale", "--seq", "256", "--mechanism", "softmax", "--threads", "1", "--out", str(run),
                   "--resume"]):
         assert f"{run / 'meta.json'}: not readable JSON" in error_line(argv, capsys)
+
+
+# ---- the defects of issue #29 -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--bogus"], "attnbench: error: unrecognized arguments: --bogus; the following arguments are required"),
+    (["run", "--bogus=1", "--task", "imagenet"], "attnbench run: error: unrecognized arguments: --bogus=1;"),
+])
+def test_an_unknown_option_is_named_before_what_is_missing(argv, message, capsys):
+    assert error_line(argv, capsys).startswith(message)
