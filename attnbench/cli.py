@@ -558,8 +558,11 @@ def cmd_resolution(args: argparse.Namespace) -> int:
     if args.task not in probed:
         raise UsageError(f"--task {args.task}: no resolution probe (image side does not drive its cost); "
                          f"valid choices: {', '.join(probed) or 'none'}")
-    device = _device(args.device)
     task = get_task(args.task)
+    if task.sizes and args.size not in task.sizes:  # before any work: a row of errors is no answer
+        raise UsageError(f"argument --size: unknown size {args.size!r} of task {args.task}; "
+                         f"valid choices: {', '.join(task.sizes)}")
+    device = _device(args.device)
     if args.resume and args.out is None:
         raise UsageError("--resume continues the probe in --out: give --out FOLDER")
     memory = args.memory_limit

@@ -271,3 +271,12 @@ def test_a_damaged_meta_json_is_one_line_naming_the_file(tmp_path, capsys):
 ])
 def test_an_unknown_option_is_named_before_what_is_missing(argv, message, capsys):
     assert error_line(argv, capsys).startswith(message)
+
+
+@pytest.mark.parametrize("size", ["nope", "MICRO"])
+def test_resolution_refuses_an_unknown_size_before_any_work(size, tmp_path, capsys):
+    out = tmp_path / "probe"
+    argv = ["resolution", "--task", "coco", "--mechanism", "set", "--size", size, "--out", str(out)]
+    line = error_line(argv, capsys)
+    assert f"argument --size: unknown size {size!r} of task coco; valid choices: micro, " in line
+    assert not out.exists()
