@@ -37,6 +37,7 @@ from attnbench.plots import slug
 from attnbench.results import (
     aggregate,
     append_row,
+    foreign_run,
     format_spread,
     read_meta,
     read_table,
@@ -342,19 +343,31 @@ def _check_resume(cfg: AccuracyConfig, meta_path: Path, out: Path) -> None:
                              f"for {now or 'none'}; choose another --out")
 
 
+def check_sweep_out(cfg: AccuracyConfig, out: Path, resume: bool) -> None:
+    """The sweep ``cfg`` may write to ``out``: its settings are sound, and ``out`` holds no other kind
+    of run, no sweep unless ``resume``, and on ``resume`` one trained as ``cfg`` trains; else a
+    ``SweepError``, raised before anything is printed or trained."""
+    cfg.validate()
+    csv, meta_path = out / "accuracy.csv", out / "meta.json"
+    recorded = read_meta(meta_path)
+    foreign = foreign_run(out, "accuracy.csv")
+    if recorded.get("kind", "accuracy") != "accuracy":  # a kernel sweep's folder, say: keep its meta.json
+        foreign = f"a {recorded['kind']} run"
+    if foreign:
+        raise SweepError(f"{out} holds {foreign}, not an accuracy sweep; choose another --out")
+    if csv.exists() and not resume:
+        raise SweepError(f"{out} already holds a sweep; pass --resume to finish it or choose another --out")
+    if resume and meta_path.exists():
+        _check_resume(cfg, meta_path, out)
+
+
 def run_sweep(cfg: AccuracyConfig, out: Path, resume: bool, argv: list[str],
               log: TextIO | None = None) -> pd.DataFrame:
     """Train every point not already in ``out/accuracy.csv``; returns the full table."""
     log = log or sys.stderr
-    cfg.validate()
+    check_sweep_out(cfg, out, resume)
     csv, meta_path = out / "accuracy.csv", out / "meta.json"
-    if csv.exists() and not resume:
-        raise SweepError(f"{out} already holds a sweep; pass --resume to finish it or choose another --out")
     recorded = read_meta(meta_path)
-    if recorded.get("kind", "accuracy") != "accuracy":  # a kernel sweep's folder, say: keep its meta.json
-        raise SweepError(f"{out} holds a {recorded['kind']} run, not an accuracy sweep; choose another --out")
-    if resume and meta_path.exists():
-        _check_resume(cfg, meta_path, out)
     meta = run_context(cfg.device, cfg.threads, argv)
     meta.update(kind="accuracy", task=cfg.task, dtype=precision(cfg.args, cfg.device),
                 sweep=dataclasses.asdict(cfg))

@@ -22,13 +22,14 @@ from attnbench.interrupt import Interrupted, interrupts
 from attnbench.options import parse_mechanism_options
 from attnbench.probe import default_threads
 from attnbench.registry import OptionError, UnknownMechanismError
-from attnbench.resolution import ProbeConfig, ResolutionError, probe, recorded_probe
+from attnbench.resolution import ProbeConfig, ResolutionError, check_probe_out, probe, recorded_probe
 from attnbench.results import RESULTS, ResultsError, new_run_dir, read_meta, read_table
 from attnbench.run_record import finished_table, resumed_argv, run_folder
 from attnbench.sweep import (
     MEASURED,
     SweepConfig,
     SweepError,
+    check_sweep_out,
     compare,
     default_out_dir,
     finish,
@@ -450,8 +451,6 @@ def cmd_scale(args: argparse.Namespace) -> int:
     threads, note = args.threads, ""
     if threads is None:
         threads, note = default_threads(torch.get_num_threads()) if device == "cpu" else (1, "")
-    if note:
-        print(note)
     cfg = SweepConfig(
         mechanisms=parse_mechanisms(args.mechanism or "all"), seq=parse_seq(args.seq or "256..16384"),
         modes=["fwd", "fwd+bwd"] if args.mode == "both" else [args.mode], batch=args.batch,
@@ -473,6 +472,9 @@ def cmd_scale(args: argparse.Namespace) -> int:
         read_table(args.out / "scale.csv", required=MEASURED)
         read_meta(args.out / "meta.json")
     out = args.out or default_out_dir(RESULTS)
+    check_sweep_out(cfg, out, args.resume)  # a foreign or inconsistent --out: one line, nothing before
+    if note:
+        print(note)
     print(f"attnbench scale: {_count_variants(cfg.mechanisms, cfg.variants())} x {len(cfg.seq)} lengths x "
           f"{len(cfg.modes)} modes on {device} ({cfg.threads} threads, "
           f"{'compiled' if cfg.compile else 'eager'}, {cfg.rounds} interleaved rounds) -> {out}",
@@ -527,12 +529,13 @@ def _accuracy_sweep(args: argparse.Namespace) -> int:
         raise UsageError(f"--compare {args.compare}: its accuracy.csv holds no points")  # now, not after
     if args.resume and args.out is None:
         raise UsageError("--resume needs --out pointing at the sweep to finish")
+    out = args.out or new_run_dir(f"accuracy-{args.task}")
+    accuracy.check_sweep_out(cfg, out, args.resume)  # a foreign or inconsistent --out: one line alone
     if args.threads is None:  # once the request is known to be sound: this looks at the machine for a while
         cfg.threads, note = default_threads(torch.get_num_threads()) if device == "cpu" else \
             (torch.get_num_threads(), "")
         if note:
             print(note)
-    out = args.out or new_run_dir(f"accuracy-{args.task}")
     budget = (f"{cfg.time_budget:g} s of training per point" if cfg.time_budget is not None
               else "equal optimiser steps")
     memory = f"{cfg.memory_limit_mib / 1024:.1f} GiB" if cfg.memory_limit_mib else "device memory"
@@ -576,6 +579,7 @@ def cmd_resolution(args: argparse.Namespace) -> int:
         options=parse_mechanism_options(args.opt),
         load=[str(Path(s).resolve()) if s.endswith(".py") else s for s in args.load])
     out = args.out or new_run_dir(f"resolution-{args.task}")
+    check_probe_out(cfg, out, args.resume)  # a foreign or inconsistent --out: one line, nothing before
     limit = f"{cfg.memory_limit_mib / 1024:.1f} GiB" if cfg.memory_limit_mib else "device memory"
     print(f"attnbench resolution: {args.task}, {len(cfg.mechanisms)} mechanisms from {cfg.start} px on "
           f"{device} ({cfg.threads} threads), limit {limit}, {cfg.budget:g} s per side -> {out}",

@@ -105,6 +105,19 @@ def append_row(path: Path, row: dict[str, Any], columns: list[str]) -> pd.DataFr
     return append_rows(path, [row], columns)
 
 
+# The file that says which command's run a folder holds.
+RUN_FILES = {"scale.csv": "a kernel sweep (`attnbench scale`)",
+             "accuracy.csv": "an accuracy sweep (`attnbench scale --task`)",
+             "resolution.csv": "a resolution probe (`attnbench resolution`)",
+             "checkpoint.pt": "a training run (`attnbench run`)"}
+
+
+def foreign_run(folder: Path, own: str) -> str | None:
+    """What other command's run ``folder`` holds (``own``: the file of the asking command's runs),
+    or None: an --out that would mix two kinds of run in one folder is refused."""
+    return next((what for name, what in RUN_FILES.items() if name != own and (folder / name).exists()), None)
+
+
 class ResultsError(ValueError):
     """A results file that cannot be read (not CSV or JSON, columns missing): one line naming it."""
 

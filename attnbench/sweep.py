@@ -41,6 +41,7 @@ from attnbench.probe import MachineState, Reading, floor_ms, median_reading
 from attnbench.results import (
     append_row,
     append_rows,
+    foreign_run,
     new_run_dir,
     read_meta,
     read_table,
@@ -537,19 +538,29 @@ def _keep_measured_rounds(out: Path, done: pd.DataFrame) -> int:
     return int(rounds["pass"].max()) + 1
 
 
+def check_sweep_out(cfg: SweepConfig, out: Path, resume: bool) -> None:
+    """The sweep ``cfg`` may write to ``out``: its settings are sound, and ``out`` holds no other kind
+    of run, no sweep unless ``resume``, and on ``resume`` one measured as ``cfg`` measures; else a
+    ``SweepError``, raised before anything is printed or measured."""
+    cfg.validate()
+    foreign = foreign_run(out, "scale.csv")
+    if foreign:
+        raise SweepError(f"{out} holds {foreign}, not a kernel sweep; choose another --out")
+    if (out / "scale.csv").exists() and not resume:
+        raise SweepError(f"{out} already holds a sweep; pass --resume to finish it or choose another --out")
+    if resume and (out / "meta.json").exists():
+        _check_resume(cfg, out / "meta.json", out)
+
+
 def run_sweep(cfg: SweepConfig, out: Path, resume: bool, argv: list[str], log=None) -> pd.DataFrame:
     """Run every configuration not already in ``out/scale.csv``; returns the full table.
 
     Progress goes to ``log`` (stderr by default), one line per configuration.
     """
     log = log or sys.stderr
-    cfg.validate()
+    check_sweep_out(cfg, out, resume)
     csv = out / "scale.csv"
     meta_path = out / "meta.json"
-    if csv.exists() and not resume:
-        raise SweepError(f"{out} already holds a sweep; pass --resume to finish it or choose another --out")
-    if resume and meta_path.exists():
-        _check_resume(cfg, meta_path, out)
     meta = run_context(cfg.device, cfg.threads, argv)
     meta["sweep"] = dataclasses.asdict(cfg)
     earlier = read_meta(meta_path).get("commands", []) if resume else []

@@ -280,3 +280,35 @@ def test_resolution_refuses_an_unknown_size_before_any_work(size, tmp_path, caps
     line = error_line(argv, capsys)
     assert f"argument --size: unknown size {size!r} of task coco; valid choices: micro, " in line
     assert not out.exists()
+
+
+SCALE = ["scale", "--seq", "256", "--mechanism", "softmax", "--threads", "1"]
+SCALE_TABLE = "mechanism,n,mode,status,time_ms_median,peak_mem_mib\nsoftmax,256,fwd,ok,1,1\n"
+
+
+@pytest.mark.parametrize("files, argv, message", [
+    ({"scale.csv": SCALE_TABLE}, SCALE, "already holds a sweep; pass --resume"),
+    ({"scale.csv": SCALE_TABLE, "meta.json": '{"sweep": {"batch": 2}}'}, [*SCALE, "--resume"],
+     "was measured with --batch 2, this sweep asks for 1"),
+    ({"resolution.csv": "task,mechanism\n"}, SCALE,
+     "holds a resolution probe (`attnbench resolution`), not a kernel sweep"),
+    ({"scale.csv": SCALE_TABLE}, ["scale", "--task", "mqar", "--mechanism", "softmax", "--seq", "64"],
+     "holds a kernel sweep (`attnbench scale`), not an accuracy sweep"),
+    ({"meta.json": '{"kind": "scale"}'}, ["scale", "--task", "mqar", "--mechanism", "softmax", "--seq", "64"],
+     "holds a scale run, not an accuracy sweep"),
+    ({"resolution.csv": "task,mechanism\n"}, ["resolution", "--task", "coco", "--threads", "1"],
+     "already holds a probe; choose another --out"),
+    ({"resolution.csv": "task,mechanism\n", "meta.json": '{"probe": {"task": "coco", "size": "tiny"}}'},
+     ["resolution", "--task", "coco", "--threads", "1", "--resume"], "it was probed with other settings"),
+    ({"scale.csv": SCALE_TABLE}, ["resolution", "--task", "coco", "--threads", "1"],
+     "holds a kernel sweep (`attnbench scale`), not a resolution probe"),
+])
+def test_a_foreign_or_inconsistent_out_is_the_error_line_alone(files, argv, message, tmp_path, capsys):
+    """No banner before the refusal: the one line printed is the error, and nothing is written."""
+    out = tmp_path / "out"
+    out.mkdir()
+    for name, text in files.items():
+        (out / name).write_text(text)
+    line = error_line([*argv, "--out", str(out)], capsys)
+    assert line.startswith(f"attnbench {argv[0]}: error: ") and message in line, line
+    assert sorted(p.name for p in out.iterdir()) == sorted(files)
