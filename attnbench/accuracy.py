@@ -327,6 +327,12 @@ def describe(row: dict[str, Any]) -> str:
     return ", ".join(parts) + f", {_number(row, 'point_s'):.0f} s"
 
 
+def read_points(path: Path, columns: list[str] | None = None) -> pd.DataFrame:
+    """A sweep's ``accuracy.csv``: the ``REQUIRED`` columns, n and seed numbers in every row and the
+    accuracy in every ``ok`` one; a damaged table is a ``ResultsError`` naming it."""
+    return read_table(path, columns, required=REQUIRED, numbers=["seq_len", "seed"], ok_numbers=["accuracy"])
+
+
 def _check_resume(cfg: AccuracyConfig, meta_path: Path, out: Path) -> None:
     """A resumed sweep must train as its folder did: same task, task arguments, budget, device and,
     for every mechanism in both, the same options."""
@@ -374,7 +380,7 @@ def run_sweep(cfg: AccuracyConfig, out: Path, resume: bool, argv: list[str],
     earlier = recorded.get("commands", []) if resume else []
     meta["commands"] = [*earlier, meta["command"]]
     write_meta(meta_path, meta)
-    done = read_table(csv, COLUMNS, required=REQUIRED if csv.exists() else ())
+    done = read_points(csv, COLUMNS) if csv.exists() else read_table(csv, COLUMNS)
     seen = {(str(v), int(n), int(s)) for v, n, s in zip(done.get("variant", []), done.get("seq_len", []),
                                                          done.get("seed", []), strict=True)}
     todo = [p for p in points(cfg) if p.key not in seen]
@@ -496,7 +502,7 @@ def finish(out: Path, log: TextIO | None = None) -> Finished:
     """Write ``breaking.csv`` and the plots of a sweep folder."""
     from attnbench.accuracy_plots import accuracy_sweep_plots
 
-    table = read_table(out / "accuracy.csv", required=REQUIRED)
+    table = read_points(out / "accuracy.csv")
     if table.empty:
         raise SweepError(f"{out / 'accuracy.csv'} holds no points")
     breaking = breaking_lengths(table)
@@ -541,7 +547,7 @@ def summary(out: Path) -> str:
 def compare(out: Path, other: Path) -> pd.DataFrame:
     """Accuracy of this sweep against a saved one, point by point (variant, n, seed); written to
     ``compare.csv``."""
-    mine, theirs = read_table(out / "accuracy.csv"), read_table(other / "accuracy.csv", required=REQUIRED)
+    mine, theirs = read_table(out / "accuracy.csv"), read_points(other / "accuracy.csv")
     if theirs.empty:
         raise SweepError(f"--compare {other}: no accuracy.csv there")
     keep = [*KEY, "status", "accuracy", "step_ms", "peak_mem_mib"]

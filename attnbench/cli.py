@@ -23,10 +23,9 @@ from attnbench.options import parse_mechanism_options
 from attnbench.probe import default_threads
 from attnbench.registry import OptionError, UnknownMechanismError
 from attnbench.resolution import ProbeConfig, ResolutionError, check_probe_out, probe, recorded_probe
-from attnbench.results import RESULTS, ResultsError, new_run_dir, read_meta, read_table
+from attnbench.results import RESULTS, ResultsError, new_run_dir, read_meta
 from attnbench.run_record import finished_table, resumed_argv, run_folder
 from attnbench.sweep import (
-    MEASURED,
     SweepConfig,
     SweepError,
     check_sweep_out,
@@ -35,6 +34,7 @@ from attnbench.sweep import (
     finish,
     parse_mechanisms,
     parse_seq,
+    read_sweep,
     run_sweep,
 )
 from attnbench.tasks import (
@@ -464,12 +464,12 @@ def cmd_scale(args: argparse.Namespace) -> int:
         max_spread=args.max_spread)
     if args.compare is not None and not (args.compare / "scale.csv").is_file():
         raise UsageError(f"--compare {args.compare}: no scale.csv there")
-    if args.compare is not None and read_table(args.compare / "scale.csv", required=MEASURED).empty:
+    if args.compare is not None and read_sweep(args.compare / "scale.csv").empty:
         raise UsageError(f"--compare {args.compare}: its scale.csv holds no measurements")  # now, not after
     if args.resume and args.out is None:
         raise UsageError("--resume needs --out pointing at the run to finish")
     if args.resume:  # a damaged folder is refused now, in one line, before anything starts
-        read_table(args.out / "scale.csv", required=MEASURED)
+        read_sweep(args.out / "scale.csv")
         read_meta(args.out / "meta.json")
     out = args.out or default_out_dir(RESULTS)
     check_sweep_out(cfg, out, args.resume)  # a foreign or inconsistent --out: one line, nothing before
@@ -525,7 +525,7 @@ def _accuracy_sweep(args: argparse.Namespace) -> int:
     if args.compare is not None and not (args.compare / "accuracy.csv").is_file():
         raise UsageError(f"--compare {args.compare}: no accuracy.csv there (a folder of `scale --task`)")
     if (args.compare is not None
-            and read_table(args.compare / "accuracy.csv", required=accuracy.REQUIRED).empty):
+            and accuracy.read_points(args.compare / "accuracy.csv").empty):
         raise UsageError(f"--compare {args.compare}: its accuracy.csv holds no points")  # now, not after
     if args.resume and args.out is None:
         raise UsageError("--resume needs --out pointing at the sweep to finish")

@@ -41,6 +41,13 @@ SUMMARY_COLUMNS = ["task", "mechanism", "size", "train_side", "train_step_ms", "
                    "failure", "memory_limit_mib", "budget_s", "max_side"]
 
 
+def read_probe(path: Path) -> pd.DataFrame:
+    """A probe's ``resolution.csv``: the side a number in every row, step time and memory in every
+    ``ok`` one; a damaged table is a ``ResultsError`` naming it."""
+    return read_table(path, COLUMNS, numbers=["side"], ok_numbers=["step_ms", "peak_mem_mib"],
+                      required=["task", "mechanism", "size", "side", "status", "memory_limit_mib"])
+
+
 class ResolutionError(ValueError):
     """A probe request that cannot be run as asked; printed as one line."""
 
@@ -178,7 +185,7 @@ def check_probe_out(cfg: ProbeConfig, out: Path, resume: bool) -> None:
         if differ:
             raise ResolutionError(f"cannot resume {out}: it was probed with other settings ("
                                   + ", ".join(f"{k} {before.get(k)!r}, not {now[k]!r}" for k in differ) + ")")
-        read_table(csv, COLUMNS)  # a damaged table: now, in one line
+        read_probe(csv)  # a damaged table: now, in one line
 
 
 def probe(cfg: ProbeConfig, out: Path, argv: list[str], log=None, resume: bool = False) -> pd.DataFrame:
@@ -190,7 +197,7 @@ def probe(cfg: ProbeConfig, out: Path, argv: list[str], log=None, resume: bool =
     csv = out / "resolution.csv"
     done = pd.DataFrame(columns=COLUMNS)
     if csv.exists():
-        done = read_table(csv, COLUMNS)
+        done = read_probe(csv)
         print(f"resuming: {len(done)} sides already in {csv}", file=log)
     meta = run_context(cfg.device, cfg.threads, argv)
     meta["probe"] = dataclasses.asdict(cfg)

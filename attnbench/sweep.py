@@ -170,6 +170,13 @@ def _options(cfg: SweepConfig, job: dict[str, Any]) -> dict[str, str]:
     return next(v.options for v in cfg.variants() if v.label == job["variant"])
 
 
+def read_sweep(path: Path, columns: list[str] | None = None) -> pd.DataFrame:
+    """A sweep's ``scale.csv``: the ``MEASURED`` columns, n a number in every row and time and memory in
+    every ``ok`` one; a damaged table is a ``ResultsError`` naming it."""
+    return read_table(path, columns, required=MEASURED, numbers=["n"],
+                      ok_numbers=["time_ms_median", "peak_mem_mib"])
+
+
 def with_variants(table: pd.DataFrame) -> pd.DataFrame:
     """``table`` with a ``variant`` for every row: tables from before the column (and rows without
     swept options) are the mechanism itself."""
@@ -566,7 +573,7 @@ def run_sweep(cfg: SweepConfig, out: Path, resume: bool, argv: list[str], log=No
     earlier = read_meta(meta_path).get("commands", []) if resume else []
     meta["commands"] = [*earlier, meta["command"]]  # a resumed run keeps how it was started
     out.mkdir(parents=True, exist_ok=True)
-    done = with_variants(read_table(csv, COLUMNS, required=MEASURED))
+    done = with_variants(read_sweep(csv, COLUMNS))
     seen = {(r.variant, int(r.n), r.mode) for r in done.itertuples()} if len(done) else set()
     jobs = [j for j in configurations(cfg) if (j["variant"], j["n"], j["mode"]) not in seen]
     if seen:
@@ -606,7 +613,7 @@ def finish(out: Path, fit_min_n: int, log=None) -> pd.DataFrame:
     log = log or sys.stderr
     from attnbench.plots import scaling_plots, sweep_title
 
-    table = by_variant(read_table(out / "scale.csv", required=MEASURED))  # fits, plots: a series per variant
+    table = by_variant(read_sweep(out / "scale.csv"))  # fits, plots: a series per variant
     if table.empty:
         raise SweepError(f"{out / 'scale.csv'} holds no measurements")
     fits = fit_table(table, fit_min_n)
@@ -708,7 +715,7 @@ def compare(out: Path, other: Path, threshold: float = 0.10) -> pd.DataFrame:
     runs' inter-quartile ranges, so noise alone does not raise it, and whose rows are neither
     flagged noisy (``noisy`` says where either was).
     """
-    mine, theirs = (with_variants(read_table(folder / "scale.csv", required=MEASURED))
+    mine, theirs = (with_variants(read_sweep(folder / "scale.csv"))
                     for folder in (out, other))
     if theirs.empty:
         raise SweepError(f"--compare {other}: no scale.csv there")

@@ -312,3 +312,27 @@ def test_a_foreign_or_inconsistent_out_is_the_error_line_alone(files, argv, mess
     line = error_line([*argv, "--out", str(out)], capsys)
     assert line.startswith(f"attnbench {argv[0]}: error: ") and message in line, line
     assert sorted(p.name for p in out.iterdir()) == sorted(files)
+
+
+@pytest.mark.parametrize("name, text, message", [
+    ("scale.csv", "mechanism,n,mode,status,time_ms_median,peak_mem_mib\nsoftmax,256,fwd,ok,1,1\n"
+                  "softmax,512,fwd,ok,NaN,2\n",
+     "scale.csv: row 2: time_ms_median is empty or NaN; expected a finite number in every row of status ok"),
+    ("scale.csv", "mechanism,n,mode,status,time_ms_median,peak_mem_mib\nsoftmax,256,fwd,ok,1,1\n"
+                  "softmax,,fwd,ok,2,2\n",
+     "scale.csv: row 2: n is empty or NaN; expected a finite number in every row"),
+    ("resolution.csv", "task,mechanism,size,side,status,step_ms,peak_mem_mib,memory_limit_mib\n"
+                       "coco,softmax,micro,,ok,5,10,100\n", "resolution.csv: row 1: side is empty or NaN"),
+    ("accuracy.csv", "task,mechanism,variant,seq_len,seed,status,accuracy\nmqar,softmax,softmax,,0,ok,50\n",
+     "accuracy.csv: row 1: seq_len is empty or NaN"),
+    ("imagenet.csv", "task,mechanism,dataset,status,top1\nimagenet,softmax,mnist5k,ok,90\n",
+     "imagenet.csv: not an attnbench table: no column seed"),
+])
+def test_plot_and_report_on_a_damaged_table_are_one_line_naming_it(name, text, message, tmp_path, capsys):
+    folder = tmp_path / "run"
+    folder.mkdir()
+    (folder / name).write_text(text)
+    report = ["report", str(folder), "--out", str(tmp_path / "r.html")]
+    for argv in (["plot", str(folder)], *([report] if name != "accuracy.csv" else [])):  # the report lists
+        line = error_line(argv, capsys)  # an accuracy sweep's table as it is: nothing drawn from it
+        assert line.startswith(f"attnbench {argv[0]}: error: {folder}/") and message in line, (argv, line)
