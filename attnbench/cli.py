@@ -24,7 +24,7 @@ from attnbench.probe import default_threads
 from attnbench.registry import OptionError, UnknownMechanismError
 from attnbench.resolution import ProbeConfig, ResolutionError, check_probe_out, probe, recorded_probe
 from attnbench.results import RESULTS, ResultsError, new_run_dir, read_meta
-from attnbench.run_record import finished_table, resumed_argv, run_folder
+from attnbench.run_record import finished_table, held_run, resumed_argv, run_folder
 from attnbench.sweep import (
     SweepConfig,
     SweepError,
@@ -355,6 +355,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     if resume is not None and (table := finished_table(resume)) is not None:
         print(f"attnbench run: {run_folder(resume)} already finished; its row is in {table}")
         return 0
+    out = getattr(args, "out", None)
+    if resume is None and out is not None and (held := held_run(out)) is not None:
+        raise UsageError(f"--out {out} holds {held}; continue it with --resume {out}, or choose another "
+                         "--out")
     registry.get_mechanism(args.mechanism)
     args.mechanism_options = parse_mechanism_options(args.opt)
     task = get_task(args.task)
