@@ -58,6 +58,7 @@ from attnbench.results import (
     run_context,
     table_lock,
     write_meta,
+    write_table,
 )
 from attnbench.run_record import mark_finished, settings_of
 from attnbench.tasks import Task, TaskError, finished_runs
@@ -564,8 +565,7 @@ class TrainingTask(Task):
             trainer.save(self.run_dir / "checkpoint.pt",
                          {"config": self.run_config, "wall_s": wall, "facts": self.facts,
                           "settings": self.settings})
-            if dist.is_main:
-                append_row(self.run_dir / "history.csv", entry, list(entry))
+            self.write_history()
             scores = (f" | {self.format_scores(metrics)} ({metrics['eval_s']:.0f} s)" if metrics else "")
             if ema:
                 scores += f", EMA {self.headline} {ema[self.headline]:.2f}"
@@ -577,6 +577,7 @@ class TrainingTask(Task):
                 break
         if not metrics:  # resumed a finished run: evaluate its weights once more
             metrics = self.timed_evaluation(trainer.model)
+            self.write_history()  # killed after its last checkpoint: the epoch's line may be missing
         row = self.result_row(metrics, self.previous_wall + time.perf_counter() - started)
         table = self.table
         if dist.is_main:
@@ -597,6 +598,12 @@ class TrainingTask(Task):
     def limits_text(self) -> str:
         return ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in dataclasses.asdict(self.limits).items()
                          if v is not None)
+
+    def write_history(self) -> None:
+        """history.csv: every epoch so far, from the history the checkpoint holds, written whole (a run
+        killed between its checkpoint and this line gets the epoch's line when it is resumed)."""
+        if self.dist.is_main and self.history:
+            write_table(self.run_dir / "history.csv", pd.DataFrame(self.history))
 
     def write_meta(self) -> None:
         """meta.json: the run's context (device, versions, commit, command) plus its facts."""
