@@ -418,6 +418,11 @@ class TrainingTask(Task):
             return self.train_and_evaluate()
         except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM: say what is kept, and how to go on
             raise keeping(exc, self.kept_when_interrupted()) from None
+        except TaskError as exc:  # bad data met in a loader worker: its own line, as with --workers 0
+            message = worker_message(exc)
+            if message is None:
+                raise
+            raise TaskError(message) from None
         except Exception as exc:  # a run that diverged or ran out of memory still gets its row
             failure = failure_status(exc)
             if failure is None:
@@ -705,6 +710,18 @@ def failure_status(exc: BaseException) -> tuple[str, str] | None:
     if is_out_of_memory(exc) and not isinstance(exc, TaskError):
         return "oom", " ".join(str(exc).split())[:300] or type(exc).__name__
     return None
+
+
+def worker_message(exc: BaseException) -> str | None:
+    """The message of an error raised in a DataLoader worker, which PyTorch raises again in the main
+    process as the same type around its traceback ("Caught TaskError in DataLoader worker process 0.
+    Original Traceback …", ending ``module.TaskError: message``); None for an error of this process."""
+    text = str(exc)
+    if not (text.startswith("Caught ") and "\nOriginal Traceback" in text):
+        return None
+    last = text.rstrip().splitlines()[-1]  # "attnbench.tasks.TaskError: <the message>"
+    name, colon, message = last.partition(": ")
+    return message if colon and name.endswith(type(exc).__name__) else last
 
 
 def millions(count: int) -> str:
