@@ -235,8 +235,8 @@ def write_meta(path: Path, meta: dict[str, Any]) -> None:
 # commit, CPU, threads, backend) are not configuration; nor is the seed, which ``aggregate`` counts.
 SHARED_CONFIG_COLUMNS: tuple[str, ...] = (
     "task", "dataset", "mechanism", "size", "epochs", "options", "mechanism_init", "batch_size",
-    "world_size", "device", "amp", "limited", "max_steps", "limit_train", "limit_val", "time_budget",
-    "train_examples", "val_examples")
+    "world_size", "device", "amp", "limited", "max_steps", "limit_train", "limit_val", "subset",
+    "time_budget", "train_examples", "val_examples")
 SEED_COLUMN = "seed"
 TASK_TABLE_REQUIRED = ("task", "mechanism", "dataset", SEED_COLUMN)  # what aggregates over seeds stand on
 _MISSING = "<none>"

@@ -44,7 +44,7 @@ import numpy as np
 import pandas as pd
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from attnbench import Mechanism, get_mechanism, parse_mechanism_options
 from attnbench.interrupt import command_with, keeping
@@ -84,6 +84,7 @@ from tasks.common.distributed import (
     use_cuda,
 )
 from tasks.common.init_from_data import describe_init, init_mechanisms_from_data
+from tasks.common.subset import smoke_subset
 from tasks.common.trainer import AMP_CHOICES, Loss, Recipe, Trainer, to_device
 
 # What a preset leaves out; ``lr=None`` scales ``lr_per_images`` = (lr, images) linearly with the
@@ -96,9 +97,10 @@ RECIPE_DEFAULTS: dict[str, Any] = dict(
 COST_COLUMNS = ["peak_mem_mib", "train_mem_mib", "wall_s", "batch_size", "world_size", "device", "threads",
                 "amp"]
 CONTEXT_COLUMNS = ["status", "message", "run_dir", "date", "git_commit", "torch", "cpu", "gpu"]
-# appended to every table: the smoke-run limits, and the training-time budget (not a limit: equal time
-# is a fair budget, so it never marks a run `limited`)
-LIMIT_COLUMNS = ["limited", "max_steps", "limit_train", "limit_val", "time_budget"]
+# appended to every table: the smoke-run limits, the rule that chose a limited split's examples
+# (``tasks.common.subset``; empty where no split was cut), and the training-time budget (not a limit:
+# equal time is a fair budget, so it never marks a run `limited`)
+LIMIT_COLUMNS = ["limited", "max_steps", "limit_train", "limit_val", "subset", "time_budget"]
 
 
 @dataclasses.dataclass
@@ -115,7 +117,8 @@ class Data:
 
 @dataclasses.dataclass(frozen=True)
 class Limits:
-    """A smoke run: stop after ``max_steps`` optimiser steps, use the first examples of each split."""
+    """A smoke run: stop after ``max_steps`` optimiser steps, keep a seeded sample of each split
+    (``tasks.common.subset``: stratified by class where the data say each example's class)."""
 
     max_steps: int | None = None
     limit_train: int | None = None
@@ -132,11 +135,6 @@ class Limits:
 
     def columns(self) -> dict[str, Any]:
         return {"limited": self.any, **dataclasses.asdict(self)}
-
-
-def first(dataset: Dataset, n: int | None) -> Dataset:
-    """The first ``n`` examples of ``dataset`` (all of it when ``n`` is None)."""
-    return dataset if n is None or n >= len(dataset) else Subset(dataset, range(n))
 
 
 class TrainingTask(Task):
@@ -328,9 +326,10 @@ class TrainingTask(Task):
         s.add_argument("--max-steps", type=int_in(1, 10**9), metavar="N",
                        help="stop training after N optimiser steps")
         s.add_argument("--limit-train", type=int_in(1, 10**9), metavar="N",
-                       help="train on the first N examples only")
+                       help="train on N examples only: a sample drawn from --seed, stratified by class "
+                            "where the data have classes")
         s.add_argument("--limit-val", type=int_in(1, 10**9), metavar="N",
-                       help="evaluate on the first N examples only")
+                       help="evaluate on N examples only, drawn as for --limit-train")
 
     @classmethod
     def _defaults(cls, key: str) -> str:
@@ -486,10 +485,7 @@ class TrainingTask(Task):
         self.facts: dict[str, Any] = {"mechanism_init": "random"}
         if self.resumed is None:
             self.initialise(model)
-        self.train_set = first(self.data.train, self.limits.limit_train)
-        val = self.data.val
-        self.val_sets = ({k: first(v, self.limits.limit_val) for k, v in val.items()}
-                         if isinstance(val, Mapping) else first(val, self.limits.limit_val))
+        self.limit_data()
         self.train_loader = self.make_train_loader(self.train_set, self.data.collate)
         self.val_loader = ({k: self.make_eval_loader(v, self.data.collate) for k, v in self.val_sets.items()}
                            if isinstance(self.val_sets, Mapping) else
@@ -503,6 +499,23 @@ class TrainingTask(Task):
             legacy = {"mechanism_init": self.resumed.get("mechanism_init", "random")}  # before "facts"
             self.facts = dict(self.resumed.get("facts", legacy))
             self.log(f"resuming {self.run_dir} after epoch {self.trainer.epoch}/{recipe.epochs}")
+
+    def limit_data(self) -> None:
+        """The splits trained and evaluated on: each a seeded sample where --limit-train/--limit-val cut
+        it, the same on every process and every resume (``tasks.common.subset``); ``self.subset``
+        says which rule chose them ("" where nothing was cut)."""
+        seed, val, limit = self.recipe.seed, self.data.val, self.limits.limit_val
+        self.train_set, rule = smoke_subset(self.data.train, self.limits.limit_train, seed, "train")
+        rules = {"train": rule}
+        if isinstance(val, Mapping):
+            self.val_sets = {}
+            for name, split in val.items():
+                self.val_sets[name], rules[name] = smoke_subset(split, limit, seed, f"val:{name}")
+        else:
+            self.val_sets, rules["val"] = smoke_subset(val, limit, seed, "val")
+        cut = {name: rule for name, rule in rules.items() if rule}
+        self.subset = (next(iter(cut.values())) if len(set(cut.values())) == 1
+                       else ", ".join(f"{name} {rule}" for name, rule in cut.items()))
 
     @property
     def history(self) -> list[dict[str, Any]]:
@@ -620,7 +633,8 @@ class TrainingTask(Task):
         n_train, n_val = self.split_sizes()
         meta.update(task=self.name, preset=self.preset_name, config=self.run_config,
                     recipe=dataclasses.asdict(self.recipe), eval_every=self.eval_every,
-                    limits=dataclasses.asdict(self.limits), world_size=self.dist.world_size, data_path=root,
+                    limits={**dataclasses.asdict(self.limits), "subset": self.subset},
+                    world_size=self.dist.world_size, data_path=root,
                     data_description=self.data.description or root, params=self.params,
                     backend=get_mechanism(self.mechanism).backend(str(self.device)), settings=self.settings)
         meta.update({**dict(zip(self.counted, (n_train, n_val), strict=True)), **self.facts, **self.meta()})
@@ -665,7 +679,8 @@ class TrainingTask(Task):
                 "backend": get_mechanism(self.mechanism).backend(str(self.device)), "status": status,
                 "message": message, "run_dir": str(getattr(self, "run_dir", "")), "date": ctx["date"],
                 "git_commit": ctx["git_commit"], "torch": ctx["versions"]["torch"], "cpu": ctx["cpu"],
-                "gpu": ctx["gpu"], **self.limits.columns(), "time_budget": self.time_budget}
+                "gpu": ctx["gpu"], **self.limits.columns(), "subset": getattr(self, "subset", ""),
+                "time_budget": self.time_budget}
 
     def declared(self, row: dict[str, Any]) -> dict[str, Any]:
         """``row`` cut to the columns the task declares (``columns``) and the limits."""
