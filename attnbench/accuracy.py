@@ -46,6 +46,7 @@ from attnbench.plots import slug
 from attnbench.results import (
     aggregate,
     append_row,
+    foreign_run,
     format_spread,
     read_meta,
     read_table,
@@ -469,6 +470,12 @@ def describe(row: dict[str, Any], score: SweepScore = ACCURACY) -> str:
     return ", ".join(parts) + f", {_number(row, 'point_s'):.0f} s"
 
 
+def read_points(path: Path, columns: list[str] | None = None) -> pd.DataFrame:
+    """A sweep's ``accuracy.csv``: the ``REQUIRED`` columns, n and seed numbers in every row and the
+    accuracy in every ``ok`` one; a damaged table is a ``ResultsError`` naming it."""
+    return read_table(path, columns, required=REQUIRED, numbers=["seq_len", "seed"], ok_numbers=["accuracy"])
+
+
 def _check_resume(cfg: AccuracyConfig, meta_path: Path, out: Path) -> None:
     """A resumed sweep must train as its folder did: same task, task arguments, budget, device and,
     for every mechanism in both, the same options."""
@@ -485,20 +492,32 @@ def _check_resume(cfg: AccuracyConfig, meta_path: Path, out: Path) -> None:
                              f"for {now or 'none'}; choose another --out")
 
 
+def check_sweep_out(cfg: AccuracyConfig, out: Path, resume: bool) -> None:
+    """The sweep ``cfg`` may write to ``out``: its settings are sound, and ``out`` holds no other kind
+    of run, no sweep unless ``resume``, and on ``resume`` one trained as ``cfg`` trains; else a
+    ``SweepError``, raised before anything is printed or trained."""
+    cfg.validate()
+    csv, meta_path = out / "accuracy.csv", out / "meta.json"
+    recorded = read_meta(meta_path)
+    foreign = foreign_run(out, "accuracy.csv")
+    if recorded.get("kind", "accuracy") != "accuracy":  # a kernel sweep's folder, say: keep its meta.json
+        foreign = f"a {recorded['kind']} run"
+    if foreign:
+        raise SweepError(f"{out} holds {foreign}, not an accuracy sweep; choose another --out")
+    if csv.exists() and not resume:
+        raise SweepError(f"{out} already holds a sweep; pass --resume to finish it or choose another --out")
+    if resume and meta_path.exists():
+        _check_resume(cfg, meta_path, out)
+
+
 def run_sweep(cfg: AccuracyConfig, out: Path, resume: bool, argv: list[str],
               log: TextIO | None = None, launcher: Launcher | None = None) -> pd.DataFrame:
     """Train every point not already in ``out/accuracy.csv``, where ``launcher`` runs them (default:
     here, one at a time); returns the full table."""
     log = log or sys.stderr
-    cfg.validate()
+    check_sweep_out(cfg, out, resume)
     csv, meta_path = out / "accuracy.csv", out / "meta.json"
-    if csv.exists() and not resume:
-        raise SweepError(f"{out} already holds a sweep; pass --resume to finish it or choose another --out")
     recorded = read_meta(meta_path)
-    if recorded.get("kind", "accuracy") != "accuracy":  # a kernel sweep's folder, say: keep its meta.json
-        raise SweepError(f"{out} holds a {recorded['kind']} run, not an accuracy sweep; choose another --out")
-    if resume and meta_path.exists():
-        _check_resume(cfg, meta_path, out)
     meta = run_context(cfg.device, cfg.threads, argv)
     score = task_score(cfg.task)
     meta.update(kind="accuracy", task=cfg.task, dtype=precision(cfg.args, cfg.device),
@@ -506,7 +525,7 @@ def run_sweep(cfg: AccuracyConfig, out: Path, resume: bool, argv: list[str],
     earlier = recorded.get("commands", []) if resume else []
     meta["commands"] = [*earlier, meta["command"]]
     write_meta(meta_path, meta)
-    done = read_table(csv, COLUMNS, required=REQUIRED if csv.exists() else ())
+    done = read_points(csv, COLUMNS) if csv.exists() else read_table(csv, COLUMNS)
     grid = {c: done[c].map(value_text) if c in done.columns else [NO_VALUE] * len(done) for c in GRID}
     seen = {(str(v), int(n), int(s), lr, wd) for v, n, s, lr, wd in zip(
         done.get("variant", []), done.get("seq_len", []), done.get("seed", []), grid["lr"],
@@ -648,7 +667,7 @@ def finish(out: Path, log: TextIO | None = None) -> Finished:
 
     meta = read_meta(out / "meta.json")
     score = recorded_score(meta)
-    table = read_table(out / "accuracy.csv", required=REQUIRED)
+    table = read_points(out / "accuracy.csv")
     if table.empty:
         raise SweepError(f"{out / 'accuracy.csv'} holds no points")
     tuned = tuning.label(table)
@@ -696,7 +715,7 @@ def compare(out: Path, other: Path) -> pd.DataFrame:
     """The score (accuracy) of this sweep against a saved one, point by point (variant, n, seed);
     written to ``compare.csv``."""
     column = recorded_score(read_meta(out / "meta.json")).column
-    mine, theirs = read_table(out / "accuracy.csv"), read_table(other / "accuracy.csv", required=REQUIRED)
+    mine, theirs = read_table(out / "accuracy.csv"), read_points(other / "accuracy.csv")
     if theirs.empty:
         raise SweepError(f"--compare {other}: no accuracy.csv there")
     mine, theirs = tuned_view(mine), tuned_view(theirs)  # each point's run that stands for it

@@ -22,18 +22,19 @@ from attnbench.interrupt import Interrupted, interrupts
 from attnbench.options import parse_mechanism_options
 from attnbench.probe import default_threads
 from attnbench.registry import OptionError, UnknownMechanismError
-from attnbench.resolution import ProbeConfig, ResolutionError, probe, recorded_probe
-from attnbench.results import RESULTS, ResultsError, new_run_dir, read_meta, read_table
-from attnbench.run_record import finished_table, resumed_argv, run_folder
+from attnbench.resolution import ProbeConfig, ResolutionError, check_probe_out, probe, recorded_probe
+from attnbench.results import RESULTS, ResultsError, new_run_dir, read_meta
+from attnbench.run_record import finished_table, held_run, resumed_argv, run_folder
 from attnbench.sweep import (
-    MEASURED,
     SweepConfig,
     SweepError,
+    check_sweep_out,
     compare,
     default_out_dir,
     finish,
     parse_mechanisms,
     parse_seq,
+    read_sweep,
     run_sweep,
 )
 from attnbench.tasks import (
@@ -392,6 +393,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     if resume is not None and (table := finished_table(resume)) is not None:
         print(f"attnbench run: {run_folder(resume)} already finished; its row is in {table}")
         return 0
+    out = getattr(args, "out", None)
+    if resume is None and out is not None and (held := held_run(out)) is not None:
+        raise UsageError(f"--out {out} holds {held}; continue it with --resume {out}, or choose another "
+                         "--out")
     registry.get_mechanism(args.mechanism)
     args.mechanism_options = parse_mechanism_options(args.opt)
     task = get_task(args.task)
@@ -490,8 +495,6 @@ def cmd_scale(args: argparse.Namespace) -> int:
     threads, note = args.threads, ""
     if threads is None:
         threads, note = default_threads(torch.get_num_threads()) if device == "cpu" else (1, "")
-    if note:
-        print(note)
     cfg = SweepConfig(
         mechanisms=parse_mechanisms(args.mechanism or "all"),
         seq=parse_seq(args.seq or default_seq(args.mode)),
@@ -507,14 +510,17 @@ def cmd_scale(args: argparse.Namespace) -> int:
         max_spread=args.max_spread)
     if args.compare is not None and not (args.compare / "scale.csv").is_file():
         raise UsageError(f"--compare {args.compare}: no scale.csv there")
-    if args.compare is not None and read_table(args.compare / "scale.csv", required=MEASURED).empty:
+    if args.compare is not None and read_sweep(args.compare / "scale.csv").empty:
         raise UsageError(f"--compare {args.compare}: its scale.csv holds no measurements")  # now, not after
     if args.resume and args.out is None:
         raise UsageError("--resume needs --out pointing at the run to finish")
     if args.resume:  # a damaged folder is refused now, in one line, before anything starts
-        read_table(args.out / "scale.csv", required=MEASURED)
+        read_sweep(args.out / "scale.csv")
         read_meta(args.out / "meta.json")
     out = args.out or default_out_dir(RESULTS)
+    check_sweep_out(cfg, out, args.resume)  # a foreign or inconsistent --out: one line, nothing before
+    if note:
+        print(note)
     print(f"attnbench scale: {_count_variants(cfg.mechanisms, cfg.variants())} x {len(cfg.seq)} lengths x "
           f"{len(cfg.modes)} modes on {device} ({cfg.threads} threads, "
           f"{'compiled' if cfg.compile else 'eager'}{', causal' if cfg.causal else ''}, "
@@ -588,10 +594,12 @@ def _accuracy_sweep(args: argparse.Namespace) -> int:
     if args.compare is not None and not (args.compare / "accuracy.csv").is_file():
         raise UsageError(f"--compare {args.compare}: no accuracy.csv there (a folder of `scale --task`)")
     if (args.compare is not None
-            and read_table(args.compare / "accuracy.csv", required=accuracy.REQUIRED).empty):
+            and accuracy.read_points(args.compare / "accuracy.csv").empty):
         raise UsageError(f"--compare {args.compare}: its accuracy.csv holds no points")  # now, not after
     if args.resume and args.out is None:
         raise UsageError("--resume needs --out pointing at the sweep to finish")
+    out = args.out or new_run_dir(f"accuracy-{args.task}")
+    accuracy.check_sweep_out(cfg, out, args.resume)  # a foreign or inconsistent --out: one line alone
     if args.threads is None and args.jobs is not None:  # a share of the cores each
         cfg.threads = max(1, len(launchers.usable_cores()) // args.jobs)
     elif args.threads is None:  # once the request is known to be sound: this looks at the machine for a while
@@ -599,7 +607,6 @@ def _accuracy_sweep(args: argparse.Namespace) -> int:
             (torch.get_num_threads(), "")
         if note:
             print(note)
-    out = args.out or new_run_dir(f"accuracy-{args.task}")
     launcher = launchers.make_launcher(
         args.launcher, jobs=args.jobs, device=device, threads=cfg.threads, out=out, address=args.address,
         memory_mib=args.memory_limit,
@@ -634,8 +641,11 @@ def cmd_resolution(args: argparse.Namespace) -> int:
     if args.task not in probed:
         raise UsageError(f"--task {args.task}: no resolution probe (image side does not drive its cost); "
                          f"valid choices: {', '.join(probed) or 'none'}")
-    device = _device(args.device)
     task = get_task(args.task)
+    if task.sizes and args.size not in task.sizes:  # before any work: a row of errors is no answer
+        raise UsageError(f"argument --size: unknown size {args.size!r} of task {args.task}; "
+                         f"valid choices: {', '.join(task.sizes)}")
+    device = _device(args.device)
     if args.resume and args.out is None:
         raise UsageError("--resume continues the probe in --out: give --out FOLDER")
     memory = args.memory_limit
@@ -649,6 +659,7 @@ def cmd_resolution(args: argparse.Namespace) -> int:
         options=parse_mechanism_options(args.opt),
         load=[str(Path(s).resolve()) if s.endswith(".py") else s for s in args.load])
     out = args.out or new_run_dir(f"resolution-{args.task}")
+    check_probe_out(cfg, out, args.resume)  # a foreign or inconsistent --out: one line, nothing before
     limit = f"{cfg.memory_limit_mib / 1024:.1f} GiB" if cfg.memory_limit_mib else "device memory"
     print(f"attnbench resolution: {args.task}, {len(cfg.mechanisms)} mechanisms from {cfg.start} px on "
           f"{device} ({cfg.threads} threads), limit {limit}, {cfg.budget:g} s per side -> {out}",

@@ -43,7 +43,7 @@ from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 
 from attnbench.options import split_label  # noqa: E402
-from attnbench.results import read_meta, read_table, replacing  # noqa: E402
+from attnbench.results import read_meta, read_task_table, replacing  # noqa: E402
 
 plt.rcParams["svg.hashsalt"] = "attnbench"  # the same SVG ids on every redraw
 
@@ -1044,6 +1044,7 @@ def _changed(folder: Path, before: dict[Path, int]) -> list[Path]:
 def redraw(folders: Iterable[Path], fit_min_n: int = 1024, include_limited: bool = False) -> list[Path]:
     """Redraw every plot in and under ``folders``: each sweep's (with its fit and ratio tables),
     each resolution probe's and each task table's; the files written, exactly."""
+    from attnbench.resolution import read_probe
     from attnbench.sweep import finish
     from attnbench.tasks import finished_runs
 
@@ -1054,13 +1055,13 @@ def redraw(folders: Iterable[Path], fit_min_n: int = 1024, include_limited: bool
         finish(folder, fit_min_n, log=io.StringIO())  # its own line names scale.csv, which it does not write
         written += _changed(folder, before)
     for folder in found.probes:
-        table = read_table(folder / "resolution.csv", required=["task", "size", "memory_limit_mib"])
+        table = read_probe(folder / "resolution.csv")
         if table.empty:
             continue
         limit = table["memory_limit_mib"].dropna()
         written += resolution_plots(table, folder, probe_title(table, _meta(folder)),
                                     float(limit.iloc[0]) if len(limit) else None)
     for path in found.tables:
-        rows = finished_runs(read_table(path), include_limited)
+        rows = finished_runs(read_task_table(path), include_limited)
         written += task_plots(path, rows, path.parent)
     return written

@@ -39,7 +39,14 @@ from typing import Any
 import pandas as pd
 
 from attnbench import plots
-from attnbench.results import aggregate, config_columns, format_spread, git_commit, read_table
+from attnbench.results import (
+    aggregate,
+    config_columns,
+    format_spread,
+    git_commit,
+    read_table,
+    read_task_table,
+)
 
 
 class ReportError(ValueError):
@@ -203,7 +210,7 @@ def contexts(found: plots.Found) -> Section:
         rows.append(_context_row(folder, "accuracy sweep", meta, meta.get("dtype", "not recorded")))
         commands.append((folder, meta.get("commands") or [meta.get("command", "—")]))
     for path in found.tables:
-        table = read_table(path)
+        table = read_task_table(path)
         dates = table["date"].dropna().astype(str) if "date" in table.columns else pd.Series([], dtype=str)
         amp = _unique(table, "amp")
         runs = f"{len(table)} run{'' if len(table) == 1 else 's'}"
@@ -242,17 +249,17 @@ def _fit_min_n(folder: Path, given: int | None) -> int:
 def sweep_section(folder: Path, tmp: Path, fit_min_n: int | None, index: int) -> Section:
     from attnbench.fit import fit_table, ratio_table
     from attnbench.sweep import (
-        MEASURED,
         ROUND_COLUMNS,
         by_variant,
         fit_summary,
         machine_summary,
         ratio_summary,
+        read_sweep,
     )
 
     meta = _meta(folder)
     # a series, a fit and a row per variant (set[m=16], set[m=64]), as `attnbench scale` draws them
-    table = by_variant(read_table(folder / "scale.csv", required=MEASURED))
+    table = by_variant(read_sweep(folder / "scale.csv"))
     rounds = by_variant(read_table(folder / "rounds.csv", ROUND_COLUMNS))
     min_n = _fit_min_n(folder, fit_min_n)
     fits = fit_table(table, min_n)
@@ -367,7 +374,7 @@ def seed_table(rows: pd.DataFrame, metrics: Sequence[str]) -> tuple[pd.DataFrame
 def task_sections(path: Path, tmp: Path, include_limited: bool, index: int) -> list[Section]:
     from attnbench.tasks import finished_runs
 
-    table = read_table(path)
+    table = read_task_table(path)
     sections = []
     for j, name in enumerate(dict.fromkeys(table["task"].dropna())):
         mine = table[table["task"] == name]
@@ -408,7 +415,9 @@ def task_sections(path: Path, tmp: Path, include_limited: bool, index: int) -> l
 
 
 def probe_section(folder: Path, tmp: Path, index: int) -> Section:
-    table = read_table(folder / "resolution.csv")
+    from attnbench.resolution import read_probe
+
+    table = read_probe(folder / "resolution.csv")
     meta = _meta(folder)
     section = Section(f"Resolution probe: {_show(folder)}", f"probe-{index}", level=3)
     if table.empty:
@@ -471,11 +480,11 @@ def compare_sections(found: plots.Found, saved: Path, tmp: Path) -> list[Section
         section.blocks.append(Table(result.sort_values("time_ratio", ascending=False).reset_index(drop=True)))
         sections.append(section)
     for i, path in enumerate(found.tables):
-        mine = read_table(path)
+        mine = read_task_table(path)
         for other in theirs.tables:
             if other.resolve() == path.resolve():
                 continue
-            saved_table = read_table(other)
+            saved_table = read_task_table(other)
             names = set(mine["task"].dropna()) & set(saved_table["task"].dropna())
             for name in sorted(names):
                 section = _task_comparison(name, mine, saved_table, path, other,

@@ -25,6 +25,7 @@ from attnbench.interrupt import command_with, keeping
 from attnbench.results import (
     ResultsError,
     append_row,
+    foreign_run,
     read_meta,
     read_table,
     run_context,
@@ -38,6 +39,13 @@ COLUMNS = ["task", "mechanism", "size", "side", "images", "status", "message", "
 SUMMARY_COLUMNS = ["task", "mechanism", "size", "train_side", "train_step_ms", "train_img_s",
                    "train_peak_mem_mib", "largest_side", "largest_peak_mem_mib", "first_failed_side",
                    "failure", "memory_limit_mib", "budget_s", "max_side"]
+
+
+def read_probe(path: Path) -> pd.DataFrame:
+    """A probe's ``resolution.csv``: the side a number in every row, step time and memory in every
+    ``ok`` one; a damaged table is a ``ResultsError`` naming it."""
+    return read_table(path, COLUMNS, numbers=["side"], ok_numbers=["step_ms", "peak_mem_mib"],
+                      required=["task", "mechanism", "size", "side", "status", "memory_limit_mib"])
 
 
 class ResolutionError(ValueError):
@@ -159,25 +167,37 @@ def recorded_probe(out: Path) -> dict[str, Any]:
         raise ResolutionError(f"cannot resume {out}: its meta.json holds no probe ({e})") from None
 
 
-def probe(cfg: ProbeConfig, out: Path, argv: list[str], log=None, resume: bool = False) -> pd.DataFrame:
-    """Probe every mechanism; rows land in ``out/resolution.csv`` as they are measured. With
-    ``resume`` the sides already in it are not measured again: the search picks up where it stopped."""
-    log = log or sys.stderr
+def check_probe_out(cfg: ProbeConfig, out: Path, resume: bool) -> None:
+    """The probe ``cfg`` may write to ``out``: its settings are sound, and ``out`` holds no other kind
+    of run, no probe unless ``resume``, and on ``resume`` one with the same settings; else a
+    ``ResolutionError``, raised before anything is printed or measured."""
     cfg.validate()
-    out.mkdir(parents=True, exist_ok=True)
+    foreign = foreign_run(out, "resolution.csv")
+    if foreign:
+        raise ResolutionError(f"{out} holds {foreign}, not a resolution probe; choose another --out")
     csv = out / "resolution.csv"
-    done = pd.DataFrame(columns=COLUMNS)
     if csv.exists() and not resume:
         raise ResolutionError(f"{out} already holds a probe; choose another --out, or continue it with "
                               "--resume")
     if csv.exists():
-        before = recorded_probe(out)
-        differ = [k for k in RESUME_KEYS if before.get(k) != dataclasses.asdict(cfg)[k]]
+        before, now = recorded_probe(out), dataclasses.asdict(cfg)
+        differ = [k for k in RESUME_KEYS if before.get(k) != now[k]]
         if differ:
             raise ResolutionError(f"cannot resume {out}: it was probed with other settings ("
-                                  + ", ".join(f"{k} {before.get(k)!r}, not {dataclasses.asdict(cfg)[k]!r}"
-                                              for k in differ) + ")")
-        done = read_table(csv, COLUMNS)
+                                  + ", ".join(f"{k} {before.get(k)!r}, not {now[k]!r}" for k in differ) + ")")
+        read_probe(csv)  # a damaged table: now, in one line
+
+
+def probe(cfg: ProbeConfig, out: Path, argv: list[str], log=None, resume: bool = False) -> pd.DataFrame:
+    """Probe every mechanism; rows land in ``out/resolution.csv`` as they are measured. With
+    ``resume`` the sides already in it are not measured again: the search picks up where it stopped."""
+    log = log or sys.stderr
+    check_probe_out(cfg, out, resume)
+    out.mkdir(parents=True, exist_ok=True)
+    csv = out / "resolution.csv"
+    done = pd.DataFrame(columns=COLUMNS)
+    if csv.exists():
+        done = read_probe(csv)
         print(f"resuming: {len(done)} sides already in {csv}", file=log)
     meta = run_context(cfg.device, cfg.threads, argv)
     meta["probe"] = dataclasses.asdict(cfg)

@@ -110,13 +110,29 @@ def append_row(path: Path, row: dict[str, Any], columns: list[str],
     return append_rows(path, [row], columns, then)
 
 
+# The file that says which command's run a folder holds.
+RUN_FILES = {"scale.csv": "a kernel sweep (`attnbench scale`)",
+             "accuracy.csv": "an accuracy sweep (`attnbench scale --task`)",
+             "resolution.csv": "a resolution probe (`attnbench resolution`)",
+             "checkpoint.pt": "a training run (`attnbench run`)"}
+
+
+def foreign_run(folder: Path, own: str) -> str | None:
+    """What other command's run ``folder`` holds (``own``: the file of the asking command's runs),
+    or None: an --out that would mix two kinds of run in one folder is refused."""
+    return next((what for name, what in RUN_FILES.items() if name != own and (folder / name).exists()), None)
+
+
 class ResultsError(ValueError):
     """A results file that cannot be read (not CSV or JSON, columns missing): one line naming it."""
 
 
-def read_table(path: Path, columns: list[str] | None = None, required: Sequence[str] = ()) -> pd.DataFrame:
+def read_table(path: Path, columns: list[str] | None = None, required: Sequence[str] = (),
+               numbers: Sequence[str] = (), ok_numbers: Sequence[str] = ()) -> pd.DataFrame:
     """The CSV table at ``path``; missing (or empty, unless columns are ``required``): an empty table
-    of ``columns``. A file that is not a CSV table, or lacks a ``required`` column, is a ``ResultsError``."""
+    of ``columns``. A file that is not a CSV table, lacks a ``required`` column, or holds no finite
+    number in a ``numbers`` column of a row (``ok_numbers``: of a row whose status is ok) is a
+    ``ResultsError``: plots and fits cannot stand on it."""
     if not path.exists():
         return pd.DataFrame(columns=columns or [])
     if path.stat().st_size == 0:
@@ -131,6 +147,17 @@ def read_table(path: Path, columns: list[str] | None = None, required: Sequence[
     missing = [c for c in required if c not in table.columns]
     if missing:
         raise ResultsError(f"{path}: not an attnbench table: no column {', '.join(missing)}")
+    ok = table["status"] == "ok" if "status" in table.columns else pd.Series(True, index=table.index)
+    for names, rows, which in ((numbers, table, "every row"),
+                               (ok_numbers, table[ok], "every row of status ok")):
+        for name in (c for c in names if c in table.columns):
+            values = pd.to_numeric(rows[name], errors="coerce").astype(float)
+            bad = values.index[~values.map(math.isfinite)]
+            if len(bad):
+                raw = rows.at[bad[0], name]
+                shown = "empty or NaN" if pd.isna(raw) else repr(raw)
+                raise ResultsError(f"{path}: row {bad[0] + 1}: {name} is {shown}; expected a finite number "
+                                   f"in {which} (a damaged table)")
     return table
 
 
@@ -213,10 +240,17 @@ def write_meta(path: Path, meta: dict[str, Any]) -> None:
 # commit, CPU, threads, backend) are not configuration; nor is the seed, which ``aggregate`` counts.
 SHARED_CONFIG_COLUMNS: tuple[str, ...] = (
     "task", "dataset", "mechanism", "size", "epochs", "options", "mechanism_init", "batch_size",
-    "world_size", "device", "amp", "limited", "max_steps", "limit_train", "limit_val", "time_budget",
-    "train_examples", "val_examples")
+    "world_size", "device", "amp", "limited", "max_steps", "limit_train", "limit_val", "subset",
+    "time_budget", "train_examples", "val_examples")
 SEED_COLUMN = "seed"
+TASK_TABLE_REQUIRED = ("task", "mechanism", "dataset", SEED_COLUMN)  # what aggregates over seeds stand on
 _MISSING = "<none>"
+
+
+def read_task_table(path: Path) -> pd.DataFrame:
+    """A task results table (``results/local/<task>.csv``) as plots and the report read it: without
+    a ``seed`` column, say, its rows cannot be told apart as seeds, and it is a ``ResultsError``."""
+    return read_table(path, required=TASK_TABLE_REQUIRED)
 
 
 def task_config_columns(name: str) -> tuple[str, ...]:

@@ -80,6 +80,17 @@ def finished_table(path: Path) -> Path | None:
     return Path(table) if isinstance(table, str) else None
 
 
+def held_run(folder: Path) -> str | None:
+    """What run ``folder`` holds that a new run must not write over (its history would be appended
+    to): a finished one, or one stopped after an epoch; None for a new or empty folder."""
+    table = finished_table(folder)
+    if table is not None:
+        return f"a finished run (its row is in {table})"
+    if (folder / "checkpoint.pt").exists():
+        return "a run stopped before its end (its checkpoint.pt)"
+    return None
+
+
 def mark_finished(folder: Path, table: Path) -> None:
     """Record in ``folder/meta.json`` that the run's row is in ``table``."""
     meta = read_meta(folder / "meta.json")

@@ -48,6 +48,7 @@ from attnbench.probe import MachineState, Reading, floor_ms, median_reading
 from attnbench.results import (
     append_row,
     append_rows,
+    foreign_run,
     new_run_dir,
     read_meta,
     read_table,
@@ -222,6 +223,13 @@ def configurations(cfg: SweepConfig) -> list[dict[str, Any]]:
 def _options(cfg: SweepConfig, job: dict[str, Any]) -> dict[str, str]:
     """The options of the job's variant."""
     return next(v.options for v in cfg.variants() if v.label == job["variant"])
+
+
+def read_sweep(path: Path, columns: list[str] | None = None) -> pd.DataFrame:
+    """A sweep's ``scale.csv``: the ``MEASURED`` columns, n a number in every row and time and memory in
+    every ``ok`` one; a damaged table is a ``ResultsError`` naming it."""
+    return read_table(path, columns, required=MEASURED, numbers=["n"],
+                      ok_numbers=["time_ms_median", "peak_mem_mib"])
 
 
 def with_variants(table: pd.DataFrame) -> pd.DataFrame:
@@ -615,25 +623,35 @@ def _keep_measured_rounds(out: Path, done: pd.DataFrame) -> int:
     return int(rounds["pass"].max()) + 1
 
 
+def check_sweep_out(cfg: SweepConfig, out: Path, resume: bool) -> None:
+    """The sweep ``cfg`` may write to ``out``: its settings are sound, and ``out`` holds no other kind
+    of run, no sweep unless ``resume``, and on ``resume`` one measured as ``cfg`` measures; else a
+    ``SweepError``, raised before anything is printed or measured."""
+    cfg.validate()
+    foreign = foreign_run(out, "scale.csv")
+    if foreign:
+        raise SweepError(f"{out} holds {foreign}, not a kernel sweep; choose another --out")
+    if (out / "scale.csv").exists() and not resume:
+        raise SweepError(f"{out} already holds a sweep; pass --resume to finish it or choose another --out")
+    if resume and (out / "meta.json").exists():
+        _check_resume(cfg, out / "meta.json", out)
+
+
 def run_sweep(cfg: SweepConfig, out: Path, resume: bool, argv: list[str], log=None) -> pd.DataFrame:
     """Run every configuration not already in ``out/scale.csv``; returns the full table.
 
     Progress goes to ``log`` (stderr by default), one line per configuration.
     """
     log = log or sys.stderr
-    cfg.validate()
+    check_sweep_out(cfg, out, resume)
     csv = out / "scale.csv"
     meta_path = out / "meta.json"
-    if csv.exists() and not resume:
-        raise SweepError(f"{out} already holds a sweep; pass --resume to finish it or choose another --out")
-    if resume and meta_path.exists():
-        _check_resume(cfg, meta_path, out)
     meta = run_context(cfg.device, cfg.threads, argv)
     meta["sweep"] = dataclasses.asdict(cfg)
     earlier = read_meta(meta_path).get("commands", []) if resume else []
     meta["commands"] = [*earlier, meta["command"]]  # a resumed run keeps how it was started
     out.mkdir(parents=True, exist_ok=True)
-    done = with_variants(read_table(csv, COLUMNS, required=MEASURED))
+    done = with_variants(read_sweep(csv, COLUMNS))
     seen = {(r.variant, int(r.n), r.mode) for r in done.itertuples()} if len(done) else set()
     jobs = [j for j in configurations(cfg) if (j["variant"], j["n"], j["mode"]) not in seen]
     if seen:
@@ -673,7 +691,7 @@ def finish(out: Path, fit_min_n: int, log=None) -> pd.DataFrame:
     log = log or sys.stderr
     from attnbench.plots import scaling_plots, sweep_title
 
-    table = by_variant(read_table(out / "scale.csv", required=MEASURED))  # fits, plots: a series per variant
+    table = by_variant(read_sweep(out / "scale.csv"))  # fits, plots: a series per variant
     if table.empty:
         raise SweepError(f"{out / 'scale.csv'} holds no measurements")
     fits = fit_table(table, fit_min_n)
@@ -779,7 +797,7 @@ def compare(out: Path, other: Path, threshold: float = 0.10) -> pd.DataFrame:
     runs' inter-quartile ranges, so noise alone does not raise it, and whose rows are neither
     flagged noisy (``noisy`` says where either was).
     """
-    mine, theirs = (with_variants(read_table(folder / "scale.csv", required=MEASURED))
+    mine, theirs = (with_variants(read_sweep(folder / "scale.csv"))
                     for folder in (out, other))
     if theirs.empty:
         raise SweepError(f"--compare {other}: no scale.csv there")

@@ -13,6 +13,8 @@ import argparse
 import dataclasses
 import math
 import os
+import re
+import sys
 import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -21,6 +23,7 @@ from typing import Any
 SEED_MAX = 2**32 - 1  # NumPy's seed range; torch and Python take it too
 MAX_THREADS = 1024
 MAX_SECONDS = 7 * 86400.0  # a time budget: a week
+_NUMBER = re.compile(r"^-\d+$|^-\d*\.\d+$")  # argparse's negative numbers: values, not options
 
 
 @dataclasses.dataclass(frozen=True)
@@ -233,6 +236,29 @@ class Parser(argparse.ArgumentParser):
         kwargs.setdefault("formatter_class", RangeHelpFormatter)
         super().__init__(*args, **kwargs)
 
+    def parse_known_args(self, args: Sequence[str] | None = None,
+                         namespace: argparse.Namespace | None = None) -> tuple[argparse.Namespace, list[str]]:
+        self._words = list(sys.argv[1:] if args is None else args)  # for ``error``: what it was given
+        return super().parse_known_args(args, namespace)
+
+    def unknown_options(self) -> list[str]:
+        """The words given to this parser that look like options it does not have (``--bogus``),
+        before any ``--`` and its first positional (a subcommand's words are its own)."""
+        unknown = []
+        for word in getattr(self, "_words", []):
+            if word == "--" or not word.startswith("-"):
+                if word == "--" or self._subparsers is not None:
+                    break
+                continue
+            name = word.split("=", 1)[0]
+            if len(word) > 1 and not _NUMBER.match(word) and not any(
+                    flag.startswith(name) for flag in self._option_string_actions):
+                unknown.append(word)
+        return unknown
+
     def error(self, message: str) -> None:  # type: ignore[override]
         message = " ".join(message.split())  # argparse's own messages may wrap
+        unknown = self.unknown_options() if message.startswith("the following arguments are required") else []
+        if unknown:  # argparse checks what is missing before what is unknown: the mistake is the latter
+            message = f"unrecognized arguments: {' '.join(unknown)}; {message}"
         self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")

@@ -260,3 +260,79 @@ def test_a_damaged_meta_json_is_one_line_naming_the_file(tmp_path, capsys):
                  ["scale", "--seq", "256", "--mechanism", "softmax", "--threads", "1", "--out", str(run),
                   "--resume"]):
         assert f"{run / 'meta.json'}: not readable JSON" in error_line(argv, capsys)
+
+
+# ---- the defects of issue #29 -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--bogus"], "attnbench: error: unrecognized arguments: --bogus; the following arguments are required"),
+    (["run", "--bogus=1", "--task", "imagenet"], "attnbench run: error: unrecognized arguments: --bogus=1;"),
+])
+def test_an_unknown_option_is_named_before_what_is_missing(argv, message, capsys):
+    assert error_line(argv, capsys).startswith(message)
+
+
+@pytest.mark.parametrize("size", ["nope", "MICRO"])
+def test_resolution_refuses_an_unknown_size_before_any_work(size, tmp_path, capsys):
+    out = tmp_path / "probe"
+    argv = ["resolution", "--task", "coco", "--mechanism", "set", "--size", size, "--out", str(out)]
+    line = error_line(argv, capsys)
+    assert f"argument --size: unknown size {size!r} of task coco; valid choices: micro, " in line
+    assert not out.exists()
+
+
+SCALE = ["scale", "--seq", "256", "--mechanism", "softmax", "--threads", "1"]
+SCALE_TABLE = "mechanism,n,mode,status,time_ms_median,peak_mem_mib\nsoftmax,256,fwd,ok,1,1\n"
+
+
+@pytest.mark.parametrize("files, argv, message", [
+    ({"scale.csv": SCALE_TABLE}, SCALE, "already holds a sweep; pass --resume"),
+    ({"scale.csv": SCALE_TABLE, "meta.json": '{"sweep": {"batch": 2}}'}, [*SCALE, "--resume"],
+     "was measured with --batch 2, this sweep asks for 1"),
+    ({"resolution.csv": "task,mechanism\n"}, SCALE,
+     "holds a resolution probe (`attnbench resolution`), not a kernel sweep"),
+    ({"scale.csv": SCALE_TABLE}, ["scale", "--task", "mqar", "--mechanism", "softmax", "--seq", "64"],
+     "holds a kernel sweep (`attnbench scale`), not an accuracy sweep"),
+    ({"meta.json": '{"kind": "scale"}'}, ["scale", "--task", "mqar", "--mechanism", "softmax", "--seq", "64"],
+     "holds a scale run, not an accuracy sweep"),
+    ({"resolution.csv": "task,mechanism\n"}, ["resolution", "--task", "coco", "--threads", "1"],
+     "already holds a probe; choose another --out"),
+    ({"resolution.csv": "task,mechanism\n", "meta.json": '{"probe": {"task": "coco", "size": "tiny"}}'},
+     ["resolution", "--task", "coco", "--threads", "1", "--resume"], "it was probed with other settings"),
+    ({"scale.csv": SCALE_TABLE}, ["resolution", "--task", "coco", "--threads", "1"],
+     "holds a kernel sweep (`attnbench scale`), not a resolution probe"),
+])
+def test_a_foreign_or_inconsistent_out_is_the_error_line_alone(files, argv, message, tmp_path, capsys):
+    """No banner before the refusal: the one line printed is the error, and nothing is written."""
+    out = tmp_path / "out"
+    out.mkdir()
+    for name, text in files.items():
+        (out / name).write_text(text)
+    line = error_line([*argv, "--out", str(out)], capsys)
+    assert line.startswith(f"attnbench {argv[0]}: error: ") and message in line, line
+    assert sorted(p.name for p in out.iterdir()) == sorted(files)
+
+
+@pytest.mark.parametrize("name, text, message", [
+    ("scale.csv", "mechanism,n,mode,status,time_ms_median,peak_mem_mib\nsoftmax,256,fwd,ok,1,1\n"
+                  "softmax,512,fwd,ok,NaN,2\n",
+     "scale.csv: row 2: time_ms_median is empty or NaN; expected a finite number in every row of status ok"),
+    ("scale.csv", "mechanism,n,mode,status,time_ms_median,peak_mem_mib\nsoftmax,256,fwd,ok,1,1\n"
+                  "softmax,,fwd,ok,2,2\n",
+     "scale.csv: row 2: n is empty or NaN; expected a finite number in every row"),
+    ("resolution.csv", "task,mechanism,size,side,status,step_ms,peak_mem_mib,memory_limit_mib\n"
+                       "coco,softmax,micro,,ok,5,10,100\n", "resolution.csv: row 1: side is empty or NaN"),
+    ("accuracy.csv", "task,mechanism,variant,seq_len,seed,status,accuracy\nmqar,softmax,softmax,,0,ok,50\n",
+     "accuracy.csv: row 1: seq_len is empty or NaN"),
+    ("imagenet.csv", "task,mechanism,dataset,status,top1\nimagenet,softmax,mnist5k,ok,90\n",
+     "imagenet.csv: not an attnbench table: no column seed"),
+])
+def test_plot_and_report_on_a_damaged_table_are_one_line_naming_it(name, text, message, tmp_path, capsys):
+    folder = tmp_path / "run"
+    folder.mkdir()
+    (folder / name).write_text(text)
+    report = ["report", str(folder), "--out", str(tmp_path / "r.html")]
+    for argv in (["plot", str(folder)], *([report] if name != "accuracy.csv" else [])):  # the report lists
+        line = error_line(argv, capsys)  # an accuracy sweep's table as it is: nothing drawn from it
+        assert line.startswith(f"attnbench {argv[0]}: error: {folder}/") and message in line, (argv, line)

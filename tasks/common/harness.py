@@ -44,7 +44,7 @@ import numpy as np
 import pandas as pd
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from attnbench import Mechanism, get_mechanism, parse_mechanism_options
 from attnbench.interrupt import command_with, keeping
@@ -58,6 +58,7 @@ from attnbench.results import (
     run_context,
     table_lock,
     write_meta,
+    write_table,
 )
 from attnbench.run_record import mark_finished, settings_of
 from attnbench.tasks import Task, TaskError, finished_runs
@@ -83,6 +84,7 @@ from tasks.common.distributed import (
     use_cuda,
 )
 from tasks.common.init_from_data import describe_init, init_mechanisms_from_data
+from tasks.common.subset import smoke_subset
 from tasks.common.trainer import AMP_CHOICES, Loss, Recipe, Trainer, to_device
 
 # What a preset leaves out; ``lr=None`` scales ``lr_per_images`` = (lr, images) linearly with the
@@ -95,9 +97,10 @@ RECIPE_DEFAULTS: dict[str, Any] = dict(
 COST_COLUMNS = ["peak_mem_mib", "train_mem_mib", "wall_s", "batch_size", "world_size", "device", "threads",
                 "amp"]
 CONTEXT_COLUMNS = ["status", "message", "run_dir", "date", "git_commit", "torch", "cpu", "gpu"]
-# appended to every table: the smoke-run limits, and the training-time budget (not a limit: equal time
-# is a fair budget, so it never marks a run `limited`)
-LIMIT_COLUMNS = ["limited", "max_steps", "limit_train", "limit_val", "time_budget"]
+# appended to every table: the smoke-run limits, the rule that chose a limited split's examples
+# (``tasks.common.subset``; empty where no split was cut), and the training-time budget (not a limit:
+# equal time is a fair budget, so it never marks a run `limited`)
+LIMIT_COLUMNS = ["limited", "max_steps", "limit_train", "limit_val", "subset", "time_budget"]
 
 
 @dataclasses.dataclass
@@ -114,7 +117,8 @@ class Data:
 
 @dataclasses.dataclass(frozen=True)
 class Limits:
-    """A smoke run: stop after ``max_steps`` optimiser steps, use the first examples of each split."""
+    """A smoke run: stop after ``max_steps`` optimiser steps, keep a seeded sample of each split
+    (``tasks.common.subset``: stratified by class where the data say each example's class)."""
 
     max_steps: int | None = None
     limit_train: int | None = None
@@ -131,11 +135,6 @@ class Limits:
 
     def columns(self) -> dict[str, Any]:
         return {"limited": self.any, **dataclasses.asdict(self)}
-
-
-def first(dataset: Dataset, n: int | None) -> Dataset:
-    """The first ``n`` examples of ``dataset`` (all of it when ``n`` is None)."""
-    return dataset if n is None or n >= len(dataset) else Subset(dataset, range(n))
 
 
 class TrainingTask(Task):
@@ -327,9 +326,10 @@ class TrainingTask(Task):
         s.add_argument("--max-steps", type=int_in(1, 10**9), metavar="N",
                        help="stop training after N optimiser steps")
         s.add_argument("--limit-train", type=int_in(1, 10**9), metavar="N",
-                       help="train on the first N examples only")
+                       help="train on N examples only: a sample drawn from --seed, stratified by class "
+                            "where the data have classes")
         s.add_argument("--limit-val", type=int_in(1, 10**9), metavar="N",
-                       help="evaluate on the first N examples only")
+                       help="evaluate on N examples only, drawn as for --limit-train")
 
     @classmethod
     def _defaults(cls, key: str) -> str:
@@ -417,6 +417,11 @@ class TrainingTask(Task):
             return self.train_and_evaluate()
         except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM: say what is kept, and how to go on
             raise keeping(exc, self.kept_when_interrupted()) from None
+        except TaskError as exc:  # bad data met in a loader worker: its own line, as with --workers 0
+            message = worker_message(exc)
+            if message is None:
+                raise
+            raise TaskError(message) from None
         except Exception as exc:  # a run that diverged or ran out of memory still gets its row
             failure = failure_status(exc)
             if failure is None:
@@ -480,10 +485,7 @@ class TrainingTask(Task):
         self.facts: dict[str, Any] = {"mechanism_init": "random"}
         if self.resumed is None:
             self.initialise(model)
-        self.train_set = first(self.data.train, self.limits.limit_train)
-        val = self.data.val
-        self.val_sets = ({k: first(v, self.limits.limit_val) for k, v in val.items()}
-                         if isinstance(val, Mapping) else first(val, self.limits.limit_val))
+        self.limit_data()
         self.train_loader = self.make_train_loader(self.train_set, self.data.collate)
         self.val_loader = ({k: self.make_eval_loader(v, self.data.collate) for k, v in self.val_sets.items()}
                            if isinstance(self.val_sets, Mapping) else
@@ -497,6 +499,23 @@ class TrainingTask(Task):
             legacy = {"mechanism_init": self.resumed.get("mechanism_init", "random")}  # before "facts"
             self.facts = dict(self.resumed.get("facts", legacy))
             self.log(f"resuming {self.run_dir} after epoch {self.trainer.epoch}/{recipe.epochs}")
+
+    def limit_data(self) -> None:
+        """The splits trained and evaluated on: each a seeded sample where --limit-train/--limit-val cut
+        it, the same on every process and every resume (``tasks.common.subset``); ``self.subset``
+        says which rule chose them ("" where nothing was cut)."""
+        seed, val, limit = self.recipe.seed, self.data.val, self.limits.limit_val
+        self.train_set, rule = smoke_subset(self.data.train, self.limits.limit_train, seed, "train")
+        rules = {"train": rule}
+        if isinstance(val, Mapping):
+            self.val_sets = {}
+            for name, split in val.items():
+                self.val_sets[name], rules[name] = smoke_subset(split, limit, seed, f"val:{name}")
+        else:
+            self.val_sets, rules["val"] = smoke_subset(val, limit, seed, "val")
+        cut = {name: rule for name, rule in rules.items() if rule}
+        self.subset = (next(iter(cut.values())) if len(set(cut.values())) == 1
+                       else ", ".join(f"{name} {rule}" for name, rule in cut.items()))
 
     @property
     def history(self) -> list[dict[str, Any]]:
@@ -564,8 +583,7 @@ class TrainingTask(Task):
             trainer.save(self.run_dir / "checkpoint.pt",
                          {"config": self.run_config, "wall_s": wall, "facts": self.facts,
                           "settings": self.settings})
-            if dist.is_main:
-                append_row(self.run_dir / "history.csv", entry, list(entry))
+            self.write_history()
             scores = (f" | {self.format_scores(metrics)} ({metrics['eval_s']:.0f} s)" if metrics else "")
             if ema:
                 scores += f", EMA {self.headline} {ema[self.headline]:.2f}"
@@ -577,6 +595,7 @@ class TrainingTask(Task):
                 break
         if not metrics:  # resumed a finished run: evaluate its weights once more
             metrics = self.timed_evaluation(trainer.model)
+            self.write_history()  # killed after its last checkpoint: the epoch's line may be missing
         row = self.result_row(metrics, self.previous_wall + time.perf_counter() - started)
         table = self.table
         if dist.is_main:
@@ -598,6 +617,12 @@ class TrainingTask(Task):
         return ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in dataclasses.asdict(self.limits).items()
                          if v is not None)
 
+    def write_history(self) -> None:
+        """history.csv: every epoch so far, from the history the checkpoint holds, written whole (a run
+        killed between its checkpoint and this line gets the epoch's line when it is resumed)."""
+        if self.dist.is_main and self.history:
+            write_table(self.run_dir / "history.csv", pd.DataFrame(self.history))
+
     def write_meta(self) -> None:
         """meta.json: the run's context (device, versions, commit, command) plus its facts."""
         if not self.dist.is_main:
@@ -608,7 +633,8 @@ class TrainingTask(Task):
         n_train, n_val = self.split_sizes()
         meta.update(task=self.name, preset=self.preset_name, config=self.run_config,
                     recipe=dataclasses.asdict(self.recipe), eval_every=self.eval_every,
-                    limits=dataclasses.asdict(self.limits), world_size=self.dist.world_size, data_path=root,
+                    limits={**dataclasses.asdict(self.limits), "subset": self.subset},
+                    world_size=self.dist.world_size, data_path=root,
                     data_description=self.data.description or root, params=self.params,
                     backend=get_mechanism(self.mechanism).backend(str(self.device)), settings=self.settings)
         meta.update({**dict(zip(self.counted, (n_train, n_val), strict=True)), **self.facts, **self.meta()})
@@ -653,7 +679,8 @@ class TrainingTask(Task):
                 "backend": get_mechanism(self.mechanism).backend(str(self.device)), "status": status,
                 "message": message, "run_dir": str(getattr(self, "run_dir", "")), "date": ctx["date"],
                 "git_commit": ctx["git_commit"], "torch": ctx["versions"]["torch"], "cpu": ctx["cpu"],
-                "gpu": ctx["gpu"], **self.limits.columns(), "time_budget": self.time_budget}
+                "gpu": ctx["gpu"], **self.limits.columns(), "subset": getattr(self, "subset", ""),
+                "time_budget": self.time_budget}
 
     def declared(self, row: dict[str, Any]) -> dict[str, Any]:
         """``row`` cut to the columns the task declares (``columns``) and the limits."""
@@ -698,6 +725,18 @@ def failure_status(exc: BaseException) -> tuple[str, str] | None:
     if is_out_of_memory(exc) and not isinstance(exc, TaskError):
         return "oom", " ".join(str(exc).split())[:300] or type(exc).__name__
     return None
+
+
+def worker_message(exc: BaseException) -> str | None:
+    """The message of an error raised in a DataLoader worker, which PyTorch raises again in the main
+    process as the same type around its traceback ("Caught TaskError in DataLoader worker process 0.
+    Original Traceback …", ending ``module.TaskError: message``); None for an error of this process."""
+    text = str(exc)
+    if not (text.startswith("Caught ") and "\nOriginal Traceback" in text):
+        return None
+    last = text.rstrip().splitlines()[-1]  # "attnbench.tasks.TaskError: <the message>"
+    name, colon, message = last.partition(": ")
+    return message if colon and name.endswith(type(exc).__name__) else last
 
 
 def millions(count: int) -> str:

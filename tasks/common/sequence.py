@@ -54,7 +54,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from attnbench import TaskError, get_mechanism
 from attnbench.validate import float_in, int_in
-from tasks.common.harness import CONTEXT_COLUMNS, COST_COLUMNS, Data, TrainingTask, first
+from tasks.common.harness import CONTEXT_COLUMNS, COST_COLUMNS, Data, TrainingTask
+from tasks.common.subset import smoke_subset
 from tasks.common.text_encoder import SIZES, build_encoder, count_parameters
 from tasks.common.trainer import Loss
 
@@ -277,7 +278,8 @@ class SequenceTask(TrainingTask):
         model = self.trainer.model
         was_training = model.training
         model.eval()
-        loader = self.make_eval_loader(first(held_out, self.limits.limit_val), None)
+        held_out, _ = smoke_subset(held_out, self.limits.limit_val, self.recipe.seed, "validation")
+        loader = self.make_eval_loader(held_out, None)
         try:
             with torch.no_grad():
                 scores = self.score(model, loader)

@@ -302,6 +302,11 @@ class EncodedSplit(Dataset):
     def __len__(self) -> int:
         return len(self.ids)
 
+    @property
+    def targets(self) -> list[float] | list[int] | None:
+        """Each example's class, for a smoke run's stratified sample; None for a regression's scores."""
+        return None if self.regression else self.labels
+
     def __getitem__(self, i: int) -> tuple[list[int], list[int], float | int]:
         return self.ids[i], self.type_ids[i], self.labels[i]
 

@@ -9,11 +9,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from PIL import Image
 
 from attnbench import TaskError
 from tasks.coco import data as coco_data
 from tests.tasks.bad_files import bomb_png
-from tests.tasks.coco.tiny import H, W, make_tiny_coco, rect_mask, rle_of
+from tests.tasks.coco.tiny import H, W, make_tiny_coco, rect_mask, rle_of, tiny_run_args
 
 
 @pytest.fixture(scope="module")
@@ -68,3 +69,18 @@ def test_an_undecodable_image_a_bomb_included_is_skipped_and_counted(tiny, tmp_p
     assert (len(images), len(targets), skipped) == (1, 1, 1)
     err = capfd.readouterr().err
     assert f"skipping undecodable image {bomb}: Image size (400000000 pixels) exceeds limit" in err
+
+
+@pytest.mark.parametrize("workers", ["0", "1"])
+def test_an_image_that_contradicts_its_annotation_is_one_line_whatever_the_workers(workers, tiny, tmp_path,
+                                                                                   cli_error):
+    """Raised in a loader worker, the error is the dataset's own line, not PyTorch's wrapped traceback."""
+    root = tmp_path / "resized"
+    shutil.copytree(tiny, root)
+    for split in ("train2017", "val2017"):  # every image: whichever the first batch holds
+        for image in (root / split).glob("*.jpg"):
+            Image.new("RGB", (32, 32)).save(image)
+    line = cli_error(tiny_run_args(root, tmp_path, "--max-steps", "1", "--workers", workers))
+    annotations = root / "annotations" / "instances_train2017.json"
+    assert line.startswith(f"attnbench run: error: {annotations}: image ")
+    assert line.endswith("is 32×32 but the file says 64×48 (width×height)")

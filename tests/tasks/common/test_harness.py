@@ -51,7 +51,7 @@ def test_max_steps_stops_training_and_the_row_says_it_was_limited(toy, tmp_path,
     assert "LIMITED (--max-steps 5, --limit-train 64)" in capsys.readouterr().out
 
 
-def test_limit_val_evaluates_the_first_examples_and_a_full_run_is_not_limited(toy, tmp_path):
+def test_limit_val_evaluates_a_sample_and_a_full_run_is_not_limited(toy, tmp_path):
     row, _ = run(tmp_path, "--limit-val", "10")
     assert row["val_examples"] == 10 and row["limited"] and row["limit_val"] == 10
     row, history = run(tmp_path / "full")

@@ -104,6 +104,44 @@ def test_resuming_a_finished_run_adds_no_second_row(stopped, tmp_path, capsys):
     assert len(pd.read_csv(tmp_path / "toy.csv")) == 1
 
 
+def test_a_new_run_into_a_run_folder_without_resume_is_refused_in_one_line(stopped, tmp_path, cli_error):
+    """Its history would be appended to the other run's: a finished run's folder, or a stopped one's."""
+    whole, run = stopped
+    base = ["run", "--task", Toy.name, "--mechanism", "softmax", "--results", str(tmp_path / "toy.csv")]
+    line = cli_error([*base, "--out", str(whole)])
+    assert line == (f"attnbench run: error: --out {whole} holds a finished run (its row is in "
+                    f"{(tmp_path / 'toy.csv').resolve()}); continue it with --resume {whole}, or choose "
+                    "another --out")
+    line = cli_error([*base, "--out", str(run)])
+    assert f"--out {run} holds a run stopped before its end (its checkpoint.pt); continue it with --resume" \
+        in line
+    assert len(pd.read_csv(tmp_path / "toy.csv")) == 1 and len(pd.read_csv(whole / "history.csv")) == 2
+
+
+def test_a_run_killed_after_its_last_checkpoint_writes_its_whole_history_on_resume(toy, tmp_path,  # noqa: F811
+                                                                                  monkeypatch):
+    """Killed between the last epoch's checkpoint and its line in history.csv: --resume trains nothing
+    more, and writes the row and every epoch's line."""
+    save = Trainer.save
+
+    def killed_after_the_last(self, path, extra):
+        save(self, path, extra)
+        if self.epoch == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(Trainer, "save", killed_after_the_last)
+    run = tmp_path / "run"
+    argv = ["run", "--task", Toy.name, "--mechanism", "softmax", "--epochs", "2", "--limit-train", "32",
+            "--out", str(run), "--results", str(tmp_path / "toy.csv")]
+    assert main(argv) == 130
+    assert list(pd.read_csv(run / "history.csv")["epoch"]) == [1]  # the second epoch's line was lost
+    monkeypatch.setattr(Trainer, "save", save)
+    assert main(["run", "--resume", str(run)]) == 0
+    assert len(pd.read_csv(tmp_path / "toy.csv")) == 1
+    history = pd.read_csv(run / "history.csv")
+    assert list(history["epoch"]) == [1, 2] and list(history["steps"]) == [2, 4]
+
+
 def test_a_folder_without_a_run_or_without_a_record_is_one_line(tmp_path, cli_error):
     line = cli_error(["run", "--resume", str(tmp_path / "nowhere")])
     assert f"argument --resume: {tmp_path / 'nowhere'}: no such file or folder" in line

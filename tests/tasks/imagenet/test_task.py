@@ -33,6 +33,18 @@ def test_a_run_trains_evaluates_and_records_a_tidy_row(finished, tiny):
     assert (run / "checkpoint.pt").is_file()
 
 
+def test_a_smoke_run_takes_a_stratified_sample_of_the_class_folders(tiny, tmp_path):
+    """Issue #29: the first images of a class-sorted folder are one class; the limits take each its share."""
+    argv = tiny_run_args(tiny, tmp_path, "--epochs", "1", "--max-steps", "1", "--limit-train", "9",
+                         "--limit-val", "3", "--mechanism-init", "random")
+    assert main(argv) == 0
+    row = pd.read_csv(tmp_path / "imagenet.csv").iloc[0]
+    assert (row["limited"], row["subset"]) == (True, "stratified")
+    assert (row["train_images"], row["val_images"]) == (9, 3)
+    meta = json.loads((tmp_path / "run" / "meta.json").read_text())
+    assert meta["limits"]["subset"] == "stratified"
+
+
 def test_undecodable_images_are_named_on_stderr_and_ema_and_bf16_run(tiny, tmp_path, capfd):
     assert main(tiny_run_args(tiny, tmp_path, "--epochs", "1", "--ema", "0.9", "--amp", "bf16")) == 0
     err = capfd.readouterr().err
