@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from attnbench.mechanism import Flops, Grid, option
 from attnbench.registry import register_mechanism
 from mechanisms import chunked, fla_kernels
-from mechanisms.recurrent import RecurrentMixer, RecurrentOptions
+from mechanisms.recurrent import Recurrence, RecurrentMixer, RecurrentOptions
 
 EPS = 1e-6  # added to the normaliser, as fla's kernel and reference do
 FLA_MAX_FEATURES = 16  # fused_chunk_based's limit on the feature dimension
@@ -64,6 +64,7 @@ class Based(RecurrentMixer):
     summary = "Based: 2nd-order Taylor feature map linear attention, normalised (fla's layer)"
     Options = BasedOptions
     fla_kernel = "based"
+    projections = ("q", "k", "v")
     torch_form = ("no-decay form of mechanisms/chunked.py on 1 + f + f(f+1)/2 Taylor features, the states "
                   "by a cumulative sum over chunks")
     flops_formula = ("2·B·N·C·(2·H·f + 2·C) (projections) + s·B·H·N'·2·(c·F + c·(d+1) + 2·F·(d+1)) "
@@ -88,18 +89,40 @@ class Based(RecurrentMixer):
     def project(self, x: Tensor) -> tuple[Tensor, ...]:
         return self.q_proj(x), self.k_proj(x), self.v_proj(x)
 
-    def scan(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    def inputs(self, q: Tensor, k: Tensor, v: Tensor,
+               start: int | Tensor = 0) -> tuple[Recurrence, tuple[Tensor, ...]]:
+        """The Taylor features of q and k (B, N, H, F), and v with a column of ones (B, N, H, d + 1):
+        the state's last column is the normaliser's running sum Σ φ(k)."""
+        b, n, _ = q.shape
+        h, f = self.num_heads, self.options.feature_dim
+        v = v.view(b, n, h, self.head_dim)
+        return Recurrence(taylor_features(q.view(b, n, h, f)), taylor_features(k.view(b, n, h, f)),
+                          torch.cat([v, torch.ones_like(v[..., :1])], -1)), ()
+
+    def read_out(self, sums: Tensor) -> Tensor:
+        return (sums[..., :-1] / (sums[..., -1:] + EPS)).flatten(2)  # (B, N, H·d)
+
+    def state_size(self) -> tuple[int, int]:
+        return feature_count(self.options.feature_dim), self.head_dim + 1
+
+    def fla_scan(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """fla's based kernel, Taylor features and normaliser inside: (B, N, H·d)."""
         b, n, _ = q.shape
         h, f = self.num_heads, self.options.feature_dim
         q, k, v = q.view(b, n, h, f), k.view(b, n, h, f), v.view(b, n, h, self.head_dim)
-        if self.use_fla(q):
-            return fla_kernels.kernel("based")(q, k, v, scale=f**-0.5, use_norm=True).flatten(2)
-        phi_q, phi_k = taylor_features(q.transpose(1, 2)), taylor_features(k.transpose(1, 2))  # (B, H, N, F)
-        v = v.transpose(1, 2)
-        ones = torch.ones_like(v[..., :1])
-        sums = chunked.decay_attention(phi_q, phi_k, torch.cat([v, ones], -1), chunk=self.options.chunk)
-        out = sums[..., :-1] / (sums[..., -1:] + EPS)  # (B, H, N, d)
-        return out.transpose(1, 2).flatten(2)
+        return fla_kernels.kernel("based")(q, k, v, scale=f**-0.5, use_norm=True).flatten(2)
+
+    def scan(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        return self.fla_scan(q, k, v) if self.use_fla(q) else super().scan(q, k, v)
+
+    def scan_to_state(self, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Where fla's kernel runs (it returns no state), the state is one product, Σ φ(k) [v, 1]ᵀ."""
+        if not self.use_fla(q):
+            return super().scan_to_state(q, k, v)
+        rec, _ = self.inputs(q, k, v)
+        work = torch.promote_types(q.dtype, torch.float32)
+        state = rec.k.to(work).permute(0, 2, 3, 1) @ rec.v.to(work).transpose(1, 2)  # (B, H, F, d + 1)
+        return self.fla_scan(q, k, v), state
 
     def flops(self, batch: int, n: int, grid: Grid | None = None, causal: bool = False) -> Flops:
         f, c = self.options.feature_dim, self.dim

@@ -20,6 +20,11 @@ GLA (Yang et al., 2024) and, for the delta rule, its WY/UT form (Yang et al., 20
 Linear Transformers with the Delta Rule over Sequence Length"), as flash-linear-attention's kernels
 compute them.
 
+With ``final_state=True`` both also return the state after the last token, S_N (B, H, dk, dv),
+for decoding: the zero padding at the end of the last chunk leaves it as the last real token left it
+(k = v = 0, g = 0). ``recurrence_step`` advances such a state by one token, in place: the step of
+incremental decoding, O(dk·dv) per head whatever the context.
+
 Every function takes (B, H, N, d) tensors and computes in at least float32 (float64 stays float64).
 """
 
@@ -61,11 +66,13 @@ def _work_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def decay_attention(q: Tensor, k: Tensor, v: Tensor, g: Tensor | None = None, scale: float = 1.0,
-                    chunk: int = 64, sub_chunk: int = 16) -> Tensor:
+                    chunk: int = 64, sub_chunk: int = 16,
+                    final_state: bool = False) -> Tensor | tuple[Tensor, Tensor]:
     """o_t = S_tᵀ(scale·q_t), S_t = diag(exp g_t) S_{t-1} + k_t v_tᵀ, chunk by chunk.
 
     q, k: (B, H, N, dk); v: (B, H, N, dv); g: None, (B, H, N) or (B, H, N, dk) log-decays (≤ 0).
-    ``sub_chunk`` (a divisor of ``chunk``) is used by per-channel decays only. Returns (B, H, N, dv)."""
+    ``sub_chunk`` (a divisor of ``chunk``) is used by per-channel decays only. Returns (B, H, N, dv),
+    and with ``final_state`` also S_N (B, H, dk, dv) in the working dtype."""
     b, h, n, dk = q.shape
     dtype, work = q.dtype, _work_dtype(q.dtype)
     per_channel = g is not None and g.dim() == 4
@@ -76,7 +83,8 @@ def decay_attention(q: Tensor, k: Tensor, v: Tensor, g: Tensor | None = None, sc
         scores = (q @ k.transpose(-1, -2)).masked_fill(~_lower(c, q.device), 0)  # (B, H, M, c, c)
         delta = k.transpose(-1, -2) @ v  # (B, H, M, dk, dv): each chunk's k vᵀ sum
         states = delta.cumsum(2) - delta  # the state before each chunk: the sum over earlier chunks
-        return (scores @ v + q @ states).flatten(2, 3)[:, :, :n].to(dtype)
+        out = (scores @ v + q @ states).flatten(2, 3)[:, :, :n].to(dtype)
+        return (out, states[:, :, -1] + delta[:, :, -1]) if final_state else out
     g = g.to(work) if per_channel else g.to(work).unsqueeze(-1)  # (B, H, N, dk|1)
     g_cum = _chunks(g, c).cumsum(3)  # (B, H, M, c, dk|1): restarted at each chunk
     last = g_cum[:, :, :, -1:]  # (B, H, M, 1, dk|1): the whole chunk's log-decay
@@ -88,7 +96,8 @@ def decay_attention(q: Tensor, k: Tensor, v: Tensor, g: Tensor | None = None, sc
     decay = last.transpose(-1, -2).exp()  # (B, H, M, dk|1, 1)
     states = _scan(delta, decay)  # (B, H, M, dk, dv): the state before each chunk
     inter = (q * g_cum.exp()) @ states  # the earlier chunks, decayed to each token
-    return (scores @ v + inter).flatten(2, 3)[:, :, :n].to(dtype)
+    out = (scores @ v + inter).flatten(2, 3)[:, :, :n].to(dtype)
+    return (out, decay[:, :, -1] * states[:, :, -1] + delta[:, :, -1]) if final_state else out
 
 
 def _scan(delta: Tensor, decay: Tensor) -> Tensor:
@@ -126,14 +135,16 @@ def _per_channel_scores(q: Tensor, k: Tensor, g_cum: Tensor, s: int) -> Tensor:
 
 
 def delta_rule(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, g: Tensor | None = None,
-               scale: float = 1.0, chunk: int = 64) -> Tensor:
+               scale: float = 1.0, chunk: int = 64,
+               final_state: bool = False) -> Tensor | tuple[Tensor, Tensor]:
     """The (gated) delta rule, o_t = S_tᵀ(scale·q_t), S_t = exp(g_t)(I − β_t k_t k_tᵀ)S_{t-1} + β_t k_t v_tᵀ.
 
     q, k: (B, H, N, dk); v: (B, H, N, dv); beta: (B, H, N); g: None or (B, H, N) log-decays.
     Within a chunk the pseudo-values u = β(v − Sᵀk) solve the unit lower-triangular system
     (I + A) u = βv − β exp(G) K S_0, A_ij = β_i exp(G_i − G_j) k_i·k_j (j < i): T = (I + A)⁻¹ is
     computed for every chunk at once; only U = T βv − (T β exp(G) K) S_0 and the state wait for the
-    chunk before. Returns (B, H, N, dv)."""
+    chunk before. Returns (B, H, N, dv), and with ``final_state`` also S_N (B, H, dk, dv) in the
+    working dtype."""
     n = q.shape[2]
     dtype, work = q.dtype, _work_dtype(q.dtype)
     c = chunk_length(n, chunk)
@@ -159,7 +170,27 @@ def delta_rule(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, g: Tensor | None =
         u_m = u[:, :, m] - w[:, :, m] @ state  # (B, H, c, dv): the chunk's pseudo-values
         out.append(q_decayed[:, :, m] @ state + scores[:, :, m] @ u_m)
         state = last[:, :, m].exp() * state + k_decayed[:, :, m].transpose(-1, -2) @ u_m
-    return torch.stack(out, 2).flatten(2, 3)[:, :, :n].to(dtype)
+    out = torch.stack(out, 2).flatten(2, 3)[:, :, :n].to(dtype)
+    return (out, state) if final_state else out
+
+
+def recurrence_step(state: Tensor, q: Tensor, k: Tensor, v: Tensor, g: Tensor | None = None,
+                    beta: Tensor | None = None, scale: float = 1.0) -> Tensor:
+    """One token of either recurrence, ``state`` (B, H, dk, dv) advanced in place (its dtype, at least
+    float32, is the working one): S = diag(exp g) S, then S += k vᵀ, or for the delta rule
+    (``beta`` given) S += k (β (v − Sᵀk))ᵀ; returns o = Sᵀ(scale·q) (B, H, dv) in q's dtype.
+
+    q, k: (B, H, dk); v: (B, H, dv); g: None, (B, H) or (B, H, dk) log-decays; beta: (B, H)."""
+    b, h, dk, dv = state.shape
+    dtype, work = q.dtype, state.dtype
+    q, k, v = q.to(work), k.to(work), v.to(work)
+    if g is not None:
+        decay = g.to(work).exp()
+        state.mul_(decay.unsqueeze(-1) if decay.dim() == 3 else decay[..., None, None])
+    if beta is not None:  # the delta rule's write: β (v − Sᵀk), against the decayed state
+        v = beta.to(work).unsqueeze(-1) * (v - (k.unsqueeze(-2) @ state).squeeze(-2))
+    state.view(b * h, dk, dv).baddbmm_(k.reshape(b * h, dk, 1), v.reshape(b * h, 1, dv))  # S += k vᵀ
+    return ((scale * q).unsqueeze(-2) @ state).squeeze(-2).to(dtype)
 
 
 def decay_attention_flops(n: int, dk: int, dv: int, chunk: int, per_channel: bool = False,

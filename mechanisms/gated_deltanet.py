@@ -28,6 +28,7 @@ from attnbench.registry import register_mechanism
 from mechanisms import chunked, fla_kernels
 from mechanisms.recurrent import (
     GatedRMSNorm,
+    Recurrence,
     RecurrentMixer,
     RecurrentOptions,
     ShortConv,
@@ -51,6 +52,7 @@ class GatedDeltaNet(RecurrentMixer):
     summary = "Gated DeltaNet: the delta rule with Mamba2's decay, short convs, gated RMSNorm (fla's layer)"
     Options = GatedDeltaNetOptions
     fla_kernel = "gated_delta_rule"
+    projections = ("q", "k", "v", "a", "b", "gate")
     torch_form = "delta rule in WY/UT form of mechanisms/chunked.py, a loop over chunks"
     flops_formula = ("2·B·N·C·(C·(2·ek + 3·ev) + 2·H) (projections) + s·2·B·N·taps·C·(2·ek + ev) (short "
                      "convs) + s·B·H·N'·(2c·(3·dk + 2·dv) + 6·dk·dv) (chunked delta rule; s = 2 scans when "
@@ -79,24 +81,29 @@ class GatedDeltaNet(RecurrentMixer):
     def project(self, x: Tensor) -> tuple[Tensor, ...]:
         return self.q_proj(x), self.k_proj(x), self.v_proj(x), self.a_proj(x), self.b_proj(x), self.g_proj(x)
 
-    def scan(self, q: Tensor, k: Tensor, v: Tensor, a: Tensor, b_logit: Tensor, gate: Tensor) -> Tensor:
-        if self.convs is not None:
-            q, k, v = (conv(t) for conv, t in zip(self.convs, (q, k, v), strict=True))
-        else:
+    def short_convs(self) -> dict[str, nn.Conv1d]:
+        return {} if self.convs is None else {name: c.conv for name, c in zip("qkv", self.convs, strict=True)}
+
+    def inputs(self, q: Tensor, k: Tensor, v: Tensor, a: Tensor, b_logit: Tensor, gate: Tensor,
+               start: int | Tensor = 0) -> tuple[Recurrence, tuple[Tensor, ...]]:
+        if self.convs is None:  # no convolution: its SiLU alone
             q, k, v = F.silu(q), F.silu(k), F.silu(v)
         b, n, _ = q.shape
         h = self.num_heads
         q, k = l2_normalize(q.view(b, n, h, self.dk)), l2_normalize(k.view(b, n, h, self.dk))
-        v = v.view(b, n, h, self.dv)
         beta = torch.sigmoid(b_logit)  # (B, N, H)
         log_decay = -self.A_log.exp() * F.softplus(a + self.dt_bias)  # (B, N, H), ≤ 0
-        scale = self.dk**-0.5
-        if self.use_fla(q):
-            out, _ = fla_kernels.kernel("gated_delta_rule")(q, k, v, log_decay, beta, scale=scale)
-        else:
-            out = chunked.delta_rule(*(t.transpose(1, 2) for t in (q, k, v, beta, log_decay)), scale=scale,
-                                     chunk=self.options.chunk).transpose(1, 2)
-        return self.norm(out, gate.view(b, n, h, self.dv)).flatten(2)
+        return Recurrence(q, k, v.view(b, n, h, self.dv), log_decay, beta, scale=self.dk**-0.5), (gate,)
+
+    def read_out(self, o: Tensor, gate: Tensor) -> Tensor:
+        return self.norm(o, gate.view(o.shape)).flatten(2)
+
+    def state_size(self) -> tuple[int, int]:
+        return self.dk, self.dv
+
+    def fla_recur(self, rec: Recurrence, final_state: bool) -> tuple[Tensor, Tensor | None]:
+        return fla_kernels.kernel("gated_delta_rule")(rec.q, rec.k, rec.v, rec.g, rec.beta, scale=rec.scale,
+                                                      output_final_state=final_state)
 
     def flops(self, batch: int, n: int, grid: Grid | None = None, causal: bool = False) -> Flops:
         o, c = self.options, self.dim

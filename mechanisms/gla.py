@@ -23,7 +23,14 @@ from torch import Tensor, nn
 from attnbench.mechanism import Flops, Grid, option, require
 from attnbench.registry import register_mechanism
 from mechanisms import chunked, fla_kernels
-from mechanisms.recurrent import GatedRMSNorm, RecurrentMixer, RecurrentOptions, ShortConv, expanded
+from mechanisms.recurrent import (
+    GatedRMSNorm,
+    Recurrence,
+    RecurrentMixer,
+    RecurrentOptions,
+    ShortConv,
+    expanded,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,6 +50,7 @@ class GatedLinearAttention(RecurrentMixer):
     summary = "gated linear attention: data-dependent per-channel decay, gated RMSNorm (fla's layer)"
     Options = GLAOptions
     fla_kernel = "gla"
+    projections = ("q", "k", "v", "gk", "gate")
     torch_form = "per-channel-decay form of mechanisms/chunked.py, a loop over chunks"
     flops_formula = ("2·B·N·C·(C·(2·ek + 3·ev) + r·(1 + ek)) (projections, rank-r gate) + "
                      "s·B·H·N'·2·(c·dk + c·dv + 2·dk·dv) (chunked GLA; s = 2 scans when bidirectional, "
@@ -71,20 +79,29 @@ class GatedLinearAttention(RecurrentMixer):
     def project(self, x: Tensor) -> tuple[Tensor, ...]:
         return self.q_proj(x), self.k_proj(x), self.v_proj(x), self.gk_proj(x), self.g_proj(x)
 
-    def scan(self, q: Tensor, k: Tensor, v: Tensor, gk: Tensor, gate: Tensor) -> Tensor:
-        if self.convs is not None:
-            q, k, v = (conv(t) for conv, t in zip(self.convs, (q, k, v), strict=True))
+    def short_convs(self) -> dict[str, nn.Conv1d]:
+        return {} if self.convs is None else {name: c.conv for name, c in zip("qkv", self.convs, strict=True)}
+
+    def inputs(self, q: Tensor, k: Tensor, v: Tensor, gk: Tensor, gate: Tensor,
+               start: int | Tensor = 0) -> tuple[Recurrence, tuple[Tensor, ...]]:
         b, n, _ = q.shape
-        h, o = self.num_heads, self.options
-        q, k, v = q.view(b, n, h, self.dk), k.view(b, n, h, self.dk), v.view(b, n, h, self.dv)
-        log_decay = (F.logsigmoid(gk) / o.gate_normalizer).view(b, n, h, self.dk)  # ≤ 0
-        scale = self.dk**-0.5
-        if self.use_fla(q):
-            out, _ = fla_kernels.kernel("gla")(q, k, v, log_decay, scale=scale)  # (B, N, H, dv)
-        else:
-            out = chunked.decay_attention(*(t.transpose(1, 2) for t in (q, k, v, log_decay)), scale=scale,
-                                          chunk=o.chunk, sub_chunk=o.sub_chunk).transpose(1, 2)
-        return self.norm(out, gate.view(b, n, h, self.dv)).flatten(2)
+        h = self.num_heads
+        log_decay = (F.logsigmoid(gk) / self.options.gate_normalizer).view(b, n, h, self.dk)  # ≤ 0
+        return Recurrence(q.view(b, n, h, self.dk), k.view(b, n, h, self.dk), v.view(b, n, h, self.dv),
+                          log_decay, scale=self.dk**-0.5), (gate,)
+
+    def read_out(self, o: Tensor, gate: Tensor) -> Tensor:
+        return self.norm(o, gate.view(o.shape)).flatten(2)
+
+    def state_size(self) -> tuple[int, int]:
+        return self.dk, self.dv
+
+    def chunked_options(self) -> dict[str, int]:
+        return {"chunk": self.options.chunk, "sub_chunk": self.options.sub_chunk}
+
+    def fla_recur(self, rec: Recurrence, final_state: bool) -> tuple[Tensor, Tensor | None]:
+        return fla_kernels.kernel("gla")(rec.q, rec.k, rec.v, rec.g, scale=rec.scale,
+                                         output_final_state=final_state)
 
     def flops(self, batch: int, n: int, grid: Grid | None = None, causal: bool = False) -> Flops:
         o, c = self.options, self.dim

@@ -33,7 +33,14 @@ from torch import Tensor, nn
 from attnbench.mechanism import Flops, Grid, option
 from attnbench.registry import register_mechanism
 from mechanisms import chunked, fla_kernels
-from mechanisms.recurrent import RecurrentMixer, RecurrentOptions, expanded, mamba_time_steps, rms_norm
+from mechanisms.recurrent import (
+    Recurrence,
+    RecurrentMixer,
+    RecurrentOptions,
+    expanded,
+    mamba_time_steps,
+    rms_norm,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,6 +57,7 @@ class Mamba2(RecurrentMixer):
     summary = "Mamba2's SSD mixer: scalar data-dependent decay, conv, gated norm (fla's simple_gla)"
     Options = Mamba2Options
     fla_kernel = "simple_gla"
+    projections = ("z", "xbc", "dt")
     torch_form = "scalar-decay form of mechanisms/chunked.py, a loop over chunks"
     flops_formula = ("2·B·N·C·(3·E·C + 2·S + H) (projections; S = state) + s·2·B·N·taps·(E·C + 2·S) "
                      "(conv) + s·B·H·N'·2·(c·S + c·P + 2·S·P) (chunked SSD, P = E·C/H; s = 2 scans when "
@@ -74,24 +82,32 @@ class Mamba2(RecurrentMixer):
     def project(self, x: Tensor) -> tuple[Tensor, ...]:
         return self.in_proj(x).split(self.splits, dim=-1)
 
-    def scan(self, z: Tensor, xbc: Tensor, dt: Tensor) -> Tensor:
+    def short_convs(self) -> dict[str, nn.Conv1d]:
+        return {"xbc": self.conv}
+
+    def inputs(self, z: Tensor, xbc: Tensor, dt: Tensor,
+               start: int | Tensor = 0) -> tuple[Recurrence, tuple[Tensor, ...]]:
         b, n, _ = z.shape
         h, p, s = self.num_heads, self.head_width, self.options.state
-        xbc = F.pad(xbc.transpose(1, 2), (self.options.conv - 1, 0))  # (B, E·C + 2S, taps-1 + N)
-        x, state_in, state_out = F.silu(self.conv(xbc)).transpose(1, 2).split((self.inner, s, s), dim=-1)
+        x, state_in, state_out = xbc.split((self.inner, s, s), dim=-1)  # after the convolution
         x = x.view(b, n, h, p)
         step = F.softplus(dt + self.dt_bias)  # Δ (B, N, H)
         log_decay = -self.A_log.exp() * step  # (B, N, H), ≤ 0
         v = x * step.unsqueeze(-1)  # Δ·x
         k = state_in.unsqueeze(2).expand(b, n, h, s)  # B, shared by the heads
         q = state_out.unsqueeze(2).expand(b, n, h, s)  # C
-        if self.use_fla(q):
-            y, _ = fla_kernels.kernel("simple_gla")(q.contiguous(), k.contiguous(), v, log_decay, scale=1.0)
-        else:
-            y = chunked.decay_attention(*(t.transpose(1, 2) for t in (q, k, v, log_decay)), scale=1.0,
-                                        chunk=self.options.chunk).transpose(1, 2)
+        return Recurrence(q, k, v, log_decay, scale=1.0), (x, z)
+
+    def read_out(self, y: Tensor, x: Tensor, z: Tensor) -> Tensor:
         y = (y + self.D[:, None] * x).flatten(2) * F.silu(z)  # (B, N, E·C): skip, then the gate
         return rms_norm(y, self.norm_weight, self.options.eps)
+
+    def state_size(self) -> tuple[int, int]:
+        return self.options.state, self.head_width
+
+    def fla_recur(self, rec: Recurrence, final_state: bool) -> tuple[Tensor, Tensor | None]:
+        return fla_kernels.kernel("simple_gla")(rec.q.contiguous(), rec.k.contiguous(), rec.v, rec.g,
+                                                scale=rec.scale, output_final_state=final_state)
 
     def flops(self, batch: int, n: int, grid: Grid | None = None, causal: bool = False) -> Flops:
         o, c = self.options, self.dim

@@ -23,7 +23,14 @@ from torch import Tensor, nn
 from attnbench.mechanism import Flops, Grid, option, require
 from attnbench.registry import register_mechanism
 from mechanisms import chunked, fla_kernels
-from mechanisms.recurrent import GatedRMSNorm, RecurrentMixer, RecurrentOptions, ShortConv, expanded
+from mechanisms.recurrent import (
+    GatedRMSNorm,
+    Recurrence,
+    RecurrentMixer,
+    RecurrentOptions,
+    ShortConv,
+    expanded,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,13 +46,19 @@ def log_decays(num_heads: int, device: torch.device | None = None) -> Tensor:
     return torch.log1p(-torch.exp2(-5.0 - torch.arange(num_heads, dtype=torch.float64, device=device)))
 
 
-def rotary(x: Tensor) -> Tensor:
-    """Rotary positions 0..N−1 on (B, N, H, d), d even: the two halves of the channels rotated by
-    angles t·10000^(−2i/d) (fla's RotaryEmbedding, not interleaved)."""
+def rotary(x: Tensor, start: int | Tensor = 0) -> Tensor:
+    """Rotary positions start..start+N−1 on (B, N, H, d), d even: the two halves of the channels
+    rotated by angles t·10000^(−2i/d) (fla's RotaryEmbedding, not interleaved). ``start``: an int, or
+    (B,) per sequence (a decoding step)."""
     n, d = x.shape[1], x.shape[-1]
     inv_freq = 10000.0 ** (-torch.arange(0, d, 2, dtype=torch.float64, device=x.device) / d)  # (d/2,)
-    angles = torch.arange(n, dtype=torch.float64, device=x.device)[:, None] * inv_freq  # (N, d/2)
-    cos, sin = (f(angles).to(x.dtype)[:, None, :] for f in (torch.cos, torch.sin))  # (N, 1, d/2)
+    positions = torch.arange(n, dtype=torch.float64, device=x.device)  # (N,)
+    if isinstance(start, Tensor):
+        positions = positions + start.to(positions)[:, None]  # (B, N)
+    elif start:
+        positions = positions + start
+    angles = positions[..., None] * inv_freq  # (N, d/2) or (B, N, d/2)
+    cos, sin = (f(angles).to(x.dtype).unsqueeze(-2) for f in (torch.cos, torch.sin))  # (…, N, 1, d/2)
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
 
@@ -56,6 +69,7 @@ class RetNet(RecurrentMixer):
     summary = "RetNet retention: fixed per-head decay, rotary q/k, gated RMSNorm (fla's layer)"
     Options = RetNetOptions
     fla_kernel = "retention"
+    projections = ("q", "k", "v", "gate")
     torch_form = "scalar-decay form of mechanisms/chunked.py, a loop over chunks"
     flops_formula = ("2·B·N·C²·(2·ek + 3·ev) (projections) + s·B·H·N'·2·(c·dk + c·dv + 2·dk·dv) "
                      "(chunked retention; s = 2 scans when bidirectional, N' = N padded to the chunk c); "
@@ -82,21 +96,27 @@ class RetNet(RecurrentMixer):
     def project(self, x: Tensor) -> tuple[Tensor, ...]:
         return self.q_proj(x), self.k_proj(x), self.v_proj(x), self.g_proj(x)
 
-    def scan(self, q: Tensor, k: Tensor, v: Tensor, gate: Tensor) -> Tensor:
-        if self.convs is not None:
-            q, k, v = (conv(t) for conv, t in zip(self.convs, (q, k, v), strict=True))
+    def short_convs(self) -> dict[str, nn.Conv1d]:
+        return {} if self.convs is None else {name: c.conv for name, c in zip("qkv", self.convs, strict=True)}
+
+    def inputs(self, q: Tensor, k: Tensor, v: Tensor, gate: Tensor,
+               start: int | Tensor = 0) -> tuple[Recurrence, tuple[Tensor, ...]]:
         b, n, _ = q.shape
         h = self.num_heads
-        q, k = rotary(q.view(b, n, h, self.dk)), rotary(k.view(b, n, h, self.dk))
-        v = v.view(b, n, h, self.dv)
-        scale = self.dk**-0.5
-        if self.use_fla(q):
-            o, _ = fla_kernels.kernel("retention")(q, k, v, scale=scale)  # (B, N, H, dv)
-        else:
-            g = log_decays(h, q.device).to(q.dtype)[:, None].expand(b, h, n)  # (B, H, N)
-            o = chunked.decay_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), g,
-                                        scale=scale, chunk=self.options.chunk).transpose(1, 2)
-        return self.norm(o, gate.view(b, n, h, self.dv)).flatten(2)
+        q, k = rotary(q.view(b, n, h, self.dk), start), rotary(k.view(b, n, h, self.dk), start)
+        g = log_decays(h, q.device).to(q.dtype).expand(b, n, h)  # (B, N, H)
+        return Recurrence(q, k, v.view(b, n, h, self.dv), g, scale=self.dk**-0.5), (gate,)
+
+    def read_out(self, o: Tensor, gate: Tensor) -> Tensor:
+        return self.norm(o, gate.view(o.shape)).flatten(2)
+
+    def state_size(self) -> tuple[int, int]:
+        return self.dk, self.dv
+
+    def fla_recur(self, rec: Recurrence, final_state: bool) -> tuple[Tensor, Tensor | None]:
+        # fla's retention kernel applies the same fixed decays γ_h itself
+        return fla_kernels.kernel("retention")(rec.q, rec.k, rec.v, scale=rec.scale,
+                                               output_final_state=final_state)
 
     def flops(self, batch: int, n: int, grid: Grid | None = None, causal: bool = False) -> Flops:
         o, c = self.options, self.dim

@@ -84,9 +84,10 @@ def heads_last(t):
     return t.transpose(1, 2)
 
 
-def recurrence(q, k, v, g=None, beta=None, scale=1.0):
+def recurrence(q, k, v, g=None, beta=None, scale=1.0, final_state=False):
     """o_t = S_tᵀ(scale·q_t), token by token, on (B, N, H, ·) tensors; g: None, (B, N, H) or
-    (B, N, H, dk) log-decays; beta (B, N, H): the delta rule S_t = e^g (I − β k kᵀ) S + β k vᵀ."""
+    (B, N, H, dk) log-decays; beta (B, N, H): the delta rule S_t = e^g (I − β k kᵀ) S + β k vᵀ.
+    ``final_state``: also S_N (B, H, dk, dv)."""
     b, n, h, dk = q.shape
     state = torch.zeros(b, h, dk, v.shape[-1], dtype=q.dtype)
     out = []
@@ -99,7 +100,7 @@ def recurrence(q, k, v, g=None, beta=None, scale=1.0):
             write = beta[:, t, :, None] * (write - (state * k[:, t, :, :, None]).sum(-2))
         state = state + k[:, t, :, :, None] * write[:, :, None, :]
         out.append((state * scale * q[:, t, :, :, None]).sum(-2))
-    return torch.stack(out, 1)
+    return (torch.stack(out, 1), state) if final_state else torch.stack(out, 1)
 
 
 # ---- the chunked kernels against fla's naive references -------------------------------------
@@ -187,6 +188,37 @@ def test_delta_rule_matches_fla_gated_delta_rule(shape, decay):
     torch.testing.assert_close(ours, recurrence(q, k_unit, v, g, beta, scale=dk**-0.5), **TOL)
     ungated = heads_last(chunked.delta_rule(*heads_first(q, k_unit, v, beta), scale=dk**-0.5, chunk=c))
     torch.testing.assert_close(ungated, recurrence(q, k_unit, v, None, beta, scale=dk**-0.5), **TOL)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
+@pytest.mark.parametrize("kind", ["plain", "scalar-decay", "per-channel-decay", "delta-rule",
+                                  "gated-delta-rule"])
+def test_final_state_and_steps_continue_the_recurrence(shape, kind):
+    """The chunked form's state after the last token (a padded last chunk included) is the
+    token-by-token one, and ``recurrence_step`` from it gives the outputs of the longer sequence."""
+    b, h, n, dk, dv, c = shape
+    steps = 3
+    q, k, v, g, gk, beta = (t.detach() for t in inputs(b, h, n + steps, dk, dv))
+    if kind.endswith("delta-rule"):
+        k = F.normalize(k, dim=-1)
+    g = {"scalar-decay": g, "per-channel-decay": gk, "gated-delta-rule": g}.get(kind)
+    beta = beta if kind.endswith("delta-rule") else None
+    prompt = [None if t is None else t[:, :n] for t in (q, k, v, g, beta)]
+    expected, expected_state = recurrence(q, k, v, g, beta, scale=dk**-0.5, final_state=True)
+    _, prompt_state = recurrence(*prompt, scale=dk**-0.5, final_state=True)
+    pq, pk, pv, pg, pbeta = (None if t is None else t.transpose(1, 2) for t in prompt)  # heads first
+    if beta is None:
+        out, state = chunked.decay_attention(pq, pk, pv, pg, scale=dk**-0.5, chunk=c, sub_chunk=min(4, c),
+                                             final_state=True)
+    else:
+        out, state = chunked.delta_rule(pq, pk, pv, pbeta, pg, scale=dk**-0.5, chunk=c, final_state=True)
+    torch.testing.assert_close(heads_last(out), expected[:, :n], **TOL)
+    torch.testing.assert_close(state, prompt_state, **TOL)
+    for t in range(n, n + steps):
+        token = [None if x is None else x[:, t] for x in (q, k, v, g, beta)]  # (B, H, ·)
+        o = chunked.recurrence_step(state, *token[:3], g=token[3], beta=token[4], scale=dk**-0.5)
+        torch.testing.assert_close(o, expected[:, t], **TOL)
+    torch.testing.assert_close(state, expected_state, **TOL)
 
 
 @pytest.mark.parametrize("n, c", [(1, 4), (13, 4), (32, 8), (40, 64)])
