@@ -1,9 +1,9 @@
 """``attnbench report``: every result in some folders on one page, for a paper's supplement or a PR.
 
-The page (``render_html``) is one self-contained HTML file: styles and a few lines of script
-inline, every plot embedded as a base64 PNG, nothing fetched from the network; its tables sort
-when a header is clicked. ``render_markdown`` writes the same report as Markdown, with the plots
-as PNG files in a folder beside it. In order:
+The page (``render_html``) is one self-contained HTML file: its styles and a few lines of script
+(package data in ``attnbench/report_assets``) inline, every plot embedded as a base64 PNG, nothing
+fetched from the network; its tables sort when a header is clicked. ``render_markdown`` writes
+the same report as Markdown, with the plots as PNG files in a folder beside it. In order:
 
 1. Run contexts: machine, device, threads, dtype, versions, commit and date of every run folder
    and task table (``meta.json``, or a table's context columns).
@@ -33,6 +33,7 @@ import shutil
 import sys
 import tempfile
 from collections.abc import Iterable, Sequence
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -569,91 +570,12 @@ def build(folders: Sequence[Path], compare_with: Path | None = None, include_lim
 
 # ---- HTML -------------------------------------------------------------------------------------
 
-STYLE = """
-body { font: 14px/1.45 system-ui, -apple-system, "Segoe UI", "DejaVu Sans", sans-serif; color: #111;
-       margin: 0 auto; padding: 1.5em 2em 4em; max-width: 1240px; background: #fff; }
-h1 { font-size: 1.6em; margin-bottom: 0.2em; } h2 { border-bottom: 2px solid #332288; padding-bottom: 0.15em;
-     margin-top: 2em; } h3 { margin-top: 1.6em; }
-dl.header { display: grid; grid-template-columns: max-content 1fr; gap: 0.1em 1em; color: #333; }
-dl.header dt { font-weight: 600; } dl.header dd { margin: 0; font-family: ui-monospace, monospace; }
-nav ol { columns: 2; } nav a { color: #332288; }
-table { border-collapse: collapse; margin: 0.6em 0 1.2em; font-size: 12.5px; display: block; overflow-x: auto;
-        max-width: 100%; }
-caption { caption-side: top; text-align: left; color: #333; padding: 0.2em 0; font-style: italic; }
-th, td { border: 1px solid #ccc; padding: 0.25em 0.55em; text-align: left; vertical-align: top; }
-th { background: #eef; white-space: nowrap; } th.sortable { cursor: pointer; }
-th.sortable::after { content: " ⇅"; color: #888; } th[data-dir=asc]::after { content: " ▲"; }
-th[data-dir=desc]::after { content: " ▼"; } tbody tr:nth-child(even) { background: #f7f7fb; }
-td.num { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
-td.short { white-space: nowrap; } td.long { min-width: 24em; }
-figure { margin: 1em 0; } figure img { max-width: 100%; height: auto; border: 1px solid #ddd; }
-figcaption { color: #333; font-size: 0.92em; } pre { background: #f6f6f6; padding: 0.6em; overflow-x: auto; }
-details { margin: 0.4em 0 1em; } summary { cursor: pointer; color: #332288; }
-"""
+ASSETS = resources.files("attnbench") / "report_assets"
 
-# Before anything else: count every error (scripts, and images that fail to load).
-SCRIPT_HEAD = """
-window.__reportErrors = 0;
-window.addEventListener('error', function () { window.__reportErrors += 1; }, true);
-"""
 
-SCRIPT_BODY = """
-(function () {
-  function key(row, index) {
-    var cell = row.cells[index];
-    var text = cell ? cell.textContent.trim() : '';
-    var value = parseFloat(text.replace(/[,×%]/g, ''));
-    return isNaN(value) ? text.toLowerCase() : value;
-  }
-  function sortBy(th) {
-    var table = th.closest('table'), body = table.tBodies[0];
-    var index = Array.prototype.indexOf.call(th.parentNode.children, th);
-    var dir = th.getAttribute('data-dir') === 'asc' ? 'desc' : 'asc';
-    Array.prototype.forEach.call(th.parentNode.children, function (h) { h.removeAttribute('data-dir'); });
-    th.setAttribute('data-dir', dir);
-    var rows = Array.prototype.slice.call(body.rows);
-    rows.sort(function (a, b) {
-      var x = key(a, index), y = key(b, index), c;
-      if (typeof x === typeof y) { c = x < y ? -1 : (x > y ? 1 : 0); }
-      else { c = typeof x === 'number' ? -1 : 1; }
-      return dir === 'asc' ? c : -c;
-    });
-    rows.forEach(function (r) { body.appendChild(r); });
-  }
-  window.attnbenchSort = sortBy;
-  document.addEventListener('click', function (e) {
-    var th = e.target.closest ? e.target.closest('th.sortable') : null;
-    if (th) { sortBy(th); }
-  });
-  window.addEventListener('load', function () {
-    var images = Array.prototype.slice.call(document.images);
-    var broken = images.filter(function (i) { return !(i.complete && i.naturalWidth > 0); }).length;
-    var body = document.body;
-    if (location.hash === '#selftest') {  // the tests: sort a numeric column both ways
-      var th = document.querySelector('th.sortable[data-numeric]');
-      if (th) {
-        var index = Array.prototype.indexOf.call(th.parentNode.children, th);
-        var column = function () {
-          return Array.prototype.slice.call(th.closest('table').tBodies[0].rows)
-            .map(function (r) { return key(r, index); })
-            .filter(function (v) { return typeof v === 'number'; });
-        };
-        sortBy(th);
-        var up = column();
-        sortBy(th);
-        var down = column();
-        var ok = up.every(function (v, i) { return i === 0 || up[i - 1] <= v; })
-              && down.every(function (v, i) { return i === 0 || down[i - 1] >= v; });
-        body.setAttribute('data-sorted', ok ? 'ok' : 'wrong');
-      }
-    }
-    body.setAttribute('data-images', String(images.length));
-    body.setAttribute('data-broken-images', String(broken));
-    body.setAttribute('data-errors', String(window.__reportErrors));
-    body.setAttribute('data-ready', broken === 0 && window.__reportErrors === 0 ? 'ok' : 'broken');
-  });
-})();
-"""
+def asset(name: str) -> str:
+    """A file of ``report_assets`` (package data), to be inlined: the page fetches nothing."""
+    return (ASSETS / name).read_text(encoding="utf-8")
 
 
 def _numeric(series: pd.Series) -> bool:
@@ -715,9 +637,10 @@ def render_html(report: Report) -> str:
                      f"{_html_blocks(s.blocks)}</section>" for s in report.sections)
     return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
             f'<meta name="viewport" content="width=device-width, initial-scale=1">'
-            f"<title>{html.escape(report.title)}</title><style>{STYLE}</style><script>{SCRIPT_HEAD}</script></head>"
+            f"<title>{html.escape(report.title)}</title><style>{asset('report.css')}</style>"
+            f"<script>{asset('errors.js')}</script></head>"
             f'<body><h1>{html.escape(report.title)}</h1><dl class="header">{header}</dl>'
-            f"<nav><ol>{toc}</ol></nav>\n{body}\n<script>{SCRIPT_BODY}</script></body></html>\n")
+            f"<nav><ol>{toc}</ol></nav>\n{body}\n<script>{asset('sort.js')}</script></body></html>\n")
 
 
 # ---- Markdown ---------------------------------------------------------------------------------
