@@ -155,7 +155,7 @@ def accuracy_verdict(folder: Path) -> Verdict:
     notes.append(f"{score}, mean over {some}{seeds} seed{'s' if seeds != 1 else ''}")
     fronts = [f"{letter}: on the {score}–{'time' if c == 'step_ms' else 'memory'} front at that n"
               for c, letter in COSTS if c in costs]
-    legend = [f"{' / '.join(fronts)} (none there both cheaper and better)"] if fronts else []
+    legend = [f"{' / '.join(fronts)} (no variant there is both cheaper and better)"] if fronts else []
     legend = ["; ".join([f"{score}: {'higher' if higher else 'lower'} is better", *legend, *rule])]
     return Verdict(folder, pd.DataFrame(rows), "; ".join(notes), legend)
 
