@@ -293,11 +293,13 @@ def build_parser(task: str | None = None) -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_plot)
 
     p = sub.add_parser("report", help="one self-contained page of results: HTML, or Markdown",
-                       description="Write every result in and under the folders on one page: the run "
-                                   "contexts, the kernel sweeps with their fits, the accuracy sweeps, every "
-                                   "task table with its seed spreads, the resolution probes, and the "
-                                   "comparison with a saved run. HTML: one file, plots embedded, no network; "
-                                   "Markdown: plots in a folder beside it. Writes nothing into the folders.")
+                       description="Write every result in and under the folders on one page: first the "
+                                   "verdict (per sweep: the accuracy fronts and breaking lengths, the "
+                                   "exponents and crossovers), then the kernel sweeps with their fits, the "
+                                   "accuracy sweeps, every task table with its seed spreads, the resolution "
+                                   "probes, the comparison with a saved run, and the run contexts. HTML: one "
+                                   "file, plots embedded, no network; Markdown: plots in a folder beside it. "
+                                   "Writes nothing into the folders.")
     p.add_argument("folders", type=existing_dir, nargs="*", default=[Path("results")], metavar="DIR",
                    help="folders of results (default: results)")
     p.add_argument("--out", type=output_file, default=None,

@@ -1,12 +1,14 @@
 """``attnbench report``: every result in some folders on one page, for a paper's supplement or a PR.
 
-The page (``render_html``) is one self-contained HTML file: styles and a few lines of script
-inline, every plot embedded as a base64 PNG, nothing fetched from the network; its tables sort
-when a header is clicked. ``render_markdown`` writes the same report as Markdown, with the plots
-as PNG files in a folder beside it. In order:
+The page (``render_html``) is one self-contained HTML file: its styles and a few lines of script
+(package data in ``attnbench/report_assets``) inline, every plot embedded as a base64 PNG, nothing
+fetched from the network; its tables sort when a header is clicked. ``render_markdown`` writes
+the same report as Markdown, with the plots as PNG files in a folder beside it. In order:
 
-1. Run contexts: machine, device, threads, dtype, versions, commit and date of every run folder
-   and task table (``meta.json``, or a table's context columns).
+1. The verdict, the answer first (``attnbench.verdict``): per accuracy sweep, each variant's score
+   at each n, the accuracy–time and accuracy–memory fronts it is on there, its breaking length;
+   per kernel sweep, each mechanism's time exponent with its interval and the n from which it
+   stays faster than softmax and sdpa. One small table per sweep, side by side on the first screen.
 2. Kernel sweeps (folders with ``scale.csv``): the time, memory and ratio plots, the fitted
    exponents with their 95 % intervals, what did not finish, the same-round ratios and the
    machine's steadiness.
@@ -16,6 +18,8 @@ as PNG files in a folder beside it. In order:
 5. Resolution probes (folders with ``resolution.csv``): the summary, the plot and every side.
 6. With ``--compare SAVED``: this sweep against a saved one (time and memory ratios, regressions)
    and task aggregates against the saved tables.
+7. Run contexts: machine, device, threads, dtype, versions, commit and date of every run folder
+   and task table (``meta.json``, or a table's context columns).
 
 The plots are drawn afresh from the tables by the same functions as ``attnbench plot``, in a
 temporary folder: nothing is written into the folders reported on.
@@ -29,10 +33,12 @@ import datetime as dt
 import html
 import json
 import math
+import os
 import shutil
 import sys
 import tempfile
 from collections.abc import Iterable, Sequence
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +53,7 @@ from attnbench.results import (
     read_table,
     read_task_table,
 )
+from attnbench.verdict import Verdict, accuracy_verdict, kernel_verdict
 
 
 class ReportError(ValueError):
@@ -60,6 +67,7 @@ class ReportError(ValueError):
 class Text:
     text: str
     pre: bool = False  # preformatted (console summaries)
+    small: bool = False  # a legend
 
 
 @dataclasses.dataclass
@@ -73,6 +81,13 @@ class Figure:
     png: bytes
     name: str  # file name in Markdown's image folder
     caption: str = ""
+
+
+@dataclasses.dataclass
+class Cards:
+    """Small tables side by side where the page is wide enough (the verdict); one after another in
+    Markdown."""
+    tables: list[Table]
 
 
 @dataclasses.dataclass
@@ -161,77 +176,41 @@ def _show(path: Path) -> str:
         return str(path)
 
 
-# ---- 1. run contexts --------------------------------------------------------------------------
+# ---- 1. the verdict ---------------------------------------------------------------------------
 
 
-def _date(text: Any) -> str:
-    """``2026-11-25T17:25:29+00:00`` as ``2026-11-25 17:25 UTC``."""
-    text = str(text)
-    if len(text) >= 16 and text[10] == "T":
-        return f"{text[:10]} {text[11:16]}" + (" UTC" if text.endswith(("+00:00", "Z")) else "")
-    return text
+def _cards(verdicts: Sequence[Verdict], base: Path | None) -> list[Any]:
+    """Each different legend once, then the tables, each captioned by its folder (below ``base``)."""
+    legend = list(dict.fromkeys(line for v in verdicts for line in v.legend))
+    tables = [Table(v.frame, f"{v.folder.resolve().relative_to(base) if base else _show(v.folder)}: {v.note}")
+              for v in verdicts]
+    return [*(Text(line, small=True) for line in legend), Cards(tables)]
 
 
-def _versions(meta: dict[str, Any]) -> dict[str, str]:
-    versions = meta.get("versions", {}) or {}
-    return {k: versions.get(k, "—") for k in ("torch", "natten", "xformers")}
+def _common_parent(folders: Sequence[Path]) -> Path | None:
+    """The folder all of ``folders`` lie under, where there are several and it is not one of them."""
+    if len(folders) < 2:
+        return None
+    base = Path(os.path.commonpath([f.resolve() for f in folders]))
+    return None if any(f.resolve() == base for f in folders) else base
 
 
-def _context_row(source: Path, kind: str, meta: dict[str, Any], dtype: str) -> dict[str, Any]:
-    machine = ", ".join(str(v) for v in (meta.get("cpu"), meta.get("gpu")) if v) or "not recorded"
-    cpus = meta.get("cpu_count")
-    return {"source": _show(source), "kind": kind, "date": _date(meta.get("date", "—")), "machine": machine,
-            "CPUs": cpus if cpus is not None else "—", "device": meta.get("device", "—"),
-            "threads": meta.get("threads", "—"), "dtype": dtype, **_versions(meta),
-            "python": meta.get("python", "—"), "commit": meta.get("git_commit", "—")}
-
-
-def _unique(rows: pd.DataFrame, column: str) -> str:
-    if column not in rows.columns:
-        return "not recorded"
-    values = [cell(v) for v in dict.fromkeys(rows[column].dropna())]
-    return ", ".join(values) if values else "not recorded"
-
-
-def contexts(found: plots.Found) -> Section:
-    rows, commands = [], []
-    for folder in found.sweeps:
-        meta = _meta(folder)
-        sweep = meta.get("sweep", {})
-        rows.append(_context_row(folder, "kernel sweep", meta, sweep.get("dtype", "not recorded")))
-        commands.append((folder, meta.get("commands") or [meta.get("command", "—")]))
-    for folder in found.probes:
-        meta = _meta(folder)
-        rows.append(_context_row(folder, "resolution probe", meta,
-                                 meta.get("probe", {}).get("dtype", "float32")))
-        commands.append((folder, [meta.get("command", "—")]))
-    for folder in found.accuracy:
-        meta = _meta(folder)
-        rows.append(_context_row(folder, "accuracy sweep", meta, meta.get("dtype", "not recorded")))
-        commands.append((folder, meta.get("commands") or [meta.get("command", "—")]))
-    for path in found.tables:
-        table = read_task_table(path)
-        dates = table["date"].dropna().astype(str) if "date" in table.columns else pd.Series([], dtype=str)
-        amp = _unique(table, "amp")
-        runs = f"{len(table)} run{'' if len(table) == 1 else 's'}"
-        rows.append({"source": _show(path), "kind": f"task table ({runs})",
-                     "date": (_date(dates.min()) if dates.min() == dates.max() else
-                              f"{_date(dates.min())} to {_date(dates.max())}") if len(dates) else "—",
-                     "machine": ", ".join(v for v in (_unique(table, "cpu"), _unique(table, "gpu"))
-                                          if v != "not recorded") or "not recorded",
-                     "CPUs": "—", "device": _unique(table, "device"), "threads": _unique(table, "threads"),
-                     "dtype": f"float32, AMP {amp}" if amp != "not recorded" else "float32",
-                     "torch": _unique(table, "torch"), "natten": "—", "xformers": "—", "python": "—",
-                     "commit": _unique(table, "git_commit")})
-    section = Section("Run contexts", "contexts")
-    section.blocks.append(Text("Where each figure below came from: the machine, the device and its threads, "
-                               "the dtype, the library versions and the attnbench commit (-dirty: with local "
-                               "changes) of every run folder and task table."))
-    section.blocks.append(Table(_frame(rows)))
-    if commands:
-        lines = [f"{_show(folder)}:\n" + "\n".join(f"  {c}" for c in cmds if c) for folder, cmds in commands]
-        section.blocks.append(Details("command lines", [Text("\n".join(lines), pre=True)]))
-    return section
+def verdict_sections(found: plots.Found, fit_min_n: int | None) -> list[Section]:
+    """The answer first: one small table per accuracy sweep and per kernel sweep."""
+    base = _common_parent([*found.accuracy, *found.sweeps])
+    top = Section("Verdict", "verdict")
+    sections = [top]
+    if found.accuracy:
+        blocks = _cards([accuracy_verdict(f) for f in found.accuracy], base)
+        sections.append(Section("Accuracy sweeps: the fronts at each n and the breaking lengths",
+                                "verdict-accuracy", blocks, level=3))
+    if found.sweeps:
+        blocks = _cards([kernel_verdict(f, _fit_min_n(f, fit_min_n)) for f in found.sweeps], base)
+        sections.append(Section("Kernel sweeps: how time grows with n and where each overtakes the baselines",
+                                "verdict-kernel", blocks, level=3))
+    if len(sections) == 1:
+        top.blocks.append(Text("No accuracy or kernel sweep in these folders: the tasks and probes below."))
+    return sections
 
 
 # ---- 2. kernel sweeps -------------------------------------------------------------------------
@@ -524,6 +503,79 @@ def _task_comparison(name: str, mine: pd.DataFrame, theirs: pd.DataFrame, path: 
                    level=3)
 
 
+# ---- 7. run contexts --------------------------------------------------------------------------
+
+
+def _date(text: Any) -> str:
+    """``2026-11-25T17:25:29+00:00`` as ``2026-11-25 17:25 UTC``."""
+    text = str(text)
+    if len(text) >= 16 and text[10] == "T":
+        return f"{text[:10]} {text[11:16]}" + (" UTC" if text.endswith(("+00:00", "Z")) else "")
+    return text
+
+
+def _versions(meta: dict[str, Any]) -> dict[str, str]:
+    versions = meta.get("versions", {}) or {}
+    return {k: versions.get(k, "—") for k in ("torch", "natten", "xformers")}
+
+
+def _context_row(source: Path, kind: str, meta: dict[str, Any], dtype: str) -> dict[str, Any]:
+    machine = ", ".join(str(v) for v in (meta.get("cpu"), meta.get("gpu")) if v) or "not recorded"
+    cpus = meta.get("cpu_count")
+    return {"source": _show(source), "kind": kind, "date": _date(meta.get("date", "—")), "machine": machine,
+            "CPUs": cpus if cpus is not None else "—", "device": meta.get("device", "—"),
+            "threads": meta.get("threads", "—"), "dtype": dtype, **_versions(meta),
+            "python": meta.get("python", "—"), "commit": meta.get("git_commit", "—")}
+
+
+def _unique(rows: pd.DataFrame, column: str) -> str:
+    if column not in rows.columns:
+        return "not recorded"
+    values = [cell(v) for v in dict.fromkeys(rows[column].dropna())]
+    return ", ".join(values) if values else "not recorded"
+
+
+def contexts(found: plots.Found) -> Section:
+    rows, commands = [], []
+    for folder in found.sweeps:
+        meta = _meta(folder)
+        sweep = meta.get("sweep", {})
+        rows.append(_context_row(folder, "kernel sweep", meta, sweep.get("dtype", "not recorded")))
+        commands.append((folder, meta.get("commands") or [meta.get("command", "—")]))
+    for folder in found.probes:
+        meta = _meta(folder)
+        rows.append(_context_row(folder, "resolution probe", meta,
+                                 meta.get("probe", {}).get("dtype", "float32")))
+        commands.append((folder, [meta.get("command", "—")]))
+    for folder in found.accuracy:
+        meta = _meta(folder)
+        rows.append(_context_row(folder, "accuracy sweep", meta, meta.get("dtype", "not recorded")))
+        commands.append((folder, meta.get("commands") or [meta.get("command", "—")]))
+    for path in found.tables:
+        table = read_task_table(path)
+        dates = table["date"].dropna().astype(str) if "date" in table.columns else pd.Series([], dtype=str)
+        amp = _unique(table, "amp")
+        runs = f"{len(table)} run{'' if len(table) == 1 else 's'}"
+        rows.append({"source": _show(path), "kind": f"task table ({runs})",
+                     "date": (_date(dates.min()) if dates.min() == dates.max() else
+                              f"{_date(dates.min())} to {_date(dates.max())}") if len(dates) else "—",
+                     "machine": ", ".join(v for v in (_unique(table, "cpu"), _unique(table, "gpu"))
+                                          if v != "not recorded") or "not recorded",
+                     "CPUs": "—", "device": _unique(table, "device"), "threads": _unique(table, "threads"),
+                     "dtype": f"float32, AMP {amp}" if amp != "not recorded" else "float32",
+                     "torch": _unique(table, "torch"), "natten": "—", "xformers": "—", "python": "—",
+                     "commit": _unique(table, "git_commit")})
+    section = Section("Run contexts", "contexts")
+    section.blocks.append(Text("Where each figure below came from: the machine, the device and its threads, "
+                               "the dtype, the library versions and the attnbench commit (-dirty: with local "
+                               "changes) of every run folder and task table."))
+    section.blocks.append(Table(_frame(rows)))
+    if commands:
+        lines = [f"{_show(folder)}:\n" + "\n".join(f"  {c}" for c in cmds if c) for folder, cmds in commands]
+        section.blocks.append(Details("command lines", [Text("\n".join(lines), pre=True)]))
+    return section
+
+
 # ---- the whole report -------------------------------------------------------------------------
 
 
@@ -538,7 +590,7 @@ def build(folders: Sequence[Path], compare_with: Path | None = None, include_lim
     if found.empty():
         raise ReportError(f"no results in {', '.join(map(str, folders))}: no scale.csv, resolution.csv, "
                           "accuracy.csv / breaking.csv or task results table in them or under them")
-    sections: list[Section] = [contexts(found)]
+    sections = verdict_sections(found, fit_min_n)
     with tempfile.TemporaryDirectory(prefix="attnbench-report-") as name:
         tmp = Path(name)
         top = Section("Kernel sweeps", "sweeps")
@@ -567,6 +619,7 @@ def build(folders: Sequence[Path], compare_with: Path | None = None, include_lim
         if compare_with is not None:
             sections.append(Section(f"Against the saved run {_show(compare_with)}", "compare"))
             sections += compare_sections(found, compare_with, tmp)
+    sections.append(contexts(found))
     header = [("generated", dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")),
               ("attnbench commit", git_commit()),
               ("folders", ", ".join(_show(f) for f in folders)),
@@ -578,91 +631,12 @@ def build(folders: Sequence[Path], compare_with: Path | None = None, include_lim
 
 # ---- HTML -------------------------------------------------------------------------------------
 
-STYLE = """
-body { font: 14px/1.45 system-ui, -apple-system, "Segoe UI", "DejaVu Sans", sans-serif; color: #111;
-       margin: 0 auto; padding: 1.5em 2em 4em; max-width: 1240px; background: #fff; }
-h1 { font-size: 1.6em; margin-bottom: 0.2em; } h2 { border-bottom: 2px solid #332288; padding-bottom: 0.15em;
-     margin-top: 2em; } h3 { margin-top: 1.6em; }
-dl.header { display: grid; grid-template-columns: max-content 1fr; gap: 0.1em 1em; color: #333; }
-dl.header dt { font-weight: 600; } dl.header dd { margin: 0; font-family: ui-monospace, monospace; }
-nav ol { columns: 2; } nav a { color: #332288; }
-table { border-collapse: collapse; margin: 0.6em 0 1.2em; font-size: 12.5px; display: block; overflow-x: auto;
-        max-width: 100%; }
-caption { caption-side: top; text-align: left; color: #333; padding: 0.2em 0; font-style: italic; }
-th, td { border: 1px solid #ccc; padding: 0.25em 0.55em; text-align: left; vertical-align: top; }
-th { background: #eef; white-space: nowrap; } th.sortable { cursor: pointer; }
-th.sortable::after { content: " ⇅"; color: #888; } th[data-dir=asc]::after { content: " ▲"; }
-th[data-dir=desc]::after { content: " ▼"; } tbody tr:nth-child(even) { background: #f7f7fb; }
-td.num { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
-td.short { white-space: nowrap; } td.long { min-width: 24em; }
-figure { margin: 1em 0; } figure img { max-width: 100%; height: auto; border: 1px solid #ddd; }
-figcaption { color: #333; font-size: 0.92em; } pre { background: #f6f6f6; padding: 0.6em; overflow-x: auto; }
-details { margin: 0.4em 0 1em; } summary { cursor: pointer; color: #332288; }
-"""
+ASSETS = resources.files("attnbench") / "report_assets"
 
-# Before anything else: count every error (scripts, and images that fail to load).
-SCRIPT_HEAD = """
-window.__reportErrors = 0;
-window.addEventListener('error', function () { window.__reportErrors += 1; }, true);
-"""
 
-SCRIPT_BODY = """
-(function () {
-  function key(row, index) {
-    var cell = row.cells[index];
-    var text = cell ? cell.textContent.trim() : '';
-    var value = parseFloat(text.replace(/[,×%]/g, ''));
-    return isNaN(value) ? text.toLowerCase() : value;
-  }
-  function sortBy(th) {
-    var table = th.closest('table'), body = table.tBodies[0];
-    var index = Array.prototype.indexOf.call(th.parentNode.children, th);
-    var dir = th.getAttribute('data-dir') === 'asc' ? 'desc' : 'asc';
-    Array.prototype.forEach.call(th.parentNode.children, function (h) { h.removeAttribute('data-dir'); });
-    th.setAttribute('data-dir', dir);
-    var rows = Array.prototype.slice.call(body.rows);
-    rows.sort(function (a, b) {
-      var x = key(a, index), y = key(b, index), c;
-      if (typeof x === typeof y) { c = x < y ? -1 : (x > y ? 1 : 0); }
-      else { c = typeof x === 'number' ? -1 : 1; }
-      return dir === 'asc' ? c : -c;
-    });
-    rows.forEach(function (r) { body.appendChild(r); });
-  }
-  window.attnbenchSort = sortBy;
-  document.addEventListener('click', function (e) {
-    var th = e.target.closest ? e.target.closest('th.sortable') : null;
-    if (th) { sortBy(th); }
-  });
-  window.addEventListener('load', function () {
-    var images = Array.prototype.slice.call(document.images);
-    var broken = images.filter(function (i) { return !(i.complete && i.naturalWidth > 0); }).length;
-    var body = document.body;
-    if (location.hash === '#selftest') {  // the tests: sort a numeric column both ways
-      var th = document.querySelector('th.sortable[data-numeric]');
-      if (th) {
-        var index = Array.prototype.indexOf.call(th.parentNode.children, th);
-        var column = function () {
-          return Array.prototype.slice.call(th.closest('table').tBodies[0].rows)
-            .map(function (r) { return key(r, index); })
-            .filter(function (v) { return typeof v === 'number'; });
-        };
-        sortBy(th);
-        var up = column();
-        sortBy(th);
-        var down = column();
-        var ok = up.every(function (v, i) { return i === 0 || up[i - 1] <= v; })
-              && down.every(function (v, i) { return i === 0 || down[i - 1] >= v; });
-        body.setAttribute('data-sorted', ok ? 'ok' : 'wrong');
-      }
-    }
-    body.setAttribute('data-images', String(images.length));
-    body.setAttribute('data-broken-images', String(broken));
-    body.setAttribute('data-errors', String(window.__reportErrors));
-    body.setAttribute('data-ready', broken === 0 && window.__reportErrors === 0 ? 'ok' : 'broken');
-  });
-})();
-"""
+def asset(name: str) -> str:
+    """A file of ``report_assets`` (package data), to be inlined: the page fetches nothing."""
+    return (ASSETS / name).read_text(encoding="utf-8")
 
 
 def _numeric(series: pd.Series) -> bool:
@@ -703,13 +677,16 @@ def _html_blocks(blocks: Iterable[Any]) -> str:
     for block in blocks:
         if isinstance(block, Text):
             tag = "pre" if block.pre else "p"
-            out.append(f"<{tag}>{html.escape(block.text)}</{tag}>")
+            out.append(f"<{tag}{' class=legend' if block.small else ''}>{html.escape(block.text)}</{tag}>")
         elif isinstance(block, Table):
             out.append(_html_table(block))
         elif isinstance(block, Figure):
             data = base64.b64encode(block.png).decode("ascii")
             out.append(f'<figure><img alt="{html.escape(block.caption)}" src="data:image/png;base64,{data}">'
                        f"<figcaption>{html.escape(block.caption)}</figcaption></figure>")
+        elif isinstance(block, Cards):
+            out.append('<div class="cards">' + "".join(f'<div class="card">{_html_table(t)}</div>'
+                                                       for t in block.tables) + "</div>")
         elif isinstance(block, Details):
             out.append(f"<details><summary>{html.escape(block.summary)}</summary>{_html_blocks(block.blocks)}"
                        "</details>")
@@ -719,14 +696,16 @@ def _html_blocks(blocks: Iterable[Any]) -> str:
 def render_html(report: Report) -> str:
     toc = "".join(f'<li><a href="#{s.anchor}">{html.escape(s.title)}</a></li>' for s in report.sections
                   if s.level == 2)
-    header = "".join(f"<dt>{html.escape(k)}</dt><dd>{html.escape(v)}</dd>" for k, v in report.header)
+    header = " · ".join(f"<span><b>{html.escape(k)}</b> <code>{html.escape(v)}</code></span>"
+                        for k, v in report.header)
     body = "\n".join(f'<section id="{s.anchor}"><h{s.level}>{html.escape(s.title)}</h{s.level}>'
                      f"{_html_blocks(s.blocks)}</section>" for s in report.sections)
     return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
             f'<meta name="viewport" content="width=device-width, initial-scale=1">'
-            f"<title>{html.escape(report.title)}</title><style>{STYLE}</style><script>{SCRIPT_HEAD}</script></head>"
-            f'<body><h1>{html.escape(report.title)}</h1><dl class="header">{header}</dl>'
-            f"<nav><ol>{toc}</ol></nav>\n{body}\n<script>{SCRIPT_BODY}</script></body></html>\n")
+            f"<title>{html.escape(report.title)}</title><style>{asset('report.css')}</style>"
+            f"<script>{asset('errors.js')}</script></head>"
+            f'<body><h1>{html.escape(report.title)}</h1><p class="header">{header}</p>'
+            f"<nav><ol>{toc}</ol></nav>\n{body}\n<script>{asset('sort.js')}</script></body></html>\n")
 
 
 # ---- Markdown ---------------------------------------------------------------------------------
@@ -752,6 +731,8 @@ def _md_blocks(blocks: Iterable[Any], images: Path, link: str) -> str:
             out.append(f"```text\n{block.text}\n```" if block.pre else block.text)
         elif isinstance(block, Table):
             out.append(_md_table(block))
+        elif isinstance(block, Cards):
+            out.append("\n\n".join(_md_table(t) for t in block.tables))
         elif isinstance(block, Figure):
             images.mkdir(parents=True, exist_ok=True)
             (images / block.name).write_bytes(block.png)

@@ -14,6 +14,7 @@ import pandas as pd
 import pytest
 
 from attnbench.cli import main
+from attnbench.plots import discover
 from attnbench.report import Table, Text, build, render_html, seed_table
 from tests.test_plots import committed_results
 
@@ -47,7 +48,8 @@ def page(tmp_path_factory):
 
 def test_the_page_holds_every_part_and_needs_no_network(page):
     text = page.read_text()
-    for anchor in ("contexts", "sweeps", "accuracy", "tasks", "probes"):
+    for anchor in ("verdict", "verdict-accuracy", "verdict-kernel", "contexts", "sweeps", "accuracy", "tasks",
+                   "probes"):
         assert f'id="{anchor}"' in text
     assert not re.search(r'(src|href)\s*=\s*"(https?:)?//', text)  # nothing fetched
     assert "<link" not in text and "@import" not in text
@@ -87,15 +89,56 @@ def test_the_rendered_page_is_not_blank(page, tmp_path):
     assert 0.005 < dark < 0.6
 
 
+SCREEN = (1400, 900)  # the first screen of a laptop-sized window
+# Appended to a copy of the page for the test alone: where the browser laid out each verdict table.
+BOXES = """<script>window.addEventListener('load', function () {
+  var boxes = Array.prototype.map.call(document.querySelectorAll('section[id^=verdict] table'), function (t) {
+    var r = t.getBoundingClientRect();
+    return [r.left, r.top, r.right, r.bottom].map(Math.round).join(',');
+  });
+  document.body.setAttribute('data-verdict-boxes', boxes.join(';'));
+});</script>"""
+
+
+def test_the_first_screen_shows_every_verdict_table(page, tmp_path):
+    """In a 1400×900 window the browser lays every verdict table (one per accuracy and kernel sweep)
+    out on the first screen, and the screenshot of that screen shows them: text in each box."""
+    import matplotlib.image
+
+    probe = tmp_path / "probe.html"
+    probe.write_text(page.read_text().replace("</body>", BOXES + "</body>"))
+    size = f"--window-size={SCREEN[0]},{SCREEN[1]}"
+    result = chromium(tmp_path, "--dump-dom", size, probe.as_uri())
+    assert result.returncode == 0, result.stderr[-2000:]
+    found = re.search(r'data-verdict-boxes="([^"]*)"', result.stdout)
+    assert found, result.stdout[:500]
+    boxes = [tuple(map(int, box.split(","))) for box in found.group(1).split(";") if box]
+    found = discover([committed_results()])
+    assert len(boxes) == len(found.accuracy) + len(found.sweeps) >= 2  # a table per sweep, both kinds
+    for left, top, right, bottom in boxes:
+        assert 0 <= left < right <= SCREEN[0] and 0 < top < bottom <= SCREEN[1], (left, top, right, bottom)
+    shot = tmp_path / "first-screen.png"
+    result = chromium(tmp_path, f"--screenshot={shot}", size, page.as_uri())
+    assert result.returncode == 0 and shot.is_file(), result.stderr[-2000:]
+    grey = matplotlib.image.imread(shot)[..., :3].mean(axis=2)
+    assert grey.shape == (SCREEN[1], SCREEN[0])
+    for left, top, right, bottom in boxes:
+        ink = (grey[top:bottom, left:right] < 0.5).mean()
+        assert 0.02 < ink < 0.5, ((left, top, right, bottom), ink)  # a table's text, not blank, not a blot
+
+
 def test_markdown_is_the_same_report_with_its_plots_beside_it(tmp_path):
     out = tmp_path / "report.md"
     assert main(["report", str(committed_results()), "--out", str(out)]) == 0
     text = out.read_text()
     links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text)
     assert len(links) >= 9 and all((out.parent / link).is_file() for link in links)
-    for title in ("## Run contexts", "## Kernel sweeps", "## Accuracy sweeps", "## Tasks",
-                  "## Resolution probes"):
-        assert title in text
+    titles = ["## Verdict", "### Accuracy sweeps: the fronts at each n and the breaking lengths",
+              "### Kernel sweeps: how time grows with n and where each overtakes the baselines",
+              "## Kernel sweeps", "## Accuracy sweeps", "## Tasks", "## Resolution probes", "## Run contexts"]
+    lines = text.splitlines()
+    at = [lines.index(t) for t in titles]
+    assert at == sorted(at)  # the verdict first, the run contexts last
     assert re.search(r"^\| mechanism \|", text, re.M) and "|---" in text
 
 
