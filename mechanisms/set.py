@@ -39,7 +39,7 @@ References (``m_cap``): a plan of n < m tokens uses the first m' = n references,
 uniform marginals the implied attention n m' P Pᵀ has rank at most min(n, m'): more references add
 no rank, only cost (n·m' > n², above the dense attention). Under padding each sequence uses its
 own m' (columns past it carry marginal 0, as padding rows do), so padding changes nothing.
-"none" keeps all m.
+"none" (the default, as every committed result was measured) keeps all m.
 
 Update order (``order``): "rows-then-columns" as OTKE, so the column marginals (the references)
 are exact after any L and every reference is an exact convex combination of tokens; or
@@ -145,8 +145,9 @@ class SeTOptions:
     # divide references and read-outs by the plan's column and row masses (OTKE does not)
     renormalise: bool = False
     # tokens: a plan of n tokens uses the first min(m, n) references (on a 2-D prior the largest
-    # square grid of at most min(m, n)), per sequence under padding; none: always all m
-    m_cap: Literal["tokens", "none"] = "tokens"
+    # square grid of at most min(m, n)), per sequence under padding; none (default until the
+    # ablation decides; the committed results use all m): always all m
+    m_cap: Literal["tokens", "none"] = "none"
     # roundtrip: O = n P R (choice, spec step 8); asymmetric: queries get a plan of their own
     readout: Literal["roundtrip", "asymmetric"] = "roundtrip"
     # drop: ψ(u) = κ(Z, Z)^(-1/2) κ(Z, u/‖u‖), the norm discarded (attnbench's choice); keep:
@@ -711,7 +712,7 @@ class SeTAttention(Mechanism):
     complexity = "linear"
     masking = "native"
     flops_formula = (
-        "m here is the references a plan uses, min(m, N) (m_cap=tokens; a square on a 2-D prior); "
+        "m here is the references a plan uses: m, or min(m, N) with m_cap=tokens (a square on a 2-D prior); "
         "matmul: 2·B·N·C²·(3 | 4 asym.) projections + per plan (×2 asym.) 2·B·H·N·(d·k + k·m) "
         "kernel embedding and scores + 4·L·B·H·N·m Sinkhorn (2L matrix–vector products with K, "
         "memory-bound; on the CPU fused in pairs, L passes that each read the (N, m) kernel once) + "

@@ -195,10 +195,10 @@ def test_marginals_converge_within_1e_5_in_the_default_ten_iterations(n, grid):
     """OTKE's placement and order at the defaults (m 64, ε 0.5, τ 0.1, L 10), float32: columns
     exact by construction, rows within 1e-5; the kernel placement is still far off."""
     torch.manual_seed(0)
-    m = build_mechanism("set", 32, 4)
+    m = build_mechanism("set", 32, 4, m_cap="tokens")
     x = torch.randn(2, n, 32)
     plan = m.transport_plan(x, grid, with_prior=False)  # Sinkhorn's T, before ⊙ M
-    refs = min(n, 64)  # m_cap: at most n references
+    refs = min(n, 64)  # m_cap=tokens: at most n references
     assert plan.shape[-1] == refs
     assert ((plan.sum(-2) * refs - 1).abs().max()) < 1e-5
     assert ((plan.sum(-1) * n - 1).abs().max()) < 1e-5
@@ -533,7 +533,7 @@ def test_gradcheck_with_padding(backward, order, embedding_norm):
 ])
 def test_a_plan_never_uses_more_references_than_tokens(options, n, grid, used):
     """min(m, n) references, the largest square grid of at most that on a 2-D prior; m_cap=none: m."""
-    m = build_mechanism("set", 16, 2, **{"m": 16, "anchors": 4, **options})
+    m = build_mechanism("set", 16, 2, **{"m": 16, "anchors": 4, "m_cap": "tokens", **options})
     assert m.references_used(n, grid) == used
     assert m.transport_plan(torch.randn(1, n, 16), grid).shape == (1, 2, n, used)
     assert m.references_used(n, grid) == references_used(m.options, n, grid)  # the test's own rule
@@ -548,7 +548,7 @@ CAP_OPTIONS = [{}, {"order": "columns-then-rows"}, {"readout": "asymmetric"}, {"
                          or "defaults")
 @pytest.mark.parametrize("n, grid", [(7, None), (12, (3, 4)), (6, (2, 3))])
 def test_fewer_tokens_than_references_match_the_dense_reference_in_float64(options, n, grid):
-    m = small_set(m=16, tau=0.3, iters=10, **options)
+    m = small_set(m=16, tau=0.3, iters=10, **{"m_cap": "tokens", **options})
     x = torch.randn(2, n, 16, dtype=torch.float64, requires_grad=True)
     weight = torch.randn(2, n, 16, dtype=torch.float64)
     y, expected = m(x, grid), reference_set(m, x, grid)
@@ -569,7 +569,7 @@ def test_padded_sequences_shorter_than_m_use_their_own_count_of_references(optio
                                                                              monkeypatch):
     """With m = 16 and real lengths 13, 6 and 10, each sequence uses its own min(m, length)
     references, as it would alone: values and gradients at real tokens match it unpadded."""
-    m = small_set(m=16, **options)
+    m = small_set(m=16, **{"m_cap": "tokens", **options})
     lengths = [13, 6, 10]
     x, mask = padded(torch.randn(3, 14, 16, dtype=torch.float64), lengths)
     if log_domain:
@@ -593,7 +593,7 @@ def test_padded_sequences_shorter_than_m_use_their_own_count_of_references(optio
 
 @pytest.mark.parametrize("order", ORDERS)
 def test_gradcheck_with_padding_shorter_than_m(order):
-    m = build_mechanism("set", 8, 2, m=6, anchors=3, iters=4, order=order).double()
+    m = build_mechanism("set", 8, 2, m=6, anchors=3, iters=4, order=order, m_cap="tokens").double()
     x, mask = padded(torch.randn(2, 5, 8, dtype=torch.float64), [5, 3])
     x.requires_grad_()
     assert torch.autograd.gradcheck(lambda t: m(t, mask=mask), (x,), eps=1e-6, atol=1e-6, fast_mode=True)
