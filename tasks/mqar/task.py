@@ -68,9 +68,9 @@ SWEEP_PRESETS: dict[str, dict[str, Any]] = {
                        "--epochs", "4"]),
 }
 # the causal form's (`attnbench scale --task mqar -- --form causal`): the mechanisms with a causal form.
-# CPU: the bidirectional preset's lengths and step budget, a vocabulary of 256 and blank filler:
-# calibrated on 2 cores, softmax at 64 tokens recalls 98.8 % in 600 steps with blank filler, but 3.8 %
-# with Zoology's random filler (24 % after 1,600 steps), which needs Zoology's far longer training;
+# CPU: the bidirectional preset's lengths and step budget, a vocabulary of 256 and blank filler. Not
+# yet calibrated past 64 tokens: on 2 cores softmax at 64 recalls 93-99 % in 600 steps with blank filler
+# (3.8 % with Zoology's random filler, 24 % after 1,600 steps), but 17 % at 96 tokens;
 # CUDA: Zoology's vocabulary, 8,192, its random filler, and lengths below the vocabulary (Zoology
 # asserts vocab_size > input_seq_len)
 CAUSAL_MECHANISMS = ["softmax", "linear", "performer", "retnet", "gla", "gated_deltanet", "mamba2", "based"]
