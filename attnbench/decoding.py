@@ -105,7 +105,9 @@ class KVCache(DecodeCache):
     def __init__(self, k: Tensor, v: Tensor, lengths: list[int], capacity: int, token_dim: int = 2) -> None:
         shape = list(k.shape)
         prompt, shape[token_dim] = shape[token_dim], capacity
-        self.k, self.v = k.new_empty(shape), v.new_empty(shape)
+        # zeros, not empty: the slots past a padded prompt are masked out of attention, but masked
+        # weights times a NaN left in uninitialised memory are still NaN
+        self.k, self.v = k.new_zeros(shape), v.new_zeros(shape)
         self.k.narrow(token_dim, 0, prompt).copy_(k)
         self.v.narrow(token_dim, 0, prompt).copy_(v)
         self.token_dim, self.capacity = token_dim, capacity

@@ -97,6 +97,26 @@ def test_a_padded_prompt_continues_after_its_real_tokens(name):
 
 
 @decoders
+def test_a_padded_prompt_decodes_whatever_fresh_memory_holds(name, monkeypatch):
+    """Memory the cache takes fresh may hold NaN (uninitialised): a right-padded prompt's masked slots
+    must still not reach a step's output (0 · NaN is NaN), so every step stays finite."""
+    dtype, _ = exact_dtype(name)
+    m = build(name, dtype)
+    plain_empty = torch.Tensor.new_empty
+    monkeypatch.setattr(torch.Tensor, "new_empty",
+                        lambda t, *a, **k: plain_empty(t, *a, **k).fill_(float("nan")))
+    mask = torch.zeros(len(LENGTHS), PROMPT, dtype=torch.bool)
+    for row, length in enumerate(LENGTHS):
+        mask[row, :length] = True
+    prompt = torch.randn(len(LENGTHS), PROMPT, DIM, dtype=dtype)
+    with torch.no_grad():
+        _, cache = m.prefill(prompt, N, mask)
+        tokens = torch.randn(len(LENGTHS), 3, DIM, dtype=dtype)
+        stepped = torch.cat([m.step(tokens[:, j:j + 1], cache) for j in range(3)], 1)
+    assert torch.isfinite(stepped).all()
+
+
+@decoders
 def test_steps_never_reallocate_the_cache(name):
     """The cache's tensors stay where prefill put them, at the size its formula gives."""
     dtype, _ = exact_dtype(name)
