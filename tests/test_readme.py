@@ -30,7 +30,7 @@ def test_the_readme_mechanism_example_runs_and_conforms():
 
     from attnbench import build_mechanism, registry
 
-    text = (ROOT / "README.md").read_text()
+    text = (ROOT / "docs" / "extending.md").read_text()
     section = text.split("## Adding a mechanism", 1)[1]
     code = re.search(r"```python\n(.+?)\n```", section, re.S).group(1)
     import sys
@@ -39,7 +39,7 @@ def test_the_readme_mechanism_example_runs_and_conforms():
     module = types.ModuleType("readme_example")  # dataclasses need the module to be importable
     sys.modules[module.__name__] = module
     try:
-        exec(compile(code, "README.md", "exec"), module.__dict__)
+        exec(compile(code, "docs/extending.md", "exec"), module.__dict__)
         m = build_mechanism("mean", 16, 2, gain="2.0")
         x = torch.randn(3, 5, 16, requires_grad=True)
         y = m(x)
@@ -62,13 +62,13 @@ def test_the_readme_task_example_runs_through_the_harness(tmp_path):
     from attnbench import tasks
     from attnbench.cli import main
 
-    text = (ROOT / "README.md").read_text()
+    text = (ROOT / "docs" / "extending.md").read_text()
     section = text.split("## Adding a task", 1)[1]
     code = re.search(r"```python\n(.+?)\n```", section, re.S).group(1)
     module = types.ModuleType("readme_task_example")
     sys.modules[module.__name__] = module
     try:
-        exec(compile(code, "README.md", "exec"), module.__dict__)
+        exec(compile(code, "docs/extending.md", "exec"), module.__dict__)
         assert "majority" in tasks.task_names()
         argv = ["run", "--task", "majority", "--mechanism", "softmax", "--out", str(tmp_path / "run"),
                 "--results", str(tmp_path / "majority.csv")]
