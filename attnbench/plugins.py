@@ -1,7 +1,7 @@
 """Importing this module loads every mechanism and every task, built-in or third-party, once,
 through their entry-point groups (``attnbench.mechanisms``, ``attnbench.tasks``).
 
-For a fork server to preload (``attnbench.worker``): the processes it forks then start with the
+For a fork server to preload (``attnbench.measure.worker``): the processes it forks then start with the
 mechanisms and the task harnesses (torchvision and the like) already imported, without the
 engine naming the packages that hold them.
 """

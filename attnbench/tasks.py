@@ -120,7 +120,8 @@ class Task:
     # "seeds": [0], "args": ["--epochs", "2", …]} (the task arguments of every run: its step budget).
     sweep_presets: ClassVar[dict[str, dict[str, Any]]] = {}
     # A task whose rows carry ``val_accuracy``, the score of a validation split held out from training and
-    # apart from the test split: the accuracy sweep tunes --lr/--weight-decay on it (``attnbench.tuning``).
+    # apart from the test split: the accuracy sweep tunes --lr/--weight-decay on it
+    # (``attnbench.sweeps.tuning``).
     validation_split: ClassVar[bool] = False
     # what the sweep reads from the rows and judges: accuracy, higher is better (a language model:
     # perplexity, lower is better, broken when over 10 % above the baseline's)

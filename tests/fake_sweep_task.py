@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 from attnbench import Task, register_task
-from attnbench.results import append_row
+from attnbench.results.tables import append_row
 
 OWN_LR = 1e-3
 
@@ -67,7 +67,7 @@ class FakeTuned(Task):
             tries.write_text("try\n" * count)
             if count <= args.seed + 1:
                 os.kill(grandparent(os.getpid()), signal.SIGKILL)  # the worker that runs this point
-                time.sleep(60)  # until this process follows it (attnbench.worker.exit_with)
+                time.sleep(60)  # until this process follows it (attnbench.measure.worker.exit_with)
         if args.sleep_at is not None and args.seq_len >= args.sleep_at:
             (args.marker / f"{args.mechanism}-n{args.seq_len}").write_text(str(os.getpid()))
             time.sleep(float(os.environ.get("FAKE_SLEEP_S", "300")))

@@ -21,12 +21,12 @@ import pandas as pd
 import pytest
 
 from attnbench import OptionError, registry, tasks
-from attnbench.accuracy import breaking_lengths
-from attnbench.accuracy_plots import accuracy_against_n, frontier, pareto_front
 from attnbench.cli import main
 from attnbench.options import parse_mechanism_options, split_label, variants
-from attnbench.plots import layout_problems
-from attnbench.sweep import SweepConfig, finish, run_sweep
+from attnbench.plots.accuracy import accuracy_against_n, frontier, pareto_front
+from attnbench.plots.style import layout_problems
+from attnbench.sweeps.accuracy import breaking_lengths
+from attnbench.sweeps.kernel import SweepConfig, finish, run_sweep
 from attnbench.tasks import ACCURACY, SweepScore
 
 FAULTY = str(Path(__file__).with_name("faulty_mechanisms.py"))  # loaded with --load, never imported
@@ -35,7 +35,7 @@ FAKE = textwrap.dedent('''
     from pathlib import Path
     import torch
     from attnbench import Task, build_mechanism, register_task
-    from attnbench.results import append_row
+    from attnbench.results.tables import append_row
 
     @register_task
     class FakeRecall(Task):
@@ -219,8 +219,8 @@ def test_a_perplexity_breaks_where_it_rises_more_than_10_percent_above_softmaxs(
 
 
 def test_a_sweep_folder_is_judged_by_the_score_its_meta_recorded(tmp_path):
-    from attnbench.accuracy import finish as finish_accuracy
-    from attnbench.accuracy import recorded_score, summary
+    from attnbench.sweeps.accuracy import finish as finish_accuracy
+    from attnbench.sweeps.accuracy import recorded_score, summary
 
     table = pd.DataFrame([*perplexities("softmax", 64, 5.0), *perplexities("linear", 64, 6.0)])
     table.to_csv(tmp_path / "accuracy.csv", index=False)
@@ -354,7 +354,7 @@ def test_mqar_end_to_end_in_a_few_steps(tmp_path, capsys):
 
 
 def test_variants_keep_their_mechanisms_marker_and_colour_family_and_are_told_apart():
-    from attnbench.plots import ordered, rank_variants, style
+    from attnbench.plots.style import ordered, rank_variants, style
 
     labels = ["set[m=256]", "set[m=16]", "set[m=64]", "softmax"]
     rank_variants(labels)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from attnbench import results
+from attnbench.results import tables as results
 
 WRITERS, ROWS = 4, 50
 
@@ -48,7 +48,7 @@ def test_appends_from_many_processes_at_once_lose_no_row_and_readers_never_see_h
 
 
 def test_runs_started_in_the_same_second_get_folders_of_their_own():
-    from attnbench.sweep import default_out_dir  # here: the writer processes above need no torch
+    from attnbench.sweeps.kernel import default_out_dir  # here: the writer processes above need no torch
 
     names = [results.new_run_dir("imagenet-set-micro", seed=0).name for _ in range(50)]
     assert len(set(names)) == len(names)

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from attnbench.fit import Fit, fit_exponent, fit_power_law, fit_table, label, ratio_table
+from attnbench.measure.fit import Fit, fit_exponent, fit_power_law, fit_table, label, ratio_table
 
 N = np.array([256, 512, 1024, 2048, 4096, 8192, 16384])
 

@@ -37,7 +37,12 @@ from pathlib import Path
 
 import pytest
 
-from attnbench import accuracy, cli, get_mechanism, mechanism_names, plots, report
+from attnbench import cli, get_mechanism, mechanism_names
+from attnbench.cli import plot as plot_command
+from attnbench.cli import report as report_command
+from attnbench.cli import resolution as resolution_command
+from attnbench.cli import scale as scale_command
+from attnbench.sweeps import accuracy
 from attnbench.tasks import get_task, model_table_tasks, task_names
 from attnbench.validate import Number, PathCheck
 from tasks.common.harness import TrainingTask
@@ -75,8 +80,8 @@ def stop_before_work(monkeypatch):
     for name in task_names():  # the model pre-flight, plan's last step, builds models: seconds each
         if issubclass(get_task(name), TrainingTask):
             monkeypatch.setattr(get_task(name), "check_model", _stop)
-    for module, name in ((cli, "run_sweep"), (accuracy, "run_sweep"), (cli, "probe"), (plots, "redraw"),
-                         (report, "build")):
+    for module, name in ((scale_command, "run_sweep"), (accuracy, "run_sweep"), (resolution_command, "probe"),
+                         (plot_command, "redraw"), (report_command, "build")):
         monkeypatch.setattr(module, name, _stop)
     for task in model_table_tasks():
         monkeypatch.setattr(get_task(task), "model_table", classmethod(_stop))

@@ -19,10 +19,11 @@ import pandas as pd
 import pytest
 
 from attnbench import registry, tasks
-from attnbench.accuracy import RUN_KEY
 from attnbench.cli import main
-from attnbench.launchers import Slot, local_slots, pin, usable_cores
-from attnbench.sweep import SweepError
+from attnbench.sweeps.accuracy import RUN_KEY
+from attnbench.sweeps.base import SweepError
+from attnbench.sweeps.launchers import Slot, local_slots, usable_cores
+from attnbench.sweeps.points import pin
 from tests.test_interrupt import WAIT_S, Command, interrupted_line, wait_until_gone
 
 FAKE = str(Path(__file__).with_name("fake_sweep_task.py"))  # loaded with --load, never imported
@@ -155,7 +156,7 @@ def test_ctrl_c_ends_every_running_point_and_resume_finishes_the_sweep(tmp_path)
 
 
 def test_slots_share_no_gpu_and_no_core(monkeypatch):
-    monkeypatch.setattr("attnbench.launchers.usable_cores", lambda: list(range(8)))
+    monkeypatch.setattr("attnbench.sweeps.launchers.usable_cores", lambda: list(range(8)))
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
     assert local_slots(2, "cuda", 1) == [Slot((0, 1, 2, 3), "3"), Slot((4, 5, 6, 7), "5")]
     assert local_slots(4, "cpu", 2) == [Slot((0, 1)), Slot((2, 3)), Slot((4, 5)), Slot((6, 7))]

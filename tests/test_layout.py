@@ -4,10 +4,14 @@ every built-in mechanism and task comes in through its entry point, as a plug-in
 from __future__ import annotations
 
 import ast
+import importlib
+import re
 from importlib import metadata
 from pathlib import Path
 
 import pytest
+
+from attnbench.sweeps.base import SweepFolder
 
 try:
     import tomllib  # Python 3.11+
@@ -144,3 +148,126 @@ def test_the_installed_metadata_has_the_declared_entry_points(group):
 def test_the_tasks_and_mechanisms_are_installed_packages():
     include = PYPROJECT["tool"]["setuptools"]["packages"]["find"]["include"]
     assert {"attnbench*", "mechanisms*", "tasks*"} <= set(include)
+
+
+# ---- the engine's rooms: imports flow one way ------------------------------------------------
+
+
+def engine_imports(root: Path, package: str) -> tuple[dict[str, set[str]], dict[str, list[str]]]:
+    """The import graph of ``package`` (its folder under ``root``): module -> the modules of the
+    package it imports, at module level or inside a function (``from a import b`` is a.b where b is
+    a module); and module -> its imports of the package made inside a function."""
+    paths = {".".join(p.relative_to(root).with_suffix("").parts).removesuffix(".__init__"): p
+             for p in sorted((root / package).rglob("*.py"))}
+    graph: dict[str, set[str]] = {}
+    inside: dict[str, list[str]] = {}
+    for name, path in paths.items():
+        here = name.split(".") if path.name == "__init__.py" else name.split(".")[:-1]
+        tree = ast.parse(path.read_text(), str(path))
+        in_function = {id(n) for f in ast.walk(tree) if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef))
+                       for n in ast.walk(f) if n is not f}
+        targets: set[str] = set()
+        for node in ast.walk(tree):
+            found: set[str] = set()
+            if isinstance(node, ast.Import):
+                found = {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    base = ".".join(here[:len(here) - node.level + 1] + ([base] if base else []))
+                found = {f"{base}.{a.name}" if f"{base}.{a.name}" in paths else base for a in node.names}
+            found = {f for f in found if f == package or f.startswith(package + ".")}
+            targets |= found
+            if found and id(node) in in_function:
+                inside.setdefault(name, []).extend(sorted(found))
+        graph[name] = {t for t in targets if t in paths and t != name}
+    return graph, inside
+
+
+def import_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One circle of imports in ``graph`` (``[a, b, …, a]``), or None."""
+    done: set[str] = set()
+    path: list[str] = []
+    on_path: set[str] = set()
+
+    def visit(node: str) -> list[str] | None:
+        path.append(node)
+        on_path.add(node)
+        for nxt in sorted(graph.get(node, ())):
+            if nxt in on_path:
+                return path[path.index(nxt):] + [nxt]
+            if nxt not in done and (found := visit(nxt)):
+                return found
+        on_path.discard(path.pop())
+        done.add(node)
+        return None
+
+    for start in sorted(graph):
+        if start not in done and (found := visit(start)):
+            return found
+    return None
+
+
+ENGINE_GRAPH, ENGINE_INSIDE = engine_imports(ROOT, "attnbench")
+
+
+def test_no_import_circle_in_the_engine():
+    cycle = import_cycle(ENGINE_GRAPH)
+    assert cycle is None, f"import circle: {' -> '.join(cycle)}"
+
+
+def test_no_engine_import_inside_a_function():
+    """Imports of ``attnbench`` modules stand at the top of a module, where a reader sees them; an
+    import inside a function is how a circle hides."""
+    assert not ENGINE_INSIDE, f"attnbench imports inside functions: {ENGINE_INSIDE}"
+
+
+def test_a_planted_circle_is_caught(tmp_path):
+    pkg = tmp_path / "planted"
+    (pkg / "sub").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "sub" / "__init__.py").write_text("")
+    (pkg / "a.py").write_text("from planted.sub import b\n")
+    (pkg / "sub" / "b.py").write_text("def late():\n    from .. import a\n    return a\n")
+    graph, inside = engine_imports(tmp_path, "planted")
+    assert import_cycle(graph) == ["planted.a", "planted.sub.b", "planted.a"]
+    assert inside == {"planted.sub.b": ["planted.a"]}
+    (pkg / "sub" / "b.py").write_text("import json\n")  # the circle broken: nothing to report
+    graph, _ = engine_imports(tmp_path, "planted")
+    assert import_cycle(graph) is None
+
+
+LAYERS = {  # a package's imports of the engine: none of these rooms (what flows one way)
+    "attnbench.results": ("attnbench.plots", "attnbench.report", "attnbench.sweeps", "attnbench.cli",
+                          "attnbench.measure"),
+    "attnbench.plots": ("attnbench.report", "attnbench.sweeps", "attnbench.cli", "attnbench.measure"),
+    "attnbench.measure": ("attnbench.plots", "attnbench.report", "attnbench.sweeps", "attnbench.cli"),
+    "attnbench.sweeps": ("attnbench.report", "attnbench.cli"),
+    "attnbench.report": ("attnbench.cli",),
+}
+
+
+@pytest.mark.parametrize("room", sorted(LAYERS))
+def test_imports_flow_one_way(room):
+    wrong = {m: sorted(t for t in targets if t.startswith(LAYERS[room]))
+             for m, targets in ENGINE_GRAPH.items() if m == room or m.startswith(room + ".")}
+    wrong = {m: t for m, t in wrong.items() if t}
+    assert not wrong, f"{room} imports a room above it: {wrong}"
+
+
+SWEEP_KINDS = {"kernel": "KernelFolder", "accuracy": "AccuracyFolder", "resolution": "ProbeFolder"}
+# what the shared base (attnbench.sweeps.base) does for every kind: no kind's module does it again
+SCAFFOLDING = [re.compile(rf"(?<![.\w]){name}\(") for name in (
+    "foreign_run", "append_rows?", "write_meta", "run_context", "keeping", "command_with")] + [
+    re.compile(rf"^(def {name}\b|{name} = )", re.M) for name in (
+        "parse_seq", "parse_mechanisms", "resume_command", "MAX_N", "BASELINES", "seed_stats")]
+
+
+@pytest.mark.parametrize("kind", sorted(SWEEP_KINDS))
+def test_each_sweep_kind_lives_in_sweeps_on_the_shared_base(kind):
+    module = importlib.import_module(f"attnbench.sweeps.{kind}")
+    folder = getattr(module, SWEEP_KINDS[kind])
+    assert issubclass(folder, SweepFolder) and folder.__module__ == module.__name__
+    source = Path(module.__file__).read_text()
+    again = [s.pattern for s in SCAFFOLDING if s.search(source)]
+    assert not again, f"{module.__name__} does again what attnbench.sweeps.base does: {again}"

@@ -2,7 +2,7 @@
 marked where they happened, honest axes, sorted bars, labels inside the figure and never overprinted,
 seeds counted (not repeats), and `attnbench plot DIR` redrawing every table and naming what it wrote.
 
-The layout check (``attnbench.plots.layout_problems``) runs on every figure saved in these tests:
+The layout check (``attnbench.plots.style.layout_problems``) runs on every figure saved in these tests:
 ``checked_figures`` wraps ``Figure.savefig``.
 """
 
@@ -21,19 +21,14 @@ import pandas as pd
 import pytest
 from matplotlib.collections import PolyCollection
 
-from attnbench import plots
 from attnbench.cli import main
-from attnbench.plots import (
-    FAILURES,
-    STYLES,
-    accuracy_plots,
-    layout_problems,
-    resolution_plots,
-    scaling_plots,
-    score_limits,
-    seed_stats,
-    style,
-)
+from attnbench.plots import style as plots
+from attnbench.plots.kernel import scaling_plots
+from attnbench.plots.resolution import resolution_plots
+from attnbench.plots.style import FAILURES, STYLES, layout_problems, score_limits, style
+from attnbench.plots.task_tables import accuracy_plots
+from attnbench.results.aggregate import seed_stats
+from attnbench.results.discover import discover
 
 ROOT = Path(__file__).resolve().parents[1]
 TOL_MUTED = {"#332288", "#88CCEE", "#44AA99", "#117733", "#999933", "#DDCC77", "#CC6677", "#882255",
@@ -139,7 +134,7 @@ def sweep_table() -> pd.DataFrame:
 
 @pytest.fixture
 def sweep_plots(tmp_path, checked_figures):
-    from attnbench.fit import fit_table
+    from attnbench.measure.fit import fit_table
 
     table = sweep_table()
     paths = scaling_plots(table, fit_table(table, 1024), tmp_path, "a 2-core test machine, cpu, 2 threads, "
@@ -171,7 +166,7 @@ def test_the_time_band_runs_from_the_first_to_the_third_quartile(sweep_plots):
 
 
 def test_a_table_with_only_the_iqr_gets_no_band_and_says_so(tmp_path, checked_figures):
-    from attnbench.fit import fit_table
+    from attnbench.measure.fit import fit_table
 
     table = sweep_table().drop(columns=["time_ms_q1", "time_ms_q3"])
     scaling_plots(table, fit_table(table, 1024), tmp_path, "old table")
@@ -343,7 +338,7 @@ def committed_copy(tmp_path):
 
 def test_plot_redraws_every_committed_table_and_lists_exactly_what_it_wrote(committed_copy, capsys,
                                                                             checked_figures):
-    found = plots.discover([committed_copy])
+    found = discover([committed_copy])
     assert found.sweeps and len(found.probes) >= 2 and len(found.tables) >= 4
     before = {p: p.stat().st_mtime_ns for p in committed_copy.rglob("*") if p.is_file()}
     assert main(["plot", str(committed_copy)]) == 0
@@ -366,7 +361,7 @@ def test_plot_redraws_every_committed_table_and_lists_exactly_what_it_wrote(comm
 
 
 def test_redrawing_gives_the_same_files(committed_copy, capsys):
-    folder = plots.discover([committed_copy]).probes[0]
+    folder = discover([committed_copy]).probes[0]
     assert main(["plot", str(folder)]) == 0
     first = {p.name: p.read_bytes() for p in folder.glob("resolution.*")}
     assert main(["plot", str(folder)]) == 0

@@ -11,7 +11,7 @@ import time
 import pytest
 import torch
 
-from attnbench.probe import MachineState, Probe, Reading, floor_ms, median_reading, slowdown
+from attnbench.measure.probe import MachineState, Probe, Reading, floor_ms, median_reading, slowdown
 
 
 @pytest.fixture(autouse=True)
@@ -88,7 +88,7 @@ def test_probe_sees_a_busy_machine():
 
 def test_default_threads_leave_busy_cores_alone(monkeypatch):
     """A sweep started beside a busy process times with the idle cores only, and says so."""
-    from attnbench import probe as probe_module
+    from attnbench.measure import probe as probe_module
 
     monkeypatch.setattr(probe_module, "idle_cores", lambda seconds=0.5: 1.02)
     assert probe_module.default_threads(2) == (1, probe_module.default_threads(2)[1])
@@ -103,7 +103,7 @@ def test_default_threads_leave_busy_cores_alone(monkeypatch):
 
 def test_idle_cores_sees_a_busy_process():
     """With one process spinning, at least a whole core less is idle than the machine has."""
-    from attnbench.probe import idle_cores
+    from attnbench.measure.probe import idle_cores
 
     if idle_cores(0.05) is None:
         pytest.skip("no /proc/stat on this system")

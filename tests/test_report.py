@@ -14,8 +14,8 @@ import pandas as pd
 import pytest
 
 from attnbench.cli import main
-from attnbench.plots import discover
-from attnbench.report import Table, Text, build, render_html, seed_table
+from attnbench.report.page import Table, Text, build, render_html, seed_table
+from attnbench.results.discover import discover
 from tests.test_plots import committed_results
 
 CHROMIUM = next((shutil.which(n) for n in ("chromium", "chromium-browser") if shutil.which(n)), None)

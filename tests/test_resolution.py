@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from attnbench.cli import main
-from attnbench.resolution import ProbeConfig, ResolutionError, probe, sides_to_try
+from attnbench.sweeps.resolution import ProbeConfig, ResolutionError, probe, sides_to_try
 
 # A plug-in task: a step holds side² KiB·4 of live memory (64 MiB at 128 px, 256 MiB at 256 px),
 # and raises a plain error at 96 px, so both failure kinds are exercised.
@@ -120,7 +120,7 @@ def test_resume_measures_only_the_sides_not_yet_in_the_table(fake_task, tmp_path
     kept.to_csv(csv, index=False)
     (out / "summary.csv").unlink()
     measured = []
-    import attnbench.resolution as resolution
+    import attnbench.sweeps.resolution as resolution
 
     real = resolution.try_side
     monkeypatch.setattr(resolution, "try_side",

@@ -20,9 +20,10 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from attnbench import results, tasks
-from attnbench.results import aggregate, config_columns, format_spread
-from attnbench.sweep import default_out_dir
+from attnbench import tasks
+from attnbench.results import tables as results
+from attnbench.results.aggregate import aggregate, config_columns, format_spread
+from attnbench.sweeps.kernel import default_out_dir
 from tests.test_readme import readme_commands
 
 ROOT = Path(__file__).resolve().parents[1]

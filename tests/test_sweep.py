@@ -16,8 +16,9 @@ import pytest
 
 from attnbench import registry
 from attnbench.cli import main
-from attnbench.fit import crossover, fit_exponent, fit_power_law, fit_table, label
-from attnbench.sweep import COLUMNS, SweepConfig, SweepError, compare, finish, parse_seq, run_sweep, summary
+from attnbench.measure.fit import crossover, fit_exponent, fit_power_law, fit_table, label
+from attnbench.sweeps.base import SweepError, parse_seq
+from attnbench.sweeps.kernel import COLUMNS, SweepConfig, compare, finish, run_sweep, summary
 
 FAULTY = str(Path(__file__).with_name("faulty_mechanisms.py"))  # loaded with --load, never imported
 

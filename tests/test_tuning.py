@@ -14,8 +14,8 @@ import pytest
 
 from attnbench import registry, tasks
 from attnbench.cli import main
-from attnbench.sweep import SweepError
-from attnbench.tuning import label, parse_values, run_suffix, select, tuned_view
+from attnbench.sweeps.base import SweepError
+from attnbench.sweeps.tuning import label, parse_values, run_suffix, select, tuned_view
 
 FAKE = str(Path(__file__).with_name("fake_sweep_task.py"))  # loaded with --load, never imported
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from attnbench.report import Cards, build, render_markdown
-from attnbench.verdict import accuracy_verdict, kernel_verdict
+from attnbench.report.page import Cards, build, render_markdown
+from attnbench.report.verdict import accuracy_verdict, kernel_verdict
 
 # variant → n → (score per seed, step_ms, peak_mem_mib); None: the point ran out of memory
 POINTS = {

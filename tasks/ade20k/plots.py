@@ -6,7 +6,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from attnbench.plots import figure_groups, save_figure, score_against_cost, seed_stats, slug
+from attnbench.plots.style import figure_groups, save_figure, slug
+from attnbench.plots.task_tables import score_against_cost
+from attnbench.results.aggregate import seed_stats
 
 
 def plot_results(table: pd.DataFrame, out: Path) -> list[Path]:

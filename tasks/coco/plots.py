@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from attnbench.plots import (
+from attnbench.plots.style import (
     EDGE,
     colour,
     figure_groups,
@@ -16,12 +16,12 @@ from attnbench.plots import (
     ordered,
     plt,  # the Agg backend: files, not windows
     save_figure,
-    seed_stats,
     seeds_text,
     variant_labels,
     whisker,
     wrap,
 )
+from attnbench.results.aggregate import seed_stats
 
 METRICS = ("box_AP", "mask_AP")
 

@@ -20,7 +20,7 @@ limits ``--max-steps``, ``--limit-train`` and ``--limit-val``, and a training-ti
 (``--time-budget``, for equal-time comparisons: not a limit); the epochs, each a training pass
 (``tasks.common.trainer.Trainer``) and an evaluation when due (``--eval-every``), timed, with an
 EMA evaluation where ``--ema`` is on; peak memory; the history, a checkpoint after every epoch and
-``--resume`` (the run's settings recorded for it: ``attnbench.run_record``); progress and logging
+``--resume`` (the run's settings recorded for it: ``attnbench.results.run_record``); progress and logging
 from rank 0; ``meta.json``; and one results row whose shared columns (what ran, where, how fast, in
 how much memory, whether it was limited, how it ended) every task has: a run that diverges or runs
 out of memory ends with one line and a row with status ``diverged`` or ``oom`` (exit status 1).
@@ -48,8 +48,9 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from attnbench import Mechanism, get_mechanism, parse_mechanism_options
 from attnbench.interrupt import command_with, keeping
-from attnbench.measure import MIB, is_out_of_memory, proc_status_mib, reset_cpu_peak
-from attnbench.results import (
+from attnbench.measure.timing import MIB, is_out_of_memory, proc_status_mib, reset_cpu_peak
+from attnbench.results.run_record import mark_finished, settings_of
+from attnbench.results.tables import (
     ResultsError,
     append_row,
     local_table,
@@ -60,7 +61,6 @@ from attnbench.results import (
     write_meta,
     write_table,
 )
-from attnbench.run_record import mark_finished, settings_of
 from attnbench.tasks import Task, TaskError, finished_runs
 from attnbench.validate import (
     MAX_SECONDS,

@@ -34,7 +34,7 @@ A task with a validation split (``validation_split = True``: mqar, listops, seqi
 ``sequence_data``: a split held out from training and apart from the test split, evaluated once,
 after training, into ``val_accuracy`` (``val_examples`` sequences, ``--limit-val`` applies). It
 scores nothing the row reports as the result; the accuracy sweep's tuning picks each point's
-learning rate by it (``attnbench.tuning``), never by the test split. Each task's docstring says
+learning rate by it (``attnbench.sweeps.tuning``), never by the test split. Each task's docstring says
 how its split is drawn.
 """
 

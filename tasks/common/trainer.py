@@ -26,7 +26,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
-from attnbench.results import replacing
+from attnbench.results.tables import replacing
 from attnbench.tasks import TaskError
 from tasks.common.distributed import Dist, all_reduce
 

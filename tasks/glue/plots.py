@@ -6,17 +6,17 @@ from pathlib import Path
 
 import pandas as pd
 
-from attnbench.plots import (
+from attnbench.plots.style import (
     figure_groups,
     label_lines,
     plt,  # the Agg backend: files, not windows
     save_figure,
-    seed_stats,
     seeds_text,
     sorted_bars,
     variant_labels,
     wrap,
 )
+from attnbench.results.aggregate import seed_stats
 from tasks.glue.data import TASKS
 
 

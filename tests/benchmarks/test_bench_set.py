@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from attnbench import build_mechanism
-from attnbench.measure import make_step
+from attnbench.measure.timing import make_step
 
 HEADS, HEAD_DIM = 4, 32
 CASES = [("set", {}), ("set", {"prior": "plan"}), ("set", {"prior": "kernel"}), ("linear", {}), ("sdpa", {})]

@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from attnbench.cli import main
-from attnbench.run_record import ROW_IN, SETTINGS
-from attnbench.sweep import SweepConfig, SweepError, _check_resume
+from attnbench.results.run_record import ROW_IN, SETTINGS
+from attnbench.sweeps.base import SweepError
+from attnbench.sweeps.kernel import SweepConfig, _check_resume
 from tasks.common.trainer import Trainer
 from tests.tasks.common.toy import Toy, toy  # noqa: F401  (the fixture)
 

@@ -1,8 +1,8 @@
 """``attnbench scale``: the sequence-length sweep.
 
 At each n (and mode) every mechanism is built once, in a worker process of its own
-(``attnbench.worker.Session``), and then timed in interleaved rounds, A B C A B C …, so that a
-burst of load hits all of them rather than one; the machine probe (``attnbench.probe``) is
+(``attnbench.measure.worker.Session``), and then timed in interleaved rounds, A B C A B C …, so that a
+burst of load hits all of them rather than one; the machine probe (``attnbench.measure.probe``) is
 read before the sweep and between rounds, in a process of its own. A configuration whose
 rounds the probe saw slowed by more than ``max_slowdown``, or whose runs spread more than
 ``max_spread`` of their median, is measured again (at most ``retries`` times); one that never
@@ -14,7 +14,7 @@ the same-round ratios (``ratios.csv``) and the plots. Mechanism options given as
 mechanism of its own (the ``variant`` column). ``causal`` runs every mechanism's causal form; one
 without a causal form is a row ``unavailable`` with its reason, and the sweep goes on.
 
-The mode ``decode`` measures generation instead (``attnbench.decode_worker``): at each context n,
+The mode ``decode`` measures generation instead (``attnbench.measure.decode_worker``): at each context n,
 the prefill of an n-token prompt and the time per generated token, with the cache's bytes; a
 mechanism that cannot decode is a row ``unavailable`` with its reason. ``kv_heads`` (grouped-query
 heads) goes to the mechanisms that take it, in every mode.
@@ -28,7 +28,6 @@ import itertools
 import json
 import math
 import os
-import re
 import statistics
 import sys
 import time
@@ -39,24 +38,22 @@ from typing import Any
 import pandas as pd
 
 from attnbench import registry
-from attnbench.decode_worker import DecodeConfiguration
-from attnbench.fit import BASELINES, fit_table, flag, ratio_table
-from attnbench.interrupt import command_with, keeping
-from attnbench.measure import quartiles
+from attnbench.measure.decode_worker import DecodeConfiguration
+from attnbench.measure.fit import fit_table, ratio_table
+from attnbench.measure.probe import MachineState, Reading, floor_ms, median_reading
+from attnbench.measure.timing import quartiles
+from attnbench.measure.worker import STALL_ENV, Configuration, ProbeHandler, Session
 from attnbench.options import Variant, variants
-from attnbench.probe import MachineState, Reading, floor_ms, median_reading
-from attnbench.results import (
-    append_row,
-    append_rows,
-    foreign_run,
+from attnbench.plots.kernel import scaling_plots, sweep_title
+from attnbench.results.aggregate import BASELINES
+from attnbench.results.tables import (
+    flag,
     new_run_dir,
     read_meta,
     read_table,
-    run_context,
-    write_meta,
     write_table,
 )
-from attnbench.worker import STALL_ENV, Configuration, ProbeHandler, Session
+from attnbench.sweeps.base import SweepError, SweepFolder
 
 COLUMNS = ["mechanism", "variant", "n", "mode", "batch", "heads", "head_dim", "dtype", "device", "threads",
            "layout", "causal", "kv_heads", "options", "backend", "compiled", "time_ms_median", "time_ms_iqr",
@@ -71,51 +68,8 @@ MEASURED = ["mechanism", "n", "mode", "status", "time_ms_median", "peak_mem_mib"
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
 PROBE_WARMUP = 5  # readings before the sweep: first-touch and clock ramps settle, the reference forms
 PROBE_TIMEOUT = 60.0
-MAX_N = 2**24
 MODES = ("fwd", "fwd+bwd", "decode")
 DECODE_STEPS = 32  # timed generated tokens per row, at least, over its rounds
-
-
-class SweepError(ValueError):
-    """A sweep request that cannot be run as asked (bad range, mismatched resume)."""
-
-
-def parse_seq(text: str) -> list[int]:
-    """``256..16384`` (doubling), ``256,1024,4096`` or ``512`` -> sorted sequence lengths."""
-    text = text.strip()
-    if m := re.fullmatch(r"(\d+)\s*\.\.\s*(\d+)", text):
-        lo, hi = int(m[1]), int(m[2])
-        if lo < 1 or hi < lo:
-            raise SweepError(f"--seq {text!r}: the range LO..HI needs 1 <= LO <= HI (doubling from LO), "
-                             f"e.g. 256..16384")
-        values = []
-        n = lo
-        while n <= hi:
-            values.append(n)
-            n *= 2
-    elif re.fullmatch(r"\d+(\s*,\s*\d+)*", text):
-        values = sorted({int(v) for v in text.split(",")})
-        if values[0] < 1:
-            raise SweepError(f"--seq {text!r}: sequence lengths must be >= 1")
-    else:
-        raise SweepError(f"--seq {text!r}: expected a doubling range LO..HI (256..16384), a comma list "
-                         f"(256,1024,4096) or one length (512)")
-    if values[-1] > MAX_N:
-        raise SweepError(f"--seq {text!r}: {values[-1]} is beyond the largest supported n ({MAX_N})")
-    return values
-
-
-def parse_mechanisms(text: str) -> list[str]:
-    """``all`` = every registered mechanism (unavailable ones are recorded as such)."""
-    names = registry.mechanism_names()
-    if text.strip() == "all":
-        return names
-    chosen = [t.strip() for t in text.split(",") if t.strip()]
-    if not chosen:
-        raise SweepError(f"--mechanism is empty; valid choices: all, {', '.join(names)}")
-    for name in chosen:
-        registry.get_mechanism(name)  # unknown names raise with the valid choices
-    return list(dict.fromkeys(chosen))
 
 
 @dataclasses.dataclass
@@ -623,18 +577,19 @@ def _keep_measured_rounds(out: Path, done: pd.DataFrame) -> int:
     return int(rounds["pass"].max()) + 1
 
 
+class KernelFolder(SweepFolder):
+    """A kernel sweep's folder: ``scale.csv``, and ``rounds.csv`` beside it."""
+
+    table, columns, kind = "scale.csv", COLUMNS, "a kernel sweep"
+
+    def check_resume(self) -> None:
+        if self.meta_path.exists():
+            _check_resume(self.cfg, self.meta_path, self.out)
+
+
 def check_sweep_out(cfg: SweepConfig, out: Path, resume: bool) -> None:
-    """The sweep ``cfg`` may write to ``out``: its settings are sound, and ``out`` holds no other kind
-    of run, no sweep unless ``resume``, and on ``resume`` one measured as ``cfg`` measures; else a
-    ``SweepError``, raised before anything is printed or measured."""
-    cfg.validate()
-    foreign = foreign_run(out, "scale.csv")
-    if foreign:
-        raise SweepError(f"{out} holds {foreign}, not a kernel sweep; choose another --out")
-    if (out / "scale.csv").exists() and not resume:
-        raise SweepError(f"{out} already holds a sweep; pass --resume to finish it or choose another --out")
-    if resume and (out / "meta.json").exists():
-        _check_resume(cfg, out / "meta.json", out)
+    """The sweep ``cfg`` may write to ``out`` (``SweepFolder.check``); else a ``SweepError``."""
+    KernelFolder(cfg, out).check(resume)
 
 
 def run_sweep(cfg: SweepConfig, out: Path, resume: bool, argv: list[str], log=None) -> pd.DataFrame:
@@ -643,13 +598,10 @@ def run_sweep(cfg: SweepConfig, out: Path, resume: bool, argv: list[str], log=No
     Progress goes to ``log`` (stderr by default), one line per configuration.
     """
     log = log or sys.stderr
-    check_sweep_out(cfg, out, resume)
-    csv = out / "scale.csv"
-    meta_path = out / "meta.json"
-    meta = run_context(cfg.device, cfg.threads, argv)
-    meta["sweep"] = dataclasses.asdict(cfg)
-    earlier = read_meta(meta_path).get("commands", []) if resume else []
-    meta["commands"] = [*earlier, meta["command"]]  # a resumed run keeps how it was started
+    folder = KernelFolder(cfg, out)
+    folder.check(resume)
+    csv = folder.csv
+    meta = folder.meta(argv, resume, sweep=dataclasses.asdict(cfg))
     out.mkdir(parents=True, exist_ok=True)
     done = with_variants(read_sweep(csv, COLUMNS))
     seen = {(r.variant, int(r.n), r.mode) for r in done.itertuples()} if len(done) else set()
@@ -664,7 +616,7 @@ def run_sweep(cfg: SweepConfig, out: Path, resume: bool, argv: list[str], log=No
             probe.read()
         best = probe.state.reference()
         meta["probe_before"] = {"gflops": best.gflops, "gbs": best.gbs}
-        write_meta(meta_path, meta)
+        folder.write_meta(meta)
         i = 0
         for (mode, n), group in itertools.groupby(jobs, key=lambda j: (j["mode"], j["n"])):
             group = list(group)
@@ -675,12 +627,10 @@ def run_sweep(cfg: SweepConfig, out: Path, resume: bool, argv: list[str], log=No
                 i += 1
                 print(f"  [{i}/{len(jobs)}] {row['variant']} n={n} {mode}: {_format_result(row)}",
                       file=log, flush=True)
-                append_rows(out / "rounds.csv", rounds, ROUND_COLUMNS)
-                append_row(csv, row, COLUMNS)
+                folder.append_beside("rounds.csv", rounds, ROUND_COLUMNS)
+                folder.append([row])
     except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM: the rows so far stay, --resume measures the rest
-        rows, total = len(read_table(csv, COLUMNS)), len(done) + len(jobs)
-        resume = command_with(argv, {"--out": True, "--resume": False}, ["--out", str(out), "--resume"])
-        raise keeping(exc, f"kept {rows} of {total} rows in {csv}; finish with: {resume}") from None
+        raise folder.interrupted(exc, argv, total=len(done) + len(jobs)) from None
     finally:
         probe.close()
     return read_table(csv, COLUMNS)
@@ -689,7 +639,6 @@ def run_sweep(cfg: SweepConfig, out: Path, resume: bool, argv: list[str], log=No
 def finish(out: Path, fit_min_n: int, log=None) -> pd.DataFrame:
     """Write the fit table, the same-round ratios and the plots of a sweep folder; returns the fits."""
     log = log or sys.stderr
-    from attnbench.plots import scaling_plots, sweep_title
 
     table = by_variant(read_sweep(out / "scale.csv"))  # fits, plots: a series per variant
     if table.empty:

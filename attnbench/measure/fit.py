@@ -10,7 +10,9 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-BASELINES = ("softmax", "sdpa")
+from attnbench.results.aggregate import BASELINES
+from attnbench.results.tables import flag
+
 CONFIDENCE = 0.95
 MIN_LABEL_POINTS = 4
 CONSTANT_BAND = (-0.2, 0.2)
@@ -85,13 +87,6 @@ def label(fit: Fit) -> str:
     if lo <= QUADRATIC_BAND[1] and hi >= QUADRATIC_BAND[0] and lo > DIVIDE:
         return "quadratic"
     return f"uncertain (95% CI {lo:.2f} to {hi:.2f})"
-
-
-def flag(table: pd.DataFrame, column: str) -> pd.Series:
-    """A boolean column as written to CSV (True/False, empty for failures); False where missing."""
-    if column not in table.columns:
-        return pd.Series(False, index=table.index)
-    return table[column].map(lambda v: v is True or str(v).strip().lower() == "true")
 
 
 def crossover(table: pd.DataFrame, mechanism: str, baseline: str, mode: str) -> float:

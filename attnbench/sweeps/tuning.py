@@ -18,7 +18,7 @@ from typing import Any
 
 import pandas as pd
 
-from attnbench.sweep import SweepError
+from attnbench.sweeps.base import SweepError
 
 GRID = ("lr", "weight_decay")  # the columns a grid sets, one run per combination
 POINT = ("variant", "seq_len", "seed")  # what a tuned run stands for

@@ -1,6 +1,6 @@
 """Where an accuracy sweep's points run (``attnbench scale --task T --launcher …``).
 
-A launcher takes the points to run and the sweep's ``PointJob`` (``attnbench.accuracy``), and
+A launcher takes the points to run and the sweep's ``PointJob`` (``attnbench.sweeps.accuracy``), and
 hands back ``(point, row)`` as each point finishes; the sweep appends each row to its one table
 under the table's lock and reports it, whatever the launcher. Every launcher runs a point the same
 way, ``PointJob``: ``attnbench run`` in a process of its own under the point's time and memory
@@ -37,14 +37,12 @@ import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from types import ModuleType
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 from attnbench import registry
-from attnbench.sweep import SweepError
-
-if TYPE_CHECKING:
-    from attnbench.accuracy import Point, PointJob, Prepared, Progress
-    from attnbench.worker import Session
+from attnbench.measure.worker import Session
+from attnbench.sweeps.base import SweepError
+from attnbench.sweeps.points import Point, PointJob, Prepared, Progress
 
 LAUNCHERS = ("local", "ray", "slurm")
 POLL_S = 0.5  # how often the slurm launcher asks whether a job has finished
@@ -87,15 +85,6 @@ def visible_gpus() -> list[str]:
     import torch
 
     return [str(i) for i in range(torch.cuda.device_count())]
-
-
-def pin(cpus: Sequence[int] | None, gpu: str | None) -> None:
-    """In a point's process, before torch starts a thread or CUDA: only ``gpu`` visible, only
-    ``cpus`` to run on (threads started later inherit it)."""
-    if gpu is not None:
-        os.environ["CUDA_VISIBLE_DEVICES"] = gpu
-    if cpus and hasattr(os, "sched_setaffinity"):
-        os.sched_setaffinity(0, cpus)
 
 
 def remote_point(job: PointJob, point: Point) -> dict[str, Any]:

@@ -1,5 +1,5 @@
 """Results on disk: where runs write, tidy CSV tables written atomically, the context every run
-carries, and the one aggregate over seeds that every plot, table and report stands on.
+carries, and the readers that turn a damaged file into one line naming it.
 
 Where results go (paths relative to the working directory; ``results/README.md`` shows the tree):
 
@@ -21,7 +21,6 @@ import platform
 import secrets
 import subprocess
 import sys
-import warnings
 from collections.abc import Callable, Iterator, Sequence
 from importlib import metadata
 from pathlib import Path
@@ -231,20 +230,8 @@ def write_meta(path: Path, meta: dict[str, Any]) -> None:
     write_atomic(path, json.dumps(meta, indent=2) + "\n")
 
 
-# ---- seeds, not repeats ------------------------------------------------------------------------
-
-# The columns of a task table that set up the experiment: rows that differ in any of them are
-# different experiments, never seeds of one. Every run records these, whatever its task; a task adds
-# its own settings by declaring them (``config_columns``, a class attribute of the task: image side,
-# sequence length, …). What a run measured (metrics, speed, memory, FLOPs) and where it ran (date,
-# commit, CPU, threads, backend) are not configuration; nor is the seed, which ``aggregate`` counts.
-SHARED_CONFIG_COLUMNS: tuple[str, ...] = (
-    "task", "dataset", "mechanism", "size", "epochs", "options", "mechanism_init", "batch_size",
-    "world_size", "device", "amp", "limited", "max_steps", "limit_train", "limit_val", "subset",
-    "time_budget", "train_examples", "val_examples")
 SEED_COLUMN = "seed"
 TASK_TABLE_REQUIRED = ("task", "mechanism", "dataset", SEED_COLUMN)  # what aggregates over seeds stand on
-_MISSING = "<none>"
 
 
 def read_task_table(path: Path) -> pd.DataFrame:
@@ -253,109 +240,8 @@ def read_task_table(path: Path) -> pd.DataFrame:
     return read_table(path, required=TASK_TABLE_REQUIRED)
 
 
-def task_config_columns(name: str) -> tuple[str, ...]:
-    """The settings columns that task ``name`` declares (its ``config_columns``); none, with a
-    warning, for a task that is not installed here (its rows then group by the shared settings)."""
-    from attnbench.tasks import UnknownTaskError, get_task
-
-    try:
-        return tuple(get_task(name).config_columns)
-    except UnknownTaskError:
-        warnings.warn(f"task {name!r} is not installed here (a plug-in: load it with --load), so its own "
-                      "settings columns are unknown: its rows are grouped by the shared settings only",
-                      stacklevel=2)
-        return ()
-
-
-def config_columns(table: pd.DataFrame) -> list[str]:
-    """The configuration columns of a task results table that ``table`` has: ``SHARED_CONFIG_COLUMNS``,
-    then those declared by each task in its ``task`` column, in order of appearance. Pass the
-    result to ``aggregate`` as ``config``."""
-    names = table["task"].dropna().astype(str).unique() if "task" in table.columns else []
-    wanted = [*SHARED_CONFIG_COLUMNS, *(c for name in names for c in task_config_columns(name))]
-    return [c for c in dict.fromkeys(wanted) if c in table.columns]
-
-
-def _key(value: Any) -> str:
-    """A configuration value as a grouping key: missing and empty alike, 48 and 48.0 alike."""
-    if value is None or (isinstance(value, str) and not value.strip()) or (
-            not isinstance(value, str) and pd.isna(value)):
-        return _MISSING
-    if isinstance(value, float) and value.is_integer():
-        return str(int(value))
-    return str(value)
-
-
-def _limited(value: Any) -> bool:
-    """``limited`` as a bool: a row from before the column (missing) was not limited."""
-    return str(value).strip().lower() in ("true", "1", "1.0", "yes")
-
-
-def aggregate(table: pd.DataFrame, metrics: Sequence[str],
-              config: Sequence[str] | None = None) -> pd.DataFrame:
-    """Mean and spread over seeds of each configuration in a task results table.
-
-    ``table``: rows as the harness writes them (one per run); rows whose ``status`` is not ``ok``
-    are left out (a failed run is no seed). Limited runs are kept but, ``limited`` being a
-    configuration column, never pooled with full ones: pass ``finished_runs(table)``
-    (``attnbench.tasks``) to leave them out, as plots do unless ``--include-limited``.
-    ``metrics``: the numeric columns to summarise (``top1``, ``gflops``, ``train_img_s``, …).
-    ``config``: the columns that define a configuration; default ``config_columns(table)`` (task,
-    data set, mechanism, size, epochs, options, limits, batch, device, the task's own settings).
-
-    A configuration's seeds are its distinct values of ``seed``. Several rows with the same
-    configuration and seed are repeats of one run: the last row in the table (the latest run)
-    stands for that seed, and the earlier ones are counted in ``n_repeats``, never as seeds.
-    Missing and empty values are equal (a column added later matches its absence in older rows;
-    ``limited`` missing means not limited).
-
-    Returns one row per configuration, in order of first appearance: the ``config`` columns
-    (values of the configuration's latest row; ``limited`` as a bool), then ``n_seeds``,
-    ``n_repeats`` and ``seed_list`` (the seeds, sorted, comma-separated: "0,1,2"), then for each metric
-    ``<metric>_mean``, ``<metric>_std`` (sample standard deviation over seeds, NaN for one) and
-    ``<metric>_n`` (seeds with a value: a metric may be missing from some rows).
-    """
-    config = config_columns(table) if config is None else list(config)
-    missing = [c for c in [*config, SEED_COLUMN, *metrics] if c not in table.columns]
-    if missing:
-        raise ValueError(f"aggregate: the table has no column {', '.join(map(repr, missing))}; "
-                         f"it has {', '.join(map(str, table.columns))}")
-    rows = table[table["status"] == "ok"] if "status" in table.columns else table
-    rows = rows.reset_index(drop=True).copy()
-    columns = [*config, "n_seeds", "n_repeats", "seed_list",
-               *[f"{m}_{stat}" for m in metrics for stat in ("mean", "std", "n")]]
-    if rows.empty:
-        return pd.DataFrame(columns=columns)
-    if "limited" in config:
-        rows["limited"] = rows["limited"].map(_limited)
-    rows["_config"] = [tuple(_key(v) for v in r) for r in rows[config].itertuples(index=False, name=None)]
-    rows["_seed"] = rows[SEED_COLUMN].map(_key)
-    out = []
-    for _, runs in rows.groupby("_config", sort=False):
-        seeds = runs.groupby("_seed", sort=False).tail(1)  # the latest run of each seed
-        entry: dict[str, Any] = {c: seeds[c].iloc[-1] for c in config}
-        order = sorted(seeds["_seed"], key=lambda s: (0, float(s)) if _numeric(s) else (1, s))
-        entry.update(n_seeds=len(seeds), n_repeats=len(runs) - len(seeds), seed_list=",".join(order))
-        for m in metrics:
-            values = pd.to_numeric(seeds[m], errors="coerce").dropna()
-            entry.update({f"{m}_mean": values.mean() if len(values) else math.nan,
-                          f"{m}_std": values.std(ddof=1) if len(values) > 1 else math.nan,
-                          f"{m}_n": len(values)})
-        out.append(entry)
-    return pd.DataFrame(out, columns=columns)
-
-
-def _numeric(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return True
-
-
-def format_spread(mean: float, std: float, n: int, digits: int = 1) -> str:
-    """``96.8 ± 0.2 (n = 3)``, or ``56.0 (n = 1)`` where there is one seed: every aggregate shows its n."""
-    if not math.isfinite(mean):
-        return f"— (n = {n})"
-    spread = f" ± {std:.{digits}f}" if n > 1 and math.isfinite(std) else ""
-    return f"{mean:.{digits}f}{spread} (n = {n})"
+def flag(table: pd.DataFrame, column: str) -> pd.Series:
+    """A boolean column as written to CSV (True/False, empty for failures); False where missing."""
+    if column not in table.columns:
+        return pd.Series(False, index=table.index)
+    return table[column].map(lambda v: v is True or str(v).strip().lower() == "true")

@@ -1,11 +1,11 @@
 """``attnbench report``: every result in some folders on one page, for a paper's supplement or a PR.
 
 The page (``render_html``) is one self-contained HTML file: its styles and a few lines of script
-(package data in ``attnbench/report_assets``) inline, every plot embedded as a base64 PNG, nothing
+(package data in ``attnbench/report/assets``) inline, every plot embedded as a base64 PNG, nothing
 fetched from the network; its tables sort when a header is clicked. ``render_markdown`` writes
 the same report as Markdown, with the plots as PNG files in a folder beside it. In order:
 
-1. The verdict, the answer first (``attnbench.verdict``): per accuracy sweep, each variant's score
+1. The verdict, the answer first (``attnbench.report.verdict``): per accuracy sweep, each variant's score
    at each n, the accuracy–time and accuracy–memory fronts it is on there, its breaking length;
    per kernel sweep, each mechanism's time exponent with its interval and the n from which it
    stays faster than softmax and sdpa. One small table per sweep, side by side on the first screen.
@@ -44,16 +44,26 @@ from typing import Any
 
 import pandas as pd
 
-from attnbench import plots
-from attnbench.results import (
-    aggregate,
-    config_columns,
-    format_spread,
-    git_commit,
-    read_table,
-    read_task_table,
+from attnbench.measure.fit import fit_table, ratio_table
+from attnbench.plots.kernel import scaling_plots, sweep_title
+from attnbench.plots.resolution import probe_title, resolution_plots
+from attnbench.plots.style import slug
+from attnbench.plots.task_tables import task_plots
+from attnbench.report.verdict import Verdict, accuracy_verdict, kernel_verdict
+from attnbench.results.aggregate import aggregate, config_columns, format_spread
+from attnbench.results.discover import Found, discover
+from attnbench.results.tables import git_commit, read_table, read_task_table, write_atomic
+from attnbench.sweeps.kernel import (
+    ROUND_COLUMNS,
+    by_variant,
+    compare,
+    fit_summary,
+    machine_summary,
+    ratio_summary,
+    read_sweep,
 )
-from attnbench.verdict import Verdict, accuracy_verdict, kernel_verdict
+from attnbench.sweeps.resolution import read_probe
+from attnbench.tasks import UnknownTaskError, finished_runs, get_task
 
 
 class ReportError(ValueError):
@@ -147,7 +157,7 @@ def _frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
 
 
 def _slug(text: str) -> str:
-    return plots.slug(text).lower() or "section"
+    return slug(text).lower() or "section"
 
 
 def _png_figures(paths: Sequence[Path], prefix: str, captions: dict[str, str] | None = None) -> list[Figure]:
@@ -195,7 +205,7 @@ def _common_parent(folders: Sequence[Path]) -> Path | None:
     return None if any(f.resolve() == base for f in folders) else base
 
 
-def verdict_sections(found: plots.Found, fit_min_n: int | None) -> list[Section]:
+def verdict_sections(found: Found, fit_min_n: int | None) -> list[Section]:
     """The answer first: one small table per accuracy sweep and per kernel sweep."""
     base = _common_parent([*found.accuracy, *found.sweeps])
     top = Section("Verdict", "verdict")
@@ -226,16 +236,6 @@ def _fit_min_n(folder: Path, given: int | None) -> int:
 
 
 def sweep_section(folder: Path, tmp: Path, fit_min_n: int | None, index: int) -> Section:
-    from attnbench.fit import fit_table, ratio_table
-    from attnbench.sweep import (
-        ROUND_COLUMNS,
-        by_variant,
-        fit_summary,
-        machine_summary,
-        ratio_summary,
-        read_sweep,
-    )
-
     meta = _meta(folder)
     # a series, a fit and a row per variant (set[m=16], set[m=64]), as `attnbench scale` draws them
     table = by_variant(read_sweep(folder / "scale.csv"))
@@ -245,7 +245,7 @@ def sweep_section(folder: Path, tmp: Path, fit_min_n: int | None, index: int) ->
     ratios = ratio_table(rounds)
     out = tmp / f"sweep{index}"
     out.mkdir(parents=True)
-    paths = plots.scaling_plots(table, fits, out, plots.sweep_title(meta), ratios)
+    paths = scaling_plots(table, fits, out, sweep_title(meta), ratios)
     sweep = meta.get("sweep", {})
     section = Section(f"Kernel sweep: {_show(folder)}", f"sweep-{index}", level=3)
     facts = [f"{table['mechanism'].nunique()} mechanisms, n = {cell(table['n'].min())} to "
@@ -312,8 +312,6 @@ COST_COLUMNS = ("params", "gflops", "train_img_s", "eval_img_s", "train_seq_s", 
 
 
 def _task_metrics(name: str, table: pd.DataFrame) -> list[str]:
-    from attnbench.tasks import UnknownTaskError, get_task
-
     try:
         cls = get_task(name)
         declared = list(getattr(cls, "metrics", ()))
@@ -351,8 +349,6 @@ def seed_table(rows: pd.DataFrame, metrics: Sequence[str]) -> tuple[pd.DataFrame
 
 
 def task_sections(path: Path, tmp: Path, include_limited: bool, index: int) -> list[Section]:
-    from attnbench.tasks import finished_runs
-
     table = read_task_table(path)
     sections = []
     for j, name in enumerate(dict.fromkeys(table["task"].dropna())):
@@ -380,7 +376,7 @@ def task_sections(path: Path, tmp: Path, include_limited: bool, index: int) -> l
                                     + (f" (all rows: {shared})" if shared else "")))
         out = tmp / f"task{index}-{j}"
         out.mkdir(parents=True)
-        section.blocks += _png_figures(plots.task_plots(path, rows, out), f"task{index}-{j}")
+        section.blocks += _png_figures(task_plots(path, rows, out), f"task{index}-{j}")
         raw = [c for c in ("mechanism", "size", "dataset", "epochs", "seed", *metrics, "limited", "date",
                            "git_commit", "run_dir") if c in mine.columns]
         if "status" in mine.columns:
@@ -394,8 +390,6 @@ def task_sections(path: Path, tmp: Path, include_limited: bool, index: int) -> l
 
 
 def probe_section(folder: Path, tmp: Path, index: int) -> Section:
-    from attnbench.resolution import read_probe
-
     table = read_probe(folder / "resolution.csv")
     meta = _meta(folder)
     section = Section(f"Resolution probe: {_show(folder)}", f"probe-{index}", level=3)
@@ -406,7 +400,7 @@ def probe_section(folder: Path, tmp: Path, index: int) -> Section:
              else pd.Series([], dtype=float))
     out = tmp / f"probe{index}"
     out.mkdir(parents=True)
-    paths = plots.resolution_plots(table, out, plots.probe_title(table, meta),
+    paths = resolution_plots(table, out, probe_title(table, meta),
                                    float(limit.iloc[0]) if len(limit) else None)
     summary = read_table(folder / "summary.csv")
     if len(summary):
@@ -431,10 +425,8 @@ def probe_section(folder: Path, tmp: Path, index: int) -> Section:
 # ---- 6. against a saved run -------------------------------------------------------------------
 
 
-def compare_sections(found: plots.Found, saved: Path, tmp: Path) -> list[Section]:
-    from attnbench.sweep import compare
-
-    theirs = plots.discover([saved])
+def compare_sections(found: Found, saved: Path, tmp: Path) -> list[Section]:
+    theirs = discover([saved])
     if theirs.empty():
         raise ReportError(f"--compare {saved}: no scale.csv, resolution.csv or task table there")
     sections = []
@@ -478,8 +470,6 @@ def compare_sections(found: plots.Found, saved: Path, tmp: Path) -> list[Section
 
 def _task_comparison(name: str, mine: pd.DataFrame, theirs: pd.DataFrame, path: Path, other: Path,
                      anchor: str) -> Section | None:
-    from attnbench.tasks import finished_runs
-
     a, b = finished_runs(mine[mine["task"] == name]), finished_runs(theirs[theirs["task"] == name])
     metrics = [m for m in _task_metrics(name, a) if m in b.columns]
     if a.empty or b.empty or not metrics:
@@ -535,7 +525,7 @@ def _unique(rows: pd.DataFrame, column: str) -> str:
     return ", ".join(values) if values else "not recorded"
 
 
-def contexts(found: plots.Found) -> Section:
+def contexts(found: Found) -> Section:
     rows, commands = [], []
     for folder in found.sweeps:
         meta = _meta(folder)
@@ -586,7 +576,7 @@ def build(folders: Sequence[Path], compare_with: Path | None = None, include_lim
     for folder in folders:
         if not folder.is_dir():
             raise ReportError(f"{folder}: not a folder")
-    found = plots.discover(folders)
+    found = discover(folders)
     if found.empty():
         raise ReportError(f"no results in {', '.join(map(str, folders))}: no scale.csv, resolution.csv, "
                           "accuracy.csv / breaking.csv or task results table in them or under them")
@@ -631,11 +621,11 @@ def build(folders: Sequence[Path], compare_with: Path | None = None, include_lim
 
 # ---- HTML -------------------------------------------------------------------------------------
 
-ASSETS = resources.files("attnbench") / "report_assets"
+ASSETS = resources.files("attnbench.report") / "assets"
 
 
 def asset(name: str) -> str:
-    """A file of ``report_assets`` (package data), to be inlined: the page fetches nothing."""
+    """A file of ``assets`` (package data), to be inlined: the page fetches nothing."""
     return (ASSETS / name).read_text(encoding="utf-8")
 
 
@@ -758,8 +748,6 @@ def render_markdown(report: Report, out: Path) -> str:
 
 def write(report: Report, out: Path, fmt: str) -> list[Path]:
     """Write the report; the files written (the page, and for Markdown its images)."""
-    from attnbench.results import write_atomic
-
     out.parent.mkdir(parents=True, exist_ok=True)
     if fmt == "md":
         write_atomic(out, render_markdown(report, out))

@@ -4,7 +4,7 @@ Time: ``Timer.blocked_autorange`` (warm-up, fixed thread count, CUDA synchronisa
 and inter-quartile range over at least a few runs. Memory: on CUDA the peak allocated over a
 baseline taken after inputs and weights exist; on the CPU the peak resident set (VmHWM) over
 the resident set before the run, after resetting the high-water mark, in a process of its own
-(see ``attnbench.worker``). MiB = 2**20 bytes throughout.
+(see ``attnbench.measure.worker``). MiB = 2**20 bytes throughout.
 """
 
 from __future__ import annotations

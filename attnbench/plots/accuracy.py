@@ -1,11 +1,12 @@
 """The accuracy sweep's plots (``attnbench scale --task``), in the project's conventions
-(``attnbench.plots``): accuracy against n per mechanism variant, and at each n accuracy against
+(``attnbench.plots.style``): accuracy against n per mechanism variant, and at each n accuracy against
 its cost (time per training step, peak memory) with the Pareto front. What is drawn is the task's
 score (``attnbench.tasks.SweepScore``): accuracy from chance up, or a language model's perplexity,
 lower is better, on a log axis with a unigram model's beside it.
 
-Means are over distinct seeds (``accuracy.seed_stats``), error bars their standard deviation where
-there are two seeds or more; points that did not finish are marked by kind where they failed.
+Means are over distinct seeds (``attnbench.results.aggregate.sweep_stats``), error bars their
+standard deviation where there are two seeds or more; points that did not finish are marked by kind
+where they failed.
 """
 
 from __future__ import annotations
@@ -20,14 +21,15 @@ import pandas as pd
 from matplotlib import ticker, transforms
 from matplotlib.lines import Line2D
 
-from attnbench import plots
-from attnbench.accuracy import baseline_of, failures, seed_stats
-from attnbench.plots import (
+from attnbench.plots.style import (
     cost_axis,
     dodge,
+    draw_failures,
+    failure_figure,
     failure_handles,
     label_lines,
     marker_kwargs,
+    mechanism_handle,
     ordered,
     plain,
     rank_variants,
@@ -39,6 +41,7 @@ from attnbench.plots import (
     ticks_at,
     wrap,
 )
+from attnbench.results.aggregate import baseline_of, failures, sweep_stats
 from attnbench.tasks import ACCURACY, SweepScore
 
 FRONTIER_COLUMNS = 4  # panels per row of a frontier figure: one per n
@@ -75,7 +78,7 @@ def pareto_front(costs: list[float], scores: list[float], higher_is_better: bool
 def _chance(stats: pd.DataFrame, score: SweepScore = ACCURACY) -> pd.Series:
     """The no-skill level per n (chance accuracy in %, a unigram model's perplexity), where the task
     records it."""
-    column = f"{score.floor}_mean"
+    column = score.floor
     if score.floor is None or column not in stats.columns:
         return pd.Series(dtype=float)
     return stats.groupby("seq_len")[column].mean().dropna()
@@ -87,7 +90,7 @@ def _score_limits(stats: pd.DataFrame, score: SweepScore = ACCURACY) -> tuple[fl
     where lower is better (perplexity, a log axis): from below the best point to above the worst and
     the no-skill line."""
     chance = _chance(stats, score)
-    mean, std = stats[f"{score.column}_mean"], stats[f"{score.column}_std"].where(stats["n_seeds"] > 1)
+    mean, std = stats[score.column], stats[f"{score.column}_std"].where(stats["seeds"] > 1)
     if not score.higher_is_better:
         values = pd.concat([mean - std.fillna(0.0), mean + std.fillna(0.0), chance])
         values = values[np.isfinite(values) & (values > 0)]
@@ -110,7 +113,7 @@ def _score_axis(ax: plt.Axes, score: SweepScore, limits: tuple[float, float]) ->
 
 
 def _as_series(rows: pd.DataFrame) -> pd.DataFrame:
-    """Rows with each variant as a ``mechanism`` of its own, as ``attnbench.plots`` draws series."""
+    """Rows with each variant as a ``mechanism`` of its own, as ``attnbench.plots.style`` draws series."""
     return rows.assign(mechanism=rows["variant"])
 
 
@@ -133,23 +136,23 @@ def accuracy_against_n(table: pd.DataFrame, breaking: pd.DataFrame, heading: str
     chance level, and above the panel the points that did not finish."""
     if score.column not in table.columns:
         return None
-    stats = seed_stats(table, score)
+    stats = sweep_stats(table, score)
     if stats.empty:
         return None
     column = score.column
     failed = _as_series(failures(table))
     baseline = str(breaking["baseline"].iloc[0]) if len(breaking) else baseline_of(table)
-    fig, (ax,), (strip,) = plots._figure(failed["mechanism"].nunique(), 1, 10, 5.2)
+    fig, (ax,), (strip,) = failure_figure(failed["mechanism"].nunique(), 1, 10, 5.2)
     handles = []
     for label in ordered(stats["variant"]):
         rows = stats[stats["variant"] == label].sort_values("seq_len")
         s = style(label)
-        spread = rows[f"{column}_std"].where(rows["n_seeds"] > 1)
+        spread = rows[f"{column}_std"].where(rows["seeds"] > 1)
         note = _breaking_note(label, breaking, baseline)
-        container = ax.errorbar(rows["seq_len"], rows[f"{column}_mean"], yerr=spread.fillna(0.0), capsize=3,
+        container = ax.errorbar(rows["seq_len"], rows[column], yerr=spread.fillna(0.0), capsize=3,
                                 ls=s.linestyle, lw=s.linewidth * 0.8, ecolor=s.colour, clip_on=False,
                                 **marker_kwargs(label, 6))
-        container.set_label(f"{label} ({seeds_text(rows['n_seeds'])}{'; ' + note if note else ''})")
+        container.set_label(f"{label} ({seeds_text(rows['seeds'])}{'; ' + note if note else ''})")
         handles.append(container)
     chance = _chance(stats, score)
     if len(chance):
@@ -161,7 +164,7 @@ def accuracy_against_n(table: pd.DataFrame, breaking: pd.DataFrame, heading: str
     ax.set_xlabel("sequence length n (tokens)")
     ax.set_ylabel(score.label)
     ax.grid(True, which="major", alpha=0.3)
-    plots._draw_failures(strip, failed, "seq_len")
+    draw_failures(strip, failed, "seq_len")
     handles += failure_handles(failed)
     side_legend(ax, handles, fontsize=7.5,
                 title=f"mean ± std over seeds; breaking:\nover {score.margin_text()} {baseline}")
@@ -177,9 +180,9 @@ def frontier(table: pd.DataFrame, cost: str, xlabel: str, heading: str,
     Pareto front (no other point cheaper and better) drawn through the points on it."""
     if score.column not in table.columns:
         return None
-    stats = seed_stats(table, score)
+    stats = sweep_stats(table, score)
     column = score.column
-    if stats.empty or f"{cost}_mean" not in stats.columns or not stats[f"{cost}_mean"].notna().any():
+    if stats.empty or cost not in stats.columns or not stats[cost].notna().any():
         return None
     failed = failures(table)
     lengths = sorted(int(n) for n in stats["seq_len"].unique())
@@ -191,8 +194,8 @@ def frontier(table: pd.DataFrame, cost: str, xlabel: str, heading: str,
     labels = ordered(stats["variant"])
     dodged = False
     for ax, n in zip(axes.flat, lengths, strict=False):
-        here = stats[(stats["seq_len"] == n) & stats[f"{cost}_mean"].notna()].reset_index(drop=True)
-        x, y = here[f"{cost}_mean"], here[f"{column}_mean"]
+        here = stats[(stats["seq_len"] == n) & stats[cost].notna()].reset_index(drop=True)
+        x, y = here[cost], here[column]
         cost_axis(ax, x)
         log = ax.get_xscale() == "log"
         where = np.log(x) if log else x
@@ -206,7 +209,7 @@ def frontier(table: pd.DataFrame, cost: str, xlabel: str, heading: str,
         for i in [i for label in ordered(here["variant"]) for i in here.index[here["variant"] == label]]:
             r = here.loc[i]
             std = r[f"{column}_std"]
-            err = std if r["n_seeds"] > 1 and math.isfinite(std) else 0.0
+            err = std if r["seeds"] > 1 and math.isfinite(std) else 0.0
             moved = transforms.offset_copy(ax.transData, fig=fig, x=shift[i], units="points")
             if i in front:  # the ring moves with its marker
                 ax.plot([x[i]], [y[i]], **{**FRONT, "ls": ""}, transform=moved, clip_on=False, zorder=1)
@@ -222,7 +225,7 @@ def frontier(table: pd.DataFrame, cost: str, xlabel: str, heading: str,
     for row in axes:
         row[0].set_ylabel(score.label)
     _score_axis(axes[0][0], score, limits)
-    handles = [plots.mechanism_handle(label, line=False) for label in labels]
+    handles = [mechanism_handle(label, line=False) for label in labels]
     handles.append(Line2D([], [], **FRONT, label="Pareto front"))
     legend_title = "mean over seeds\n(bars: std)"
     if dodged:
@@ -238,7 +241,7 @@ def accuracy_sweep_plots(table: pd.DataFrame, breaking: pd.DataFrame, out: Path,
                          meta: dict[str, Any], tuned: str = "", score: SweepScore = ACCURACY) -> list[Path]:
     """``accuracy_n``, ``frontier_time`` and ``frontier_memory`` (PNG and SVG) in ``out``: the score
     (accuracy, or perplexity) against n, and against cost; ``tuned``: how each point's run was chosen,
-    in the title (``attnbench.tuning.label``)."""
+    in the title (``attnbench.sweeps.tuning.label``)."""
     rank_variants(table["variant"].dropna())
     heading = title(meta) + (f"; {tuned}" if tuned else "")
     written: list[Path] = []

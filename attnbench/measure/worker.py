@@ -35,13 +35,26 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from attnbench import get_mechanism, mechanism_names
+from attnbench.measure.probe import Probe
+from attnbench.measure.timing import (
+    cpu_peak_mib,
+    cuda_peak_mib,
+    is_out_of_memory,
+    make_step,
+    time_call,
+    time_round,
+)
+from attnbench.mechanism import count_flops
+from attnbench.registry import load_module
+
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
 
 if "forkserver" in multiprocessing.get_all_start_methods():
     _CONTEXT = multiprocessing.get_context("forkserver")
     # the task harnesses too (torchvision and the like): the resolution probe builds their models
-    _CONTEXT.set_forkserver_preload(["attnbench.worker", "attnbench.measure", "attnbench.probe",
-                                     "attnbench.plugins"])
+    _CONTEXT.set_forkserver_preload(["attnbench.measure.worker", "attnbench.measure.timing",
+                                     "attnbench.measure.probe", "attnbench.plugins"])
 else:
     _CONTEXT = multiprocessing.get_context("spawn")
 
@@ -120,7 +133,46 @@ def injected_stall(config: dict[str, Any]) -> float:
     return 0.0
 
 
-class Configuration:
+class Measured:
+    """In the child: a configuration built once, answering the sweep's requests: ``setup`` (what
+    the row records of it, or a failure status), ``round`` (one timing round: per-run times in ms)
+    and ``memory`` (the peak of one step, last, because it fixes the allocator). A kind of
+    configuration supplies ``time_round`` and, where a step needs preparing, ``memory_step``."""
+
+    setup: dict[str, Any]
+    device: Any
+    step: Callable[[], None]
+
+    def __call__(self, request: dict[str, Any]) -> dict[str, Any]:
+        if request["op"] == "setup" or self.setup["status"] != "ok":
+            return self.setup
+        if request["op"] == "round":
+            return {"status": "ok", "times_ms": self.time_round(request)}
+        if request["op"] == "memory":
+            return {"status": "ok", "peak_mem_mib": self.peak_memory()}
+        raise ValueError(f"unknown request {request['op']!r}")
+
+    def time_round(self, request: dict[str, Any]) -> list[float]:
+        raise NotImplementedError
+
+    def failed(self, exc: Exception, status: str = "error") -> None:
+        """``setup`` becomes the failure ``exc``: out of memory, else ``status``."""
+        self.setup.update(status="oom" if is_out_of_memory(exc) else status,
+                          message=f"{type(exc).__name__}: {exc}"[:500])
+
+    def memory_step(self) -> Callable[[], None]:
+        """The step whose peak memory is measured."""
+        return self.step
+
+    def peak_memory(self) -> float:
+        step = self.memory_step()
+        fix_malloc()
+        if self.device.type == "cuda":
+            return cuda_peak_mib(step, self.device, warm=True)
+        return cpu_peak_mib(step, warm=True)
+
+
+class Configuration(Measured):
     """In the child: one sweep configuration built and warmed up once, then answering requests.
 
     ``setup`` (backend, FLOPs, parameters, the first call's time, or a failure status),
@@ -132,8 +184,6 @@ class Configuration:
     def __init__(self, config: dict[str, Any]) -> None:
         import torch
         from torch.utils import benchmark
-
-        from attnbench.measure import make_step
 
         steady_malloc()
         torch.manual_seed(config.get("seed", 0))
@@ -157,13 +207,10 @@ class Configuration:
 
     def _warm_up(self, compiled: bool) -> None:
         """First call (the compilation, under compile), then one warm call to plan the rounds."""
-        from attnbench.measure import is_out_of_memory, time_call
-
         try:
             first_s = time_call(self.step, self.device)
         except Exception as exc:
-            status = "oom" if is_out_of_memory(exc) else "compile-error" if compiled else "error"
-            self.setup.update(status=status, message=f"{type(exc).__name__}: {exc}"[:500])
+            self.failed(exc, "compile-error" if compiled else "error")
             return
         # the first call also paid for lazy initialisation (or compilation), which matters
         # unless the step is slow anyway
@@ -177,19 +224,8 @@ class Configuration:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
-    def __call__(self, request: dict[str, Any]) -> dict[str, Any]:
-        if request["op"] == "setup" or self.setup["status"] != "ok":
-            return self.setup
-        if request["op"] == "round":
-            return {"status": "ok", "times_ms": self.time_round(request)}
-        if request["op"] == "memory":
-            return {"status": "ok", "peak_mem_mib": self.peak_memory()}
-        raise ValueError(f"unknown request {request['op']!r}")
-
     def time_round(self, request: dict[str, Any]) -> list[float]:
         from torch.utils import benchmark
-
-        from attnbench.measure import time_round
 
         step, timer = self.step, self.timer
         if self.stall_s and request.get("index", 0) % 2 == 1:  # fault injection (tests only)
@@ -201,22 +237,10 @@ class Configuration:
         self._release_cache()
         return times
 
-    def peak_memory(self) -> float:
-        from attnbench.measure import cpu_peak_mib, cuda_peak_mib
-
-        fix_malloc()
-        if self.device.type == "cuda":
-            return cuda_peak_mib(self.step, self.device, warm=True)
-        return cpu_peak_mib(self.step, warm=True)
-
 
 def _build(config: dict[str, Any], device: Any, dtype: Any
            ) -> tuple[Any, tuple[int, int] | None, dict[str, Any]]:
     """The mechanism's module on ``device``, its token grid, and what the row records of it."""
-    from attnbench import get_mechanism, mechanism_names
-    from attnbench.mechanism import count_flops
-    from attnbench.registry import load_module
-
     if config["mechanism"] not in mechanism_names():  # a spawned child: load the plug-ins again
         for spec in config.get("load", []):
             load_module(spec)
@@ -237,12 +261,10 @@ def _build(config: dict[str, Any], device: Any, dtype: Any
 
 
 class ProbeHandler:
-    """In the child: the machine probe (``attnbench.probe``), answering ``read`` requests."""
+    """In the child: the machine probe (``attnbench.measure.probe``), answering ``read`` requests."""
 
     def __init__(self, config: dict[str, Any]) -> None:
         import torch
-
-        from attnbench.probe import Probe
 
         self.probe = Probe(config["device"], getattr(torch, config["dtype"]), config["threads"])
 
@@ -375,8 +397,6 @@ def session_main(handler_cls: Callable[[dict[str, Any]], Callable], config: dict
 
     An exception becomes a status (``oom`` or ``error`` with its message) and ends the child.
     """
-    from attnbench.measure import is_out_of_memory
-
     if parent is not None:  # (pid, its multiprocessing folder)
         exit_with(*parent)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent's to handle
@@ -420,7 +440,7 @@ class _Call:
 
 def start_isolated(measure_fn: Measure, config: dict[str, Any], log_path: Path | None = None) -> Session:
     """``run_isolated`` without waiting: the child started and asked, its answer ``collect()``'s once
-    its ``conn`` is readable. Several at once (``attnbench.launchers``): the caller keeps the time
+    its ``conn`` is readable. Several at once (``attnbench.sweeps.launchers``): the caller keeps the time
     limit (``time_out``) and closes the session."""
     session = Session(functools.partial(_Call, measure_fn), config, log_path)
     session.submit({"op": "run"})

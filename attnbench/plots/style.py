@@ -1,4 +1,5 @@
-"""Plots a paper can use, every one the project draws.
+"""Plots a paper can use: the style and layout every plot of the project shares (one module per
+result kind beside this one draws its own figures).
 
 - One style per mechanism everywhere (``style``): a colour from Paul Tol's colour-blind-safe
   "muted" scheme plus black, and a marker of its own, so that the ten built-in mechanisms stay
@@ -11,7 +12,8 @@
   named in the legend.
 - Honest axes: scores from a meaningful floor (chance) unless every point has seed error bars,
   and never a range narrower than ``MIN_SCORE_SPAN`` points; bars sorted by value; ticks at every
-  measured length or side; aggregates over distinct seeds, with n shown (``seed_stats``).
+  measured length or side; aggregates over distinct seeds, with n shown
+  (``attnbench.results.aggregate.seed_stats``).
 - Labels fit: figures use constrained layout, crowded tick labels turn or thin out, and bar
   labels get room inside their axes; ``layout_problems`` checks a drawn figure (every text inside
   the figure, no two tick labels overlapping) and the tests run it on every plot.
@@ -23,9 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import io
 import math
-import os
 import re
 import textwrap
 from collections.abc import Callable, Iterable, Sequence
@@ -38,12 +38,12 @@ matplotlib.use("Agg")  # files, not windows: runs headless and in CI
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
-from matplotlib import patheffects, ticker, transforms  # noqa: E402
+from matplotlib import patheffects, ticker  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
-from matplotlib.patches import Patch  # noqa: E402
 
 from attnbench.options import split_label  # noqa: E402
-from attnbench.results import read_meta, read_task_table, replacing  # noqa: E402
+from attnbench.results.aggregate import config_columns  # noqa: E402
+from attnbench.results.tables import replacing  # noqa: E402
 
 plt.rcParams["svg.hashsalt"] = "attnbench"  # the same SVG ids on every redraw
 
@@ -182,7 +182,7 @@ def failed_rows(table: pd.DataFrame) -> pd.DataFrame:
     return table[~table["status"].isin(NOT_FAILED) & table["status"].notna()]
 
 
-def _figure(failing: int, ncols: int, width: float, height: float, **kwargs: Any):
+def failure_figure(failing: int, ncols: int, width: float, height: float, **kwargs: Any):
     """A figure of ``ncols`` panels, with a strip above each for what did not finish when
     ``failing`` mechanisms failed somewhere: (fig, panels, strips)."""
     if not failing:
@@ -201,7 +201,7 @@ def _figure(failing: int, ncols: int, width: float, height: float, **kwargs: Any
     return fig, panels, strips
 
 
-def _draw_failures(strip: plt.Axes | None, failed: pd.DataFrame, x: str) -> None:
+def draw_failures(strip: plt.Axes | None, failed: pd.DataFrame, x: str) -> None:
     """Each failed configuration at its ``x``, in its mechanism's colour, one row per mechanism."""
     if strip is None:
         return
@@ -233,7 +233,7 @@ def log_log_panel(ax: plt.Axes, strip: plt.Axes | None, failed: pd.DataFrame, tr
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.grid(True, which="major", alpha=0.3)
-    _draw_failures(strip, failed, x)
+    draw_failures(strip, failed, x)
 
 
 def failure_handles(failed: pd.DataFrame) -> list[Line2D]:
@@ -517,29 +517,6 @@ def slug(text: Any) -> str:
 # ---- seeds, not repeats -----------------------------------------------------------------------
 
 
-def seed_stats(rows: pd.DataFrame, metrics: Sequence[str], costs: Sequence[str] = ()) -> pd.DataFrame:
-    """``attnbench.results.aggregate`` in the columns the plots read: per full configuration, the
-    mean over distinct seeds of each metric and cost column (``<column>``), their standard
-    deviation (``<column>_std``), ``seeds`` (how many) and ``repeats`` (rows of a seed already
-    counted: the latest row of a configuration and seed stands for it)."""
-    from attnbench.results import aggregate
-
-    columns = [c for c in dict.fromkeys([*metrics, *costs]) if c in rows.columns]
-    stats = aggregate(rows, columns)
-    stats = stats.rename(columns={"n_seeds": "seeds", "n_repeats": "repeats",
-                                  **{f"{c}_mean": c for c in columns}})
-    for c in [*metrics, *costs]:
-        if c not in stats.columns:
-            stats[c], stats[f"{c}_std"] = math.nan, math.nan
-    return stats
-
-
-def config_columns(stats: pd.DataFrame) -> list[str]:
-    from attnbench.results import config_columns as columns
-
-    return columns(stats)
-
-
 def seeds_text(counts: Iterable[int]) -> str:
     """'n = 3 seeds', 'n = 1–3 seeds'."""
     counts = sorted({int(c) for c in counts if pd.notna(c)})
@@ -609,119 +586,6 @@ def variant_labels(rows: pd.DataFrame, by: Sequence[str], within: Sequence[str])
     return labels
 
 
-# ---- the sequence-length sweep ----------------------------------------------------------------
-
-
-GUIDES = {0: ("-.", "O(1)"), 1: (":", "O(n)"), 2: ("--", "O(n²)")}
-
-
-def _reference_slopes(ax: plt.Axes, n: np.ndarray, y0: float, powers: Sequence[int] = (1, 2)) -> None:
-    """Faint guides of the given slopes (O(n) and O(n²); O(1) and O(n) for decoding) through (min n, y0)."""
-    lo, hi = n.min(), n.max()
-    xs = np.array([lo, hi])
-    for power in powers:
-        line, name = GUIDES[power]
-        ax.plot(xs, y0 * (xs / lo) ** power, line, color="0.55", lw=1, alpha=0.7, zorder=0,
-                label=f"guide: slope {power}, {name}")
-
-
-def _fit_label(mech: str, fit: pd.DataFrame, prefix: str) -> str:
-    """``set: n^1.00 [0.95, 1.05]``: the exponent with its 95 % interval, where there is one."""
-    if fit.empty or f"{prefix}_exponent" not in fit or not math.isfinite(fit[f"{prefix}_exponent"].iloc[0]):
-        return mech
-    exp = fit[f"{prefix}_exponent"].iloc[0]
-    lo, hi = fit.get(f"{prefix}_ci_low"), fit.get(f"{prefix}_ci_high")
-    if lo is None or hi is None or not (math.isfinite(lo.iloc[0]) and math.isfinite(hi.iloc[0])):
-        return f"{mech}: n^{exp:.2f}"
-    return f"{mech}: n^{exp:.2f} [{lo.iloc[0]:.2f}, {hi.iloc[0]:.2f}]"
-
-
-QUARTILE_COLUMNS = ("time_ms_q1", "time_ms_q3")
-
-
-def _against_n(rows: pd.DataFrame, fits: pd.DataFrame, column: str, prefix: str, unit: str,
-               what: str, mode: str, title: str, powers: Sequence[int] = (1, 2),
-               x_label: str = "sequence length n (tokens)") -> plt.Figure | None:
-    from attnbench.fit import flag
-
-    ok = rows[(rows["status"] == "ok") & (rows[column] > 0)]
-    if ok.empty:
-        return None
-    failed = failed_rows(rows)
-    fig, (ax,), (strip,) = _figure(failed["mechanism"].nunique(), 1, 10, 5.2)
-    band = column == "time_ms_median" and all(c in rows.columns for c in QUARTILE_COLUMNS)
-    noisy_any = False
-    for mech in ordered(ok["mechanism"]):
-        group = ok[ok["mechanism"] == mech].sort_values("n")
-        s = style(mech)
-        fit = fits[fits["mechanism"] == mech]
-        ax.plot(group["n"], group[column], ls=s.linestyle, lw=s.linewidth,
-                label=_fit_label(mech, fit, prefix), **marker_kwargs(mech, 5))
-        noisy = flag(group, "noisy")
-        if noisy.any():
-            noisy_any = True
-            ax.plot(group["n"][noisy], group[column][noisy], ls="", marker=s.marker, mfc="white",
-                    mec=s.colour, mew=1.2, ms=7)
-        if band:
-            q = group[list(QUARTILE_COLUMNS)].astype(float)
-            keep = (q > 0).all(axis=1)
-            ax.fill_between(group["n"][keep], q["time_ms_q1"][keep], q["time_ms_q3"][keep], color=s.colour,
-                            alpha=0.2, lw=0)
-    ns = np.sort(ok["n"].unique())
-    _reference_slopes(ax, ns, float(ok[ok["n"] == ns[0]][column].median()), powers)
-    log_log_panel(ax, strip, failed, rows, "n", x_label, unit)
-    handles, _ = ax.get_legend_handles_labels()
-    if column == "time_ms_median":
-        handles.append(Patch(fc="0.6", alpha=0.35, label="quartiles of the timed runs") if band else
-                       Patch(fc="none", ec="none", label="no quartile band: this table records only the "
-                             "IQR's width"))
-    if noisy_any:
-        handles.append(Line2D([], [], ls="", marker="o", mfc="white", mec="0.3",
-                              label="noisy: left out of the fit"))
-    handles += failure_handles(failed)
-    unavailable = sorted(set(rows[rows["status"] == "unavailable"]["mechanism"]))
-    if unavailable:
-        handles.append(Patch(fc="none", ec="none", label=f"not run here: {', '.join(unavailable)}"))
-    side_legend(ax, handles, fontsize=7.5, title=f"{what} ∝ n^k, 95% CI")
-    fig.suptitle(wrap(f"{what.capitalize()} against n ({mode}), {title}", fig, 10, 0.75), fontsize=10)
-    return fig
-
-
-# (column, fit prefix, axis label, file stem, guide slopes) per figure of a mode
-KERNEL_PANELS = (("time_ms_median", "time", "time per step (ms)", "time", (1, 2)),
-                 ("peak_mem_mib", "memory", "peak memory (MiB)", "memory", (1, 2)))
-DECODE_PANELS = (("time_ms_median", "time", "time per generated token (ms)", "time", (0, 1)),
-                 ("cache_mib", "cache", "cache memory, measured (MiB)", "cache", (0, 1)),
-                 ("prefill_ms", "prefill", "prefill of the n-token prompt (ms)", "prefill", (1, 2)),
-                 ("peak_mem_mib", "memory", "peak memory of one step (MiB)", "memory", (0, 1)))
-
-
-def scaling_plots(table: pd.DataFrame, fits: pd.DataFrame, out: Path, title: str,
-                  ratios: pd.DataFrame | None = None) -> list[Path]:
-    """Per mode: time and memory against n, log-log (quartile bands, noisy rows hollow and left
-    out of the fits, failures marked at their n), and ratio bars against the baseline."""
-    written: list[Path] = []
-    rank_variants(table["mechanism"])
-    for mode in sorted(table["mode"].dropna().unique()):
-        rows = table[table["mode"] == mode]
-        if not (rows["status"] == "ok").any():
-            continue
-        mode_fits = fits[fits["mode"] == mode] if "mode" in fits.columns else fits
-        panels = DECODE_PANELS if mode == "decode" else KERNEL_PANELS
-        if mode == "decode" and "cache_bytes" in rows.columns:
-            rows = rows.assign(cache_mib=pd.to_numeric(rows["cache_bytes"]) / 2**20)
-        for column, prefix, unit, stem, powers in panels:
-            if column not in rows.columns:
-                continue
-            x_label = "context n (tokens held)" if mode == "decode" else "sequence length n (tokens)"
-            fig = _against_n(rows, mode_fits, column, prefix, unit, stem, mode, title, powers, x_label)
-            if fig is not None:
-                written += save_figure(fig, out, f"{stem}_{mode.replace('+', '_')}")
-        mode_ratios = ratios[ratios["mode"] == mode] if ratios is not None and len(ratios) else None
-        written += _ratio_bars(rows[rows["status"] == "ok"], out, mode, title, mode_ratios)
-    return written
-
-
 def whisker(container: Any) -> Any:
     """An error bar outlined in white, visible on a dark bar as on a light one."""
     halo = [patheffects.withStroke(linewidth=2.6, foreground="white")]
@@ -768,300 +632,3 @@ def sorted_bars(ax: plt.Axes, names: Sequence[str], values: Sequence[float],
         ax.set_xlim(left=base)  # the bars start where the axis does: at 0, or at chance
     make_room(ax, texts)
     return [names[i] for i in order]
-
-
-def _ratio_bars(rows: pd.DataFrame, out: Path, mode: str, title: str,
-                ratios: pd.DataFrame | None = None) -> list[Path]:
-    """Time and memory relative to the baseline at the largest n where all ran, sorted; the time
-    from the rounds where both were timed together (median, whiskers at the quartiles) where
-    there are such rounds."""
-    baseline = next((b for b in ("softmax", "sdpa") if b in set(rows["mechanism"])), None)
-    if baseline is None:
-        return []
-    base = rows[rows["mechanism"] == baseline].set_index("n")
-    mechs = ordered(rows["mechanism"])
-    common = set(base.index)
-    for m in mechs:
-        common &= set(rows[rows["mechanism"] == m]["n"])
-    if not common:
-        return []
-    n = max(common)
-    at_n = rows[rows["n"] == n].drop_duplicates("mechanism").set_index("mechanism")
-    same_round = pd.DataFrame()
-    if ratios is not None and len(ratios):
-        same_round = ratios[(ratios["n"] == n) & (ratios["baseline"] == baseline)].set_index("mechanism")
-    fig, axes = plt.subplots(1, 2, figsize=(11, 0.36 * len(mechs) + 2.0), layout="constrained")
-    for ax, column, what in ((axes[0], "time_ms_median", "time"), (axes[1], "peak_mem_mib", "peak memory")):
-        b = base.loc[n, column]
-        b = b.iloc[0] if isinstance(b, pd.Series) else b
-        values = [at_n.loc[m, column] / b if b > 0 and at_n.loc[m, column] > 0 else math.nan for m in mechs]
-        low = high = None
-        heading = what
-        if column == "time_ms_median" and len(same_round):
-            low, high = list(values), list(values)
-            for i, m in enumerate(mechs):
-                if m in same_round.index:
-                    values[i], low[i], high[i] = (same_round.loc[m, c] for c in ("ratio_median", "ratio_q1",
-                                                                                 "ratio_q3"))
-            heading = "time, from the same rounds (whiskers: quartiles)"
-        ax.set_xscale("log")
-        sorted_bars(ax, mechs, values, low, high, base=1.0, fmt=lambda v: f"{v:.2g}×")
-        ax.xaxis.set_major_formatter(ticker.FuncFormatter(plain))
-        ax.xaxis.set_minor_formatter(ticker.NullFormatter())
-        ax.set_xlabel(f"{what} relative to {baseline} (×; left of 1: less)")
-        ax.set_title(heading, fontsize=9)
-        ax.grid(True, axis="x", which="major", alpha=0.3)
-    fig.suptitle(wrap(f"Against {baseline} at n = {n} (the largest n every mechanism ran), {mode}, {title}",
-                      fig, 10), fontsize=10)
-    return save_figure(fig, out, f"ratios_{mode.replace('+', '_')}")
-
-
-# ---- task accuracy against cost ---------------------------------------------------------------
-
-
-def chance(rows: pd.DataFrame) -> float:
-    """Chance accuracy in % from the table's ``num_classes`` (0 where unknown)."""
-    if "num_classes" in rows.columns and rows["num_classes"].notna().any():
-        k = float(rows["num_classes"].dropna().iloc[0])
-        return 100.0 / k if k >= 2 else 0.0
-    return 0.0
-
-
-def score_against_cost(stats: pd.DataFrame, metric: str, ylabel: str,
-                       panels: Sequence[tuple[str, str, float]], floor: float, floor_label: str | None,
-                       title: str, legend_title: str) -> plt.Figure:
-    """One panel per (cost column, label, scale): the metric's mean over seeds (error bars: the std
-    where there are two seeds or more) against the cost, per mechanism; a mechanism's sizes joined
-    in order of cost. Score axis from ``floor`` unless every point has error bars."""
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels) + 2.2, 4.6), sharey=True,
-                             layout="constrained", squeeze=False)
-    axes = list(axes[0])
-    spread = stats[f"{metric}_std"].where(stats["seeds"] > 1)
-    lo, hi = score_limits(stats[metric], spread, floor=floor,
-                          all_have_errors=bool((stats["seeds"] > 1).all()))
-    handles = []
-    dodged = False
-    for ax, (column, label, scale) in zip(axes, panels, strict=True):
-        xs = stats[column] / scale
-        log = xs.max() / xs.min() > 8 if (xs > 0).all() else False
-        where = np.log(xs) if log else xs
-        x_span = float(where.max() - where.min()) if log else max(float(xs.max() - xs.min()) * 1.2,
-                                                                  MIN_COST_SPAN * float(xs.mean()))
-        shift = dict(zip(stats.index, dodge(list(zip(where, stats[metric], strict=True)), x_span, hi - lo),
-                         strict=True))
-        for mech in ordered(stats["mechanism"]):
-            group = stats[stats["mechanism"] == mech].sort_values(column)
-            s = style(mech)
-            err = spread[group.index]
-            dx = max((shift[i] for i in group.index), key=abs)
-            dodged |= dx != 0
-            moved = transforms.offset_copy(ax.transData, fig=fig, x=dx, units="points")
-            container = ax.errorbar(group[column] / scale, group[metric], yerr=err.where(err.notna(), 0.0),
-                                    ls=s.linestyle if len(group) > 1 else "", lw=s.linewidth * 0.7, capsize=3,
-                                    ecolor=s.colour, transform=moved, **marker_kwargs(mech, 8))
-            if ax is axes[0]:
-                container.set_label(f"{mech} ({seeds_text(group['seeds'])})")
-                handles.append(container)
-        cost_axis(ax, stats[column] / scale)
-        ax.set_xlabel(label)
-        ax.grid(True, alpha=0.3)
-    axes[0].set_ylim(lo, hi)
-    axes[0].yaxis.set_major_formatter(ticker.FuncFormatter(plain))
-    if floor_label and lo <= floor <= hi:
-        for ax in axes:
-            ax.axhline(floor, color="0.4", ls=":", lw=1)
-        handles.append(Line2D([], [], color="0.4", ls=":", lw=1, label=floor_label))
-    axes[0].set_ylabel(ylabel)
-    if dodged:
-        legend_title += "\n(markers at one point: set a few\npoints apart, left to right)"
-    side_legend(axes[-1], handles, fontsize=8, title=legend_title)
-    fig.suptitle(wrap(title, fig, 10, 0.8), fontsize=10)
-    return fig
-
-
-def accuracy_plots(table: pd.DataFrame, out: Path, title: str = "") -> list[Path]:
-    """Top-1 against forward GFLOPs and against parameters per mechanism, one figure per task,
-    data set, image size (and any other configuration that varies); mean ± std over distinct
-    seeds, with n. ``title``: added to the figure's title unless it repeats the task's name."""
-    written: list[Path] = []
-    ok = table[table["status"] == "ok"] if "status" in table.columns else table
-    if ok.empty:
-        return written
-    stats = seed_stats(ok, ["top1"], ["gflops", "params"])
-    for key, rows, suffix in figure_groups(stats, ["task", "dataset", "img_size"], ["mechanism", "size"]):
-        task, dataset, img = key.get("task", "task"), key.get("dataset", "data"), key.get("img_size", "")
-        sizes = list(dict.fromkeys(rows["size"])) if "size" in rows.columns else []
-        heading = f"{task} on {dataset} at {img}² px: top-1 against cost"
-        if title and title != task:
-            heading += f", {title}"
-        fig = score_against_cost(
-            rows, "top1", "top-1 accuracy (%)",
-            [("gflops", f"forward GFLOPs per {img}² image (2 per MAC)", 1.0),
-             ("params", "parameters (millions)", 1e6)],
-            chance(rows), f"chance ({chance(rows):.3g} %)", heading,
-            "mean ± std over seeds"
-            + (f"; sizes {', '.join(map(str, sizes))} joined" if len(sizes) > 1 else ""))
-        stem = f"accuracy_{task}_{dataset}_{img}{suffix}".replace(":", "-").replace("/", "-")
-        written += save_figure(fig, out, stem)
-    return written
-
-
-# ---- the resolution probe ---------------------------------------------------------------------
-
-
-def resolution_plots(table: pd.DataFrame, out: Path, title: str, limit_mib: float | None) -> list[Path]:
-    """Peak memory and time per training step against the image side, log-log, per mechanism,
-    a tick at every side tried; the sides that did not train marked by kind above the panels."""
-    if not (table["status"] == "ok").any():
-        return []  # nothing trained: the table says why
-    failed = failed_rows(table)
-    fig, axes, strips = _figure(failed["mechanism"].nunique(), 2, 12, 4.8)
-    for ax, strip, column, unit in (
-            (axes[0], strips[0], "peak_mem_mib", "peak memory of a training step (MiB)"),
-            (axes[1], strips[1], "step_ms", "time per training step (s)")):
-        scale = 1e-3 if column == "step_ms" else 1.0
-        for mech in ordered(table["mechanism"]):
-            rows = table[(table["mechanism"] == mech) & (table["status"] == "ok")].sort_values("side")
-            s = style(mech)
-            largest = f"largest trained {int(rows['side'].max())} px" if len(rows) else "none trained"
-            ax.plot(rows["side"], rows[column] * scale, ls=s.linestyle, lw=s.linewidth,
-                    label=f"{mech} ({largest})", **marker_kwargs(mech, 5))
-        if column == "peak_mem_mib" and limit_mib:
-            ax.axhline(limit_mib, color="0.3", ls="--", lw=1,
-                       label=f"memory limit {limit_mib / 1024:.1f} GiB")
-        log_log_panel(ax, strip, failed, table, "side", "image side (pixels)", unit)
-    handles, _ = axes[0].get_legend_handles_labels()
-    side_legend(axes[-1], handles + failure_handles(failed), fontsize=8)
-    fig.suptitle(wrap(title, fig, 10, 0.8), fontsize=10)
-    return save_figure(fig, out, "resolution")
-
-
-# ---- a folder of results ----------------------------------------------------------------------
-
-
-@dataclasses.dataclass
-class Found:
-    """What a results folder holds: sweeps (folders with scale.csv), resolution probes (folders
-    with resolution.csv), accuracy sweeps (folders with accuracy.csv or breaking.csv) and task
-    results tables (CSV files with task, mechanism and dataset columns)."""
-
-    sweeps: list[Path] = dataclasses.field(default_factory=list)
-    probes: list[Path] = dataclasses.field(default_factory=list)
-    accuracy: list[Path] = dataclasses.field(default_factory=list)
-    tables: list[Path] = dataclasses.field(default_factory=list)
-
-    def empty(self) -> bool:
-        return not (self.sweeps or self.probes or self.accuracy or self.tables)
-
-
-TASK_TABLE_COLUMNS = {"task", "mechanism", "dataset"}
-NOT_TASK_TABLES = {"scale.csv", "resolution.csv", "summary.csv", "history.csv", "accuracy.csv",
-                   "breaking.csv", "rounds.csv", "ratios.csv", "fits.csv", "compare.csv"}
-SKIP_DIRS = {"__pycache__", "node_modules"}
-
-
-def is_task_table(path: Path) -> bool:
-    if path.name in NOT_TASK_TABLES:
-        return False
-    try:
-        header = set(pd.read_csv(path, nrows=0).columns)
-    except (ValueError, OSError):
-        return False
-    return TASK_TABLE_COLUMNS <= header
-
-
-def discover(folders: Iterable[Path]) -> Found:
-    """Every sweep, probe, accuracy sweep and task table in and under ``folders``, in path order."""
-    found = Found()
-    seen: set[Path] = set()
-    for top in folders:
-        for root, dirs, files in os.walk(top):
-            dirs[:] = sorted(d for d in dirs if not d.startswith(".") and d not in SKIP_DIRS)
-            here = Path(root)
-            if here.resolve() in seen:
-                continue
-            seen.add(here.resolve())
-            if "scale.csv" in files:
-                found.sweeps.append(here)
-            if "resolution.csv" in files:
-                found.probes.append(here)
-            if "accuracy.csv" in files or "breaking.csv" in files:
-                found.accuracy.append(here)
-            found.tables += [here / f for f in sorted(files)
-                             if f.endswith(".csv") and is_task_table(here / f)]
-    return found
-
-
-def task_plots(path: Path, rows: pd.DataFrame, out: Path) -> list[Path]:
-    """A task table's plots: the task's own (``Task.plot``), else top-1 against cost where the
-    table has those columns."""
-    from attnbench.tasks import UnknownTaskError, get_task
-
-    written: list[Path] = []
-    names = [t for t in dict.fromkeys(rows["task"].dropna()) if t] if "task" in rows.columns else []
-    for name in names:
-        mine = rows[rows["task"] == name]
-        try:
-            task = get_task(name)()
-            plot = getattr(task, "plot", None)
-        except (UnknownTaskError, TypeError):
-            plot = None
-        drawn = plot(mine, out) if plot is not None else []
-        if not drawn and {"top1", "gflops", "params"} <= set(mine.columns):
-            drawn = accuracy_plots(mine, out, path.stem)
-        written += list(drawn)
-    return written
-
-
-def sweep_title(meta: dict[str, Any]) -> str:
-    title = f"{meta.get('cpu') or ''} {meta.get('gpu') or ''}".strip()
-    sweep = meta.get("sweep", {})
-    if sweep:
-        title += (f", {sweep.get('device')}, {sweep.get('threads')} threads, B={sweep.get('batch')}, "
-                  f"H={sweep.get('heads')}, d={sweep.get('head_dim')}, {sweep.get('dtype')}"
-                  f"{', compiled' if sweep.get('compile') else ''}"
-                  f"{', causal' if sweep.get('causal') else ''}")
-    return title
-
-
-def probe_title(table: pd.DataFrame, meta: dict[str, Any]) -> str:
-    first = table.iloc[0]
-    probe = meta.get("probe", {})
-    device, threads = probe.get("device", first.get("device")), probe.get("threads", first.get("threads"))
-    machine = ", ".join(str(v) for v in (meta.get("cpu"), meta.get("gpu")) if v)
-    return (f"{first['task']}, {first['size']} backbone: one training step at growing image sides"
-            f"{', ' + machine if machine else ''}, {device}, {threads} threads")
-
-
-def _meta(folder: Path) -> dict[str, Any]:
-    return read_meta(folder / "meta.json")
-
-
-def _changed(folder: Path, before: dict[Path, int]) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_file() and before.get(p) != p.stat().st_mtime_ns)
-
-
-def redraw(folders: Iterable[Path], fit_min_n: int = 1024, include_limited: bool = False) -> list[Path]:
-    """Redraw every plot in and under ``folders``: each sweep's (with its fit and ratio tables),
-    each resolution probe's and each task table's; the files written, exactly."""
-    from attnbench.resolution import read_probe
-    from attnbench.sweep import finish
-    from attnbench.tasks import finished_runs
-
-    found = discover(folders)
-    written: list[Path] = []
-    for folder in found.sweeps:
-        before = {p: p.stat().st_mtime_ns for p in folder.iterdir() if p.is_file()}
-        finish(folder, fit_min_n, log=io.StringIO())  # its own line names scale.csv, which it does not write
-        written += _changed(folder, before)
-    for folder in found.probes:
-        table = read_probe(folder / "resolution.csv")
-        if table.empty:
-            continue
-        limit = table["memory_limit_mib"].dropna()
-        written += resolution_plots(table, folder, probe_title(table, _meta(folder)),
-                                    float(limit.iloc[0]) if len(limit) else None)
-    for path in found.tables:
-        rows = finished_runs(read_task_table(path), include_limited)
-        written += task_plots(path, rows, path.parent)
-    return written

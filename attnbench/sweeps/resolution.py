@@ -3,7 +3,7 @@
 Dense tasks (detection, segmentation) are where attention's cost in the number of tokens
 bites: a side of s pixels gives (s/4)² tokens at the first stage. For one such task and each
 mechanism, one synthetic training step (forward, backward, optimiser step; the task's
-``train_step``) runs in a process of its own (``attnbench.worker``) at growing sides: the
+``train_step``) runs in a process of its own (``attnbench.measure.worker``) at growing sides: the
 task's training side first, then doubling until a step runs out of memory under
 ``--memory-limit``, fails or exceeds its time budget, then bisecting to ``--granularity``
 pixels. Every tried side is a row of ``resolution.csv``; ``summary.csv`` has, per mechanism,
@@ -21,18 +21,17 @@ from typing import Any
 import pandas as pd
 
 from attnbench import registry
-from attnbench.interrupt import command_with, keeping
-from attnbench.results import (
+from attnbench.measure.timing import cpu_peak_mib, cuda_peak_mib, is_out_of_memory, time_step
+from attnbench.measure.worker import cap_address_space, fix_malloc, run_isolated
+from attnbench.plots.resolution import resolution_plots
+from attnbench.results.tables import (
     ResultsError,
-    append_row,
-    foreign_run,
     read_meta,
     read_table,
-    run_context,
-    write_meta,
     write_table,
 )
-from attnbench.worker import run_isolated
+from attnbench.sweeps.base import SweepError, SweepFolder
+from attnbench.tasks import get_task
 
 COLUMNS = ["task", "mechanism", "size", "side", "images", "status", "message", "step_ms", "img_s",
            "peak_mem_mib", "device", "threads", "memory_limit_mib", "budget_s", "options", "backend"]
@@ -48,7 +47,7 @@ def read_probe(path: Path) -> pd.DataFrame:
                       required=["task", "mechanism", "size", "side", "status", "memory_limit_mib"])
 
 
-class ResolutionError(ValueError):
+class ResolutionError(SweepError):
     """A probe request that cannot be run as asked; printed as one line."""
 
 
@@ -85,10 +84,6 @@ class ProbeConfig:
 def measure_step(config: dict[str, Any]) -> dict[str, Any]:
     """In the child: build the task's step at ``side``, time it, then measure its peak memory."""
     import torch
-
-    from attnbench.measure import cpu_peak_mib, cuda_peak_mib, is_out_of_memory, time_step
-    from attnbench.tasks import get_task
-    from attnbench.worker import cap_address_space, fix_malloc
 
     for spec in config.get("load", []):  # a forked child: plug-in tasks and mechanisms again
         registry.load_module(spec)
@@ -167,41 +162,42 @@ def recorded_probe(out: Path) -> dict[str, Any]:
         raise ResolutionError(f"cannot resume {out}: its meta.json holds no probe ({e})") from None
 
 
-def check_probe_out(cfg: ProbeConfig, out: Path, resume: bool) -> None:
-    """The probe ``cfg`` may write to ``out``: its settings are sound, and ``out`` holds no other kind
-    of run, no probe unless ``resume``, and on ``resume`` one with the same settings; else a
-    ``ResolutionError``, raised before anything is printed or measured."""
-    cfg.validate()
-    foreign = foreign_run(out, "resolution.csv")
-    if foreign:
-        raise ResolutionError(f"{out} holds {foreign}, not a resolution probe; choose another --out")
-    csv = out / "resolution.csv"
-    if csv.exists() and not resume:
-        raise ResolutionError(f"{out} already holds a probe; choose another --out, or continue it with "
-                              "--resume")
-    if csv.exists():
-        before, now = recorded_probe(out), dataclasses.asdict(cfg)
+class ProbeFolder(SweepFolder):
+    """A resolution probe's folder: ``resolution.csv``, and ``summary.csv`` and the plot once done."""
+
+    table, columns, kind, error = "resolution.csv", COLUMNS, "a resolution probe", ResolutionError
+    already = "{out} already holds a probe; choose another --out, or continue it with --resume"
+
+    def check_resume(self) -> None:
+        """Resumed with the same settings (all but the mechanisms: more may be added)."""
+        if not self.csv.exists():
+            return
+        before, now = recorded_probe(self.out), dataclasses.asdict(self.cfg)
         differ = [k for k in RESUME_KEYS if before.get(k) != now[k]]
         if differ:
-            raise ResolutionError(f"cannot resume {out}: it was probed with other settings ("
+            raise ResolutionError(f"cannot resume {self.out}: it was probed with other settings ("
                                   + ", ".join(f"{k} {before.get(k)!r}, not {now[k]!r}" for k in differ) + ")")
-        read_probe(csv)  # a damaged table: now, in one line
+        read_probe(self.csv)  # a damaged table: now, in one line
+
+
+def check_probe_out(cfg: ProbeConfig, out: Path, resume: bool) -> None:
+    """The probe ``cfg`` may write to ``out`` (``SweepFolder.check``); else a ``ResolutionError``."""
+    ProbeFolder(cfg, out).check(resume)
 
 
 def probe(cfg: ProbeConfig, out: Path, argv: list[str], log=None, resume: bool = False) -> pd.DataFrame:
     """Probe every mechanism; rows land in ``out/resolution.csv`` as they are measured. With
     ``resume`` the sides already in it are not measured again: the search picks up where it stopped."""
     log = log or sys.stderr
-    check_probe_out(cfg, out, resume)
-    out.mkdir(parents=True, exist_ok=True)
-    csv = out / "resolution.csv"
+    folder = ProbeFolder(cfg, out)
+    folder.check(resume)
+    csv = folder.csv
     done = pd.DataFrame(columns=COLUMNS)
     if csv.exists():
         done = read_probe(csv)
         print(f"resuming: {len(done)} sides already in {csv}", file=log)
-    meta = run_context(cfg.device, cfg.threads, argv)
-    meta["probe"] = dataclasses.asdict(cfg)
-    write_meta(out / "meta.json", meta)
+    meta = folder.meta(argv, resume, probe=dataclasses.asdict(cfg))
+    folder.write_meta(meta)
     try:
         for mechanism in cfg.mechanisms:
             tried = done[done["mechanism"] == mechanism]
@@ -216,18 +212,14 @@ def probe(cfg: ProbeConfig, out: Path, argv: list[str], log=None, resume: bool =
                          f"{row['peak_mem_mib']:.0f} MiB" if outcome[side]
                          else f"{row['status']}: {row.get('message', '')}"[:140])
                 print(f" {shown}", file=log, flush=True)
-                append_row(csv, row, COLUMNS)
+                folder.append([row])
                 if row["status"] == "unavailable":
                     break
     except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM: the rows so far stay, and --resume goes on
         print(file=log)  # end the line of the side cut short
-        rows = len(read_table(csv, COLUMNS))
-        again = command_with(argv, {"--out": True, "--resume": False}, ["--out", str(out), "--resume"])
-        raise keeping(exc, f"kept {rows} rows in {csv}, without summary or plot; resume with: "
-                           f"{again}") from None
+        raise folder.interrupted(exc, argv, note=", without summary or plot", verb="resume") from None
     table = read_table(csv, COLUMNS)
     write_table(out / "summary.csv", summarise(table, cfg))
-    from attnbench.plots import resolution_plots
 
     title = (f"{cfg.task}, {cfg.size} backbone: one training step at growing image sides — {meta.get('cpu')}"
              f"{', ' + meta['gpu'] if meta.get('gpu') else ''}, {cfg.device}, {cfg.threads} threads")

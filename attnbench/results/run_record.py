@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from attnbench.results import ResultsError, read_meta, write_meta
+from attnbench.results.tables import ResultsError, read_meta, write_meta
 from attnbench.tasks import task_names
 
 SETTINGS = "settings"  # the key in meta.json and checkpoint.pt

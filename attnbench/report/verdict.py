@@ -17,10 +17,11 @@ from typing import Any
 
 import pandas as pd
 
-from attnbench.accuracy_plots import pareto_front
-from attnbench.fit import BASELINES, fit_table, flag
-from attnbench.results import aggregate, read_table
-from attnbench.sweep import MEASURED, by_variant
+from attnbench.measure.fit import fit_table
+from attnbench.plots.accuracy import pareto_front
+from attnbench.results.aggregate import BASELINES, aggregate
+from attnbench.results.tables import flag, read_table
+from attnbench.sweeps.kernel import MEASURED, by_variant
 
 # A sweep's score: the first of these its table holds values of, and whether higher is better.
 SCORES = (("accuracy", True), ("perplexity", False))

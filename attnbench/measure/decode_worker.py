@@ -1,7 +1,7 @@
 """Measure one decode configuration in a worker process of its own (``scale --mode decode``).
 
 The worker answers the kernel sweep's requests (``setup``, ``round``, ``memory``; see
-``attnbench.worker.Configuration``), so the decode sweep shares its isolation, interleaved rounds,
+``attnbench.measure.worker.Configuration``), so the decode sweep shares its isolation, interleaved rounds,
 noise handling and resume. Here a configuration is a context length n: a prompt of n tokens is
 prefilled once into a cache with room for one more token (its time is the ``prefill_ms`` column),
 and then one generated token is timed again and again at that same context, the cache put back
@@ -15,15 +15,23 @@ from __future__ import annotations
 import math
 import statistics
 import time
+from collections.abc import Callable
 from typing import Any
 
-from attnbench.worker import _build, cap_address_space, fix_malloc, injected_stall, steady_malloc
+from attnbench.measure.timing import is_out_of_memory, time_call
+from attnbench.measure.worker import (
+    Measured,
+    _build,
+    cap_address_space,
+    injected_stall,
+    steady_malloc,
+)
 
 WARM_PROMPT = 16  # tokens of the prefill that pays for lazy initialisation before the timed one
 STEPS_PER_ROUND_MAX = 2000  # a round of very cheap steps stops here, whatever its seconds
 
 
-class DecodeConfiguration:
+class DecodeConfiguration(Measured):
     """In the child: the module, its prefilled cache at context n and the token it generates."""
 
     def __init__(self, config: dict[str, Any]) -> None:
@@ -48,10 +56,7 @@ class DecodeConfiguration:
         try:
             self.cache = self._prefill(prompt, n + 1)
         except Exception as exc:
-            from attnbench.measure import is_out_of_memory
-
-            self.setup.update(status="oom" if is_out_of_memory(exc) else "error",
-                              message=f"{type(exc).__name__}: {exc}"[:500])
+            self.failed(exc)
             return
         del prompt
         self.saved = self.cache.snapshot()
@@ -62,8 +67,6 @@ class DecodeConfiguration:
     def _prefill(self, prompt: Any, capacity: int) -> Any:
         """Time the prefill of ``prompt`` (median of 3 calls when one takes under a second, else the
         one) and return its cache; out of memory: a cache built without the prompt's outputs."""
-        from attnbench.measure import is_out_of_memory, time_call
-
         self.module.prefill(prompt[:, :WARM_PROMPT], WARM_PROMPT + 1)  # lazy initialisation, off the clock
         made: list[Any] = []
 
@@ -91,35 +94,19 @@ class DecodeConfiguration:
 
     def _warm_up(self) -> None:
         """First step (lazy initialisation), then a warm one to plan the rounds."""
-        from attnbench.measure import time_call
-
         try:
             self.cache.restore(self.saved)
             first_s = time_call(self.step, self.device)
             self.cache.restore(self.saved)
             step_s = time_call(self.step, self.device)
         except Exception as exc:
-            from attnbench.measure import is_out_of_memory
-
-            self.setup.update(status="oom" if is_out_of_memory(exc) else "error",
-                              message=f"{type(exc).__name__}: {exc}"[:500])
+            self.failed(exc)
             return
         self.setup.update(first_call_s=first_s, step_s=step_s)
-
-    def __call__(self, request: dict[str, Any]) -> dict[str, Any]:
-        if request["op"] == "setup" or self.setup["status"] != "ok":
-            return self.setup
-        if request["op"] == "round":
-            return {"status": "ok", "times_ms": self.time_round(request)}
-        if request["op"] == "memory":
-            return {"status": "ok", "peak_mem_mib": self.peak_memory()}
-        raise ValueError(f"unknown request {request['op']!r}")
 
     def time_round(self, request: dict[str, Any]) -> list[float]:
         """Per-step times in ms: at least ``min_runs`` steps, more while the round's seconds last (at
         most ``STEPS_PER_ROUND_MAX``), each timed alone from the same restored cache."""
-        from attnbench.measure import time_call
-
         stall = self.stall_s if request.get("index", 0) % 2 == 1 else 0.0  # fault injection (tests only)
 
         def step() -> None:
@@ -135,15 +122,10 @@ class DecodeConfiguration:
             times.append(time_call(step, self.device) * 1e3)
         return times
 
-    def peak_memory(self) -> float:
-        """Peak memory of one step above what is held before it (the cache is held before it)."""
-        from attnbench.measure import cpu_peak_mib, cuda_peak_mib
-
+    def memory_step(self) -> Callable[[], None]:
+        """One step with the cache put back first: its peak above what is held before it (the cache)."""
         def step() -> None:
             self.cache.restore(self.saved)
             self.step()
 
-        fix_malloc()
-        if self.device.type == "cuda":
-            return cuda_peak_mib(step, self.device, warm=True)
-        return cpu_peak_mib(step, warm=True)
+        return step
