@@ -142,6 +142,7 @@ def build_parser(task: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--task", default="imagenet", type=nonempty,
                    help="the task whose model is built (default imagenet: the SeTformer classifier)")
     p.add_argument("--csv", type=output_file, default=None, help="also write the table to this CSV file")
+    _add_load_argument(p)
     p.set_defaults(func=cmd_models)
 
     p = sub.add_parser("scale", help="sweep sequence length: time, memory, FLOPs, fitted scaling; "

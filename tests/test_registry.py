@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import textwrap
 from importlib import metadata
 
@@ -306,6 +307,13 @@ def test_list_load_shows_the_plug_in_mechanism(load_files, capsys):
     assert "mean pooling (a plug-in)" in line and " yes " in line
     assert main(["list", "--mechanism", "toy", "--load", str(load_files / "toy_mechanism.py")]) == 0
     assert "gain = 1.0" in capsys.readouterr().out
+
+
+def test_models_load_builds_the_task_model_with_the_plug_in_mechanism(load_files, capsys):
+    argv = ["models", "--load", str(load_files / "toy_mechanism.py"), "--mechanism", "toy", "--size", "micro",
+            "--img-size", "32", "--classes", "10"]
+    assert main(argv) == 0
+    assert re.search(r"^micro\s+toy\s+\d", capsys.readouterr().out, re.M)
 
 
 def test_run_load_trains_with_a_plug_in_mechanism_on_a_plug_in_task_and_resumes_without_it(
