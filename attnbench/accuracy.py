@@ -17,7 +17,7 @@ breaking length: the smallest n at which its mean accuracy over seeds falls more
 ``MARGIN`` points below softmax's, or sdpa's), the plots (``attnbench.accuracy_plots``), and ``points/``: each
 point's run folder and log. The engine sees the task only through the task registry.
 
-What is judged is the task's ``sweep_score`` (``attnbench.tasks.SweepScore``, recorded in meta.json):
+What is judged is the task's ``sweep_score`` (``attnbench.task.SweepScore``, recorded in meta.json):
 accuracy, higher is better, for most tasks; a language model's perplexity, lower is better, broken
 where it rises more than 10 % above the baseline's at the same n.
 """
@@ -55,7 +55,7 @@ from attnbench.results import (
     write_table,
 )
 from attnbench.sweep import SweepError, parse_mechanisms, parse_seq
-from attnbench.tasks import ACCURACY, SweepScore, UnknownTaskError, flag_value, get_task, sweep_tasks
+from attnbench.task import ACCURACY, SweepScore, UnknownTaskError, flag_value, get_task, sweep_tasks
 from attnbench.tuning import (
     GRID,
     NO_VALUE,

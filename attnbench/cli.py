@@ -21,10 +21,10 @@ from attnbench import __version__, launchers, registry
 from attnbench.interrupt import Interrupted, interrupts
 from attnbench.options import parse_mechanism_options
 from attnbench.probe import default_threads
-from attnbench.registry import OptionError, UnknownMechanismError
+from attnbench.registry import LoadError, OptionError, UnknownMechanismError
 from attnbench.resolution import ProbeConfig, ResolutionError, check_probe_out, probe, recorded_probe
 from attnbench.results import RESULTS, ResultsError, new_run_dir, read_meta
-from attnbench.run_record import finished_table, held_run, resumed_argv, run_folder
+from attnbench.run_record import finished_table, held_run, recorded_loads, resumed_argv, run_folder
 from attnbench.sweep import (
     SweepConfig,
     SweepError,
@@ -37,7 +37,7 @@ from attnbench.sweep import (
     read_sweep,
     run_sweep,
 )
-from attnbench.tasks import (
+from attnbench.task import (
     TaskError,
     UnknownTaskError,
     broken_tasks,
@@ -64,6 +64,7 @@ from attnbench.validate import (
 
 MAX_N = 2**24  # the longest sequence a sweep takes (attnbench.sweep)
 MAX_MIB = 2.0**30  # a memory limit, MiB: 1 PiB
+LOADING = ("list", "run", "models", "scale", "resolution")  # the commands that build a mechanism or task
 
 
 class UsageError(Exception):
@@ -75,6 +76,12 @@ def _add_opt_argument(parser: argparse.ArgumentParser, axes: bool = False) -> No
     parser.add_argument("--opt", action="append", default=[], metavar="MECH.OPTION=VALUE",
                         help=f"a mechanism option, e.g. --opt set.m=32 (repeatable){swept}; "
                              "`attnbench list --mechanism NAME` shows a mechanism's options")
+
+
+def _add_load_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--load", action="append", default=[], metavar="MODULE",
+                        help="import a module or .py file that registers extra mechanisms or tasks "
+                             "(repeatable)")
 
 
 def requested_task(argv: Sequence[str]) -> str | None:
@@ -103,6 +110,7 @@ def build_parser(task: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--mechanism", type=nonempty, help="show one mechanism in full (options, FLOP formula)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                    help="device to check availability on (default auto: cuda where torch sees a GPU)")
+    _add_load_argument(p)
     p.set_defaults(func=cmd_list)
 
     p = sub.add_parser("run", help="train and evaluate one mechanism on one task",
@@ -114,6 +122,7 @@ def build_parser(task: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--task", required=True, type=one_of(task_names, "task"), action=Once,
                    help="task name (see `list`)")
     _add_opt_argument(p)
+    _add_load_argument(p)
     if task is not None:
         get_task(task).add_arguments(p)
     p.set_defaults(func=cmd_run)
@@ -133,6 +142,7 @@ def build_parser(task: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--task", default="imagenet", type=nonempty,
                    help="the task whose model is built (default imagenet: the SeTformer classifier)")
     p.add_argument("--csv", type=output_file, default=None, help="also write the table to this CSV file")
+    _add_load_argument(p)
     p.set_defaults(func=cmd_models)
 
     p = sub.add_parser("scale", help="sweep sequence length: time, memory, FLOPs, fitted scaling; "
@@ -226,8 +236,7 @@ def build_parser(task: str | None = None) -> argparse.ArgumentParser:
                         "(with --task: accuracy differences per point)")
     p.add_argument("--fit-min-n", type=int_in(1, MAX_N), default=1024,
                    help="fit exponents over n >= this (small n measure overheads; default 1024)")
-    p.add_argument("--load", action="append", default=[], metavar="MODULE",
-                   help="import a module or .py file that registers extra mechanisms or tasks (repeatable)")
+    _add_load_argument(p)
     p.add_argument("--compile", action="store_true",
                    help="run each mechanism under torch.compile (compile time recorded apart; default eager)")
     p.add_argument("--rounds", type=int_in(1, 100), default=3,
@@ -275,8 +284,7 @@ def build_parser(task: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true",
                    help="continue the probe in --out: sides already in its resolution.csv are not measured "
                         "again (the settings must match; the memory limit defaults to the recorded one)")
-    p.add_argument("--load", action="append", default=[], metavar="MODULE",
-                   help="import a module or .py file that registers extra tasks or mechanisms (repeatable)")
+    _add_load_argument(p)
     p.set_defaults(func=cmd_resolution)
 
     p = sub.add_parser("plot", help="redraw every plot of a results folder",
@@ -481,8 +489,6 @@ def _memory_limit(given: float | None) -> float | None:
 def cmd_scale(args: argparse.Namespace) -> int:
     from attnbench.sweep import summary  # the console summary: fits with intervals, ratios, the machine
 
-    for spec in args.load:
-        registry.load_module(spec)
     if args.task is not None:
         return _accuracy_sweep(args)
     for flag, given in (("--seeds", args.seeds is not None), ("--time-budget", args.time_budget is not None),
@@ -636,8 +642,6 @@ def _accuracy_sweep(args: argparse.Namespace) -> int:
 
 
 def cmd_resolution(args: argparse.Namespace) -> int:
-    for spec in args.load:
-        registry.load_module(spec)
     get_task(args.task)  # unknown names raise with the valid choices
     probed = resolution_tasks()
     if args.task not in probed:
@@ -717,15 +721,51 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def _command(argv: Sequence[str] | None) -> int:
     """Parse the command line and run its command; a user's mistake is one line and exit 2."""
-    words = resumed_argv(sys.argv[1:] if argv is None else list(argv), build_parser)  # run --resume DIR
+    given = sys.argv[1:] if argv is None else list(argv)
+    loaded: set[str] = set()  # --load: before any parser, as the tasks it adds bring options of their own
+    _load_plugins(given[0] if given else "", [*_requested_loads(given), *recorded_loads(given)], loaded)
+    words = resumed_argv(given, build_parser)  # run --resume DIR
     parser = build_parser(requested_task(words))
     args = parser.parse_args(words)
     torch.set_printoptions(precision=4)
     try:
+        if args.command in LOADING:  # an abbreviated --loa, which the scan above missed; then the paths
+            _load_plugins(args.command, args.load, loaded)  # as other processes (and a resume) load them
+            args.load = [registry.plugin_spec(spec) for spec in args.load]
         return args.func(args)
     except (UsageError, UnknownMechanismError, UnknownTaskError, OptionError, SweepError, TaskError,
             ResolutionError, ResultsError) as exc:
         parser.exit(2, f"attnbench {args.command}: error: {exc}\n")
+
+
+def _requested_loads(words: Sequence[str]) -> list[str]:
+    """The modules ``--load`` names in a command line that takes it, read before its parser is built."""
+    if not words or words[0] not in LOADING:
+        return []
+    specs = []
+    for i, word in enumerate(words):
+        if word == "--":  # the task's own arguments follow (scale --task T -- …)
+            break
+        if word == "--load" and i + 1 < len(words):
+            specs.append(words[i + 1])
+        elif word.startswith("--load="):
+            specs.append(word.partition("=")[2])
+    return specs
+
+
+def _load_plugins(command: str, specs: Sequence[str], loaded: set[str]) -> None:
+    """Import the ``--load`` modules that ``loaded`` does not hold yet (adding them): the tasks they
+    register are then choices of ``run --task``, with their own options. One that fails to import
+    is one line and exit 2."""
+    for spec in specs:
+        if registry.plugin_spec(spec) in loaded:
+            continue
+        try:
+            registry.load_module(spec)
+        except LoadError as exc:
+            print(f"attnbench {command}: error: {exc}", file=sys.stderr)
+            raise SystemExit(2) from None
+        loaded.add(registry.plugin_spec(spec))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

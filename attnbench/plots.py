@@ -995,7 +995,7 @@ def discover(folders: Iterable[Path]) -> Found:
 def task_plots(path: Path, rows: pd.DataFrame, out: Path) -> list[Path]:
     """A task table's plots: the task's own (``Task.plot``), else top-1 against cost where the
     table has those columns."""
-    from attnbench.tasks import UnknownTaskError, get_task
+    from attnbench.task import UnknownTaskError, get_task
 
     written: list[Path] = []
     names = [t for t in dict.fromkeys(rows["task"].dropna()) if t] if "task" in rows.columns else []
@@ -1046,7 +1046,7 @@ def redraw(folders: Iterable[Path], fit_min_n: int = 1024, include_limited: bool
     each resolution probe's and each task table's; the files written, exactly."""
     from attnbench.resolution import read_probe
     from attnbench.sweep import finish
-    from attnbench.tasks import finished_runs
+    from attnbench.task import finished_runs
 
     found = discover(folders)
     written: list[Path] = []

@@ -6,7 +6,7 @@ mechanisms and the task harnesses (torchvision and the like) already imported, w
 engine naming the packages that hold them.
 """
 
-from attnbench import registry, tasks
+from attnbench import registry, task
 
 registry.mechanism_names()
-tasks.task_names()
+task.task_names()

@@ -312,7 +312,7 @@ COST_COLUMNS = ("params", "gflops", "train_img_s", "eval_img_s", "train_seq_s", 
 
 
 def _task_metrics(name: str, table: pd.DataFrame) -> list[str]:
-    from attnbench.tasks import UnknownTaskError, get_task
+    from attnbench.task import UnknownTaskError, get_task
 
     try:
         cls = get_task(name)
@@ -351,7 +351,7 @@ def seed_table(rows: pd.DataFrame, metrics: Sequence[str]) -> tuple[pd.DataFrame
 
 
 def task_sections(path: Path, tmp: Path, include_limited: bool, index: int) -> list[Section]:
-    from attnbench.tasks import finished_runs
+    from attnbench.task import finished_runs
 
     table = read_task_table(path)
     sections = []
@@ -478,7 +478,7 @@ def compare_sections(found: plots.Found, saved: Path, tmp: Path) -> list[Section
 
 def _task_comparison(name: str, mine: pd.DataFrame, theirs: pd.DataFrame, path: Path, other: Path,
                      anchor: str) -> Section | None:
-    from attnbench.tasks import finished_runs
+    from attnbench.task import finished_runs
 
     a, b = finished_runs(mine[mine["task"] == name]), finished_runs(theirs[theirs["task"] == name])
     metrics = [m for m in _task_metrics(name, a) if m in b.columns]

@@ -87,7 +87,7 @@ def measure_step(config: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     from attnbench.measure import cpu_peak_mib, cuda_peak_mib, is_out_of_memory, time_step
-    from attnbench.tasks import get_task
+    from attnbench.task import get_task
     from attnbench.worker import cap_address_space, fix_malloc
 
     for spec in config.get("load", []):  # a forked child: plug-in tasks and mechanisms again

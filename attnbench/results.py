@@ -256,7 +256,7 @@ def read_task_table(path: Path) -> pd.DataFrame:
 def task_config_columns(name: str) -> tuple[str, ...]:
     """The settings columns that task ``name`` declares (its ``config_columns``); none, with a
     warning, for a task that is not installed here (its rows then group by the shared settings)."""
-    from attnbench.tasks import UnknownTaskError, get_task
+    from attnbench.task import UnknownTaskError, get_task
 
     try:
         return tuple(get_task(name).config_columns)
@@ -298,7 +298,7 @@ def aggregate(table: pd.DataFrame, metrics: Sequence[str],
     ``table``: rows as the harness writes them (one per run); rows whose ``status`` is not ``ok``
     are left out (a failed run is no seed). Limited runs are kept but, ``limited`` being a
     configuration column, never pooled with full ones: pass ``finished_runs(table)``
-    (``attnbench.tasks``) to leave them out, as plots do unless ``--include-limited``.
+    (``attnbench.task``) to leave them out, as plots do unless ``--include-limited``.
     ``metrics``: the numeric columns to summarise (``top1``, ``gflops``, ``train_img_s``, …).
     ``config``: the columns that define a configuration; default ``config_columns(table)`` (task,
     data set, mechanism, size, epochs, options, limits, batch, device, the task's own settings).

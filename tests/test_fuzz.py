@@ -38,7 +38,7 @@ from pathlib import Path
 import pytest
 
 from attnbench import accuracy, cli, get_mechanism, mechanism_names, plots, report
-from attnbench.tasks import get_task, model_table_tasks, task_names
+from attnbench.task import get_task, model_table_tasks, task_names
 from attnbench.validate import Number, PathCheck
 from tasks.common.harness import TrainingTask
 

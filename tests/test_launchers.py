@@ -18,11 +18,12 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from attnbench import registry, tasks
+from attnbench import registry
 from attnbench.accuracy import RUN_KEY
 from attnbench.cli import main
 from attnbench.launchers import Slot, local_slots, pin, usable_cores
 from attnbench.sweep import SweepError
+from attnbench.task import TASKS
 from tests.test_interrupt import WAIT_S, Command, interrupted_line, wait_until_gone
 
 FAKE = str(Path(__file__).with_name("fake_sweep_task.py"))  # loaded with --load, never imported
@@ -42,7 +43,7 @@ def fake():
     registry.load_module(FAKE)
     yield ["--load", FAKE]
     for name in ("fake_tuned", "fake_plain"):
-        tasks._TASKS.pop(name, None)
+        TASKS.unregister(name)
 
 
 @pytest.fixture

@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from attnbench import TaskError, register_task
-from attnbench.tasks import SweepScore
+from attnbench.task import SweepScore
 from attnbench.validate import int_in
 from tasks.common.harness import CONTEXT_COLUMNS, COST_COLUMNS, Data
 from tasks.common.sequence import SETTINGS, SequenceTask, unpack

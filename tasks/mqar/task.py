@@ -32,7 +32,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from attnbench import TaskError, register_task
-from attnbench.tasks import flag_value
+from attnbench.task import flag_value
 from attnbench.validate import float_in, int_in
 from tasks.common.harness import Data
 from tasks.common.sequence import SequenceTask, sequence_table
