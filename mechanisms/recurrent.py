@@ -234,6 +234,10 @@ class RecurrentMixer(Mechanism):
         """The chunk sizes the PyTorch form takes."""
         return {"chunk": self.options.chunk}
 
+    def split_heads(self, x: Tensor) -> Tensor:
+        """(B, N, H·d) -> (B, N, H, d), a view."""
+        return x.unflatten(-1, (self.num_heads, -1))
+
     # ---- the scan ---------------------------------------------------------------------------------
     def convolve(self, projected: tuple[Tensor, ...]) -> list[Tensor]:
         """Each projection through its short convolution, if it has one."""
@@ -371,3 +375,34 @@ class RecurrentMixer(Mechanism):
             return f"{form}; fla's kernel not used: {why}"
         static = fla_kernels.static_problem()  # what a CUDA machine with this install would also hit
         return f"{form}; on CUDA too: {static}" if static else form
+
+
+class QKVMixer(RecurrentMixer):
+    """The layer fla's retention, GLA and gated DeltaNet share: q, k (C·expand_k channels), v and an
+    output gate (C·expand_v) projected from x, short convolutions on q, k and v when ``conv`` > 0, and
+    out = W_o [RMSNorm_head(o) ⊙ SiLU(x W_g)]. A subclass adds its decay (its own layers after these),
+    ``project``, ``inputs`` and fla's kernel; its options hold expand_k, expand_v, conv and eps."""
+
+    def __init__(self, dim: int, num_heads: int, options: Any = None) -> None:
+        super().__init__(dim, num_heads, options)
+        o = self.options
+        self.key_dim = expanded(dim, o.expand_k, num_heads, self.name, "expand_k")
+        self.value_dim = expanded(dim, o.expand_v, num_heads, self.name, "expand_v")
+        self.dk, self.dv = self.key_dim // num_heads, self.value_dim // num_heads
+        self.q_proj = nn.Linear(dim, self.key_dim, bias=False)
+        self.k_proj = nn.Linear(dim, self.key_dim, bias=False)
+        self.v_proj = nn.Linear(dim, self.value_dim, bias=False)
+        self.g_proj = nn.Linear(dim, self.value_dim, bias=False)  # the output gate
+        widths = (self.key_dim, self.key_dim, self.value_dim)
+        self.convs = nn.ModuleList(ShortConv(width, o.conv) for width in widths) if o.conv else None
+        self.norm = GatedRMSNorm(self.dv, o.eps)
+        self.o_proj = nn.Linear(self.value_dim, dim, bias=False)
+
+    def short_convs(self) -> dict[str, nn.Conv1d]:
+        return {} if self.convs is None else {name: c.conv for name, c in zip("qkv", self.convs, strict=True)}
+
+    def read_out(self, o: Tensor, gate: Tensor) -> Tensor:
+        return self.norm(o, self.split_heads(gate)).flatten(2)
+
+    def state_size(self) -> tuple[int, int]:
+        return self.dk, self.dv
