@@ -126,10 +126,6 @@ class Based(RecurrentMixer):
 
     def flops(self, batch: int, n: int, grid: Grid | None = None, causal: bool = False) -> Flops:
         f, c = self.options.feature_dim, self.dim
-        features = feature_count(f)
-        matmul, elementwise = chunked.decay_attention_flops(n, features, self.head_dim + 1,
-                                                            self.options.chunk)
-        scans = self.scans(causal)
-        projections = 2 * batch * n * c * (2 * self.num_heads * f + 2 * c)
-        return Flops(matmul=projections + scans * batch * self.num_heads * matmul,
-                     elementwise=scans * batch * self.num_heads * (elementwise + 6 * n))
+        scan = chunked.decay_attention_flops(n, feature_count(f), self.head_dim + 1, self.options.chunk)
+        return self.call_flops(batch, n, causal, scan, weights=c * (2 * self.num_heads * f + 2 * c),
+                               per_token=6 * self.num_heads)

@@ -80,11 +80,7 @@ class GatedDeltaNet(QKVMixer):
                                                       output_final_state=final_state)
 
     def flops(self, batch: int, n: int, grid: Grid | None = None, causal: bool = False) -> Flops:
-        o, c = self.options, self.dim
-        matmul, elementwise = chunked.delta_rule_flops(n, self.dk, self.dv, o.chunk)
-        scans = self.scans(causal)
-        projections = 2 * batch * n * c * (2 * self.key_dim + 3 * self.value_dim + 2 * self.num_heads)
-        convs = 2 * scans * batch * n * o.conv * (2 * self.key_dim + self.value_dim)
-        return Flops(matmul=projections + convs + scans * batch * self.num_heads * matmul,
-                     elementwise=scans * (batch * self.num_heads * elementwise
-                                          + batch * n * (8 * self.value_dim + 10 * self.key_dim)))
+        o, h, k, v = self.options, self.num_heads, self.key_dim, self.value_dim
+        scan = chunked.delta_rule_flops(n, self.dk, self.dv, o.chunk)
+        return self.call_flops(batch, n, causal, scan, weights=self.dim * (2 * k + 3 * v + 2 * h),
+                               convolved=o.conv * (2 * k + v), per_token=8 * v + 10 * k)

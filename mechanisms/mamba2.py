@@ -110,10 +110,7 @@ class Mamba2(RecurrentMixer):
                                                 scale=rec.scale, output_final_state=final_state)
 
     def flops(self, batch: int, n: int, grid: Grid | None = None, causal: bool = False) -> Flops:
-        o, c = self.options, self.dim
-        matmul, elementwise = chunked.decay_attention_flops(n, o.state, self.head_width, o.chunk)
-        scans = self.scans(causal)
-        projections = 2 * batch * n * c * (sum(self.splits) + self.inner)
-        conv = 2 * scans * batch * n * o.conv * (self.inner + 2 * o.state)
-        return Flops(matmul=projections + conv + scans * batch * self.num_heads * matmul,
-                     elementwise=scans * (batch * self.num_heads * elementwise + 12 * batch * n * self.inner))
+        o = self.options
+        scan = chunked.decay_attention_flops(n, o.state, self.head_width, o.chunk)
+        return self.call_flops(batch, n, causal, scan, weights=self.dim * (sum(self.splits) + self.inner),
+                               convolved=o.conv * (self.inner + 2 * o.state), per_token=12 * self.inner)

@@ -50,7 +50,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from attnbench.decoding import StateCache, check_token, prompt_lengths
-from attnbench.mechanism import Grid, Mechanism, option, require
+from attnbench.mechanism import Flops, Grid, Mechanism, option, require
 from mechanisms import chunked, fla_kernels
 
 Direction = Literal["bidirectional", "causal"]
@@ -344,10 +344,17 @@ class RecurrentMixer(Mechanism):
         tails = sum((conv.kernel_size[0] - 1) * conv.in_channels for conv in self.short_convs().values())
         return batch * (state + tails * dtype.itemsize)
 
-    def scans(self, causal: bool = False) -> int:
-        """How many scans a call runs (2 for a bidirectional plain call, 1 for a causal one): for the
-        FLOP formulas."""
-        return 1 if causal or self.options.direction == "causal" else 2
+    def call_flops(self, batch: int, n: int, causal: bool, scan: tuple[int, int], weights: int,
+                   convolved: int = 0, per_token: int = 0) -> Flops:
+        """A call's FLOPs from its parts: 2·B·N·``weights`` for the token-wise projections, then per
+        scan (2 for a bidirectional plain call, 1 for a causal one) 2·B·N·``convolved`` for the short
+        convolutions (taps × channels), B·H times the chunked recurrence's ``scan`` (matmul,
+        elementwise) and B·N·``per_token`` elementwise (norms, gates, feature maps)."""
+        scans = 1 if causal or self.options.direction == "causal" else 2
+        matmul, elementwise = scan
+        return Flops(matmul=2 * batch * n * weights + scans * (2 * batch * n * convolved
+                                                               + batch * self.num_heads * matmul),
+                     elementwise=scans * (batch * self.num_heads * elementwise + batch * n * per_token))
 
     # ---- kernels ----------------------------------------------------------------------------
     def fla_limit(self) -> str | None:

@@ -89,12 +89,7 @@ class RetNet(QKVMixer):
                                                output_final_state=final_state)
 
     def flops(self, batch: int, n: int, grid: Grid | None = None, causal: bool = False) -> Flops:
-        o, c = self.options, self.dim
-        matmul, elementwise = chunked.decay_attention_flops(n, self.dk, self.dv, o.chunk)
-        scans = self.scans(causal)
-        projections = 2 * batch * n * c * (2 * self.key_dim + 3 * self.value_dim)
-        convs = 2 * scans * batch * n * o.conv * (2 * self.key_dim + self.value_dim)
-        return Flops(matmul=projections + convs + scans * batch * self.num_heads * matmul,
-                     elementwise=scans * (batch * self.num_heads * elementwise
-                                          + batch * n * (8 * self.value_dim + 6 * self.key_dim)))
-
+        o, k, v = self.options, self.key_dim, self.value_dim
+        scan = chunked.decay_attention_flops(n, self.dk, self.dv, o.chunk)
+        return self.call_flops(batch, n, causal, scan, weights=self.dim * (2 * k + 3 * v),
+                               convolved=o.conv * (2 * k + v), per_token=8 * v + 6 * k)
