@@ -66,12 +66,12 @@ class GatedDeltaNet(QKVMixer):
     def project(self, x: Tensor) -> tuple[Tensor, ...]:
         return self.q_proj(x), self.k_proj(x), self.v_proj(x), self.a_proj(x), self.b_proj(x), self.g_proj(x)
 
-    def inputs(self, q: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, gate: Tensor,
+    def inputs(self, q: Tensor, k: Tensor, v: Tensor, a: Tensor, b_logit: Tensor, gate: Tensor,
                start: int | Tensor = 0) -> tuple[Recurrence, tuple[Tensor, ...]]:
         if self.convs is None:  # no convolution: its SiLU alone
             q, k, v = F.silu(q), F.silu(k), F.silu(v)
         q, k = l2_normalize(self.split_heads(q)), l2_normalize(self.split_heads(k))
-        beta = torch.sigmoid(b)  # (B, N, H)
+        beta = torch.sigmoid(b_logit)  # (B, N, H)
         log_decay = -self.A_log.exp() * F.softplus(a + self.dt_bias)  # (B, N, H), ≤ 0
         return Recurrence(q, k, self.split_heads(v), log_decay, beta, scale=self.dk**-0.5), (gate,)
 

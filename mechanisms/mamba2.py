@@ -87,15 +87,14 @@ class Mamba2(RecurrentMixer):
 
     def inputs(self, z: Tensor, xbc: Tensor, dt: Tensor,
                start: int | Tensor = 0) -> tuple[Recurrence, tuple[Tensor, ...]]:
-        b, n, _ = z.shape
-        h, p, s = self.num_heads, self.head_width, self.options.state
+        s = self.options.state
         x, state_in, state_out = xbc.split((self.inner, s, s), dim=-1)  # after the convolution
-        x = x.view(b, n, h, p)
+        x = self.split_heads(x)  # (B, N, H, P)
         step = F.softplus(dt + self.dt_bias)  # Δ (B, N, H)
         log_decay = -self.A_log.exp() * step  # (B, N, H), ≤ 0
         v = x * step.unsqueeze(-1)  # Δ·x
-        k = state_in.unsqueeze(2).expand(b, n, h, s)  # B, shared by the heads
-        q = state_out.unsqueeze(2).expand(b, n, h, s)  # C
+        k = state_in.unsqueeze(2).expand(-1, -1, self.num_heads, -1)  # B, shared by the heads
+        q = state_out.unsqueeze(2).expand(-1, -1, self.num_heads, -1)  # C
         return Recurrence(q, k, v, log_decay, scale=1.0), (x, z)
 
     def read_out(self, y: Tensor, x: Tensor, z: Tensor) -> Tensor:

@@ -37,6 +37,10 @@ Kernels (``kernel`` option): ``auto`` runs flash-linear-attention's chunked Trit
 can (a CUDA GPU, float32/16/bfloat16, fla-core installed and importable), else the chunked PyTorch
 form of ``mechanisms.chunked``; ``fla`` requires fla's kernel (a one-line error naming why not);
 ``torch`` always runs the PyTorch form. Projections, convolutions and norms are PyTorch on both.
+
+``QKVMixer``: the layer around the recurrence that fla's retention, GLA and gated DeltaNet share (q,
+k, v and output-gate projections, short convolutions, per-head gated RMSNorm, output projection), so
+that their files hold only their decays, inputs and kernels.
 """
 
 from __future__ import annotations
