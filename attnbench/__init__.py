@@ -20,7 +20,7 @@ from attnbench.registry import (  # noqa: E402
     mechanism_names,
     register_mechanism,
 )
-from attnbench.tasks import Task, TaskError, UnknownTaskError, get_task, register_task, task_names  # noqa: E402
+from attnbench.task import Task, TaskError, UnknownTaskError, get_task, register_task, task_names  # noqa: E402
 
 __version__ = "0.1.0"
 __all__ = ["Flops", "Mechanism", "OptionError", "Task", "TaskError", "UnknownMechanismError",

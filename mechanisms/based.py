@@ -93,11 +93,9 @@ class Based(RecurrentMixer):
                start: int | Tensor = 0) -> tuple[Recurrence, tuple[Tensor, ...]]:
         """The Taylor features of q and k (B, N, H, F), and v with a column of ones (B, N, H, d + 1):
         the state's last column is the normaliser's running sum Σ φ(k)."""
-        b, n, _ = q.shape
-        h, f = self.num_heads, self.options.feature_dim
-        v = v.view(b, n, h, self.head_dim)
-        return Recurrence(taylor_features(q.view(b, n, h, f)), taylor_features(k.view(b, n, h, f)),
-                          torch.cat([v, torch.ones_like(v[..., :1])], -1)), ()
+        q, k, v = self.split_heads(q), self.split_heads(k), self.split_heads(v)
+        ones = torch.ones_like(v[..., :1])
+        return Recurrence(taylor_features(q), taylor_features(k), torch.cat([v, ones], -1)), ()
 
     def read_out(self, sums: Tensor) -> Tensor:
         return (sums[..., :-1] / (sums[..., -1:] + EPS)).flatten(2)  # (B, N, H·d)
@@ -107,10 +105,9 @@ class Based(RecurrentMixer):
 
     def fla_scan(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         """fla's based kernel, Taylor features and normaliser inside: (B, N, H·d)."""
-        b, n, _ = q.shape
-        h, f = self.num_heads, self.options.feature_dim
-        q, k, v = q.view(b, n, h, f), k.view(b, n, h, f), v.view(b, n, h, self.head_dim)
-        return fla_kernels.kernel("based")(q, k, v, scale=f**-0.5, use_norm=True).flatten(2)
+        q, k, v = self.split_heads(q), self.split_heads(k), self.split_heads(v)
+        scale = self.options.feature_dim**-0.5
+        return fla_kernels.kernel("based")(q, k, v, scale=scale, use_norm=True).flatten(2)
 
     def scan(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         return self.fla_scan(q, k, v) if self.use_fla(q) else super().scan(q, k, v)
@@ -126,10 +123,6 @@ class Based(RecurrentMixer):
 
     def flops(self, batch: int, n: int, grid: Grid | None = None, causal: bool = False) -> Flops:
         f, c = self.options.feature_dim, self.dim
-        features = feature_count(f)
-        matmul, elementwise = chunked.decay_attention_flops(n, features, self.head_dim + 1,
-                                                            self.options.chunk)
-        scans = self.scans(causal)
-        projections = 2 * batch * n * c * (2 * self.num_heads * f + 2 * c)
-        return Flops(matmul=projections + scans * batch * self.num_heads * matmul,
-                     elementwise=scans * batch * self.num_heads * (elementwise + 6 * n))
+        scan = chunked.decay_attention_flops(n, feature_count(f), self.head_dim + 1, self.options.chunk)
+        return self.call_flops(batch, n, causal, scan, weights=c * (2 * self.num_heads * f + 2 * c),
+                               per_token=6 * self.num_heads)

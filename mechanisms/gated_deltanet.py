@@ -27,12 +27,9 @@ from attnbench.mechanism import Flops, Grid, option
 from attnbench.registry import register_mechanism
 from mechanisms import chunked, fla_kernels
 from mechanisms.recurrent import (
-    GatedRMSNorm,
+    QKVMixer,
     Recurrence,
-    RecurrentMixer,
     RecurrentOptions,
-    ShortConv,
-    expanded,
     l2_normalize,
     mamba_time_steps,
 )
@@ -47,7 +44,7 @@ class GatedDeltaNetOptions(RecurrentOptions):
 
 
 @register_mechanism
-class GatedDeltaNet(RecurrentMixer):
+class GatedDeltaNet(QKVMixer):
     name = "gated_deltanet"
     summary = "Gated DeltaNet: the delta rule with Mamba2's decay, short convs, gated RMSNorm (fla's layer)"
     Options = GatedDeltaNetOptions
@@ -61,56 +58,29 @@ class GatedDeltaNet(RecurrentMixer):
 
     def __init__(self, dim: int, num_heads: int, options: GatedDeltaNetOptions | None = None) -> None:
         super().__init__(dim, num_heads, options)
-        o = self.options
-        self.key_dim = expanded(dim, o.expand_k, num_heads, self.name, "expand_k")
-        self.value_dim = expanded(dim, o.expand_v, num_heads, self.name, "expand_v")
-        self.dk, self.dv = self.key_dim // num_heads, self.value_dim // num_heads
-        self.q_proj = nn.Linear(dim, self.key_dim, bias=False)
-        self.k_proj = nn.Linear(dim, self.key_dim, bias=False)
-        self.v_proj = nn.Linear(dim, self.value_dim, bias=False)
         self.a_proj = nn.Linear(dim, num_heads, bias=False)  # the decay's time step
         self.b_proj = nn.Linear(dim, num_heads, bias=False)  # the writing strength β
         self.A_log = nn.Parameter(torch.empty(num_heads).uniform_(0, 16).log())
         self.dt_bias = nn.Parameter(mamba_time_steps(num_heads))
-        self.g_proj = nn.Linear(dim, self.value_dim, bias=False)
-        self.convs = nn.ModuleList(ShortConv(width, o.conv) for width in (self.key_dim, self.key_dim,
-                                                                         self.value_dim)) if o.conv else None
-        self.norm = GatedRMSNorm(self.dv, o.eps)
-        self.o_proj = nn.Linear(self.value_dim, dim, bias=False)
 
     def project(self, x: Tensor) -> tuple[Tensor, ...]:
         return self.q_proj(x), self.k_proj(x), self.v_proj(x), self.a_proj(x), self.b_proj(x), self.g_proj(x)
-
-    def short_convs(self) -> dict[str, nn.Conv1d]:
-        return {} if self.convs is None else {name: c.conv for name, c in zip("qkv", self.convs, strict=True)}
 
     def inputs(self, q: Tensor, k: Tensor, v: Tensor, a: Tensor, b_logit: Tensor, gate: Tensor,
                start: int | Tensor = 0) -> tuple[Recurrence, tuple[Tensor, ...]]:
         if self.convs is None:  # no convolution: its SiLU alone
             q, k, v = F.silu(q), F.silu(k), F.silu(v)
-        b, n, _ = q.shape
-        h = self.num_heads
-        q, k = l2_normalize(q.view(b, n, h, self.dk)), l2_normalize(k.view(b, n, h, self.dk))
+        q, k = l2_normalize(self.split_heads(q)), l2_normalize(self.split_heads(k))
         beta = torch.sigmoid(b_logit)  # (B, N, H)
         log_decay = -self.A_log.exp() * F.softplus(a + self.dt_bias)  # (B, N, H), ≤ 0
-        return Recurrence(q, k, v.view(b, n, h, self.dv), log_decay, beta, scale=self.dk**-0.5), (gate,)
-
-    def read_out(self, o: Tensor, gate: Tensor) -> Tensor:
-        return self.norm(o, gate.view(o.shape)).flatten(2)
-
-    def state_size(self) -> tuple[int, int]:
-        return self.dk, self.dv
+        return Recurrence(q, k, self.split_heads(v), log_decay, beta, scale=self.dk**-0.5), (gate,)
 
     def fla_recur(self, rec: Recurrence, final_state: bool) -> tuple[Tensor, Tensor | None]:
         return fla_kernels.kernel("gated_delta_rule")(rec.q, rec.k, rec.v, rec.g, rec.beta, scale=rec.scale,
                                                       output_final_state=final_state)
 
     def flops(self, batch: int, n: int, grid: Grid | None = None, causal: bool = False) -> Flops:
-        o, c = self.options, self.dim
-        matmul, elementwise = chunked.delta_rule_flops(n, self.dk, self.dv, o.chunk)
-        scans = self.scans(causal)
-        projections = 2 * batch * n * c * (2 * self.key_dim + 3 * self.value_dim + 2 * self.num_heads)
-        convs = 2 * scans * batch * n * o.conv * (2 * self.key_dim + self.value_dim)
-        return Flops(matmul=projections + convs + scans * batch * self.num_heads * matmul,
-                     elementwise=scans * (batch * self.num_heads * elementwise
-                                          + batch * n * (8 * self.value_dim + 10 * self.key_dim)))
+        o, h, k, v = self.options, self.num_heads, self.key_dim, self.value_dim
+        scan = chunked.delta_rule_flops(n, self.dk, self.dv, o.chunk)
+        return self.call_flops(batch, n, causal, scan, weights=self.dim * (2 * k + 3 * v + 2 * h),
+                               convolved=o.conv * (2 * k + v), per_token=8 * v + 10 * k)

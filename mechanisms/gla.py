@@ -23,14 +23,7 @@ from torch import Tensor, nn
 from attnbench.mechanism import Flops, Grid, option, require
 from attnbench.registry import register_mechanism
 from mechanisms import chunked, fla_kernels
-from mechanisms.recurrent import (
-    GatedRMSNorm,
-    Recurrence,
-    RecurrentMixer,
-    RecurrentOptions,
-    ShortConv,
-    expanded,
-)
+from mechanisms.recurrent import QKVMixer, Recurrence, RecurrentOptions
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,7 +38,7 @@ class GLAOptions(RecurrentOptions):
 
 
 @register_mechanism
-class GatedLinearAttention(RecurrentMixer):
+class GatedLinearAttention(QKVMixer):
     name = "gla"
     summary = "gated linear attention: data-dependent per-channel decay, gated RMSNorm (fla's layer)"
     Options = GLAOptions
@@ -62,39 +55,17 @@ class GatedLinearAttention(RecurrentMixer):
         o = self.options
         require(o.chunk % min(o.sub_chunk, o.chunk) == 0,
                 f"{self.name}: sub_chunk={o.sub_chunk} must divide chunk={o.chunk} (or be at least chunk)")
-        self.key_dim = expanded(dim, o.expand_k, num_heads, self.name, "expand_k")
-        self.value_dim = expanded(dim, o.expand_v, num_heads, self.name, "expand_v")
-        self.dk, self.dv = self.key_dim // num_heads, self.value_dim // num_heads
-        self.q_proj = nn.Linear(dim, self.key_dim, bias=False)
-        self.k_proj = nn.Linear(dim, self.key_dim, bias=False)
-        self.v_proj = nn.Linear(dim, self.value_dim, bias=False)
-        self.g_proj = nn.Linear(dim, self.value_dim, bias=False)
         self.gk_proj = nn.Sequential(nn.Linear(dim, o.gate_rank, bias=False),
                                      nn.Linear(o.gate_rank, self.key_dim, bias=True))
-        self.convs = nn.ModuleList(ShortConv(width, o.conv) for width in (self.key_dim, self.key_dim,
-                                                                         self.value_dim)) if o.conv else None
-        self.norm = GatedRMSNorm(self.dv, o.eps)
-        self.o_proj = nn.Linear(self.value_dim, dim, bias=False)
 
     def project(self, x: Tensor) -> tuple[Tensor, ...]:
         return self.q_proj(x), self.k_proj(x), self.v_proj(x), self.gk_proj(x), self.g_proj(x)
 
-    def short_convs(self) -> dict[str, nn.Conv1d]:
-        return {} if self.convs is None else {name: c.conv for name, c in zip("qkv", self.convs, strict=True)}
-
     def inputs(self, q: Tensor, k: Tensor, v: Tensor, gk: Tensor, gate: Tensor,
                start: int | Tensor = 0) -> tuple[Recurrence, tuple[Tensor, ...]]:
-        b, n, _ = q.shape
-        h = self.num_heads
-        log_decay = (F.logsigmoid(gk) / self.options.gate_normalizer).view(b, n, h, self.dk)  # ≤ 0
-        return Recurrence(q.view(b, n, h, self.dk), k.view(b, n, h, self.dk), v.view(b, n, h, self.dv),
-                          log_decay, scale=self.dk**-0.5), (gate,)
-
-    def read_out(self, o: Tensor, gate: Tensor) -> Tensor:
-        return self.norm(o, gate.view(o.shape)).flatten(2)
-
-    def state_size(self) -> tuple[int, int]:
-        return self.dk, self.dv
+        log_decay = self.split_heads(F.logsigmoid(gk) / self.options.gate_normalizer)  # (B, N, H, dk), ≤ 0
+        return Recurrence(self.split_heads(q), self.split_heads(k), self.split_heads(v), log_decay,
+                          scale=self.dk**-0.5), (gate,)
 
     def chunked_options(self) -> dict[str, int]:
         return {"chunk": self.options.chunk, "sub_chunk": self.options.sub_chunk}
@@ -104,13 +75,8 @@ class GatedLinearAttention(RecurrentMixer):
                                          output_final_state=final_state)
 
     def flops(self, batch: int, n: int, grid: Grid | None = None, causal: bool = False) -> Flops:
-        o, c = self.options, self.dim
-        matmul, elementwise = chunked.decay_attention_flops(n, self.dk, self.dv, o.chunk, per_channel=True,
-                                                            sub_chunk=o.sub_chunk)
-        scans = self.scans(causal)
-        projections = 2 * batch * n * (c * (2 * self.key_dim + 3 * self.value_dim)
-                                       + o.gate_rank * (c + self.key_dim))
-        convs = 2 * scans * batch * n * o.conv * (2 * self.key_dim + self.value_dim)
-        return Flops(matmul=projections + convs + scans * batch * self.num_heads * matmul,
-                     elementwise=scans * (batch * self.num_heads * elementwise
-                                          + batch * n * (8 * self.value_dim + 6 * self.key_dim)))
+        o, c, k, v = self.options, self.dim, self.key_dim, self.value_dim
+        scan = chunked.decay_attention_flops(n, self.dk, self.dv, o.chunk, per_channel=True,
+                                             sub_chunk=o.sub_chunk)
+        return self.call_flops(batch, n, causal, scan, weights=c * (2 * k + 3 * v) + o.gate_rank * (c + k),
+                               convolved=o.conv * (2 * k + v), per_token=8 * v + 6 * k)

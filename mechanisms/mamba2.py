@@ -87,15 +87,14 @@ class Mamba2(RecurrentMixer):
 
     def inputs(self, z: Tensor, xbc: Tensor, dt: Tensor,
                start: int | Tensor = 0) -> tuple[Recurrence, tuple[Tensor, ...]]:
-        b, n, _ = z.shape
-        h, p, s = self.num_heads, self.head_width, self.options.state
+        s = self.options.state
         x, state_in, state_out = xbc.split((self.inner, s, s), dim=-1)  # after the convolution
-        x = x.view(b, n, h, p)
+        x = self.split_heads(x)  # (B, N, H, P)
         step = F.softplus(dt + self.dt_bias)  # Δ (B, N, H)
         log_decay = -self.A_log.exp() * step  # (B, N, H), ≤ 0
         v = x * step.unsqueeze(-1)  # Δ·x
-        k = state_in.unsqueeze(2).expand(b, n, h, s)  # B, shared by the heads
-        q = state_out.unsqueeze(2).expand(b, n, h, s)  # C
+        k = state_in.unsqueeze(2).expand(-1, -1, self.num_heads, -1)  # B, shared by the heads
+        q = state_out.unsqueeze(2).expand(-1, -1, self.num_heads, -1)  # C
         return Recurrence(q, k, v, log_decay, scale=1.0), (x, z)
 
     def read_out(self, y: Tensor, x: Tensor, z: Tensor) -> Tensor:
@@ -110,10 +109,7 @@ class Mamba2(RecurrentMixer):
                                                 scale=rec.scale, output_final_state=final_state)
 
     def flops(self, batch: int, n: int, grid: Grid | None = None, causal: bool = False) -> Flops:
-        o, c = self.options, self.dim
-        matmul, elementwise = chunked.decay_attention_flops(n, o.state, self.head_width, o.chunk)
-        scans = self.scans(causal)
-        projections = 2 * batch * n * c * (sum(self.splits) + self.inner)
-        conv = 2 * scans * batch * n * o.conv * (self.inner + 2 * o.state)
-        return Flops(matmul=projections + conv + scans * batch * self.num_heads * matmul,
-                     elementwise=scans * (batch * self.num_heads * elementwise + 12 * batch * n * self.inner))
+        o = self.options
+        scan = chunked.decay_attention_flops(n, o.state, self.head_width, o.chunk)
+        return self.call_flops(batch, n, causal, scan, weights=self.dim * (sum(self.splits) + self.inner),
+                               convolved=o.conv * (self.inner + 2 * o.state), per_token=12 * self.inner)

@@ -37,6 +37,10 @@ Kernels (``kernel`` option): ``auto`` runs flash-linear-attention's chunked Trit
 can (a CUDA GPU, float32/16/bfloat16, fla-core installed and importable), else the chunked PyTorch
 form of ``mechanisms.chunked``; ``fla`` requires fla's kernel (a one-line error naming why not);
 ``torch`` always runs the PyTorch form. Projections, convolutions and norms are PyTorch on both.
+
+``QKVMixer``: the layer around the recurrence that fla's retention, GLA and gated DeltaNet share (q,
+k, v and output-gate projections, short convolutions, per-head gated RMSNorm, output projection), so
+that their files hold only their decays, inputs and kernels.
 """
 
 from __future__ import annotations
@@ -50,7 +54,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from attnbench.decoding import StateCache, check_token, prompt_lengths
-from attnbench.mechanism import Grid, Mechanism, option, require
+from attnbench.mechanism import Flops, Grid, Mechanism, option, require
 from mechanisms import chunked, fla_kernels
 
 Direction = Literal["bidirectional", "causal"]
@@ -234,6 +238,10 @@ class RecurrentMixer(Mechanism):
         """The chunk sizes the PyTorch form takes."""
         return {"chunk": self.options.chunk}
 
+    def split_heads(self, x: Tensor) -> Tensor:
+        """(B, N, H·d) -> (B, N, H, d), a view."""
+        return x.unflatten(-1, (self.num_heads, -1))
+
     # ---- the scan ---------------------------------------------------------------------------------
     def convolve(self, projected: tuple[Tensor, ...]) -> list[Tensor]:
         """Each projection through its short convolution, if it has one."""
@@ -340,10 +348,17 @@ class RecurrentMixer(Mechanism):
         tails = sum((conv.kernel_size[0] - 1) * conv.in_channels for conv in self.short_convs().values())
         return batch * (state + tails * dtype.itemsize)
 
-    def scans(self, causal: bool = False) -> int:
-        """How many scans a call runs (2 for a bidirectional plain call, 1 for a causal one): for the
-        FLOP formulas."""
-        return 1 if causal or self.options.direction == "causal" else 2
+    def call_flops(self, batch: int, n: int, causal: bool, scan: tuple[int, int], weights: int,
+                   convolved: int = 0, per_token: int = 0) -> Flops:
+        """A call's FLOPs from its parts: 2·B·N·``weights`` for the token-wise projections, then per
+        scan (2 for a bidirectional plain call, 1 for a causal one) 2·B·N·``convolved`` for the short
+        convolutions (taps × channels), B·H times the chunked recurrence's ``scan`` (matmul,
+        elementwise) and B·N·``per_token`` elementwise (norms, gates, feature maps)."""
+        scans = 1 if causal or self.options.direction == "causal" else 2
+        matmul, elementwise = scan
+        return Flops(matmul=2 * batch * n * weights + scans * (2 * batch * n * convolved
+                                                               + batch * self.num_heads * matmul),
+                     elementwise=scans * (batch * self.num_heads * elementwise + batch * n * per_token))
 
     # ---- kernels ----------------------------------------------------------------------------
     def fla_limit(self) -> str | None:
@@ -371,3 +386,34 @@ class RecurrentMixer(Mechanism):
             return f"{form}; fla's kernel not used: {why}"
         static = fla_kernels.static_problem()  # what a CUDA machine with this install would also hit
         return f"{form}; on CUDA too: {static}" if static else form
+
+
+class QKVMixer(RecurrentMixer):
+    """The layer fla's retention, GLA and gated DeltaNet share: q, k (C·expand_k channels), v and an
+    output gate (C·expand_v) projected from x, short convolutions on q, k and v when ``conv`` > 0, and
+    out = W_o [RMSNorm_head(o) ⊙ SiLU(x W_g)]. A subclass adds its decay (its own layers after these),
+    ``project``, ``inputs`` and fla's kernel; its options hold expand_k, expand_v, conv and eps."""
+
+    def __init__(self, dim: int, num_heads: int, options: Any = None) -> None:
+        super().__init__(dim, num_heads, options)
+        o = self.options
+        self.key_dim = expanded(dim, o.expand_k, num_heads, self.name, "expand_k")
+        self.value_dim = expanded(dim, o.expand_v, num_heads, self.name, "expand_v")
+        self.dk, self.dv = self.key_dim // num_heads, self.value_dim // num_heads
+        self.q_proj = nn.Linear(dim, self.key_dim, bias=False)
+        self.k_proj = nn.Linear(dim, self.key_dim, bias=False)
+        self.v_proj = nn.Linear(dim, self.value_dim, bias=False)
+        self.g_proj = nn.Linear(dim, self.value_dim, bias=False)  # the output gate
+        widths = (self.key_dim, self.key_dim, self.value_dim)
+        self.convs = nn.ModuleList(ShortConv(width, o.conv) for width in widths) if o.conv else None
+        self.norm = GatedRMSNorm(self.dv, o.eps)
+        self.o_proj = nn.Linear(self.value_dim, dim, bias=False)
+
+    def short_convs(self) -> dict[str, nn.Conv1d]:
+        return {} if self.convs is None else {name: c.conv for name, c in zip("qkv", self.convs, strict=True)}
+
+    def read_out(self, o: Tensor, gate: Tensor) -> Tensor:
+        return self.norm(o, self.split_heads(gate)).flatten(2)
+
+    def state_size(self) -> tuple[int, int]:
+        return self.dk, self.dv

@@ -18,19 +18,12 @@ from __future__ import annotations
 import dataclasses
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from attnbench.mechanism import Flops, Grid, option, require
 from attnbench.registry import register_mechanism
 from mechanisms import chunked, fla_kernels
-from mechanisms.recurrent import (
-    GatedRMSNorm,
-    Recurrence,
-    RecurrentMixer,
-    RecurrentOptions,
-    ShortConv,
-    expanded,
-)
+from mechanisms.recurrent import QKVMixer, Recurrence, RecurrentOptions
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,7 +57,7 @@ def rotary(x: Tensor, start: int | Tensor = 0) -> Tensor:
 
 
 @register_mechanism
-class RetNet(RecurrentMixer):
+class RetNet(QKVMixer):
     name = "retnet"
     summary = "RetNet retention: fixed per-head decay, rotary q/k, gated RMSNorm (fla's layer)"
     Options = RetNetOptions
@@ -77,41 +70,18 @@ class RetNet(RecurrentMixer):
 
     def __init__(self, dim: int, num_heads: int, options: RetNetOptions | None = None) -> None:
         super().__init__(dim, num_heads, options)
-        o = self.options
-        self.key_dim = expanded(dim, o.expand_k, num_heads, self.name, "expand_k")
-        self.value_dim = expanded(dim, o.expand_v, num_heads, self.name, "expand_v")
-        self.dk, self.dv = self.key_dim // num_heads, self.value_dim // num_heads
         require(self.dk % 2 == 0,
                 f"{self.name}: the rotary positions need an even key width per head; expand_k="
-                f"{o.expand_k:g} gives {self.dk} (dim={dim}, num_heads={num_heads})")
-        self.q_proj = nn.Linear(dim, self.key_dim, bias=False)
-        self.k_proj = nn.Linear(dim, self.key_dim, bias=False)
-        self.v_proj = nn.Linear(dim, self.value_dim, bias=False)
-        self.g_proj = nn.Linear(dim, self.value_dim, bias=False)
-        self.convs = nn.ModuleList(ShortConv(width, o.conv) for width in (self.key_dim, self.key_dim,
-                                                                         self.value_dim)) if o.conv else None
-        self.norm = GatedRMSNorm(self.dv, o.eps)
-        self.o_proj = nn.Linear(self.value_dim, dim, bias=False)
+                f"{self.options.expand_k:g} gives {self.dk} (dim={dim}, num_heads={num_heads})")
 
     def project(self, x: Tensor) -> tuple[Tensor, ...]:
         return self.q_proj(x), self.k_proj(x), self.v_proj(x), self.g_proj(x)
 
-    def short_convs(self) -> dict[str, nn.Conv1d]:
-        return {} if self.convs is None else {name: c.conv for name, c in zip("qkv", self.convs, strict=True)}
-
     def inputs(self, q: Tensor, k: Tensor, v: Tensor, gate: Tensor,
                start: int | Tensor = 0) -> tuple[Recurrence, tuple[Tensor, ...]]:
-        b, n, _ = q.shape
-        h = self.num_heads
-        q, k = rotary(q.view(b, n, h, self.dk), start), rotary(k.view(b, n, h, self.dk), start)
-        g = log_decays(h, q.device).to(q.dtype).expand(b, n, h)  # (B, N, H)
-        return Recurrence(q, k, v.view(b, n, h, self.dv), g, scale=self.dk**-0.5), (gate,)
-
-    def read_out(self, o: Tensor, gate: Tensor) -> Tensor:
-        return self.norm(o, gate.view(o.shape)).flatten(2)
-
-    def state_size(self) -> tuple[int, int]:
-        return self.dk, self.dv
+        q, k = rotary(self.split_heads(q), start), rotary(self.split_heads(k), start)
+        g = log_decays(self.num_heads, q.device).to(q.dtype).expand(q.shape[:3])  # (B, N, H)
+        return Recurrence(q, k, self.split_heads(v), g, scale=self.dk**-0.5), (gate,)
 
     def fla_recur(self, rec: Recurrence, final_state: bool) -> tuple[Tensor, Tensor | None]:
         # fla's retention kernel applies the same fixed decays γ_h itself
@@ -119,12 +89,7 @@ class RetNet(RecurrentMixer):
                                                output_final_state=final_state)
 
     def flops(self, batch: int, n: int, grid: Grid | None = None, causal: bool = False) -> Flops:
-        o, c = self.options, self.dim
-        matmul, elementwise = chunked.decay_attention_flops(n, self.dk, self.dv, o.chunk)
-        scans = self.scans(causal)
-        projections = 2 * batch * n * c * (2 * self.key_dim + 3 * self.value_dim)
-        convs = 2 * scans * batch * n * o.conv * (2 * self.key_dim + self.value_dim)
-        return Flops(matmul=projections + convs + scans * batch * self.num_heads * matmul,
-                     elementwise=scans * (batch * self.num_heads * elementwise
-                                          + batch * n * (8 * self.value_dim + 6 * self.key_dim)))
-
+        o, k, v = self.options, self.key_dim, self.value_dim
+        scan = chunked.decay_attention_flops(n, self.dk, self.dv, o.chunk)
+        return self.call_flops(batch, n, causal, scan, weights=self.dim * (2 * k + 3 * v),
+                               convolved=o.conv * (2 * k + v), per_token=8 * v + 6 * k)

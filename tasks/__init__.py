@@ -8,5 +8,5 @@ tasks share: the training harness with the one epoch loop (``harness.py``, ``tra
 cache the embedded sets are written to.
 
 Nothing imports this package by name: each task is an entry point of the group
-``attnbench.tasks`` in attnbench's ``pyproject.toml``, as a third-party task would be.
+``attnbench.task`` in attnbench's ``pyproject.toml``, as a third-party task would be.
 """

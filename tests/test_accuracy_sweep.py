@@ -20,14 +20,14 @@ import matplotlib.pyplot as plt
 import pandas as pd
 import pytest
 
-from attnbench import OptionError, registry, tasks
+from attnbench import OptionError, registry
 from attnbench.cli import main
 from attnbench.options import parse_mechanism_options, split_label, variants
 from attnbench.plots.accuracy import accuracy_against_n, frontier, pareto_front
 from attnbench.plots.style import layout_problems
 from attnbench.sweeps.accuracy import breaking_lengths
 from attnbench.sweeps.kernel import SweepConfig, finish, run_sweep
-from attnbench.tasks import ACCURACY, SweepScore
+from attnbench.task import ACCURACY, TASKS, SweepScore, task_names
 
 FAULTY = str(Path(__file__).with_name("faulty_mechanisms.py"))  # loaded with --load, never imported
 FAKE = textwrap.dedent('''
@@ -83,10 +83,8 @@ def fake(tmp_path):
     registry.load_module(str(path))
     registry.load_module(FAULTY)
     yield ["--load", str(path), "--load", FAULTY]
-    tasks._TASKS.pop("fake_recall", None)
-    for name, cls in list(registry._REGISTRY.items()):
-        if cls.__module__ == "faulty_mechanisms":
-            registry._REGISTRY.pop(name)
+    TASKS.unregister("fake_recall")
+    registry.MECHANISMS.unregister_module("faulty_mechanisms")
 
 
 # ---- variants ---------------------------------------------------------------------------------
@@ -340,7 +338,7 @@ def test_accuracy_sweep_usage_errors(fake, argv, message, capsys):
 
 def test_mqar_end_to_end_in_a_few_steps(tmp_path, capsys):
     """The real thing, cut short: two mechanisms, two tiny lengths, smoke-run limits passed through."""
-    assert "mqar" in tasks.task_names()  # a built-in entry point: missing means a stale install
+    assert "mqar" in task_names()  # a built-in entry point: missing means a stale install
     out = tmp_path / "mqar"
     assert main(["scale", "--task", "mqar", "--mechanism", "softmax,linear", "--seq", "64,128",
                  "--seeds", "0", "--threads", "1", "--out", str(out),

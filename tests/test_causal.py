@@ -150,9 +150,7 @@ def test_causal_is_for_sequences():
 def faulty():
     registry.load_module(FAULTY)
     yield FAULTY
-    for name, cls in list(registry._REGISTRY.items()):
-        if cls.__module__ == "faulty_mechanisms":
-            registry._REGISTRY.pop(name)
+    registry.MECHANISMS.unregister_module("faulty_mechanisms")
 
 
 @pytest.mark.parametrize("padded", [False, True], ids=["unpadded", "padded"])

@@ -72,17 +72,20 @@ def test_user_errors_exit_2_with_a_clear_message(argv, message, capsys):
 
 
 def test_unavailable_task_says_why_and_fails(capsys, monkeypatch):
-    from attnbench import tasks
+    from attnbench.task import TASKS, Task, register_task
 
-    class Missing(tasks.Task):
+    class Missing(Task):
         name = "needs-a-package"
 
         @classmethod
         def unavailable_reason(cls) -> str | None:
             return "the package it needs is not installed"
 
-    monkeypatch.setitem(tasks._TASKS, Missing.name, Missing)
-    assert main(["run", "--mechanism", "softmax", "--task", "needs-a-package"]) == 1
+    register_task(Missing)
+    try:
+        assert main(["run", "--mechanism", "softmax", "--task", "needs-a-package"]) == 1
+    finally:
+        TASKS.unregister(Missing.name)
     assert "the package it needs is not installed" in capsys.readouterr().err
 
 

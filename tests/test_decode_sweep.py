@@ -42,7 +42,7 @@ def prefill_hog(tmp_path):
     path.write_text(PREFILL_HOG)
     registry.load_module(str(path))
     yield str(path)
-    registry._REGISTRY.pop("prefill_hog", None)
+    registry.MECHANISMS.unregister("prefill_hog")
 
 
 def decode_config(mechanisms, seq=(16, 32), **kw):

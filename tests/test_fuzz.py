@@ -43,7 +43,7 @@ from attnbench.cli import report as report_command
 from attnbench.cli import resolution as resolution_command
 from attnbench.cli import scale as scale_command
 from attnbench.sweeps import accuracy
-from attnbench.tasks import get_task, model_table_tasks, task_names
+from attnbench.task import get_task, model_table_tasks, task_names
 from attnbench.validate import Number, PathCheck
 from tasks.common.harness import TrainingTask
 

@@ -18,12 +18,13 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from attnbench import registry, tasks
+from attnbench import registry
 from attnbench.cli import main
 from attnbench.sweeps.accuracy import RUN_KEY
 from attnbench.sweeps.base import SweepError
 from attnbench.sweeps.launchers import Slot, local_slots, usable_cores
 from attnbench.sweeps.points import pin
+from attnbench.task import TASKS
 from tests.test_interrupt import WAIT_S, Command, interrupted_line, wait_until_gone
 
 FAKE = str(Path(__file__).with_name("fake_sweep_task.py"))  # loaded with --load, never imported
@@ -43,7 +44,7 @@ def fake():
     registry.load_module(FAKE)
     yield ["--load", FAKE]
     for name in ("fake_tuned", "fake_plain"):
-        tasks._TASKS.pop(name, None)
+        TASKS.unregister(name)
 
 
 @pytest.fixture

@@ -48,7 +48,7 @@ def test_the_readme_mechanism_example_runs_and_conforms():
         assert all(p.grad is not None for p in m.parameters())
         assert m.flops(3, 5).matmul == 2 * 3 * 16 * 16
     finally:
-        registry._REGISTRY.pop("mean", None)
+        registry.MECHANISMS.unregister("mean")
         sys.modules.pop(module.__name__, None)
 
 
@@ -59,8 +59,8 @@ def test_the_readme_task_example_runs_through_the_harness(tmp_path):
 
     import pandas as pd
 
-    from attnbench import tasks
     from attnbench.cli import main
+    from attnbench.task import TASKS, task_names
 
     text = (ROOT / "docs" / "extending.md").read_text()
     section = text.split("## Adding a task", 1)[1]
@@ -69,7 +69,7 @@ def test_the_readme_task_example_runs_through_the_harness(tmp_path):
     sys.modules[module.__name__] = module
     try:
         exec(compile(code, "docs/extending.md", "exec"), module.__dict__)
-        assert "majority" in tasks.task_names()
+        assert "majority" in task_names()
         argv = ["run", "--task", "majority", "--mechanism", "softmax", "--out", str(tmp_path / "run"),
                 "--results", str(tmp_path / "majority.csv")]
         assert main(argv) == 0
@@ -78,6 +78,6 @@ def test_the_readme_task_example_runs_through_the_harness(tmp_path):
         assert row["status"] == "ok" and row["accuracy"] > 60 and not row["limited"]  # chance: 50 %
         assert (tmp_path / "run" / "checkpoint.pt").is_file() and (tmp_path / "run" / "history.csv").is_file()
     finally:
-        tasks._TASKS.pop("majority", None)
+        TASKS.unregister("majority")
         sys.modules.pop(module.__name__, None)
 

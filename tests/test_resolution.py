@@ -15,7 +15,7 @@ from attnbench.sweeps.resolution import ProbeConfig, ResolutionError, probe, sid
 # and raises a plain error at 96 px, so both failure kinds are exercised.
 FAKE_TASK = textwrap.dedent('''
     import torch
-    from attnbench.tasks import Task, register_task
+    from attnbench.task import Task, register_task
 
     @register_task
     class FakeDense(Task):
@@ -100,7 +100,7 @@ def test_bad_requests_are_clear_errors(fake_task, tmp_path, capsys):
 
 @pytest.mark.parametrize("task", ["coco", "ade20k"])
 def test_dense_tasks_offer_a_training_step(task):
-    from attnbench.tasks import get_task, resolution_tasks
+    from attnbench.task import get_task, resolution_tasks
 
     assert task in resolution_tasks()
     cls = get_task(task)

@@ -20,10 +20,10 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from attnbench import tasks
 from attnbench.results import tables as results
 from attnbench.results.aggregate import aggregate, config_columns, format_spread
 from attnbench.sweeps.kernel import default_out_dir
+from attnbench.task import TASKS, Task, get_task, register_task
 from tests.test_readme import readme_commands
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -182,7 +182,7 @@ def test_config_columns_are_the_settings_not_the_measurements():
         aggregate(table, ["top1"], [*columns, "glue_task"])
 
 
-class PluginTask(tasks.Task):
+class PluginTask(Task):
     """A third-party task with a setting of its own, declared on the task alone: the engine is untouched."""
 
     name = "plugin-heads"
@@ -191,9 +191,9 @@ class PluginTask(tasks.Task):
 
 @pytest.fixture
 def plugin_task():
-    tasks.register_task(PluginTask)
+    register_task(PluginTask)
     yield PluginTask.name
-    tasks._TASKS.pop(PluginTask.name, None)
+    TASKS.unregister(PluginTask.name)
 
 
 def test_a_plugin_task_declares_its_own_configuration_columns(plugin_task):
@@ -207,7 +207,7 @@ def test_a_plugin_task_declares_its_own_configuration_columns(plugin_task):
 
 @pytest.mark.parametrize("name", ["imagenet", "coco", "ade20k", "glue", "mqar", "listops", "seqimage"])
 def test_each_built_in_task_declares_settings_its_table_holds(name):
-    task = tasks.get_task(name)
+    task = get_task(name)
     assert task.config_columns and [c for c in task.config_columns if c not in task.columns] == []
     table = pd.DataFrame([dict.fromkeys(task.columns)]).assign(task=name)
     assert config_columns(table)[-len(task.config_columns):] == list(task.config_columns)

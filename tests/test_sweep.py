@@ -81,9 +81,7 @@ KNOWN = textwrap.dedent('''
 def faulty():
     registry.load_module(FAULTY)
     yield FAULTY
-    for name, cls in list(registry._REGISTRY.items()):
-        if cls.__module__ == "faulty_mechanisms":
-            registry._REGISTRY.pop(name)
+    registry.MECHANISMS.unregister_module("faulty_mechanisms")
 
 
 @pytest.fixture
@@ -93,7 +91,7 @@ def known(tmp_path):
     registry.load_module(str(path))
     yield str(path)
     for name in ("known_linear", "known_quadratic"):
-        registry._REGISTRY.pop(name, None)
+        registry.MECHANISMS.unregister(name)
 
 
 def small_config(mechanisms, seq=(16, 32), **kw):

@@ -12,10 +12,11 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from attnbench import registry, tasks
+from attnbench import registry
 from attnbench.cli import main
 from attnbench.sweeps.base import SweepError
 from attnbench.sweeps.tuning import label, parse_values, run_suffix, select, tuned_view
+from attnbench.task import TASKS
 
 FAKE = str(Path(__file__).with_name("fake_sweep_task.py"))  # loaded with --load, never imported
 
@@ -25,7 +26,7 @@ def fake():
     registry.load_module(FAKE)
     yield ["--load", FAKE]
     for name in ("fake_tuned", "fake_plain"):
-        tasks._TASKS.pop(name, None)
+        TASKS.unregister(name)
 
 
 def scale(fake, out: Path, *extra: str) -> pd.DataFrame:

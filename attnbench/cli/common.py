@@ -13,14 +13,16 @@ from pathlib import Path
 
 import torch
 
+from attnbench import registry
 from attnbench.interrupt import Interrupted, interrupts
-from attnbench.registry import OptionError, UnknownMechanismError
-from attnbench.results.run_record import resumed_argv
+from attnbench.registry import LoadError, OptionError, UnknownMechanismError
+from attnbench.results.run_record import recorded_loads, resumed_argv
 from attnbench.results.tables import ResultsError
 from attnbench.sweeps.base import SweepError
-from attnbench.tasks import TaskError, UnknownTaskError, task_names
+from attnbench.task import TaskError, UnknownTaskError, task_names
 
 MAX_MIB = 2.0**30  # a memory limit, MiB: 1 PiB
+LOADING = ("list", "run", "models", "scale", "resolution")  # the commands that build a mechanism or task
 
 
 class UsageError(Exception):
@@ -33,6 +35,11 @@ def add_opt_argument(parser: argparse.ArgumentParser, axes: bool = False) -> Non
                         help=f"a mechanism option, e.g. --opt set.m=32 (repeatable){swept}; "
                              "`attnbench list --mechanism NAME` shows a mechanism's options")
 
+
+def add_load_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--load", action="append", default=[], metavar="MODULE",
+                        help="import a module or .py file that registers extra mechanisms or tasks "
+                             "(repeatable)")
 
 
 def requested_task(argv: Sequence[str]) -> str | None:
@@ -93,7 +100,6 @@ def memory_limit(given: float | None) -> float | None:
     return limit
 
 
-Build = Callable[[str | None], argparse.ArgumentParser]  # a parser, with a task's own options to ``run``
 Build = Callable[[str | None], argparse.ArgumentParser]  # a parser; a task named adds its options to run
 ERRORS = (UsageError, UnknownMechanismError, UnknownTaskError, OptionError, SweepError, TaskError,
           ResultsError)
@@ -101,14 +107,50 @@ ERRORS = (UsageError, UnknownMechanismError, UnknownTaskError, OptionError, Swee
 
 def _command(argv: Sequence[str] | None, build: Build) -> int:
     """Parse the command line and run its command; a user's mistake is one line and exit 2."""
-    words = resumed_argv(sys.argv[1:] if argv is None else list(argv), build)  # run --resume DIR
+    given = sys.argv[1:] if argv is None else list(argv)
+    loaded: set[str] = set()  # --load: before any parser, as the tasks it adds bring options of their own
+    _load_plugins(given[0] if given else "", [*_requested_loads(given), *recorded_loads(given)], loaded)
+    words = resumed_argv(given, build)  # run --resume DIR
     parser = build(requested_task(words))
     args = parser.parse_args(words)
     torch.set_printoptions(precision=4)
     try:
+        if args.command in LOADING:  # an abbreviated --loa, which the scan above missed; then the paths
+            _load_plugins(args.command, args.load, loaded)  # as other processes (and a resume) load them
+            args.load = [registry.plugin_spec(spec) for spec in args.load]
         return args.func(args)
     except ERRORS as exc:
         parser.exit(2, f"attnbench {args.command}: error: {exc}\n")
+
+
+def _requested_loads(words: Sequence[str]) -> list[str]:
+    """The modules ``--load`` names in a command line that takes it, read before its parser is built."""
+    if not words or words[0] not in LOADING:
+        return []
+    specs = []
+    for i, word in enumerate(words):
+        if word == "--":  # the task's own arguments follow (scale --task T -- …)
+            break
+        if word == "--load" and i + 1 < len(words):
+            specs.append(words[i + 1])
+        elif word.startswith("--load="):
+            specs.append(word.partition("=")[2])
+    return specs
+
+
+def _load_plugins(command: str, specs: Sequence[str], loaded: set[str]) -> None:
+    """Import the ``--load`` modules that ``loaded`` does not hold yet (adding them): the tasks they
+    register are then choices of ``run --task``, with their own options. One that fails to import
+    is one line and exit 2."""
+    for spec in specs:
+        if registry.plugin_spec(spec) in loaded:
+            continue
+        try:
+            registry.load_module(spec)
+        except LoadError as exc:
+            print(f"attnbench {command}: error: {exc}", file=sys.stderr)
+            raise SystemExit(2) from None
+        loaded.add(registry.plugin_spec(spec))
 
 
 def execute(argv: Sequence[str] | None, build: Build) -> int:

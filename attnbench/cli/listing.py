@@ -9,8 +9,8 @@ import typing
 import torch
 
 from attnbench import registry
-from attnbench.cli.common import print_table
-from attnbench.tasks import broken_tasks, get_task, task_names
+from attnbench.cli.common import add_load_argument, print_table
+from attnbench.task import broken_tasks, get_task, task_names
 from attnbench.validate import nonempty
 
 
@@ -22,6 +22,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--mechanism", type=nonempty, help="show one mechanism in full (options, FLOP formula)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                    help="device to check availability on (default auto: cuda where torch sees a GPU)")
+    add_load_argument(p)
     p.set_defaults(func=cmd_list)
 
 

@@ -7,9 +7,9 @@ import argparse
 import pandas as pd
 
 from attnbench import registry
-from attnbench.cli.common import UsageError, pick, print_table
+from attnbench.cli.common import UsageError, add_load_argument, pick, print_table
 from attnbench.results.tables import write_table
-from attnbench.tasks import get_task, model_table_tasks
+from attnbench.task import get_task, model_table_tasks
 from attnbench.validate import int_in, nonempty, output_file
 
 
@@ -30,6 +30,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--task", default="imagenet", type=nonempty,
                    help="the task whose model is built (default imagenet: the SeTformer classifier)")
     p.add_argument("--csv", type=output_file, default=None, help="also write the table to this CSV file")
+    add_load_argument(p)
     p.set_defaults(func=cmd_models)
 
 

@@ -18,7 +18,7 @@ from attnbench.sweeps import accuracy
 from attnbench.sweeps.base import MAX_N
 from attnbench.sweeps.kernel import finish
 from attnbench.sweeps.resolution import read_probe
-from attnbench.tasks import finished_runs
+from attnbench.task import finished_runs
 from attnbench.validate import existing_dir, int_in
 
 

@@ -9,13 +9,19 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from attnbench import registry
-from attnbench.cli.common import MAX_MIB, UsageError, add_opt_argument, device_of, memory_limit
+from attnbench.cli.common import (
+    MAX_MIB,
+    UsageError,
+    add_load_argument,
+    add_opt_argument,
+    device_of,
+    memory_limit,
+)
 from attnbench.options import parse_mechanism_options
 from attnbench.results.tables import new_run_dir
 from attnbench.sweeps.base import parse_mechanisms
 from attnbench.sweeps.resolution import ProbeConfig, check_probe_out, probe, recorded_probe
-from attnbench.tasks import get_task, resolution_tasks
+from attnbench.task import get_task, resolution_tasks
 from attnbench.validate import MAX_SECONDS, MAX_THREADS, float_in, int_in, nonempty, output_dir
 
 
@@ -53,14 +59,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", action="store_true",
                    help="continue the probe in --out: sides already in its resolution.csv are not measured "
                         "again (the settings must match; the memory limit defaults to the recorded one)")
-    p.add_argument("--load", action="append", default=[], metavar="MODULE",
-                   help="import a module or .py file that registers extra tasks or mechanisms (repeatable)")
+    add_load_argument(p)
     p.set_defaults(func=cmd_resolution)
 
 
 def cmd_resolution(args: argparse.Namespace) -> int:
-    for spec in args.load:
-        registry.load_module(spec)
     get_task(args.task)  # unknown names raise with the valid choices
     probed = resolution_tasks()
     if args.task not in probed:

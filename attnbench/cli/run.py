@@ -8,10 +8,10 @@ import sys
 from collections.abc import Sequence
 
 from attnbench import registry
-from attnbench.cli.common import UsageError, add_opt_argument, execute
+from attnbench.cli.common import UsageError, add_load_argument, add_opt_argument, execute
 from attnbench.options import parse_mechanism_options
 from attnbench.results.run_record import finished_table, held_run, run_folder
-from attnbench.tasks import get_task, task_names
+from attnbench.task import get_task, task_names
 from attnbench.validate import Once, Parser, nonempty, one_of
 
 
@@ -26,6 +26,7 @@ def add_parser(sub: argparse._SubParsersAction, task: str | None = None) -> None
     p.add_argument("--task", required=True, type=one_of(task_names, "task"), action=Once,
                    help="task name (see `list`)")
     add_opt_argument(p)
+    add_load_argument(p)
     if task is not None:
         get_task(task).add_arguments(p)
     p.set_defaults(func=cmd_run)

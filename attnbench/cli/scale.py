@@ -9,8 +9,14 @@ from pathlib import Path
 
 import torch
 
-from attnbench import registry
-from attnbench.cli.common import MAX_MIB, UsageError, add_opt_argument, device_of, memory_limit
+from attnbench.cli.common import (
+    MAX_MIB,
+    UsageError,
+    add_load_argument,
+    add_opt_argument,
+    device_of,
+    memory_limit,
+)
 from attnbench.cli.run import run_alone
 from attnbench.measure.probe import default_threads
 from attnbench.options import parse_mechanism_options
@@ -29,7 +35,7 @@ from attnbench.sweeps.kernel import (
 )
 from attnbench.sweeps.points import point_limit, points
 from attnbench.sweeps.tuning import parse_values
-from attnbench.tasks import sweep_tasks
+from attnbench.task import sweep_tasks
 from attnbench.validate import (
     MAX_SECONDS,
     MAX_THREADS,
@@ -135,8 +141,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "(with --task: accuracy differences per point)")
     p.add_argument("--fit-min-n", type=int_in(1, MAX_N), default=1024,
                    help="fit exponents over n >= this (small n measure overheads; default 1024)")
-    p.add_argument("--load", action="append", default=[], metavar="MODULE",
-                   help="import a module or .py file that registers extra mechanisms or tasks (repeatable)")
+    add_load_argument(p)
     p.add_argument("--compile", action="store_true",
                    help="run each mechanism under torch.compile (compile time recorded apart; default eager)")
     p.add_argument("--rounds", type=int_in(1, 100), default=3,
@@ -154,8 +159,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_scale(args: argparse.Namespace) -> int:
-    for spec in args.load:
-        registry.load_module(spec)
     if args.task is not None:
         return _accuracy_sweep(args)
     for flag, given in (("--seeds", args.seeds is not None), ("--time-budget", args.time_budget is not None),

@@ -1,7 +1,7 @@
 """The accuracy sweep's plots (``attnbench scale --task``), in the project's conventions
 (``attnbench.plots.style``): accuracy against n per mechanism variant, and at each n accuracy against
 its cost (time per training step, peak memory) with the Pareto front. What is drawn is the task's
-score (``attnbench.tasks.SweepScore``): accuracy from chance up, or a language model's perplexity,
+score (``attnbench.task.SweepScore``): accuracy from chance up, or a language model's perplexity,
 lower is better, on a log axis with a unigram model's beside it.
 
 Means are over distinct seeds (``attnbench.results.aggregate.sweep_stats``), error bars their
@@ -42,7 +42,7 @@ from attnbench.plots.style import (
     wrap,
 )
 from attnbench.results.aggregate import baseline_of, failures, sweep_stats
-from attnbench.tasks import ACCURACY, SweepScore
+from attnbench.task import ACCURACY, SweepScore
 
 FRONTIER_COLUMNS = 4  # panels per row of a frontier figure: one per n
 FRONT = {"color": "0.45", "lw": 1.2, "ls": "-", "marker": "o", "ms": 14, "mfc": "none", "mec": "0.6"}

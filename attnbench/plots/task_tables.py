@@ -27,7 +27,7 @@ from attnbench.plots.style import (
     wrap,
 )
 from attnbench.results.aggregate import seed_stats
-from attnbench.tasks import UnknownTaskError, get_task
+from attnbench.task import UnknownTaskError, get_task
 
 
 def chance(rows: pd.DataFrame) -> float:

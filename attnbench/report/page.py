@@ -63,7 +63,7 @@ from attnbench.sweeps.kernel import (
     read_sweep,
 )
 from attnbench.sweeps.resolution import read_probe
-from attnbench.tasks import UnknownTaskError, finished_runs, get_task
+from attnbench.task import UnknownTaskError, finished_runs, get_task
 
 
 class ReportError(ValueError):

@@ -12,7 +12,7 @@ from typing import Any
 import pandas as pd
 
 from attnbench.results.tables import SEED_COLUMN
-from attnbench.tasks import ACCURACY, SweepScore, UnknownTaskError, get_task
+from attnbench.task import ACCURACY, SweepScore, UnknownTaskError, get_task
 
 # what a variant is judged against: softmax, else sdpa (the same maths, fused), where measured
 BASELINES = ("softmax", "sdpa")
@@ -72,7 +72,7 @@ def aggregate(table: pd.DataFrame, metrics: Sequence[str],
     ``table``: rows as the harness writes them (one per run); rows whose ``status`` is not ``ok``
     are left out (a failed run is no seed). Limited runs are kept but, ``limited`` being a
     configuration column, never pooled with full ones: pass ``finished_runs(table)``
-    (``attnbench.tasks``) to leave them out, as plots do unless ``--include-limited``.
+    (``attnbench.task``) to leave them out, as plots do unless ``--include-limited``.
     ``metrics``: the numeric columns to summarise (``top1``, ``gflops``, ``train_img_s``, …).
     ``config``: the columns that define a configuration; default ``config_columns(table)`` (task,
     data set, mechanism, size, epochs, options, limits, batch, device, the task's own settings).

@@ -15,15 +15,16 @@ from pathlib import Path
 from typing import Any
 
 from attnbench.results.tables import ResultsError, read_meta, write_meta
-from attnbench.tasks import task_names
+from attnbench.task import task_names
 
 SETTINGS = "settings"  # the key in meta.json and checkpoint.pt
 ROW_IN = "row_in"  # meta.json: the table holding the finished run's row
 # Not settings: the subcommand and its function, what the CLI derives, and where the run is
 # (--resume names the folder; --out is that folder).
 NOT_SETTINGS = frozenset({"command", "func", "mechanism_options", "resume", "out"})
-# Where the row goes may be chosen anew on resume; everything else must match the record.
-OVERRIDABLE = frozenset({"results"})
+# Where the row goes, and the plug-ins that are loaded, may be chosen anew on resume; everything else
+# must match the record.
+OVERRIDABLE = frozenset({"results", "load"})
 _UNRECORDABLE = object()  # a value JSON cannot hold: left out of the record
 
 
@@ -150,6 +151,19 @@ def resumed_argv(argv: list[str], build: Callable[[str | None], argparse.Argumen
         else:
             tokens.append(f"{flag}={recorded}")
     return [*argv, *tokens]
+
+
+def recorded_loads(argv: list[str]) -> list[str]:
+    """The ``--load`` modules recorded by the run that ``run … --resume PATH`` continues, for the CLI to
+    import before it reads the record (its task may be one of them); none for any other command line,
+    or a folder without a readable record (``resumed_argv`` then says what is wrong)."""
+    resume = flag_value(argv, "--resume") if argv[:1] == ["run"] else None
+    try:
+        settings = recorded_settings(Path(resume).expanduser()) if resume else None
+    except ResultsError:
+        return []
+    loads = settings.get("load") if settings else None
+    return [str(spec) for spec in loads] if isinstance(loads, list) else []
 
 
 def flag_value(argv: list[str], flag: str) -> str | None:

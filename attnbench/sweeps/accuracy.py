@@ -17,7 +17,7 @@ breaking length: the smallest n at which its mean accuracy over seeds falls more
 ``MARGIN`` points below softmax's, or sdpa's), the plots (``attnbench.plots.accuracy``), and ``points/``: each
 point's run folder and log. The engine sees the task only through the task registry.
 
-What is judged is the task's ``sweep_score`` (``attnbench.tasks.SweepScore``, recorded in meta.json):
+What is judged is the task's ``sweep_score`` (``attnbench.task.SweepScore``, recorded in meta.json):
 accuracy, higher is better, for most tasks; a language model's perplexity, lower is better, broken
 where it rises more than 10 % above the baseline's at the same n.
 """
@@ -61,7 +61,7 @@ from attnbench.sweeps.tuning import (
     tuned_view,
     value_text,
 )
-from attnbench.tasks import ACCURACY, SweepScore, UnknownTaskError, get_task, sweep_tasks
+from attnbench.task import ACCURACY, SweepScore, UnknownTaskError, get_task, sweep_tasks
 
 MARGIN = ACCURACY.margin  # points of accuracy below the baseline at which a variant counts as broken
 # (a task's other columns follow these: a language model's perplexity, say)

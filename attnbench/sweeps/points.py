@@ -28,7 +28,7 @@ from attnbench.plots.style import slug
 from attnbench.results.tables import read_table, run_context
 from attnbench.sweeps.base import SweepError
 from attnbench.sweeps.tuning import combinations, run_suffix, value_text
-from attnbench.tasks import ACCURACY, SweepScore, flag_value
+from attnbench.task import ACCURACY, SweepScore, flag_value
 
 RunCommand = Callable[[Sequence[str]], int]  # ``attnbench run ARGV`` -> its exit status
 DEFAULT_LIMIT_S = 1800.0  # seconds a point may take (start, training, evaluation) under a step budget

@@ -31,7 +31,7 @@ from attnbench.results.tables import (
     write_table,
 )
 from attnbench.sweeps.base import SweepError, SweepFolder
-from attnbench.tasks import get_task
+from attnbench.task import get_task
 
 COLUMNS = ["task", "mechanism", "size", "side", "images", "status", "message", "step_ms", "img_s",
            "peak_mem_mib", "device", "threads", "memory_limit_mib", "budget_s", "options", "backend"]

@@ -14,7 +14,7 @@ import torch
 import torch.distributed as torch_dist
 from torch import Tensor
 
-from attnbench.tasks import TaskError
+from attnbench.task import TaskError
 
 
 @dataclasses.dataclass(frozen=True)

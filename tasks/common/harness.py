@@ -61,7 +61,7 @@ from attnbench.results.tables import (
     write_meta,
     write_table,
 )
-from attnbench.tasks import Task, TaskError, finished_runs
+from attnbench.task import Task, TaskError, finished_runs
 from attnbench.validate import (
     MAX_SECONDS,
     MAX_THREADS,
@@ -734,7 +734,7 @@ def worker_message(exc: BaseException) -> str | None:
     text = str(exc)
     if not (text.startswith("Caught ") and "\nOriginal Traceback" in text):
         return None
-    last = text.rstrip().splitlines()[-1]  # "attnbench.tasks.TaskError: <the message>"
+    last = text.rstrip().splitlines()[-1]  # "attnbench.task.TaskError: <the message>"
     name, colon, message = last.partition(": ")
     return message if colon and name.endswith(type(exc).__name__) else last
 

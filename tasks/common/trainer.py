@@ -27,7 +27,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
 from attnbench.results.tables import replacing
-from attnbench.tasks import TaskError
+from attnbench.task import TaskError
 from tasks.common.distributed import Dist, all_reduce
 
 AMP_CHOICES = ("auto", "off", "bf16", "fp16")

@@ -37,6 +37,4 @@ def causal_mechanisms() -> Iterator[str]:
 
     registry.load_module(str(CAUSAL))
     yield str(CAUSAL)
-    for name, cls in list(registry._REGISTRY.items()):
-        if cls.__module__ == CAUSAL.stem:
-            registry._REGISTRY.pop(name)
+    registry.MECHANISMS.unregister_module(CAUSAL.stem)

@@ -26,7 +26,7 @@ def test_bad_options_get_one_clear_line(extra, message, tiny, tmp_path, cli_erro
 
 
 def test_the_task_offers_the_resolution_probe_its_step():
-    from attnbench.tasks import get_task, resolution_tasks
+    from attnbench.task import get_task, resolution_tasks
 
     assert "coco" in resolution_tasks() and get_task("coco").train_side == 128
     step, images = get_task("coco").train_step("set", 64, "micro", {}, "cpu")

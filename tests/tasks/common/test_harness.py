@@ -9,9 +9,8 @@ import pandas as pd
 import pytest
 from torch import nn
 
-from attnbench import tasks
 from attnbench.cli import main
-from attnbench.tasks import finished_runs
+from attnbench.task import TASKS, finished_runs, register_task
 from tests.tasks.common.toy import Toy as RecordToy
 
 
@@ -29,9 +28,9 @@ class Toy(RecordToy):
 
 @pytest.fixture
 def toy():
-    tasks.register_task(Toy)
+    register_task(Toy)
     yield
-    tasks._TASKS.pop(Toy.name, None)
+    TASKS.unregister(Toy.name)
 
 
 def run(tmp_path, *extra: str) -> tuple[pd.Series, pd.DataFrame]:

@@ -10,8 +10,8 @@ import pandas as pd
 import pytest
 import torch
 
-from attnbench import tasks
 from attnbench.cli import main
+from attnbench.task import TASKS, register_task
 from tasks.common import sequence
 from tasks.common.harness import Data
 from tasks.common.sequence import IGNORE, SequenceSet, SequenceTask, padded
@@ -99,10 +99,10 @@ class ToyPerToken(Toy):
 @pytest.fixture
 def toys():
     for cls in (Toy, ToyPerToken):
-        tasks.register_task(cls)
+        register_task(cls)
     yield
     for cls in (Toy, ToyPerToken):
-        tasks._TASKS.pop(cls.name, None)
+        TASKS.unregister(cls.name)
 
 
 def run(tmp_path, task: str, *extra: str, mechanism: str = "softmax") -> pd.Series:

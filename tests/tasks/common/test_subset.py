@@ -12,8 +12,8 @@ import pytest
 import torch
 from torch.utils.data import TensorDataset
 
-from attnbench import tasks
 from attnbench.cli import main
+from attnbench.task import TASKS, register_task
 from tasks.common.harness import Data
 from tasks.common.subset import RANDOM, STRATIFIED, class_labels, smoke_subset, stratified_indices
 from tests.tasks.common.toy import Toy
@@ -91,10 +91,10 @@ class SortedToy(Toy):
 
 @pytest.fixture
 def sorted_toy():
-    tasks.register_task(SortedToy)
+    register_task(SortedToy)
     SortedToy.trained_on = set()
     yield
-    tasks._TASKS.pop(SortedToy.name, None)
+    TASKS.unregister(SortedToy.name)
 
 
 def test_a_smoke_run_on_class_sorted_data_sees_every_class_and_says_how(sorted_toy, tmp_path):

@@ -8,7 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from attnbench import build_mechanism, tasks
+from attnbench import build_mechanism
+from attnbench.task import TASKS, register_task
 from tasks.common.harness import Data, TrainingTask
 
 
@@ -44,6 +45,6 @@ class Toy(TrainingTask):
 
 @pytest.fixture
 def toy() -> Iterator[type[Toy]]:
-    tasks.register_task(Toy)
+    register_task(Toy)
     yield Toy
-    tasks._TASKS.pop(Toy.name, None)
+    TASKS.unregister(Toy.name)

@@ -12,7 +12,7 @@ import pytest
 
 from attnbench import Mechanism, get_mechanism, get_task
 from attnbench.cli import main
-from attnbench.tasks import flag_value
+from attnbench.task import flag_value
 from tasks.mqar import data
 from tasks.mqar.data import BLANK, FIRST_KEY, IGNORE, Layout
 

@@ -1,6 +1,6 @@
-"""The task registry: one decorator to register a task, looked up by name.
+"""The task contract (``Task``) and its registry: one decorator to register a task, looked up by name.
 
-Every task, built-in or third-party, is found through the ``attnbench.tasks`` entry-point
+Every task, built-in or third-party, is found through the ``attnbench.task`` entry-point
 group: the built-in ones (``tasks/imagenet``, ``tasks/coco``, …) are declared in attnbench's own
 ``pyproject.toml`` exactly as a plug-in package declares its own, so the engine never imports
 them by name. Tasks reach mechanisms only through the mechanism registry; the engine sees a
@@ -14,23 +14,16 @@ import dataclasses
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from attnbench.registry import NOT_INSTALLED, load_entry_points
+from attnbench.registry import Registry, UnknownNameError
 
 if TYPE_CHECKING:
     import pandas as pd
 
 ENTRY_POINT_GROUP = "attnbench.tasks"
 
-_TASKS: dict[str, type[Task]] = {}
-_BROKEN_TASKS: dict[str, str] = {}  # entry-point name -> why it failed to load
-_loaded = False
 
-
-class UnknownTaskError(KeyError):
+class UnknownTaskError(UnknownNameError):
     """A task name that is not registered; the message lists the valid names."""
-
-    def __str__(self) -> str:
-        return str(self.args[0])
 
 
 class TaskError(ValueError):
@@ -153,68 +146,43 @@ def flag_value(args: Sequence[str], flag: str) -> str | None:
     return value
 
 
+TASKS: Registry[type[Task]] = Registry("task", ENTRY_POINT_GROUP, UnknownTaskError)
+
+
 def register_task(cls: type[Task]) -> type[Task]:
     """Class decorator: add a ``Task`` subclass to the registry under ``cls.name``."""
-    name = getattr(cls, "name", None)
-    if not isinstance(name, str) or not name:
-        raise TypeError(f"{cls.__qualname__} needs a class attribute `name` to be registered")
-    old = _TASKS.get(name)
-    if old is not None and (old.__module__, old.__qualname__) != (cls.__module__, cls.__qualname__):
-        raise ValueError(f"task {name!r} is registered twice: {old.__module__} and {cls.__module__}")
-    _TASKS[name] = cls
-    return cls
-
-
-def _load_all() -> None:
-    """Load every task of the entry-point group, built-in and plug-in alike, once."""
-    global _loaded
-    if not _loaded:
-        _loaded = True
-        load_entry_points(ENTRY_POINT_GROUP, _BROKEN_TASKS)
-
-
-def reload_plugins() -> None:
-    """Forget what was loaded and discover again (for tests that install a plug-in)."""
-    global _loaded
-    _loaded = False
-    _BROKEN_TASKS.clear()
-    _load_all()
+    return TASKS.register(cls)
 
 
 def task_names() -> list[str]:
-    _load_all()
-    return sorted(_TASKS)
+    """Every registered task name, sorted."""
+    return TASKS.names()
 
 
 def broken_tasks() -> dict[str, str]:
     """Task plug-ins that failed to load, with the reason."""
-    _load_all()
-    return dict(_BROKEN_TASKS)
+    return TASKS.broken()
 
 
 def get_task(name: str) -> type[Task]:
-    _load_all()
-    try:
-        return _TASKS[name]
-    except KeyError:
-        raise UnknownTaskError(
-            f"unknown task {name!r}; valid choices: {', '.join(sorted(_TASKS)) or NOT_INSTALLED}") from None
+    """The registered class for ``name``; an unknown name lists the valid ones."""
+    return TASKS.get(name)
 
 
 def resolution_tasks() -> list[str]:
     """Tasks that offer ``train_step`` (image side matters for them): those with a ``train_side``."""
-    return [name for name in task_names() if _TASKS[name].train_side is not None]
+    return [name for name in task_names() if TASKS.get(name).train_side is not None]
 
 
 def sweep_tasks() -> list[str]:
     """Tasks with an accuracy sweep (``attnbench scale --task``): those with ``sweep_presets``."""
-    return [name for name in task_names() if _TASKS[name].sweep_presets]
+    return [name for name in task_names() if TASKS.get(name).sweep_presets]
 
 
 def model_table_tasks() -> list[str]:
     """Tasks that offer ``model_table`` (``attnbench models``)."""
     base = Task.model_table.__func__
-    return [name for name in task_names() if _TASKS[name].model_table.__func__ is not base]
+    return [name for name in task_names() if TASKS.get(name).model_table.__func__ is not base]
 
 
 # ---- what task runs write --------------------------------------------------------------------
