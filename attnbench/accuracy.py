@@ -54,11 +54,11 @@ from attnbench.results import (
     write_meta,
     write_table,
 )
+from attnbench.schema import stamp, stamped, upgrade_meta
 from attnbench.sweep import SweepError, parse_mechanisms, parse_seq
 from attnbench.tasks import ACCURACY, SweepScore, UnknownTaskError, flag_value, get_task, sweep_tasks
 from attnbench.tuning import (
     GRID,
-    NO_VALUE,
     combinations,
     mark_selected,
     run_suffix,
@@ -473,13 +473,14 @@ def describe(row: dict[str, Any], score: SweepScore = ACCURACY) -> str:
 def read_points(path: Path, columns: list[str] | None = None) -> pd.DataFrame:
     """A sweep's ``accuracy.csv``: the ``REQUIRED`` columns, n and seed numbers in every row and the
     accuracy in every ``ok`` one; a damaged table is a ``ResultsError`` naming it."""
-    return read_table(path, columns, required=REQUIRED, numbers=["seq_len", "seed"], ok_numbers=["accuracy"])
+    return read_table(path, columns, required=REQUIRED, numbers=["seq_len", "seed"], ok_numbers=["accuracy"],
+                      kind="accuracy")
 
 
 def _check_resume(cfg: AccuracyConfig, meta_path: Path, out: Path) -> None:
     """A resumed sweep must train as its folder did: same task, task arguments, budget, device and,
     for every mechanism in both, the same options."""
-    old = read_meta(meta_path).get("sweep", {})
+    old = upgrade_meta(read_meta(meta_path), "accuracy", str(meta_path)).get("sweep", {})
     mine = dataclasses.asdict(cfg)
     for key in SHARED:
         if key in old and old[key] != mine[key]:
@@ -522,14 +523,14 @@ def run_sweep(cfg: AccuracyConfig, out: Path, resume: bool, argv: list[str],
     score = task_score(cfg.task)
     meta.update(kind="accuracy", task=cfg.task, dtype=precision(cfg.args, cfg.device),
                 sweep=dataclasses.asdict(cfg), score=dataclasses.asdict(score))
+    stamp(meta, "accuracy")
     earlier = recorded.get("commands", []) if resume else []
     meta["commands"] = [*earlier, meta["command"]]
     write_meta(meta_path, meta)
-    done = read_points(csv, COLUMNS) if csv.exists() else read_table(csv, COLUMNS)
-    grid = {c: done[c].map(value_text) if c in done.columns else [NO_VALUE] * len(done) for c in GRID}
+    done = read_points(csv, COLUMNS) if csv.exists() else read_table(csv, COLUMNS, kind="accuracy")
+    grid = {c: done[c].map(value_text) for c in GRID}
     seen = {(str(v), int(n), int(s), lr, wd) for v, n, s, lr, wd in zip(
-        done.get("variant", []), done.get("seq_len", []), done.get("seed", []), grid["lr"],
-        grid["weight_decay"], strict=True)}
+        done["variant"], done["seq_len"], done["seed"], grid["lr"], grid["weight_decay"], strict=True)}
     todo = [p for p in points(cfg) if p.key not in seen]
     if seen:
         print(f"resuming: {len(seen)} points already in {csv} (failures too: delete a row to run it again), "
@@ -540,13 +541,13 @@ def run_sweep(cfg: AccuracyConfig, out: Path, resume: bool, argv: list[str],
         job = PointJob(cfg, out.resolve(), context(cfg))
         with contextlib.closing(launcher.run(todo, job, progress)) as finished:
             for point, row in finished:
-                append_row(csv, row, COLUMNS, then=mark_selected)
+                append_row(csv, stamped(row, "accuracy"), COLUMNS, then=mark_selected)
                 progress.report(point, row)
     except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM: the points cut short are killed, the rows stay
         rows = len(read_table(csv, COLUMNS))
         raise keeping(exc, f"kept {rows} of {len(seen) + len(todo)} points in {csv}; finish with: "
                            f"{resume_command(argv, out)}") from None
-    return read_table(csv, COLUMNS)
+    return read_table(csv, COLUMNS, kind="accuracy")
 
 
 def resume_command(argv: Sequence[str], out: Path) -> str:
@@ -689,7 +690,7 @@ def summary(out: Path) -> str:
     """The console summary: the score (accuracy) per variant and n, then the breaking lengths."""
     score = recorded_score(read_meta(out / "meta.json"))
     column, digits = score.column, score.decimals
-    runs = read_table(out / "accuracy.csv")
+    runs = read_table(out / "accuracy.csv", kind="accuracy")
     table, tuned = tuned_view(runs), tuning.label(runs)
     breaking = read_table(out / "breaking.csv")
     baseline = str(breaking["baseline"].iloc[0]) if len(breaking) else baseline_of(table)
@@ -715,7 +716,7 @@ def compare(out: Path, other: Path) -> pd.DataFrame:
     """The score (accuracy) of this sweep against a saved one, point by point (variant, n, seed);
     written to ``compare.csv``."""
     column = recorded_score(read_meta(out / "meta.json")).column
-    mine, theirs = read_table(out / "accuracy.csv"), read_points(other / "accuracy.csv")
+    mine, theirs = read_table(out / "accuracy.csv", kind="accuracy"), read_points(other / "accuracy.csv")
     if theirs.empty:
         raise SweepError(f"--compare {other}: no accuracy.csv there")
     mine, theirs = tuned_view(mine), tuned_view(theirs)  # each point's run that stands for it

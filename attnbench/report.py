@@ -228,18 +228,18 @@ def _fit_min_n(folder: Path, given: int | None) -> int:
 def sweep_section(folder: Path, tmp: Path, fit_min_n: int | None, index: int) -> Section:
     from attnbench.fit import fit_table, ratio_table
     from attnbench.sweep import (
-        ROUND_COLUMNS,
         by_variant,
         fit_summary,
         machine_summary,
         ratio_summary,
+        read_rounds,
         read_sweep,
     )
 
     meta = _meta(folder)
     # a series, a fit and a row per variant (set[m=16], set[m=64]), as `attnbench scale` draws them
     table = by_variant(read_sweep(folder / "scale.csv"))
-    rounds = by_variant(read_table(folder / "rounds.csv", ROUND_COLUMNS))
+    rounds = by_variant(read_rounds(folder / "rounds.csv"))
     min_n = _fit_min_n(folder, fit_min_n)
     fits = fit_table(table, min_n)
     ratios = ratio_table(rounds)
@@ -287,7 +287,7 @@ def sweep_section(folder: Path, tmp: Path, fit_min_n: int | None, index: int) ->
     section.blocks.append(Text(machine_summary(table, rounds, meta), pre=True))
     columns = [c for c in ("mechanism", "n", "mode", "status", "time_ms_median", "time_ms_q1", "time_ms_q3",
                            "time_ms_iqr", "runs", "rounds", "noisy", "peak_mem_mib", "gflops",
-                           "floor_fraction", "backend") if c in table.columns]
+                           "floor_fraction", "backend") if table[c].notna().any()]  # what was recorded
     section.blocks.append(Details(f"every row of scale.csv ({len(table)})", [Table(table[columns])]))
     return section
 

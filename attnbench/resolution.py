@@ -32,6 +32,7 @@ from attnbench.results import (
     write_meta,
     write_table,
 )
+from attnbench.schema import SchemaError, stamp, stamped, upgrade_meta
 from attnbench.worker import run_isolated
 
 COLUMNS = ["task", "mechanism", "size", "side", "images", "status", "message", "step_ms", "img_s",
@@ -45,7 +46,8 @@ def read_probe(path: Path) -> pd.DataFrame:
     """A probe's ``resolution.csv``: the side a number in every row, step time and memory in every
     ``ok`` one; a damaged table is a ``ResultsError`` naming it."""
     return read_table(path, COLUMNS, numbers=["side"], ok_numbers=["step_ms", "peak_mem_mib"],
-                      required=["task", "mechanism", "size", "side", "status", "memory_limit_mib"])
+                      required=["task", "mechanism", "size", "side", "status", "memory_limit_mib"],
+                      kind="resolution")
 
 
 class ResolutionError(ValueError):
@@ -162,8 +164,8 @@ RESUME_KEYS = ("task", "size", "start", "max_side", "granularity", "memory_limit
 def recorded_probe(out: Path) -> dict[str, Any]:
     """The probe settings of the folder ``out`` (its meta.json), for ``--resume``."""
     try:
-        return dict(read_meta(out / "meta.json")["probe"])
-    except (ResultsError, KeyError, TypeError) as e:
+        return dict(upgrade_meta(read_meta(out / "meta.json"), "resolution", str(out / "meta.json"))["probe"])
+    except (ResultsError, SchemaError, KeyError, TypeError) as e:
         raise ResolutionError(f"cannot resume {out}: its meta.json holds no probe ({e})") from None
 
 
@@ -201,6 +203,7 @@ def probe(cfg: ProbeConfig, out: Path, argv: list[str], log=None, resume: bool =
         print(f"resuming: {len(done)} sides already in {csv}", file=log)
     meta = run_context(cfg.device, cfg.threads, argv)
     meta["probe"] = dataclasses.asdict(cfg)
+    stamp(meta, "resolution")
     write_meta(out / "meta.json", meta)
     try:
         for mechanism in cfg.mechanisms:
@@ -216,7 +219,7 @@ def probe(cfg: ProbeConfig, out: Path, argv: list[str], log=None, resume: bool =
                          f"{row['peak_mem_mib']:.0f} MiB" if outcome[side]
                          else f"{row['status']}: {row.get('message', '')}"[:140])
                 print(f" {shown}", file=log, flush=True)
-                append_row(csv, row, COLUMNS)
+                append_row(csv, stamped(row, "resolution"), COLUMNS)
                 if row["status"] == "unavailable":
                     break
     except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM: the rows so far stay, and --resume goes on
@@ -225,7 +228,7 @@ def probe(cfg: ProbeConfig, out: Path, argv: list[str], log=None, resume: bool =
         again = command_with(argv, {"--out": True, "--resume": False}, ["--out", str(out), "--resume"])
         raise keeping(exc, f"kept {rows} rows in {csv}, without summary or plot; resume with: "
                            f"{again}") from None
-    table = read_table(csv, COLUMNS)
+    table = read_table(csv, COLUMNS, kind="resolution")
     write_table(out / "summary.csv", summarise(table, cfg))
     from attnbench.plots import resolution_plots
 
