@@ -287,7 +287,8 @@ def sweep_section(folder: Path, tmp: Path, fit_min_n: int | None, index: int) ->
     section.blocks.append(Text(machine_summary(table, rounds, meta), pre=True))
     columns = [c for c in ("mechanism", "n", "mode", "status", "time_ms_median", "time_ms_q1", "time_ms_q3",
                            "time_ms_iqr", "runs", "rounds", "noisy", "peak_mem_mib", "gflops",
-                           "floor_fraction", "backend") if table[c].notna().any()]  # what was recorded
+                           "floor_fraction", "backend")
+               if c in table.columns and table[c].notna().any()]  # what the table recorded
     section.blocks.append(Details(f"every row of scale.csv ({len(table)})", [Table(table[columns])]))
     return section
 
