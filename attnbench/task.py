@@ -191,9 +191,9 @@ def model_table_tasks() -> list[str]:
 def finished_runs(table: pd.DataFrame, include_limited: bool = False) -> pd.DataFrame:
     """The rows of a task results table that plots and aggregates stand on: runs that finished
     (``status == "ok"``) and, unless ``include_limited``, were not smoke runs cut short by
-    ``--max-steps`` / ``--limit-train`` / ``--limit-val`` (tables from before the column: none was)."""
-    rows = table[table["status"] == "ok"] if "status" in table.columns else table
-    if not include_limited and "limited" in rows.columns:
+    ``--max-steps`` / ``--limit-train`` / ``--limit-val``. ``table``: as ``read_task_table`` reads it."""
+    rows = table[table["status"] == "ok"]
+    if not include_limited:
         rows = rows[~rows["limited"].map(_truthy).astype(bool)]
     return rows
 

@@ -167,8 +167,9 @@ def test_the_time_band_runs_from_the_first_to_the_third_quartile(sweep_plots):
 
 def test_a_table_with_only_the_iqr_gets_no_band_and_says_so(tmp_path, checked_figures):
     from attnbench.measure.fit import fit_table
+    from attnbench.results.schema import upgrade
 
-    table = sweep_table().drop(columns=["time_ms_q1", "time_ms_q3"])
+    table = upgrade(sweep_table().drop(columns=["time_ms_q1", "time_ms_q3"]), "scale")  # as read_sweep reads
     scaling_plots(table, fit_table(table, 1024), tmp_path, "old table")
     fig = next(f for name, f, _ in checked_figures if name.endswith("time_fwd.png"))
     panel = next(ax for ax in fig.axes if ax.get_ylabel().startswith("time"))

@@ -131,7 +131,8 @@ def fit_table(table: pd.DataFrame, fit_min_n: int = 0) -> pd.DataFrame:
     the labels, and the crossovers against softmax and sdpa (noisy rows left out there too);
     in a decode sweep's table also the exponents of cache bytes and prefill time."""
     rows = []
-    extra = [(prefix, column) for prefix, column in DECODE_FITS if column in table.columns]
+    extra = [(prefix, column) for prefix, column in DECODE_FITS  # what a decode sweep measured
+             if column in table.columns and table[column].notna().any()]
     noisy = flag(table, "noisy")
     clean = table[~noisy]
     candidates = table[(table["status"] == "ok") & (table["n"] >= fit_min_n)]

@@ -54,12 +54,12 @@ from attnbench.results.aggregate import aggregate, config_columns, format_spread
 from attnbench.results.discover import Found, discover
 from attnbench.results.tables import git_commit, read_table, read_task_table, write_atomic
 from attnbench.sweeps.kernel import (
-    ROUND_COLUMNS,
     by_variant,
     compare,
     fit_summary,
     machine_summary,
     ratio_summary,
+    read_rounds,
     read_sweep,
 )
 from attnbench.sweeps.resolution import read_probe
@@ -239,7 +239,7 @@ def sweep_section(folder: Path, tmp: Path, fit_min_n: int | None, index: int) ->
     meta = _meta(folder)
     # a series, a fit and a row per variant (set[m=16], set[m=64]), as `attnbench scale` draws them
     table = by_variant(read_sweep(folder / "scale.csv"))
-    rounds = by_variant(read_table(folder / "rounds.csv", ROUND_COLUMNS))
+    rounds = by_variant(read_rounds(folder / "rounds.csv"))
     min_n = _fit_min_n(folder, fit_min_n)
     fits = fit_table(table, min_n)
     ratios = ratio_table(rounds)
@@ -287,7 +287,8 @@ def sweep_section(folder: Path, tmp: Path, fit_min_n: int | None, index: int) ->
     section.blocks.append(Text(machine_summary(table, rounds, meta), pre=True))
     columns = [c for c in ("mechanism", "n", "mode", "status", "time_ms_median", "time_ms_q1", "time_ms_q3",
                            "time_ms_iqr", "runs", "rounds", "noisy", "peak_mem_mib", "gflops",
-                           "floor_fraction", "backend") if c in table.columns]
+                           "floor_fraction", "backend")
+               if c in table.columns and table[c].notna().any()]  # what the table recorded
     section.blocks.append(Details(f"every row of scale.csv ({len(table)})", [Table(table[columns])]))
     return section
 

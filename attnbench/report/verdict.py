@@ -174,9 +174,7 @@ def _exponent(k: float, low: float, high: float, points: int) -> str | None:
 
 
 def kernel_fits(table: pd.DataFrame, fit_min_n: int) -> pd.DataFrame:
-    """``fit_table`` per causal setting where the rows record one (a ``causal`` column)."""
-    if "causal" not in table.columns:
-        return fit_table(table, fit_min_n)
+    """``fit_table`` per causal setting."""
     causal = flag(table, "causal")
     parts = [fit_table(rows, fit_min_n).assign(causal=bool(setting))
              for setting, rows in table.groupby(causal, sort=True)]
@@ -185,10 +183,10 @@ def kernel_fits(table: pd.DataFrame, fit_min_n: int) -> pd.DataFrame:
 
 def kernel_verdict(folder: Path, fit_min_n: int) -> Verdict:
     """Per mechanism, mode and causal setting: the time exponent and the crossovers."""
-    table = by_variant(read_table(folder / "scale.csv", required=MEASURED))
+    table = by_variant(read_table(folder / "scale.csv", required=MEASURED, kind="scale"))
     fits = kernel_fits(table, fit_min_n)
     modes = [str(m) for m in dict.fromkeys(table["mode"].dropna())]
-    settings = sorted(set(flag(table, "causal"))) if "causal" in table.columns else []
+    settings = sorted(set(flag(table, "causal")))
     frame = pd.DataFrame({"mechanism": fits["mechanism"]})
     if len(modes) > 1:
         frame["mode"] = fits["mode"]

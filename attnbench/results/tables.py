@@ -29,6 +29,8 @@ from typing import Any
 import pandas as pd
 from filelock import FileLock
 
+from attnbench.results.schema import SchemaError, upgrade
+
 RESULTS = Path("results")
 LOCAL = RESULTS / "local"  # a user's task tables and their plots (git-ignored)
 RUNS = RESULTS / "runs"  # run folders (git-ignored)
@@ -127,11 +129,22 @@ class ResultsError(ValueError):
 
 
 def read_table(path: Path, columns: list[str] | None = None, required: Sequence[str] = (),
-               numbers: Sequence[str] = (), ok_numbers: Sequence[str] = ()) -> pd.DataFrame:
+               numbers: Sequence[str] = (), ok_numbers: Sequence[str] = (),
+               kind: str | None = None) -> pd.DataFrame:
     """The CSV table at ``path``; missing (or empty, unless columns are ``required``): an empty table
     of ``columns``. A file that is not a CSV table, lacks a ``required`` column, or holds no finite
     number in a ``numbers`` column of a row (``ok_numbers``: of a row whose status is ok) is a
-    ``ResultsError``: plots and fits cannot stand on it."""
+    ``ResultsError``: plots and fits cannot stand on it. ``kind``: the table comes back in its kind's
+    current layout (``schema.upgrade``); one from a newer attnbench is a ``ResultsError``."""
+    table = _read_csv(path, columns, required, numbers, ok_numbers)
+    try:
+        return table if kind is None else upgrade(table, kind, str(path))
+    except SchemaError as exc:
+        raise ResultsError(str(exc)) from None
+
+
+def _read_csv(path: Path, columns: list[str] | None, required: Sequence[str], numbers: Sequence[str],
+              ok_numbers: Sequence[str]) -> pd.DataFrame:
     if not path.exists():
         return pd.DataFrame(columns=columns or [])
     if path.stat().st_size == 0:
@@ -237,7 +250,7 @@ TASK_TABLE_REQUIRED = ("task", "mechanism", "dataset", SEED_COLUMN)  # what aggr
 def read_task_table(path: Path) -> pd.DataFrame:
     """A task results table (``results/local/<task>.csv``) as plots and the report read it: without
     a ``seed`` column, say, its rows cannot be told apart as seeds, and it is a ``ResultsError``."""
-    return read_table(path, required=TASK_TABLE_REQUIRED)
+    return read_table(path, required=TASK_TABLE_REQUIRED, kind="task")
 
 
 def flag(table: pd.DataFrame, column: str) -> pd.Series:

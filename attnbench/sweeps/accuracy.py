@@ -56,7 +56,6 @@ from attnbench.sweeps.points import (
 )
 from attnbench.sweeps.tuning import (
     GRID,
-    NO_VALUE,
     mark_selected,
     tuned_view,
     value_text,
@@ -127,13 +126,13 @@ def recorded_score(meta: dict[str, Any]) -> SweepScore:
 def read_points(path: Path, columns: list[str] | None = None) -> pd.DataFrame:
     """A sweep's ``accuracy.csv``: the ``REQUIRED`` columns, n and seed numbers in every row and the
     accuracy in every ``ok`` one; a damaged table is a ``ResultsError`` naming it."""
-    return read_table(path, columns, required=REQUIRED, numbers=["seq_len", "seed"], ok_numbers=["accuracy"])
+    return read_table(path, columns, required=REQUIRED, numbers=["seq_len", "seed"], ok_numbers=["accuracy"],
+                      kind="accuracy")
 
 
-def _check_resume(cfg: AccuracyConfig, meta_path: Path, out: Path) -> None:
-    """A resumed sweep must train as its folder did: same task, task arguments, budget, device and,
-    for every mechanism in both, the same options."""
-    old = read_meta(meta_path).get("sweep", {})
+def _check_resume(cfg: AccuracyConfig, old: dict[str, Any], out: Path) -> None:
+    """A resumed sweep must train as its folder did (``old``: the settings its meta.json records): same
+    task, task arguments, budget, device and, for every mechanism in both, the same options."""
     mine = dataclasses.asdict(cfg)
     for key in SHARED:
         if key in old and old[key] != mine[key]:
@@ -149,7 +148,7 @@ def _check_resume(cfg: AccuracyConfig, meta_path: Path, out: Path) -> None:
 class AccuracyFolder(SweepFolder):
     """An accuracy sweep's folder: ``accuracy.csv``, and each point's run under ``points/``."""
 
-    table, columns, kind = "accuracy.csv", COLUMNS, "an accuracy sweep"
+    table, columns, kind, schema = "accuracy.csv", COLUMNS, "an accuracy sweep", "accuracy"
 
     def foreign(self) -> str | None:
         recorded = read_meta(self.meta_path)
@@ -159,7 +158,7 @@ class AccuracyFolder(SweepFolder):
 
     def check_resume(self) -> None:
         if self.meta_path.exists():
-            _check_resume(self.cfg, self.meta_path, self.out)
+            _check_resume(self.cfg, self.recorded().get("sweep", {}), self.out)
 
 
 def check_sweep_out(cfg: AccuracyConfig, out: Path, resume: bool) -> None:
@@ -181,11 +180,10 @@ def run_sweep(cfg: AccuracyConfig, out: Path, resume: bool, argv: list[str],
     folder.write_meta(folder.meta(argv, resume, kind="accuracy", task=cfg.task,
                                   dtype=precision(cfg.args, cfg.device), sweep=dataclasses.asdict(cfg),
                                   score=dataclasses.asdict(score)))
-    done = read_points(csv, COLUMNS) if csv.exists() else read_table(csv, COLUMNS)
-    grid = {c: done[c].map(value_text) if c in done.columns else [NO_VALUE] * len(done) for c in GRID}
+    done = read_points(csv, COLUMNS) if csv.exists() else folder.read(COLUMNS)
+    grid = {c: done[c].map(value_text) for c in GRID}
     seen = {(str(v), int(n), int(s), lr, wd) for v, n, s, lr, wd in zip(
-        done.get("variant", []), done.get("seq_len", []), done.get("seed", []), grid["lr"],
-        grid["weight_decay"], strict=True)}
+        done["variant"], done["seq_len"], done["seed"], grid["lr"], grid["weight_decay"], strict=True)}
     todo = [p for p in points(cfg) if p.key not in seen]
     if seen:
         print(f"resuming: {len(seen)} points already in {csv} (failures too: delete a row to run it again), "
@@ -200,7 +198,7 @@ def run_sweep(cfg: AccuracyConfig, out: Path, resume: bool, argv: list[str],
                 progress.report(point, row)
     except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM: the points cut short are killed, the rows stay
         raise folder.interrupted(exc, argv, total=len(seen) + len(todo), unit="points") from None
-    return read_table(csv, COLUMNS)
+    return folder.read(COLUMNS)
 
 
 # ---- what a researcher reads ------------------------------------------------------------------
@@ -312,7 +310,7 @@ def summary(out: Path) -> str:
     """The console summary: the score (accuracy) per variant and n, then the breaking lengths."""
     score = recorded_score(read_meta(out / "meta.json"))
     column, digits = score.column, score.decimals
-    runs = read_table(out / "accuracy.csv")
+    runs = read_table(out / "accuracy.csv", kind="accuracy")
     table, tuned = tuned_view(runs), tuning.label(runs)
     breaking = read_table(out / "breaking.csv")
     baseline = str(breaking["baseline"].iloc[0]) if len(breaking) else baseline_of(table)
@@ -338,7 +336,7 @@ def compare(out: Path, other: Path) -> pd.DataFrame:
     """The score (accuracy) of this sweep against a saved one, point by point (variant, n, seed);
     written to ``compare.csv``."""
     column = recorded_score(read_meta(out / "meta.json")).column
-    mine, theirs = read_table(out / "accuracy.csv"), read_points(other / "accuracy.csv")
+    mine, theirs = read_table(out / "accuracy.csv", kind="accuracy"), read_points(other / "accuracy.csv")
     if theirs.empty:
         raise SweepError(f"--compare {other}: no accuracy.csv there")
     mine, theirs = tuned_view(mine), tuned_view(theirs)  # each point's run that stands for it

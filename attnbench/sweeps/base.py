@@ -21,6 +21,7 @@ import pandas as pd
 
 from attnbench import registry
 from attnbench.interrupt import Interrupted, command_with, keeping
+from attnbench.results.schema import stamp, stamped, upgrade_meta
 from attnbench.results.tables import append_rows, foreign_run, read_meta, read_table, run_context, write_meta
 
 MAX_N = 2**24  # the longest sequence a sweep takes
@@ -84,6 +85,7 @@ class SweepFolder:
 
     table: ClassVar[str]  # the file that says which kind of run a folder holds: scale.csv, …
     columns: ClassVar[list[str]]
+    schema: ClassVar[str]  # its kind of table (results.schema): rows and meta.json carry its version
     kind: ClassVar[str]  # in "OUT holds …, not a kernel sweep"
     already: ClassVar[str] = "{out} already holds a sweep; pass --resume to finish it or choose another --out"
     error: ClassVar[type[Exception]] = SweepError
@@ -120,14 +122,19 @@ class SweepFolder:
         """On ``--resume``: the folder was measured with this sweep's settings (the kind's own)."""
 
     def read(self, columns: list[str] | None = None) -> pd.DataFrame:
-        """The folder's table (empty, with ``columns``, where there is none yet)."""
-        return read_table(self.csv, columns)
+        """The folder's table in the current layout (empty, with ``columns``, where there is none yet)."""
+        return read_table(self.csv, columns, kind=self.schema)
+
+    def recorded(self) -> dict[str, Any]:
+        """The folder's ``meta.json`` in the current layout (a resume compares its settings)."""
+        return upgrade_meta(read_meta(self.meta_path), self.schema, str(self.meta_path))
 
     def meta(self, argv: list[str], resume: bool, **fields: Any) -> dict[str, Any]:
         """``meta.json``'s content: the run's context, ``fields`` (the settings) and every command
         that wrote to the folder (a resumed run keeps how it was started)."""
         meta = run_context(self.cfg.device, self.cfg.threads, argv)
         meta.update(fields)
+        stamp(meta, self.schema)
         earlier = read_meta(self.meta_path).get("commands", []) if resume else []
         meta["commands"] = [*earlier, meta["command"]]
         return meta
@@ -138,12 +145,15 @@ class SweepFolder:
 
     def append(self, rows: Sequence[dict[str, Any]],
                then: Callable[[pd.DataFrame], pd.DataFrame] | None = None) -> pd.DataFrame:
-        """Append ``rows`` to the table under its lock (``then``: a column that depends on every row)."""
-        return append_rows(self.csv, rows, self.columns, then)
+        """Append ``rows``, stamped with their version, to the table under its lock (``then``: a column
+        that depends on every row)."""
+        return append_rows(self.csv, [stamped(r, self.schema) for r in rows], self.columns, then)
 
-    def append_beside(self, name: str, rows: Sequence[dict[str, Any]], columns: list[str]) -> pd.DataFrame:
-        """Append ``rows`` to another table of the folder (the kernel sweep's ``rounds.csv``)."""
-        return append_rows(self.out / name, rows, columns)
+    def append_beside(self, name: str, rows: Sequence[dict[str, Any]], columns: list[str],
+                      schema: str) -> pd.DataFrame:
+        """Append ``rows`` to another table of the folder (the kernel sweep's ``rounds.csv``), stamped
+        as of their kind ``schema``."""
+        return append_rows(self.out / name, [stamped(r, schema) for r in rows], columns)
 
     def interrupted(self, exc: KeyboardInterrupt, argv: Sequence[str], total: int | None = None,
                     unit: str = "rows", note: str = "", verb: str = "finish") -> Interrupted:

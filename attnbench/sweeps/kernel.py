@@ -183,28 +183,18 @@ def read_sweep(path: Path, columns: list[str] | None = None) -> pd.DataFrame:
     """A sweep's ``scale.csv``: the ``MEASURED`` columns, n a number in every row and time and memory in
     every ``ok`` one; a damaged table is a ``ResultsError`` naming it."""
     return read_table(path, columns, required=MEASURED, numbers=["n"],
-                      ok_numbers=["time_ms_median", "peak_mem_mib"])
+                      ok_numbers=["time_ms_median", "peak_mem_mib"], kind="scale")
 
 
-def with_variants(table: pd.DataFrame) -> pd.DataFrame:
-    """``table`` with a ``variant`` for every row: tables from before the column (and rows without
-    swept options) are the mechanism itself."""
-    table = table.copy()
-    if "mechanism" not in table.columns:
-        return table
-    if "variant" not in table.columns:
-        table.insert(list(table.columns).index("mechanism") + 1, "variant", table["mechanism"])
-    table["variant"] = table["variant"].where(table["variant"].notna(), table["mechanism"])
-    return table
+def read_rounds(path: Path) -> pd.DataFrame:
+    """A sweep's ``rounds.csv`` in the current layout."""
+    return read_table(path, ROUND_COLUMNS, kind="rounds")
 
 
 def by_variant(table: pd.DataFrame) -> pd.DataFrame:
-    """``table`` with each variant as a ``mechanism`` of its own (``set[m=16]``), as the fits, the
-    ratios and the plots take it; the plain mechanism where nothing was swept."""
-    table = with_variants(table)
-    if "variant" in table.columns:
-        table["mechanism"] = table["variant"]
-    return table
+    """``table`` (as ``read_sweep`` or ``read_rounds`` give it) with each variant as a ``mechanism``
+    of its own (``set[m=16]``), as the fits, the ratios and the plots take it."""
+    return table.assign(mechanism=table["variant"])
 
 
 def _row(cfg: SweepConfig, job: dict[str, Any], **measured: Any) -> dict[str, Any]:
@@ -517,23 +507,18 @@ def _format_result(row: dict[str, Any]) -> str:
 _SHARED = {"batch": "--batch", "heads": "--heads", "head_dim": "--head-dim", "dtype": "--dtype",
            "device": "--device", "layout": "--layout", "threads": "--threads", "compile": "--compile",
            "modes": "--mode", "causal": "--causal", "kv_heads": "--kv-heads"}
-# what a folder written before a setting existed was measured with
-_SHARED_BEFORE = {"causal": False, "kv_heads": None}
 
 
-def _check_resume(cfg: SweepConfig, meta_path: Path, out: Path) -> None:
-    """A resumed sweep must measure as its folder did: the settings every row shares (meta.json),
-    and for each variant already measured, the same mechanism options (its rows in scale.csv)."""
-    old = read_meta(meta_path).get("sweep", {})
+def _check_resume(cfg: SweepConfig, old: dict[str, Any], done: pd.DataFrame, out: Path) -> None:
+    """A resumed sweep must measure as its folder did: the settings every row shares (``old``, its
+    meta.json's), and for each variant already measured, the same mechanism options (``done``, its
+    rows in scale.csv)."""
     for key, option in _SHARED.items():
         now = json.loads(json.dumps(getattr(cfg, key)))  # as meta.json holds it: lists, not tuples
-        before = old.get(key, _SHARED_BEFORE.get(key, now)) if old else now
+        before = old.get(key, now)
         if before != now:
             raise SweepError(f"--resume: {out} was measured with {option} {_shown(before)}, this sweep "
                              f"asks for {_shown(now)}; resume with the same {option} or choose another --out")
-    done = with_variants(read_table(out / "scale.csv", COLUMNS))
-    if "options" not in done.columns:
-        return
     measured = {v: _row_options(o) for v, o in zip(done["variant"], done["options"], strict=True)}
     for variant in cfg.variants():
         before = measured.get(variant.label)
@@ -565,12 +550,10 @@ def _shown_options(mechanism: str, options: dict[str, Any]) -> str:
 def _keep_measured_rounds(out: Path, done: pd.DataFrame) -> int:
     """Drop rounds of configurations without a row (an interrupted n); returns the next pass id."""
     path = out / "rounds.csv"
-    rounds = with_variants(read_table(path, ROUND_COLUMNS))
+    rounds = read_rounds(path)
     if rounds.empty:
         return 0
-    done = with_variants(done)
-    keys = {(v, int(n), mode) for v, n, mode in zip(done.get("variant", []), done.get("n", []),
-                                                    done.get("mode", []), strict=True)}
+    keys = {(v, int(n), mode) for v, n, mode in zip(done["variant"], done["n"], done["mode"], strict=True)}
     mask = [(v, int(n), mode) in keys
             for v, n, mode in zip(rounds["variant"], rounds["n"], rounds["mode"], strict=True)]
     write_table(path, rounds[mask])
@@ -580,11 +563,11 @@ def _keep_measured_rounds(out: Path, done: pd.DataFrame) -> int:
 class KernelFolder(SweepFolder):
     """A kernel sweep's folder: ``scale.csv``, and ``rounds.csv`` beside it."""
 
-    table, columns, kind = "scale.csv", COLUMNS, "a kernel sweep"
+    table, columns, kind, schema = "scale.csv", COLUMNS, "a kernel sweep", "scale"
 
     def check_resume(self) -> None:
         if self.meta_path.exists():
-            _check_resume(self.cfg, self.meta_path, self.out)
+            _check_resume(self.cfg, self.recorded().get("sweep", {}), self.read(COLUMNS), self.out)
 
 
 def check_sweep_out(cfg: SweepConfig, out: Path, resume: bool) -> None:
@@ -603,7 +586,7 @@ def run_sweep(cfg: SweepConfig, out: Path, resume: bool, argv: list[str], log=No
     csv = folder.csv
     meta = folder.meta(argv, resume, sweep=dataclasses.asdict(cfg))
     out.mkdir(parents=True, exist_ok=True)
-    done = with_variants(read_sweep(csv, COLUMNS))
+    done = read_sweep(csv, COLUMNS)
     seen = {(r.variant, int(r.n), r.mode) for r in done.itertuples()} if len(done) else set()
     jobs = [j for j in configurations(cfg) if (j["variant"], j["n"], j["mode"]) not in seen]
     if seen:
@@ -627,13 +610,13 @@ def run_sweep(cfg: SweepConfig, out: Path, resume: bool, argv: list[str], log=No
                 i += 1
                 print(f"  [{i}/{len(jobs)}] {row['variant']} n={n} {mode}: {_format_result(row)}",
                       file=log, flush=True)
-                folder.append_beside("rounds.csv", rounds, ROUND_COLUMNS)
+                folder.append_beside("rounds.csv", rounds, ROUND_COLUMNS, "rounds")
                 folder.append([row])
     except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM: the rows so far stay, --resume measures the rest
         raise folder.interrupted(exc, argv, total=len(done) + len(jobs)) from None
     finally:
         probe.close()
-    return read_table(csv, COLUMNS)
+    return folder.read(COLUMNS)
 
 
 def finish(out: Path, fit_min_n: int, log=None) -> pd.DataFrame:
@@ -645,7 +628,7 @@ def finish(out: Path, fit_min_n: int, log=None) -> pd.DataFrame:
         raise SweepError(f"{out / 'scale.csv'} holds no measurements")
     fits = fit_table(table, fit_min_n)
     write_table(out / "fits.csv", fits)
-    ratios = ratio_table(by_variant(read_table(out / "rounds.csv", ROUND_COLUMNS)))
+    ratios = ratio_table(by_variant(read_rounds(out / "rounds.csv")))
     write_table(out / "ratios.csv", ratios)
     meta = read_meta(out / "meta.json")
     paths = scaling_plots(table, fits, out, sweep_title(meta), ratios)
@@ -704,7 +687,7 @@ def machine_summary(table: pd.DataFrame, rounds: pd.DataFrame, meta: dict[str, A
                      f"{rounds['slowdown'].max():.2f}x slower than its best")
     ok = table[table["status"] == "ok"]
     noisy = ok[flag(ok, "noisy")]
-    if "noisy" not in table.columns:
+    if len(ok) and ok["noisy"].isna().all():
         lines.append("no noise flags in this table (measured before the probe existed)")
     elif noisy.empty:
         lines.append(f"machine steady enough: none of the {len(ok)} measured rows is flagged noisy")
@@ -716,7 +699,7 @@ def machine_summary(table: pd.DataFrame, rounds: pd.DataFrame, meta: dict[str, A
         if threads and cpus and threads >= cpus > 1:
             lines.append(f"  (--threads {threads} on {cpus} CPUs: a process busy on any core stalls every "
                          f"step; --threads {cpus - 1} leaves a core to it)")
-    retried = ok[(ok["attempts"] > 1) & ~flag(ok, "noisy")] if "attempts" in ok.columns else ok.iloc[:0]
+    retried = ok[(pd.to_numeric(ok["attempts"]) > 1) & ~flag(ok, "noisy")]
     if len(retried):
         lines.append(f"{len(retried)} rows measured again after a disturbed measurement, then clean")
     return "\n".join(lines)
@@ -724,8 +707,8 @@ def machine_summary(table: pd.DataFrame, rounds: pd.DataFrame, meta: dict[str, A
 
 def summary(out: Path, fits: pd.DataFrame) -> str:
     """The console summary of a sweep folder: fits with intervals, same-round ratios, the machine."""
-    table = by_variant(read_table(out / "scale.csv"))
-    rounds = by_variant(read_table(out / "rounds.csv", ROUND_COLUMNS))
+    table = by_variant(read_table(out / "scale.csv", kind="scale"))
+    rounds = by_variant(read_rounds(out / "rounds.csv"))
     meta = read_meta(out / "meta.json")
     parts = []
     with pd.option_context("display.width", 200, "display.max_columns", 30, "display.max_colwidth", 40):
@@ -746,12 +729,11 @@ def compare(out: Path, other: Path, threshold: float = 0.10) -> pd.DataFrame:
     runs' inter-quartile ranges, so noise alone does not raise it, and whose rows are neither
     flagged noisy (``noisy`` says where either was).
     """
-    mine, theirs = (with_variants(read_sweep(folder / "scale.csv"))
-                    for folder in (out, other))
+    mine, theirs = (read_sweep(folder / "scale.csv") for folder in (out, other))
     if theirs.empty:
         raise SweepError(f"--compare {other}: no scale.csv there")
     mine["noisy"], theirs["noisy"] = flag(mine, "noisy"), flag(theirs, "noisy")
-    for table in (mine, theirs):  # tables from before the column were measured without causal
+    for table in (mine, theirs):  # as bools, whatever CSV made of them
         table["causal"] = flag(table, "causal")
     keys = KEY + ["batch", "heads", "head_dim", "dtype", "device", "causal"]
     both = mine.merge(theirs, on=keys, suffixes=("", "_before"))

@@ -24,6 +24,7 @@ from attnbench import registry
 from attnbench.measure.timing import cpu_peak_mib, cuda_peak_mib, is_out_of_memory, time_step
 from attnbench.measure.worker import cap_address_space, fix_malloc, run_isolated
 from attnbench.plots.resolution import resolution_plots
+from attnbench.results.schema import SchemaError, upgrade_meta
 from attnbench.results.tables import (
     ResultsError,
     read_meta,
@@ -44,7 +45,8 @@ def read_probe(path: Path) -> pd.DataFrame:
     """A probe's ``resolution.csv``: the side a number in every row, step time and memory in every
     ``ok`` one; a damaged table is a ``ResultsError`` naming it."""
     return read_table(path, COLUMNS, numbers=["side"], ok_numbers=["step_ms", "peak_mem_mib"],
-                      required=["task", "mechanism", "size", "side", "status", "memory_limit_mib"])
+                      required=["task", "mechanism", "size", "side", "status", "memory_limit_mib"],
+                      kind="resolution")
 
 
 class ResolutionError(SweepError):
@@ -157,8 +159,8 @@ RESUME_KEYS = ("task", "size", "start", "max_side", "granularity", "memory_limit
 def recorded_probe(out: Path) -> dict[str, Any]:
     """The probe settings of the folder ``out`` (its meta.json), for ``--resume``."""
     try:
-        return dict(read_meta(out / "meta.json")["probe"])
-    except (ResultsError, KeyError, TypeError) as e:
+        return dict(upgrade_meta(read_meta(out / "meta.json"), "resolution", str(out / "meta.json"))["probe"])
+    except (ResultsError, SchemaError, KeyError, TypeError) as e:
         raise ResolutionError(f"cannot resume {out}: its meta.json holds no probe ({e})") from None
 
 
@@ -166,6 +168,7 @@ class ProbeFolder(SweepFolder):
     """A resolution probe's folder: ``resolution.csv``, and ``summary.csv`` and the plot once done."""
 
     table, columns, kind, error = "resolution.csv", COLUMNS, "a resolution probe", ResolutionError
+    schema = "resolution"
     already = "{out} already holds a probe; choose another --out, or continue it with --resume"
 
     def check_resume(self) -> None:
@@ -218,7 +221,7 @@ def probe(cfg: ProbeConfig, out: Path, argv: list[str], log=None, resume: bool =
     except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM: the rows so far stay, and --resume goes on
         print(file=log)  # end the line of the side cut short
         raise folder.interrupted(exc, argv, note=", without summary or plot", verb="resume") from None
-    table = read_table(csv, COLUMNS)
+    table = folder.read(COLUMNS)
     write_table(out / "summary.csv", summarise(table, cfg))
 
     title = (f"{cfg.task}, {cfg.size} backbone: one training step at growing image sides — {meta.get('cpu')}"

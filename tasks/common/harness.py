@@ -50,6 +50,7 @@ from attnbench import Mechanism, get_mechanism, parse_mechanism_options
 from attnbench.interrupt import command_with, keeping
 from attnbench.measure.timing import MIB, is_out_of_memory, proc_status_mib, reset_cpu_peak
 from attnbench.results.run_record import mark_finished, settings_of
+from attnbench.results.schema import stamp, stamped
 from attnbench.results.tables import (
     ResultsError,
     append_row,
@@ -385,7 +386,7 @@ class TrainingTask(Task):
         self.limits.validate()
         if args.results is not None:  # a table the row cannot join is refused now, not after training
             try:
-                read_table(Path(args.results))
+                read_table(Path(args.results), kind="task")
             except ResultsError as exc:
                 raise TaskError(f"--results {exc}") from None
         self.time_budget: float | None = getattr(args, "time_budget", None)
@@ -599,10 +600,11 @@ class TrainingTask(Task):
         row = self.result_row(metrics, self.previous_wall + time.perf_counter() - started)
         table = self.table
         if dist.is_main:
-            append_row(table, row, list(dict.fromkeys([*(self.columns or row), *LIMIT_COLUMNS])))
+            append_row(table, stamped(row, "task"),
+                       list(dict.fromkeys([*(self.columns or row), *LIMIT_COLUMNS])))
             mark_finished(self.run_dir, table)  # `--resume` of this folder now answers where its row is
             with table_lock(table):  # runs sharing the table redraw its plots in turn, each from every row
-                plots = self.plot(finished_runs(read_table(table)), table.parent)
+                plots = self.plot(finished_runs(read_table(table, kind="task")), table.parent)
             print(self.summary_line(row, table) + (f"; plot {plots[0]}" if plots else ""))
         barrier(dist)
         return 0
@@ -638,7 +640,7 @@ class TrainingTask(Task):
                     data_description=self.data.description or root, params=self.params,
                     backend=get_mechanism(self.mechanism).backend(str(self.device)), settings=self.settings)
         meta.update({**dict(zip(self.counted, (n_train, n_val), strict=True)), **self.facts, **self.meta()})
-        write_meta(self.run_dir / "meta.json", meta)
+        write_meta(self.run_dir / "meta.json", stamp(meta, "task"))
 
     def result_row(self, metrics: dict[str, Any], wall: float) -> dict[str, Any]:
         """One tidy row: what ran, on what, how well, how fast, with the run's context; the
@@ -698,7 +700,8 @@ class TrainingTask(Task):
             table = getattr(self, "table", None) or (
                 Path(self.args.results) if self.args.results is not None else local_table(self.name))
             row = self.failure_row(status, message)
-            append_row(table, row, list(dict.fromkeys([*(self.columns or row), *LIMIT_COLUMNS])))
+            append_row(table, stamped(row, "task"),
+                       list(dict.fromkeys([*(self.columns or row), *LIMIT_COLUMNS])))
             print(f"attnbench run: error: {message} (status {status}; its row is in {table})",
                   file=sys.stderr)
         return 1

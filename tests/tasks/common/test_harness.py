@@ -10,6 +10,7 @@ import pytest
 from torch import nn
 
 from attnbench.cli import main
+from attnbench.results.schema import upgrade
 from attnbench.task import TASKS, finished_runs, register_task
 from tests.tasks.common.toy import Toy as RecordToy
 
@@ -83,5 +84,5 @@ def test_plots_and_aggregates_leave_limited_and_failed_runs_out():
                           "top1": [1, 2, 3, 4]})
     assert list(finished_runs(table)["top1"]) == [1]
     assert list(finished_runs(table, include_limited=True)["top1"]) == [1, 2, 4]
-    older = pd.DataFrame({"status": ["ok", "ok"], "top1": [1, 2]})  # a table from before the column
+    older = upgrade(pd.DataFrame({"status": ["ok", "ok"], "top1": [1, 2]}), "task")  # from before the column
     assert list(finished_runs(older)["top1"]) == [1, 2]
