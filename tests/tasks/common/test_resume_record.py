@@ -13,7 +13,7 @@ import torch
 from attnbench.cli import main
 from attnbench.results.run_record import ROW_IN, SETTINGS
 from attnbench.sweeps.base import SweepError
-from attnbench.sweeps.kernel import SweepConfig, _check_resume
+from attnbench.sweeps.kernel import KernelFolder, SweepConfig
 from tasks.common.trainer import Trainer
 from tests.tasks.common.toy import Toy, toy  # noqa: F401  (the fixture)
 
@@ -189,12 +189,12 @@ def test_scale_resume_refuses_a_folder_measured_otherwise(change, message, tmp_p
     same = dict(mechanisms=["set"], seq=[16, 32], modes=["fwd"], options={"set": {"m": "64"}})
     cfg = SweepConfig(**{**same, **change})
     with pytest.raises(SweepError, match="--resume: ") as exc:
-        _check_resume(cfg, out / "meta.json", out)
+        KernelFolder(cfg, out).check_resume()
     assert message in str(exc.value)
 
 
 def test_scale_resume_takes_new_lengths_and_mechanisms_measured_alike(tmp_path):
     out = measured_folder(tmp_path, '{"m": "64"}')
-    _check_resume(SweepConfig(mechanisms=["set", "linear"], seq=[32], modes=["fwd"],
-                              options={"set": {"m": "64"}}), out / "meta.json", out)
-    _check_resume(SweepConfig(mechanisms=["linear"], seq=[32], modes=["fwd"]), out / "meta.json", out)
+    KernelFolder(SweepConfig(mechanisms=["set", "linear"], seq=[32], modes=["fwd"],
+                             options={"set": {"m": "64"}}), out).check_resume()
+    KernelFolder(SweepConfig(mechanisms=["linear"], seq=[32], modes=["fwd"]), out).check_resume()
