@@ -17,7 +17,8 @@ from attnbench import registry
 from attnbench.cli import main
 from attnbench.cli.scale import default_seq
 from attnbench.sweeps.base import SweepError
-from attnbench.sweeps.kernel import DECODE_STEPS, SweepConfig, finish, run_sweep
+from attnbench.sweeps.decode import DECODE_STEPS
+from attnbench.sweeps.kernel import SweepConfig, finish, run_sweep
 
 # A decoder whose full prefill asks for 4 TiB beyond 16 tokens (out of memory under the sweep's
 # cap), while its cache alone (prefill(outputs=False)) builds as linear attention's does.

@@ -21,7 +21,7 @@ from attnbench.cli.run import run_alone
 from attnbench.measure.probe import default_threads
 from attnbench.options import parse_mechanism_options
 from attnbench.results.tables import RESULTS, new_run_dir, read_meta
-from attnbench.sweeps import accuracy, launchers
+from attnbench.sweeps import accuracy, decode, launchers
 from attnbench.sweeps.base import MAX_N, parse_mechanisms, parse_seq
 from attnbench.sweeps.kernel import (
     SweepConfig,
@@ -178,7 +178,7 @@ def cmd_scale(args: argparse.Namespace) -> int:
         seq=parse_seq(args.seq or default_seq(args.mode)),
         modes=["fwd", "fwd+bwd"] if args.mode == "both" else [args.mode], batch=args.batch,
         heads=args.heads, head_dim=args.head_dim, dtype=args.dtype, device=device,
-        threads=threads, layout=args.layout, causal=args.causal or args.mode == "decode",
+        threads=threads, layout=args.layout, causal=args.causal or args.mode == decode.MODE,
         kv_heads=args.kv_heads,
         options=parse_mechanism_options(args.opt, axes=True), budget=args.budget or 120.0,
         min_run_time=args.min_time,
@@ -220,7 +220,7 @@ def cmd_scale(args: argparse.Namespace) -> int:
 
 def default_seq(mode: str) -> str:
     """--seq when none is given: decode reaches the long contexts where a KV cache is what costs."""
-    return "1024..131072" if mode == "decode" else "256..16384"
+    return decode.DEFAULT_SEQ if mode == decode.MODE else "256..16384"
 
 
 def _count_variants(mechanisms: Sequence[str], variants: Sequence[object]) -> str:

@@ -14,10 +14,9 @@ the same-round ratios (``ratios.csv``) and the plots. Mechanism options given as
 mechanism of its own (the ``variant`` column). ``causal`` runs every mechanism's causal form; one
 without a causal form is a row ``unavailable`` with its reason, and the sweep goes on.
 
-The mode ``decode`` measures generation instead (``attnbench.measure.decode_worker``): at each context n,
-the prefill of an n-token prompt and the time per generated token, with the cache's bytes; a
-mechanism that cannot decode is a row ``unavailable`` with its reason. ``kv_heads`` (grouped-query
-heads) goes to the mechanisms that take it, in every mode.
+The mode ``decode`` measures generation instead, through the same folder, workers and rounds: what
+is its own lives in ``attnbench.sweeps.decode``. ``kv_heads`` (grouped-query heads) goes to the
+mechanisms that take it, in every mode.
 """
 
 from __future__ import annotations
@@ -38,7 +37,6 @@ from typing import Any
 import pandas as pd
 
 from attnbench import registry
-from attnbench.measure.decode_worker import DecodeConfiguration
 from attnbench.measure.fit import fit_table, ratio_table
 from attnbench.measure.probe import MachineState, Reading, floor_ms, median_reading
 from attnbench.measure.timing import quartiles
@@ -53,6 +51,7 @@ from attnbench.results.tables import (
     read_table,
     write_table,
 )
+from attnbench.sweeps import decode
 from attnbench.sweeps.base import SweepError, SweepFolder
 
 COLUMNS = ["mechanism", "variant", "n", "mode", "batch", "heads", "head_dim", "dtype", "device", "threads",
@@ -68,8 +67,7 @@ MEASURED = ["mechanism", "n", "mode", "status", "time_ms_median", "peak_mem_mib"
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
 PROBE_WARMUP = 5  # readings before the sweep: first-touch and clock ramps settle, the reference forms
 PROBE_TIMEOUT = 60.0
-MODES = ("fwd", "fwd+bwd", "decode")
-DECODE_STEPS = 32  # timed generated tokens per row, at least, over its rounds
+MODES = ("fwd", "fwd+bwd", decode.MODE)
 
 
 @dataclasses.dataclass
@@ -115,10 +113,8 @@ class SweepConfig:
         if unknown or not self.modes:
             shown = unknown[0] if unknown else "(none)"
             raise SweepError(f"--mode {shown}; valid choices: {', '.join(MODES)}")
-        if "decode" in self.modes and self.layout != "1d":
-            raise SweepError("--mode decode: decoding generates sequences; use --layout 1d")
-        if "decode" in self.modes and self.compile:
-            raise SweepError("--mode decode runs eager: prefill and step are not compiled; drop --compile")
+        if decode.MODE in self.modes:
+            decode.check_settings(self.layout, self.compile)
         self._check_kv_heads()
         if self.dtype not in ("float32", "float16", "bfloat16", "float64"):
             raise SweepError(f"--dtype {self.dtype!r}; valid choices: float32, float16, bfloat16, float64")
@@ -200,15 +196,15 @@ def by_variant(table: pd.DataFrame) -> pd.DataFrame:
 def _row(cfg: SweepConfig, job: dict[str, Any], **measured: Any) -> dict[str, Any]:
     return {**job, "batch": cfg.batch, "heads": cfg.heads, "head_dim": cfg.head_dim, "dtype": cfg.dtype,
             "device": cfg.device, "threads": cfg.threads, "layout": cfg.layout,
-            "causal": cfg.causal or job["mode"] == "decode", "kv_heads": kv_heads_of(cfg, job),
+            "causal": cfg.causal or job["mode"] == decode.MODE, "kv_heads": kv_heads_of(cfg, job),
             "options": json.dumps(_options(cfg, job), sort_keys=True), "compiled": cfg.compile, **measured}
 
 
 def _unavailable(cfg: SweepConfig, job: dict[str, Any]) -> str | None:
     """Why this configuration cannot run here, or None."""
     cls = registry.get_mechanism(job["mechanism"])
-    if job["mode"] == "decode" and cls.decode_problem() is not None:
-        return f"incremental decoding is not supported: {cls.decode_problem()}"
+    if job["mode"] == decode.MODE and (problem := decode.unavailable(cls)) is not None:
+        return problem
     causal = cls.causal_problem() if cfg.causal else None
     if causal is not None:
         return f"causal=True is not supported: {causal}"
@@ -349,8 +345,8 @@ def _round_request(cfg: SweepConfig, live: Live, index: int) -> dict[str, Any]:
     """One round's share of --min-time, and of the 5 runs (3 for steps over a second; 32 generated
     tokens in decode) a row needs: 5 runs in 3 rounds are 2, 2 and 1; every round has at least one."""
     runs = 3 if live.setup.get("step_s", 0.0) > 1.0 else 5
-    if live.job["mode"] == "decode":
-        runs = DECODE_STEPS
+    if live.job["mode"] == decode.MODE:
+        runs = decode.DECODE_STEPS
     share = runs // cfg.rounds + (index < runs % cfg.rounds)
     return {"op": "round", "index": index, "seconds": cfg.min_run_time / cfg.rounds,
             "min_runs": max(1, share)}
@@ -423,8 +419,8 @@ def _finished_row(cfg: SweepConfig, live: Live) -> dict[str, Any]:
         "machine_gflops": machine.gflops, "machine_gbs": machine.gbs,
         "machine_slowdown": max(slowdowns, default=math.nan), "compile_s": compile_s,
         "message": "; ".join(filter(None, (live.setup.get("message", ""), prefill, _message(cfg, live))))}
-    if live.job["mode"] == "decode":
-        measured["tokens_s"] = cfg.batch / median_s if median_s > 0 else math.nan
+    if live.job["mode"] == decode.MODE:
+        measured["tokens_s"] = decode.tokens_s(cfg.batch, median_s)
     return _row(cfg, live.job, **measured)
 
 
@@ -458,7 +454,7 @@ def measure_group(cfg: SweepConfig, jobs: list[dict[str, Any]], probe: MachinePr
             if reason:
                 rows[i] = _row(cfg, job, status="unavailable", message=reason)
                 continue
-            handler = DecodeConfiguration if job["mode"] == "decode" else Configuration
+            handler = decode.WORKER if job["mode"] == decode.MODE else Configuration
             session = Session(handler, _payload(cfg, job), log_path, budget=cfg.budget)
             setup = session.request({"op": "setup"})
             if setup["status"] != "ok":
@@ -492,14 +488,9 @@ def default_out_dir(root: Path) -> Path:
 def _format_result(row: dict[str, Any]) -> str:
     if row["status"] != "ok":
         return f"{row['status']}: {row.get('message', '')}"[:120]
-    if row["mode"] == "decode":
-        text = (f"{row['time_ms_median']:.3g} ms per token (IQR {row['time_ms_iqr']:.2g}), "
-                f"{row['tokens_s']:.4g} tokens/s, prefill {row.get('prefill_ms', math.nan):.4g} ms, "
-                f"cache {row.get('cache_bytes', math.nan) / 2**20:.4g} MiB")
-        return text + (f" -- {row['message']}"[:160] if row["message"] else "")
-    text = (f"{row['time_ms_median']:.3g} ms (IQR {row['time_ms_iqr']:.2g}), "
-            f"{row['peak_mem_mib']:.1f} MiB, {row['gflops']:.3g} GFLOP/s, "
-            f"floor/time {row['floor_fraction']:.2f}")
+    text = decode.result_text(row) if row["mode"] == decode.MODE else (
+        f"{row['time_ms_median']:.3g} ms (IQR {row['time_ms_iqr']:.2g}), {row['peak_mem_mib']:.1f} MiB, "
+        f"{row['gflops']:.3g} GFLOP/s, floor/time {row['floor_fraction']:.2f}")
     return text + (f" -- {row['message']}"[:160] if row["message"] else "")
 
 
@@ -653,10 +644,9 @@ def fit_summary(fits: pd.DataFrame) -> pd.DataFrame:
     shown["memory_exponent"] = [f"{e:.2f} {_interval(lo, hi)}" if math.isfinite(e) else "-" for e, lo, hi in
                                 zip(fits["memory_exponent"], fits["memory_ci_low"], fits["memory_ci_high"],
                                     strict=True)]
-    if "cache_exponent" in fits.columns:  # a decode sweep: how the cache grows with the context
-        cache = zip(fits["cache_exponent"], fits["cache_ci_low"], fits["cache_ci_high"], strict=True)
-        shown["cache_exponent"] = [f"{e:.2f} {_interval(lo, hi)}" if math.isfinite(e) else "-"
-                                   for e, lo, hi in cache]
+    cache = decode.cache_exponents(fits, _interval)  # a decode sweep: how the cache grows with the context
+    if cache is not None:
+        shown["cache_exponent"] = cache
     shown["noisy_left_out"] = fits["noisy_left_out"]
     for b in BASELINES:
         shown[f"faster_than_{b}_from_n"] = fits[f"crossover_vs_{b}"].map(
