@@ -258,7 +258,8 @@ def test_imports_flow_one_way(room):
 SWEEP_KINDS = {"kernel": "KernelFolder", "accuracy": "AccuracyFolder", "resolution": "ProbeFolder"}
 # what the shared base (attnbench.sweeps.base) does for every kind: no kind's module does it again
 SCAFFOLDING = [re.compile(rf"(?<![.\w]){name}\(") for name in (
-    "foreign_run", "append_rows?", "write_meta", "run_context", "keeping", "command_with")] + [
+    "foreign_run", "append_rows?", "write_meta", "run_context", "keeping", "command_with",
+    "stamp(?:ed)?")] + [
     re.compile(rf"^(def {name}\b|{name} = )", re.M) for name in (
         "parse_seq", "parse_mechanisms", "resume_command", "MAX_N", "BASELINES", "seed_stats")]
 
