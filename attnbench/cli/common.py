@@ -1,6 +1,8 @@
-"""What the commands share: the usage error, the device and memory-limit defaults, a plain
-table printer, and ``execute``, which parses a command line and runs its command (one line and
-exit 2 for a user's mistake; Ctrl-C, SIGTERM and a closed pipe ended with one line)."""
+"""What the commands share: the usage error, the ``--opt`` and ``--load`` arguments, the device and
+memory-limit defaults, a plain table printer, and ``execute``, which loads the ``--load`` plug-ins
+before the parser is built (a task they add brings its options), parses a command line and runs
+its command (one line and exit 2 for a user's mistake; Ctrl-C, SIGTERM and a closed pipe ended
+with one line)."""
 
 from __future__ import annotations
 
