@@ -85,18 +85,27 @@ def kernel_sweep(folder: Path, settings: tuple[bool, ...] = (False, True)) -> Pa
 def test_exponents_and_crossovers_per_mode_and_causal_setting(tmp_path):
     verdict = kernel_verdict(kernel_sweep(tmp_path / "scale"), 1024)
     frame = verdict.frame
-    assert list(frame.columns) == ["mechanism", "mode", "causal", "k ± 95 %", "vs softmax"]  # no sdpa swept
-    rows = {(r.mechanism, r.mode, r.causal): r for r in frame.itertuples(index=False)}
-    assert len(rows) == 8
+    assert list(frame.columns) == ["mechanism", "causal", "k ± 95 %", "vs softmax"]  # no sdpa swept
+    rows = {(r.mechanism, r.causal): r for r in frame.itertuples(index=False)}
+    assert len(rows) == 4  # one row per mechanism and setting, a cell per mode: fwd / decode
     for causal in (False, True):
-        assert rows["softmax", "fwd", causal][3] == "2.00 ± 0.00"
-        assert rows["linear", "fwd", causal][3] == "1.00 ± 0.00"
-        assert rows["softmax", "decode", causal][3] == "1.00 ± 0.00"
-        assert rows["linear", "decode", causal][3] == "0.00 ± 0.00"
-        assert rows["linear", "fwd", causal][4] == 2048  # 4.1 ms against softmax's 4.19 at 2048
-        assert rows["linear", "decode", causal][4] == 4096  # 0.3 ms against 0.2048 at 2048, 0.41 at 4096
-        assert pd.isna(rows["softmax", "fwd", causal][4])
-    assert "fwd, decode" in verdict.note and "k from 1024" in verdict.note
+        assert rows["softmax", causal][2] == "2.00 ± 0.00 / 1.00 ± 0.00"
+        assert rows["linear", causal][2] == "1.00 ± 0.00 / 0.00 ± 0.00"
+        # fwd: 4.1 ms against softmax's 4.19 at 2048; decode: 0.3 ms against 0.2048 at 2048, 0.41 at 4096
+        assert rows["linear", causal][3] == "2048 / 4096"
+        assert rows["softmax", causal][3] == "— / —"
+    assert "fwd / decode in each cell" in verdict.note and "k from 1024" in verdict.note
+
+
+def test_a_mechanism_that_ran_nowhere_is_named_not_tabled(tmp_path):
+    folder = kernel_sweep(tmp_path / "scale", (True,))
+    table = pd.read_csv(folder / "scale.csv")
+    gone = [{"mechanism": "set", "n": n, "mode": mode, "causal": True, "status": "unavailable",
+             "message": "no causal form"} for n in (1024, 2048) for mode in ("fwd", "decode")]
+    pd.concat([table, pd.DataFrame(gone)]).to_csv(folder / "scale.csv", index=False)
+    verdict = kernel_verdict(folder, 1024)
+    assert sorted(verdict.frame["mechanism"]) == ["linear", "softmax"]
+    assert "1 not run here" in verdict.note
 
 
 def test_the_report_opens_with_the_verdict_in_both_formats(tmp_path):
@@ -113,5 +122,5 @@ def test_the_report_opens_with_the_verdict_in_both_formats(tmp_path):
     assert first < text.index("## Kernel sweeps") < text.index("## Run contexts")
     assert text.index("| variant | n = 64 | n = 128 | breaks at n |") > first
     assert "| linear | 80 T M | 60 T | 128 |" in text
-    assert "| mechanism | mode | k ± 95 % | vs softmax |" in text  # one causal setting: no column
-    assert "fwd, decode, causal" in text
+    assert "| mechanism | k ± 95 % | vs softmax |" in text  # one causal setting: no column
+    assert "fwd / decode in each cell, causal" in text

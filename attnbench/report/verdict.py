@@ -182,28 +182,52 @@ def kernel_fits(table: pd.DataFrame, fit_min_n: int) -> pd.DataFrame:
 
 
 def kernel_verdict(folder: Path, fit_min_n: int) -> Verdict:
-    """Per mechanism, mode and causal setting: the time exponent and the crossovers."""
+    """Per mechanism (and causal setting where both were swept): the time exponent and the crossovers,
+    one cell per mode joined ``fwd / fwd+bwd``; mechanisms that ran nowhere are named in the notes."""
     table = by_variant(read_table(folder / "scale.csv", required=MEASURED, kind="scale"))
+    ok = table[table["status"] == "ok"]
     fits = kernel_fits(table, fit_min_n)
+    fits = fits[fits["mechanism"].isin(set(ok["mechanism"]))]
     modes = [str(m) for m in dict.fromkeys(table["mode"].dropna())]
     settings = sorted(set(flag(table, "causal")))
-    frame = pd.DataFrame({"mechanism": fits["mechanism"]})
-    if len(modes) > 1:
-        frame["mode"] = fits["mode"]
-    if len(settings) > 1:
-        frame["causal"] = fits["causal"]
-    frame["k ± 95 %"] = [_exponent(*r) for r in zip(
-        fits["time_exponent"], fits["time_ci_low"], fits["time_ci_high"], fits["points"], strict=True)]
     mechanisms = set(table["mechanism"])
+    cells = {"k ± 95 %": [_exponent(*r) for r in zip(
+        fits["time_exponent"], fits["time_ci_low"], fits["time_ci_high"], fits["points"], strict=True)]}
     for b in BASELINES:
         if b in mechanisms:
-            frame[f"vs {b}"] = fits[f"crossover_vs_{b}"].astype(float)
-    ok = table[table["status"] == "ok"]
-    notes = [", ".join(modes) + (", causal" if settings == [True] else "")]
+            cells[f"vs {b}"] = [_crossing(v) for v in fits[f"crossover_vs_{b}"]]
+    keys = ["mechanism", *(["causal"] if len(settings) > 1 else [])]
+    long = fits[keys + ["mode"]].assign(**cells)
+    rows = []
+    for key, group in long.groupby(keys, sort=False):
+        by_mode = group.set_index("mode")
+        row = dict(zip(keys, key if isinstance(key, tuple) else (key,), strict=True))
+        for column in cells:
+            row[column] = _per_mode([by_mode[column].get(mode) for mode in modes])
+        rows.append(row)
+    frame = pd.DataFrame(rows, columns=[*keys, *cells])
+    notes = [" / ".join(modes) + (" in each cell" if len(modes) > 1 else "")
+             + (", causal" if settings == [True] else "")]
     if len(ok):
         notes.append(f"n = {int(ok['n'].min())}–{int(ok['n'].max())}, k from {fit_min_n}")
+    idle = sorted(mechanisms - set(ok["mechanism"]))
+    if idle:
+        notes.append(f"{len(idle)} not run here")
     if not any(b in mechanisms for b in BASELINES):
         notes.append(f"no {' or '.join(BASELINES)} to cross")
     legend = ["k: time ∝ n^k (least squares on log-log) ± its 95 % interval, none from 2 points (pts); "
               "vs B: the n from which it is faster than B at every n both ran (—: not at the largest)"]
     return Verdict(folder, frame, "; ".join(notes), legend)
+
+
+def _crossing(value: Any) -> str | None:
+    """The crossover n as an integer, or None where there is none."""
+    n = _number(value)
+    return f"{int(n)}" if math.isfinite(n) else None
+
+
+def _per_mode(cells: list[Any]) -> str | None:
+    """The cells of one row, one per mode in the sweep's order, joined ``a / b`` (``—``: none)."""
+    if len(cells) == 1:
+        return cells[0]
+    return " / ".join("—" if c is None or (isinstance(c, float) and math.isnan(c)) else str(c) for c in cells)
